@@ -63,7 +63,7 @@ class Device:
     """The WireGuard interface itself."""
 
     name: str
-    private_key: PrivateKey
+    private_key: PrivateKey | None  # None: a device the kernel has, with no key set yet
     listen_port: int
     fwmark: int
     mtu: int

@@ -1,0 +1,159 @@
+"""The agent's state directory (/var/lib/meshpi): keys, ownership record, lock.
+
+- node.key      WireGuard private key, mode 0600, made here and never sent anywhere
+- owned.json    which interface/table/fwmark/backend meshpi took, so `meshpi down`
+                removes exactly that even after prefs changed or the agent crashed
+- agent.pid     the running agent, held under an exclusive lock
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from appliance.agent.files import atomic_write
+from appliance.core.keys import PrivateKey
+from appliance.core.model import Scope
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("/var/lib/meshpi")
+
+
+class StateDirError(Exception):
+    """The state directory holds something unusable; the message says what and where."""
+
+
+class AgentRunning(StateDirError):
+    pass
+
+
+@dataclass(frozen=True)
+class Owned:
+    scope: Scope
+    backend: str
+
+
+class StateDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock: IO[str] | None = None
+
+    def ensure(self) -> None:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- the node key ----------------------------------------------------------
+
+    @property
+    def key_file(self) -> Path:
+        return self.path / "node.key"
+
+    def node_key(self) -> PrivateKey:
+        """Load the node key, making one on first use."""
+        self.ensure()
+        try:
+            text = self.key_file.read_text()
+        except FileNotFoundError:
+            key = PrivateKey.generate()
+            atomic_write(self.key_file, key.secret_base64() + "\n", mode=0o600)
+            log.info("made a new node key in %s (public key %s)", self.key_file, key.public_key())
+            return key
+        if self.key_file.stat().st_mode & 0o077:
+            os.chmod(self.key_file, 0o600)
+            log.warning("%s was readable by others; made it 0600", self.key_file)
+        try:
+            return PrivateKey.from_base64(text)
+        except ValueError as e:
+            # Never overwrite a key silently: the node's identity would change.
+            raise StateDirError(
+                f"{self.key_file}: not a WireGuard private key ({e}); "
+                "move it away to make a new identity"
+            ) from None
+
+    # -- what meshpi owns in the kernel ----------------------------------------
+
+    @property
+    def owned_file(self) -> Path:
+        return self.path / "owned.json"
+
+    def record_owned(self, owned: Owned) -> None:
+        s = owned.scope
+        record = {"interface": s.interface, "table": s.table, "fwmark": s.fwmark,
+                  "backend": owned.backend}
+        if self.owned() != owned:
+            atomic_write(self.owned_file, json.dumps(record) + "\n")
+
+    def owned(self) -> Owned | None:
+        try:
+            record = json.loads(self.owned_file.read_text())
+            scope = Scope(str(record["interface"]), int(record["table"]), int(record["fwmark"]))
+            return Owned(scope, str(record["backend"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise StateDirError(f"{self.owned_file}: unreadable ({e})") from None
+
+    def forget_owned(self) -> None:
+        self.owned_file.unlink(missing_ok=True)
+
+    # -- one agent at a time ---------------------------------------------------
+
+    @property
+    def pid_file(self) -> Path:
+        return self.path / "agent.pid"
+
+    def lock(self) -> None:
+        """Take the agent lock, or raise AgentRunning naming the holder."""
+        self.ensure()
+        f = open(self.pid_file, "a+")  # noqa: SIM115 - held for the agent's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise AgentRunning(f"an agent already runs for {self.path} (pid {self.running_pid()})") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def running_pid(self) -> int | None:
+        try:
+            text = self.pid_file.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def stop_running_agent(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the agent holding the lock and wait until it has let go."""
+        if not self.pid_file.exists():
+            return None
+        with open(self.pid_file) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return None  # nobody holds it
+            except OSError:
+                pass
+            pid = self.running_pid()
+            if pid is None:
+                return None
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return pid
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise AgentRunning(f"agent pid {pid} did not stop within {timeout:.0f} s") from None
+                    time.sleep(0.05)

@@ -1,0 +1,118 @@
+"""The nft ruleset of table `inet meshpi`, rendered as text. Pure.
+
+The kernel layer wraps this body in `table inet meshpi { … }` and replaces the
+whole table in one `nft -f` transaction, so there is never a half-applied firewall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+
+from appliance.core.model import IPNetwork, sorted_networks
+
+# What counts as "the LAN" from an exit node: every private, link-local and
+# carrier-grade range, plus whatever is connected to this host. The mesh must
+# never reach these unless the owner shares a prefix as a subnet route.
+PRIVATE_V4 = tuple(
+    IPv4Network(n)
+    for n in ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
+)
+PRIVATE_V6 = (IPv6Network("fc00::/7"), IPv6Network("fe80::/10"))
+
+
+@dataclass(frozen=True)
+class FirewallPlan:
+    interface: str
+    mtu: int
+    mesh_v4: IPv4Network
+    mesh_v6: IPv6Network
+    exit_node: bool  # mesh → internet allowed
+    shared_routes: tuple[IPNetwork, ...]  # mesh → these LAN prefixes allowed
+    lan: tuple[IPNetwork, ...]  # connected non-mesh prefixes of this host
+    foreign_forwarding: bool  # the host routed for others before meshpi: leave that alone
+
+
+def _set(name: str, family: str, nets: Iterable[IPNetwork]) -> list[str]:
+    elements = ", ".join(str(n) for n in nets)
+    return [
+        f"set {name} {{",
+        f"\ttype {family}_addr",
+        "\tflags interval",
+        "\tauto-merge",
+        f"\telements = {{ {elements} }}",
+        "}",
+    ]
+
+
+def render(plan: FirewallPlan) -> str:
+    """The body of table inet meshpi."""
+    wg = f'"{plan.interface}"'
+    lan = sorted_networks([*PRIVATE_V4, *PRIVATE_V6, *plan.lan])
+    shared = sorted_networks(plan.shared_routes)
+    lines: list[str] = []
+    for fam, version in (("ipv4", 4), ("ipv6", 6)):
+        lines += _set(f"lan_{fam[-2:]}", fam, [n for n in lan if n.version == version])
+        shared_fam = [n for n in shared if n.version == version]
+        if shared_fam:
+            lines += _set(f"shared_{fam[-2:]}", fam, shared_fam)
+
+    from_mesh = [f"oifname {wg} accept comment \"mesh to mesh, through this hub\""]
+    for v in ("v4", "v6"):
+        if any(n.version == int(v[1]) for n in shared):
+            ip = "ip" if v == "v4" else "ip6"
+            from_mesh.append(f'{ip} daddr @shared_{v} accept comment "shared subnet route"')
+    from_mesh += [
+        'ip daddr @lan_v4 counter drop comment "the LAN is not shared"',
+        'ip6 daddr @lan_v6 counter drop comment "the LAN is not shared"',
+    ]
+    if plan.exit_node:
+        from_mesh.append('counter accept comment "exit node: mesh to internet"')
+    else:
+        from_mesh.append('counter drop comment "not an exit node"')
+
+    forward = [
+        "type filter hook forward priority filter; policy accept;",
+        f"iifname {wg} jump from_mesh",
+        f"oifname {wg} jump to_mesh",
+    ]
+    if not plan.foreign_forwarding:
+        # meshpi turned forwarding on; it must not make this host a router for anyone else.
+        forward.append('counter drop comment "not mesh traffic: this host routes only for the mesh"')
+
+    to_mesh = [
+        "ct state established,related accept",
+        'counter drop comment "nothing enters the mesh uninvited"',
+    ]
+
+    v4_mss, v6_mss = plan.mtu - 40, plan.mtu - 60
+    clamp = [
+        "type filter hook forward priority mangle; policy accept;",
+        # Leaving through the tunnel: the route's MTU is the tunnel's.
+        f"oifname {wg} tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
+        # Entering from the tunnel towards a path with a bigger MTU: the far side
+        # must not send segments bigger than the tunnel carries.
+        f"iifname {wg} meta nfproto ipv4 tcp flags syn / syn,rst "
+        f"tcp option maxseg size > {v4_mss} tcp option maxseg size set {v4_mss}",
+        f"iifname {wg} meta nfproto ipv6 tcp flags syn / syn,rst "
+        f"tcp option maxseg size > {v6_mss} tcp option maxseg size set {v6_mss}",
+    ]
+
+    postrouting = [
+        "type nat hook postrouting priority srcnat; policy accept;",
+        f"ip saddr {plan.mesh_v4} oifname != {wg} counter masquerade",
+        f"ip6 saddr {plan.mesh_v6} oifname != {wg} counter masquerade",
+    ]
+
+    for name, body in (
+        ("forward", forward),
+        ("from_mesh", from_mesh),
+        ("to_mesh", to_mesh),
+        ("mss_clamp", clamp),
+        ("postrouting", postrouting),
+    ):
+        lines.append(f"chain {name} {{")
+        lines += [f"\t{line}" for line in body]
+        lines.append("}")
+    return "\n".join(lines) + "\n"

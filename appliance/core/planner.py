@@ -1,0 +1,179 @@
+"""netmap + prefs + host facts → the one DesiredState. Pure: no I/O, no clock.
+
+Every check that can reject the input happens here, before any kernel change.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network, IPv6Network, ip_interface
+
+from appliance.core.keys import PrivateKey
+from appliance.core.model import (
+    MAIN_TABLE,
+    Device,
+    HostFacts,
+    IPNetwork,
+    NftRuleset,
+    Peer,
+    Route,
+    Rule,
+    State,
+    sorted_networks,
+)
+from appliance.core.nft import FirewallPlan, render
+from appliance.core.prefs import Prefs
+from appliance.wire.fields import ConfigError
+from appliance.wire.netmap import EXIT_ROUTES, Netmap, Node
+
+# Rule priorities (all inside RULE_PRIORITIES), in the order the kernel walks them.
+PRIO_MARKED = 5210  # WireGuard's own packets (fwmark): main table, never the tunnel
+PRIO_LAN_TO_TUNNEL = 5230  # without LAN access: the local LAN goes through the exit node too
+PRIO_SUPPRESS = 5250  # main, ignoring its default route: more specific routes still win
+PRIO_TUNNEL = 5270  # everything else unmarked: the exit node's table
+
+FORWARDING_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
+
+
+def host_prefix(address: object, mesh_range: IPNetwork) -> object:
+    return ip_interface(f"{address}/{mesh_range.prefixlen}")
+
+
+def plan(
+    netmap: Netmap,
+    prefs: Prefs,
+    private_key: PrivateKey,
+    facts: HostFacts,
+    source: str = "netmap",
+) -> State:
+    me = netmap.self_node
+    if me.public_key != private_key.public_key():
+        raise ConfigError(
+            source, "self.public_key", str(me.public_key),
+            f"is not this node's key (this node is {private_key.public_key()})",
+        )
+    _check_no_overlap_with_host(netmap, facts, source)
+    exit_peer = _exit_peer(netmap, prefs)
+    dev = prefs.interface
+
+    peers = {p.public_key: _peer(p, prefs, p is exit_peer) for p in netmap.peers}
+    addresses = frozenset(
+        host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6)
+        for a in me.addresses
+    )
+    mesh_ranges = (netmap.mesh.ipv4, netmap.mesh.ipv6)
+    routes = {
+        Route(net, dev)
+        for peer in peers.values()
+        for net in peer.allowed_ips
+        if net.prefixlen > 0 and not any(net.subnet_of(r) for r in mesh_ranges if r.version == net.version)  # type: ignore[arg-type]
+    }
+    rules: set[Rule] = set()
+    sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
+    if exit_peer is not None:
+        routes |= {Route(r, dev, prefs.table) for r in EXIT_ROUTES}
+        rules = _exit_client_rules(prefs, facts)
+        # Replies to marked packets must pass the reverse-path check (wg-quick does the same).
+        sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
+
+    nft = None
+    if prefs.forwards:
+        sysctls.update(FORWARDING_SYSCTLS)
+        nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts)))
+
+    return State(
+        device=Device(dev, private_key, prefs.listen_port, prefs.fwmark, prefs.mtu),
+        peers=peers,
+        addresses=frozenset(addresses),  # type: ignore[arg-type]
+        routes=frozenset(routes),
+        rules=frozenset(rules),
+        sysctls=sysctls,
+        nft=nft,
+    )
+
+
+def _peer(node: Node, prefs: Prefs, is_exit: bool) -> Peer:
+    allowed: list[IPNetwork] = [
+        IPv4Network(a) if a.version == 4 else IPv6Network(a) for a in node.addresses
+    ]
+    if prefs.accept_routes:
+        allowed += node.subnet_routes
+    if is_exit:
+        allowed += [r for r in node.routes if r in EXIT_ROUTES]
+    return Peer(
+        public_key=node.public_key,
+        allowed_ips=sorted_networks(allowed),
+        endpoint=node.endpoint,
+        # Only the side that knows an endpoint can keep a NAT mapping open.
+        persistent_keepalive=prefs.keepalive if node.endpoint else 0,
+        name=node.name,
+    )
+
+
+def _exit_peer(netmap: Netmap, prefs: Prefs) -> Node | None:
+    if prefs.exit_node is None:
+        return None
+    peer = netmap.find_peer(prefs.exit_node)
+    if peer is None or not peer.is_exit_node:
+        offering = ", ".join(p.name for p in netmap.peers if p.is_exit_node) or "none"
+        raise ConfigError(
+            "prefs", "exit_node", prefs.exit_node,
+            f"is not a peer offering an approved exit node (offering one: {offering})",
+        )
+    return peer
+
+
+def _exit_client_rules(prefs: Prefs, facts: HostFacts) -> set[Rule]:
+    rules = set()
+    for family in (4, 6):
+        rules |= {
+            Rule(PRIO_MARKED, family, MAIN_TABLE, fwmark=prefs.fwmark),
+            Rule(PRIO_SUPPRESS, family, MAIN_TABLE, suppress_prefixlength=0),
+            Rule(PRIO_TUNNEL, family, prefs.table, fwmark=prefs.fwmark, invert=True),
+        }
+        if not prefs.exit_node_allow_lan_access:
+            rules |= {
+                Rule(PRIO_LAN_TO_TUNNEL, family, prefs.table, dst=c.network)
+                for c in facts.connected
+                if c.network.version == family
+            }
+    return rules
+
+
+def _firewall_plan(netmap: Netmap, prefs: Prefs, facts: HostFacts) -> FirewallPlan:
+    me = netmap.self_node
+    # Offered by the owner (prefs) and approved by control (netmap): both are needed.
+    shared = tuple(r for r in prefs.advertise_routes if r in me.subnet_routes)
+    return FirewallPlan(
+        interface=prefs.interface,
+        mtu=prefs.mtu,
+        mesh_v4=netmap.mesh.ipv4,
+        mesh_v6=netmap.mesh.ipv6,
+        exit_node=prefs.advertise_exit_node and me.is_exit_node,
+        shared_routes=shared,
+        lan=tuple(c.network for c in facts.connected),
+        foreign_forwarding=facts.forwarding_preexisting,
+    )
+
+
+def _check_no_overlap_with_host(netmap: Netmap, facts: HostFacts, source: str) -> None:
+    """A mesh route over this host's own uplink or LAN would cut the host off
+    (the WireGuard endpoint itself may live there)."""
+    for i, peer in enumerate(netmap.peers):
+        for field, nets in (
+            ("addresses", [ip_interface(a).network for a in peer.addresses]),
+            ("routes", list(peer.subnet_routes)),
+        ):
+            for j, net in enumerate(nets):
+                for c in facts.connected:
+                    if net.version == c.network.version and net.overlaps(c.network):  # type: ignore[arg-type]
+                        raise ConfigError(
+                            source, f"peers[{i}].{field}[{j}]", str(net),
+                            f"overlaps {c.network} on this host's {c.dev}",
+                        )
+    for j, addr in enumerate(netmap.self_node.addresses):
+        for c in facts.connected:
+            if addr in c.network:
+                raise ConfigError(
+                    source, f"self.addresses[{j}]", str(addr),
+                    f"lies in {c.network} on this host's {c.dev}",
+                )

@@ -1,0 +1,105 @@
+"""Local preferences: what this node offers and wants, set by its owner.
+
+Prefs persist on the device; the netmap comes from control. The planner needs both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from appliance.core.model import IPNetwork
+from appliance.wire.fields import (
+    Fields,
+    int_range,
+    load_json,
+    parse_bool,
+    parse_ifname,
+    parse_network,
+    parse_str,
+)
+
+BACKENDS = ("auto", "kernel", "userspace")
+
+
+def _parse_backend(value: object) -> str:
+    text = parse_str(value)
+    if text not in BACKENDS:
+        raise ValueError(f"is not one of {', '.join(BACKENDS)}")
+    return text
+
+
+def _parse_optional_str(value: object) -> str | None:
+    return None if value is None else parse_str(value) or None
+
+
+@dataclass(frozen=True)
+class Prefs:
+    interface: str = "meshpi0"
+    backend: str = "auto"
+    listen_port: int = 51820
+    mtu: int = 1280
+    # Exit-node clients mark WireGuard's own packets with fwmark and route the
+    # rest through `table`, as wg-quick does (both default to 51820 = 0xca6c).
+    fwmark: int = 51820
+    table: int = 51820
+    keepalive: int = 25
+    advertise_exit_node: bool = False
+    advertise_routes: tuple[IPNetwork, ...] = ()
+    accept_routes: bool = True
+    exit_node: str | None = None  # a peer's name or mesh address
+    exit_node_allow_lan_access: bool = False
+
+    @property
+    def forwards(self) -> bool:
+        """Does this node route for the mesh (exit node or subnet router)?"""
+        return self.advertise_exit_node or bool(self.advertise_routes)
+
+    def with_changes(self, **changes: Any) -> Prefs:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["advertise_routes"] = [str(r) for r in self.advertise_routes]
+        return out
+
+
+def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
+    f = Fields(source, "", obj)
+    d = Prefs()
+    prefs = Prefs(
+        interface=f.get("interface", parse_ifname, d.interface),
+        backend=f.get("backend", _parse_backend, d.backend),
+        listen_port=f.get("listen_port", int_range(1, 65535), d.listen_port),
+        mtu=f.get("mtu", int_range(1280, 9000), d.mtu),
+        fwmark=f.get("fwmark", int_range(1, 0xFFFFFFFF), d.fwmark),
+        table=f.get("table", int_range(1, 0xFFFFFFFF - 1), d.table),
+        keepalive=f.get("keepalive", int_range(0, 65535), d.keepalive),
+        advertise_exit_node=f.get("advertise_exit_node", parse_bool, d.advertise_exit_node),
+        advertise_routes=f.get_list("advertise_routes", parse_network),
+        accept_routes=f.get("accept_routes", parse_bool, d.accept_routes),
+        exit_node=f.get("exit_node", _parse_optional_str, d.exit_node),
+        exit_node_allow_lan_access=f.get(
+            "exit_node_allow_lan_access", parse_bool, d.exit_node_allow_lan_access
+        ),
+    )
+    if prefs.table in (253, 254, 255):
+        raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")
+    for i, route in enumerate(prefs.advertise_routes):
+        if route.prefixlen == 0:
+            raise f.error(
+                f"advertise_routes[{i}]", str(route),
+                "is a default route: use advertise_exit_node to offer an exit node",
+            )
+    f.done()
+    return prefs
+
+
+def load_prefs(path: Path) -> Prefs:
+    return parse_prefs(load_json(path), str(path))
+
+
+def dump_prefs(prefs: Prefs) -> str:
+    return json.dumps(prefs.to_json(), indent=2) + "\n"

@@ -1,0 +1,381 @@
+"""Links, addresses, routes and rules through rtnetlink (pyroute2 `IPRoute`).
+
+The reconciler diffs what `routes()` and `rules()` read against what the planner
+wants, so reading back must give objects *equal* to the ones that were added.
+Everything that cannot be expressed as a `Route` or `Rule` is left out on read.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from ipaddress import IPv4Interface, IPv6Interface, ip_network
+from socket import AF_INET, AF_INET6
+from types import TracebackType
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from appliance.core.model import (
+    MAIN_TABLE,
+    RULE_PRIORITIES,
+    Connected,
+    IPInterface,
+    IPNetwork,
+    Route,
+    Rule,
+    Scope,
+)
+from appliance.kernel.base import InterfaceNotFound, KernelError, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+# Kernel constants (linux/rtnetlink.h, linux/fib_rules.h, linux/if_addr.h).
+RTPROT_KERNEL = 2
+RTPROT_STATIC = 4
+RTN_UNICAST = 1
+RT_SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255
+FR_ACT_TO_TBL = 1
+FIB_RULE_INVERT = 0x2
+IFA_F_NODAD = 0x2
+FULL_MASK = 0xFFFFFFFF
+# An unset FRA_SUPPRESS_PREFIXLEN is reported as (u32)-1.
+_UNSET_U32 = 0xFFFFFFFF
+
+_FAMILIES = {AF_INET: 4, AF_INET6: 6}
+_AF = {4: AF_INET, 6: AF_INET6}
+
+# Rule attributes `Rule` can express; a rule carrying any other selector (iif,
+# src, uid range, ports...) is not ours to diff and is skipped on read.
+_RULE_ATTRS = frozenset(
+    {
+        "FRA_TABLE",
+        "FRA_PRIORITY",
+        "FRA_FWMARK",
+        "FRA_FWMASK",
+        "FRA_DST",
+        "FRA_SUPPRESS_PREFIXLEN",
+        "FRA_SUPPRESS_IFGROUP",
+        "FRA_PROTOCOL",
+        "FRA_PAD",
+    }
+)
+
+# "Already there" on add and "already gone" on remove are the contract's no-ops.
+_ADD_OK = frozenset({errno.EEXIST})
+_REMOVE_OK = frozenset({errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
+
+Msg = Any  # pyroute2 messages are untyped dict-likes
+
+
+def _error(what: str, code: int, message: str) -> KernelError:
+    text = f"{what}: {message or os.strerror(code)}"
+    if code == errno.ENODEV:
+        return InterfaceNotFound(text)
+    if code in (errno.EPERM, errno.EACCES):
+        return PermissionDenied(text)
+    return KernelError(text)
+
+
+@contextmanager
+def _netlink(what: str, ok: frozenset[int] = frozenset()) -> Iterator[None]:
+    """Turn netlink errors into KernelErrors that name `what`; swallow `ok` codes."""
+    try:
+        yield
+    except NetlinkError as exc:
+        if exc.code in ok:
+            log.debug("%s: %s (nothing to do)", what, os.strerror(exc.code))
+            return
+        # With extended acks the kernel's own explanation is in args[1].
+        message = str(exc.args[1]) if len(exc.args) > 1 and exc.args[1] else ""
+        raise _error(what, exc.code, message) from exc
+    except OSError as exc:  # the socket itself failed (e.g. no permission)
+        raise _error(what, exc.errno or 0, exc.strerror or "") from exc
+
+
+def _net(address: str | None, prefixlen: int, family: int) -> IPNetwork:
+    if address is None:  # the kernel omits the destination of a default route
+        address = "0.0.0.0" if family == AF_INET else "::"
+    return ip_network(f"{address}/{prefixlen}")
+
+
+def _route_kwargs(route: Route, index: int) -> dict[str, Any]:
+    return {
+        "family": _AF[route.dst.version],
+        "dst": str(route.dst),
+        "oif": index,
+        "table": route.table,
+    }
+
+
+def _rule_kwargs(rule: Rule) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "family": _AF[rule.family],
+        "priority": rule.priority,
+        "table": rule.table,
+        "action": FR_ACT_TO_TBL,
+        "flags": FIB_RULE_INVERT if rule.invert else 0,
+    }
+    if rule.fwmark:
+        kw.update(fwmark=rule.fwmark, fwmask=FULL_MASK)
+    if rule.dst is not None:
+        kw.update(dst=str(rule.dst.network_address), dst_len=rule.dst.prefixlen)
+    if rule.suppress_prefixlength is not None:
+        kw["suppress_prefixlen"] = rule.suppress_prefixlength
+    return kw
+
+
+def parse_rule(msg: Msg) -> Rule | None:
+    """The `Rule` a RTM_NEWRULE message describes, or None if `Rule` cannot say it."""
+    family = _FAMILIES.get(msg["family"])  # also drops the ipmr/ip6mr families
+    if family is None or msg["action"] != FR_ACT_TO_TBL:
+        return None
+    attrs = {name for name, _ in msg["attrs"]}
+    if attrs - _RULE_ATTRS or msg["src_len"] or msg["tos"]:
+        return None
+    fwmark = msg.get_attr("FRA_FWMARK") or 0
+    if fwmark and msg.get_attr("FRA_FWMASK", FULL_MASK) != FULL_MASK:
+        return None
+    suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
+    dst = None
+    if msg["dst_len"]:
+        dst = _net(msg.get_attr("FRA_DST"), msg["dst_len"], msg["family"])
+    return Rule(
+        priority=msg.get_attr("FRA_PRIORITY") or 0,
+        family=family,
+        # Tables above 255 only fit in the attribute; the header field says 252.
+        table=msg.get_attr("FRA_TABLE") or msg["table"],
+        fwmark=fwmark,
+        invert=bool(msg["flags"] & FIB_RULE_INVERT),
+        dst=dst,
+        suppress_prefixlength=None if suppress in (None, _UNSET_U32, -1) else suppress,
+    )
+
+
+class NetlinkLinks:
+    """`Links` on the running kernel. One netlink socket, opened on first use in
+    the network namespace the caller is in at that moment."""
+
+    def __init__(self) -> None:
+        self._ipr: IPRoute | None = None
+
+    def __enter__(self) -> NetlinkLinks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    @property
+    def _ip(self) -> Any:
+        if self._ipr is None:
+            with _netlink("open netlink socket"):
+                # groups=0: we only ask, so subscribe to no multicast events
+                # (they would otherwise queue up unread in a long-running agent).
+                # ext_ack: the kernel then says *why* ("Nexthop device is not up").
+                self._ipr = IPRoute(groups=0, ext_ack=True)
+        return self._ipr
+
+    # -- links ---------------------------------------------------------------
+
+    def _link(self, ifname: str) -> Msg | None:
+        try:
+            with _netlink(f"look up interface {ifname}"):
+                return self._ip.link("get", ifname=ifname)[0]
+        except InterfaceNotFound:
+            return None
+
+    def _index(self, ifname: str, what: str) -> int:
+        link = self._link(ifname)
+        if link is None:
+            raise InterfaceNotFound(f"{what}: no such interface {ifname}")
+        return int(link["index"])
+
+    def _names(self) -> Mapping[int, str]:
+        with _netlink("list interfaces"):
+            return {m["index"]: m.get_attr("IFLA_IFNAME") for m in self._ip.link("dump")}
+
+    def exists(self, ifname: str) -> bool:
+        return self._link(ifname) is not None
+
+    def mtu(self, ifname: str) -> int | None:
+        link = self._link(ifname)
+        return None if link is None else int(link.get_attr("IFLA_MTU"))
+
+    def set_mtu_up(self, ifname: str, mtu: int) -> None:
+        what = f"set {ifname} mtu {mtu} up"
+        index = self._index(ifname, what)
+        with _netlink(what):
+            self._ip.link("set", index=index, mtu=mtu, state="up")
+
+    def delete_link(self, ifname: str) -> None:
+        link = self._link(ifname)
+        if link is None:
+            return
+        with _netlink(f"delete interface {ifname}", ok=frozenset({errno.ENODEV})):
+            self._ip.link("del", index=link["index"])
+
+    # -- addresses -----------------------------------------------------------
+
+    def addresses(self, ifname: str) -> frozenset[IPInterface]:
+        """Addresses on `ifname`, without the IPv6 link-local ones the kernel
+        makes by itself (meshpi never assigns those)."""
+        what = f"list addresses on {ifname}"
+        index = self._index(ifname, what)
+        found: set[IPInterface] = set()
+        with _netlink(what):
+            for msg in self._ip.addr("dump", index=index):
+                if msg["index"] != index:
+                    continue
+                if msg["family"] == AF_INET:
+                    # IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
+                    # peer's on point-to-point links).
+                    addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                    found.add(IPv4Interface(f"{addr}/{msg['prefixlen']}"))
+                elif msg["family"] == AF_INET6:
+                    v6 = IPv6Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+                    if not v6.is_link_local:
+                        found.add(v6)
+        return frozenset(found)
+
+    def add_address(self, ifname: str, address: IPInterface) -> None:
+        what = f"add address {address} dev {ifname}"
+        kw: dict[str, Any] = {
+            "index": self._index(ifname, what),
+            "address": str(address.ip),
+            "prefixlen": address.network.prefixlen,
+        }
+        if address.version == 6:
+            # No duplicate address detection: usable at once, not "tentative"
+            # for a second or two (a mesh address is unique by construction).
+            kw["flags"] = IFA_F_NODAD
+        with _netlink(what, ok=_ADD_OK):
+            self._ip.addr("add", **kw)
+
+    def remove_address(self, ifname: str, address: IPInterface) -> None:
+        link = self._link(ifname)
+        if link is None:  # the interface took its addresses with it
+            return
+        what = f"remove address {address} dev {ifname}"
+        with _netlink(what, ok=_REMOVE_OK):
+            self._ip.addr(
+                "del",
+                index=link["index"],
+                address=str(address.ip),
+                prefixlen=address.network.prefixlen,
+            )
+
+    # -- routes --------------------------------------------------------------
+
+    def _unicast_routes(self) -> Iterator[tuple[Msg, IPNetwork]]:
+        for family in (AF_INET, AF_INET6):
+            with _netlink("list routes"):
+                msgs = tuple(self._ip.route("dump", family=family))
+            for msg in msgs:
+                if msg["type"] == RTN_UNICAST:
+                    yield msg, _net(msg.get_attr("RTA_DST"), msg["dst_len"], family)
+
+    def routes(self, scope: Scope) -> frozenset[Route]:
+        names = self._names()
+        found: set[Route] = set()
+        for msg, dst in self._unicast_routes():
+            table = msg.get("table")
+            dev = names.get(msg.get_attr("RTA_OIF"))
+            if dev is None:  # multipath or no device: not a Route we could make
+                continue
+            mine = table == scope.table or (
+                table == MAIN_TABLE and dev == scope.interface and msg["proto"] == RTPROT_STATIC
+            )
+            if mine:
+                found.add(Route(dst, dev, table))
+        return frozenset(found)
+
+    def add_route(self, route: Route) -> None:
+        what = f"add route {route}"
+        kw = _route_kwargs(route, self._index(route.dev, what))
+        kw["proto"] = RTPROT_STATIC  # how routes() tells ours from the rest
+        if route.dst.version == 4:
+            # What `ip route add ... dev X` does for a route without a gateway.
+            kw["scope"] = RT_SCOPE_LINK
+        with _netlink(what, ok=_ADD_OK):
+            self._ip.route("add", **kw)
+
+    def remove_route(self, route: Route) -> None:
+        link = self._link(route.dev)
+        if link is None:  # routes leave with their interface
+            return
+        kw = _route_kwargs(route, link["index"])
+        # Any scope, as `ip route del` asks: an IPv4 delete otherwise matches only
+        # scope-universe routes, and ESRCH would pass for "already gone".
+        kw["scope"] = RT_SCOPE_NOWHERE
+        with _netlink(f"remove route {route}", ok=_REMOVE_OK):
+            self._ip.route("del", **kw)
+
+    # -- rules ---------------------------------------------------------------
+
+    def _rules(self) -> frozenset[Rule]:
+        found: set[Rule] = set()
+        for family in (AF_INET, AF_INET6):
+            with _netlink("list rules"):
+                msgs = tuple(self._ip.rule("dump", family=family))
+            for msg in msgs:
+                rule = parse_rule(msg)
+                if rule is not None:
+                    found.add(rule)
+                elif msg.get_attr("FRA_PRIORITY") in RULE_PRIORITIES:
+                    log.debug("ignoring rule %s: not expressible as a Rule", msg)
+        return frozenset(found)
+
+    def rules(self, scope: Scope) -> frozenset[Rule]:
+        return frozenset(r for r in self._rules() if r.priority in RULE_PRIORITIES)
+
+    def add_rule(self, rule: Rule) -> None:
+        with _netlink(f"add rule {rule}", ok=_ADD_OK):
+            self._ip.rule("add", **_rule_kwargs(rule))
+
+    def remove_rule(self, rule: Rule) -> None:
+        # The kernel deletes the first rule matching the attributes *given*
+        # (and ignores the invert flag), so a rule that is already gone could
+        # take a similar one with it. Delete only what is really there.
+        if rule not in self._rules():
+            log.debug("remove rule %s: not there", rule)
+            return
+        with _netlink(f"remove rule {rule}", ok=_REMOVE_OK):
+            self._ip.rule("del", **_rule_kwargs(rule))
+
+    # -- host facts ----------------------------------------------------------
+
+    def connected(self, exclude: str) -> tuple[Connected, ...]:
+        names = self._names()
+        found: set[Connected] = set()
+        for msg, dst in self._unicast_routes():
+            if msg.get("table") != MAIN_TABLE or msg["proto"] != RTPROT_KERNEL:
+                continue
+            # v4 prefix routes are scope link; v6 routes carry no scope at all.
+            if dst.version == 4 and msg["scope"] != RT_SCOPE_LINK:
+                continue
+            if dst.is_multicast or (dst.version == 6 and dst.is_link_local):
+                continue
+            dev = names.get(msg.get_attr("RTA_OIF"))
+            if dev is None or dev in (exclude, "lo"):
+                continue
+            found.add(Connected(dev, dst))
+        return tuple(sorted(found, key=_connected_order))
+
+
+def _connected_order(c: Connected) -> tuple[str, int, int, int]:
+    return (c.dev, c.network.version, int(c.network.network_address), c.network.prefixlen)

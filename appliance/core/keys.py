@@ -61,6 +61,12 @@ class PrivateKey:
     def __post_init__(self) -> None:
         if len(self.raw) != KEY_LEN:
             raise ValueError(f"a private key has {KEY_LEN} bytes, not {len(self.raw)}")
+        # Clamp as Curve25519 does (and as the kernel and wireguard-go store it),
+        # so a key read back from the device compares equal to the one we set.
+        raw = bytearray(self.raw)
+        raw[0] &= 248
+        raw[31] = (raw[31] & 127) | 64
+        object.__setattr__(self, "raw", bytes(raw))
 
     @classmethod
     def generate(cls) -> PrivateKey:

@@ -5,6 +5,7 @@ Every check that can reject the input happens here, before any kernel change.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 
 from appliance.core.keys import PrivateKey
@@ -60,12 +61,13 @@ def plan(
         host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6)
         for a in me.addresses
     )
-    mesh_ranges = (netmap.mesh.ipv4, netmap.mesh.ipv6)
+    # Mesh addresses are reached through the prefix route of our own address;
+    # only subnet routes need routes of their own.
     routes = {
         Route(net, dev)
-        for peer in peers.values()
-        for net in peer.allowed_ips
-        if net.prefixlen > 0 and not any(net.subnet_of(r) for r in mesh_ranges if r.version == net.version)  # type: ignore[arg-type]
+        for node in netmap.peers
+        if prefs.accept_routes
+        for net in node.subnet_routes
     }
     rules: set[Rule] = set()
     sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
@@ -91,9 +93,12 @@ def plan(
     )
 
 
+@lru_cache(maxsize=16384)
 def _peer(node: Node, prefs: Prefs, is_exit: bool) -> Peer:
+    """Memoised: a netmap in which one peer changed re-plans one peer."""
     allowed: list[IPNetwork] = [
-        IPv4Network(a) if a.version == 4 else IPv6Network(a) for a in node.addresses
+        IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128))
+        for a in node.addresses
     ]
     if prefs.accept_routes:
         allowed += node.subnet_routes
@@ -158,22 +163,23 @@ def _firewall_plan(netmap: Netmap, prefs: Prefs, facts: HostFacts) -> FirewallPl
 def _check_no_overlap_with_host(netmap: Netmap, facts: HostFacts, source: str) -> None:
     """A mesh route over this host's own uplink or LAN would cut the host off
     (the WireGuard endpoint itself may live there)."""
-    for i, peer in enumerate(netmap.peers):
-        for field, nets in (
-            ("addresses", [ip_interface(a).network for a in peer.addresses]),
-            ("routes", list(peer.subnet_routes)),
-        ):
-            for j, net in enumerate(nets):
-                for c in facts.connected:
-                    if net.version == c.network.version and net.overlaps(c.network):  # type: ignore[arg-type]
-                        raise ConfigError(
-                            source, f"peers[{i}].{field}[{j}]", str(net),
-                            f"overlaps {c.network} on this host's {c.dev}",
-                        )
-    for j, addr in enumerate(netmap.self_node.addresses):
-        for c in facts.connected:
+    for c in facts.connected:
+        for j, addr in enumerate(netmap.self_node.addresses):
             if addr in c.network:
                 raise ConfigError(
                     source, f"self.addresses[{j}]", str(addr),
                     f"lies in {c.network} on this host's {c.dev}",
                 )
+        for i, peer in enumerate(netmap.peers):
+            for j, addr in enumerate(peer.addresses):
+                if addr in c.network:
+                    raise ConfigError(
+                        source, f"peers[{i}].addresses[{j}]", str(addr),
+                        f"lies in {c.network} on this host's {c.dev}",
+                    )
+            for j, net in enumerate(peer.subnet_routes):
+                if net.version == c.network.version and net.overlaps(c.network):  # type: ignore[arg-type]
+                    raise ConfigError(
+                        source, f"peers[{i}].routes[{j}]", str(net),
+                        f"overlaps {c.network} on this host's {c.dev}",
+                    )

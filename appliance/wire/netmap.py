@@ -101,16 +101,38 @@ def _any(value: object) -> object:
     return value
 
 
+class _NodeCache:
+    """Parsed nodes by their exact JSON text, so re-reading a netmap in which one
+    peer changed costs one peer's parse, not a thousand. Only valid nodes enter."""
+
+    def __init__(self, size: int = 16384) -> None:
+        self.size = size
+        self.nodes: dict[tuple[str, Mesh], Node] = {}
+
+    def parse(self, source: str, path: str, obj: object, mesh: Mesh) -> Node:
+        key = (repr(obj), mesh)
+        node = self.nodes.get(key)
+        if node is None:
+            node = _parse_node(source, path, obj, mesh)
+            if len(self.nodes) >= self.size:
+                self.nodes.clear()
+            self.nodes[key] = node
+        return node
+
+
+_cache = _NodeCache()
+
+
 def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
     top = Fields(source, "", obj)
     m = top.sub("mesh")
     mesh = Mesh(m.require("ipv4", _parse_v4), m.require("ipv6", _parse_v6))
     m.done()
-    self_node = _parse_node(source, "self", top.require("self", _any), mesh)
+    self_node = _cache.parse(source, "self", top.require("self", _any), mesh)
     raw_peers = top.get("peers", _any, [])
     if not isinstance(raw_peers, list):
         raise top.error("peers", raw_peers, "must be a list")
-    peers = tuple(_parse_node(source, f"peers[{i}]", p, mesh) for i, p in enumerate(raw_peers))
+    peers = tuple(_cache.parse(source, f"peers[{i}]", p, mesh) for i, p in enumerate(raw_peers))
     top.done()
     netmap = Netmap(mesh, self_node, peers)
     _check_unique(source, netmap)

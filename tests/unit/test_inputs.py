@@ -106,3 +106,12 @@ def test_inputs_prefs_round_trip(tmp_path: Path) -> None:
     assert load_prefs(path) == prefs
     assert json.loads(path.read_text())["advertise_routes"] == ["192.168.1.0/24"]
     assert parse_prefs({}) == Prefs()
+
+
+def test_inputs_private_key_is_clamped_like_the_kernel_stores_it() -> None:
+    from appliance.core.keys import PrivateKey
+
+    loose = PrivateKey(bytes([0xFF]) * 32)
+    assert loose.raw[0] == 0xF8 and loose.raw[31] == 0x7F
+    assert PrivateKey(loose.raw) == loose
+    assert loose.public_key() == PrivateKey(bytes([0xFF]) * 32).public_key()

@@ -1,0 +1,318 @@
+"""WireGuard in the kernel, through generic netlink (pyroute2 0.9 `WireGuard`).
+
+pyroute2's `WireGuard.set()` takes one peer per call, and calling its peer builder
+repeatedly would add several WGDEVICE_A_PEERS attributes, of which the kernel
+reads only the last. So this module builds the `wgmsg` itself: all peers nested in
+one WGDEVICE_A_PEERS, the way wg(8) does it (src/ipc-linux.h), split into a few
+messages only when one would get large (wg splits at a page; we allow more).
+
+The pure halves (`build_messages`, `parse_dump`) are unit-tested without root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from base64 import b64decode, b64encode
+from collections.abc import Iterable, Iterator
+from ipaddress import ip_address, ip_network
+from socket import AF_INET, AF_INET6
+from typing import Any
+
+from pyroute2 import IPRoute, WireGuard
+from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic.wireguard import (
+    WG_CMD_GET_DEVICE,
+    WG_CMD_SET_DEVICE,
+    WG_GENL_VERSION,
+    WGPEER_F_REMOVE_ME,
+    WGPEER_F_REPLACE_ALLOWEDIPS,
+    AsyncWireGuard,
+    wgmsg,
+)
+
+from appliance.core.keys import PrivateKey, PublicKey
+from appliance.core.model import Endpoint, IPNetwork, Peer, sorted_networks
+from appliance.kernel.base import (
+    InterfaceNotFound,
+    KernelError,
+    PeerStats,
+    PermissionDenied,
+    WgDevice,
+    WgUpdate,
+    WireGuardUnavailable,
+)
+from appliance.kernel.wireguard import check_ifname, check_update, summary
+
+log = logging.getLogger(__name__)
+
+# Bytes of peer attributes per message. The kernel takes any size that fits the
+# socket's send buffer (pyroute2 asks for 1 MiB); 64 KiB stays far below that.
+MESSAGE_BUDGET = 64 * 1024
+_PEER_OVERHEAD = 100  # key, flags, endpoint, keepalive and nest headers
+_ALLOWED_IP_SIZE = 36
+
+_NO_MODULE = "kernel has no wireguard module"
+_GENL_MISSING = (errno.ENOENT, errno.EOPNOTSUPP)
+
+
+class _QuietAsyncWireGuard(AsyncWireGuard):  # type: ignore[misc]
+    # pyroute2 logs "protocol not found" at error level when the module is absent;
+    # that is an answer we ask for (backend probing), not an error.
+    module_err_level = "debug"
+
+
+class _WireGuardSocket(WireGuard):  # type: ignore[misc]
+    async_class = _QuietAsyncWireGuard
+
+
+# --- translation: update -> messages -------------------------------------------
+
+
+def _key(raw: bytes) -> str:
+    return b64encode(raw).decode()
+
+
+def _allowed_ip(net: IPNetwork) -> dict[str, Any]:
+    family = AF_INET if net.version == 4 else AF_INET6
+    return {
+        "attrs": [
+            ["WGALLOWEDIP_A_FAMILY", family],
+            ["WGALLOWEDIP_A_IPADDR", net.network_address.packed],
+            ["WGALLOWEDIP_A_CIDR_MASK", net.prefixlen],
+        ]
+    }
+
+
+def peer_attrs(peer: Peer) -> dict[str, Any]:
+    """An upsert: allowed IPs replaced, keepalive set, endpoint only if given."""
+    attrs: list[list[Any]] = [
+        ["WGPEER_A_PUBLIC_KEY", _key(peer.public_key.raw)],
+        ["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS],
+        ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.persistent_keepalive],
+    ]
+    if peer.endpoint is not None:
+        host = peer.endpoint.host
+        if host.version == 6 and host.scope_id:
+            # pyroute2 0.9 packs sin6_scope_id big-endian; the kernel reads host order.
+            raise KernelError(
+                f"peer {peer.label}: endpoint {peer.endpoint} has a zone, "
+                "which the kernel backend cannot pass on"
+            )
+        attrs.append(["WGPEER_A_ENDPOINT", {"addr": str(host), "port": peer.endpoint.port}])
+    attrs.append(["WGPEER_A_ALLOWEDIPS", [_allowed_ip(net) for net in peer.allowed_ips]])
+    return {"attrs": attrs}
+
+
+def removal_attrs(key: PublicKey) -> dict[str, Any]:
+    return {
+        "attrs": [["WGPEER_A_PUBLIC_KEY", _key(key.raw)], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]
+    }
+
+
+def _chunks(update: WgUpdate, budget: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    size = 0
+    sized = [
+        (peer_attrs(p), _PEER_OVERHEAD + _ALLOWED_IP_SIZE * len(p.allowed_ips))
+        for p in update.upsert
+    ]
+    sized += [(removal_attrs(k), _PEER_OVERHEAD) for k in update.remove]
+    for attrs, cost in sized:
+        if chunk and size + cost > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(attrs)
+        size += cost
+    yield chunk
+
+
+def build_messages(ifname: str, update: WgUpdate, budget: int = MESSAGE_BUDGET) -> list[wgmsg]:
+    """WG_CMD_SET_DEVICE messages for the update (not yet encoded).
+
+    Device fields go in the first; each peer goes whole into one message, upserts
+    before removals (add before delete). Holds the private key: never log these."""
+    messages = []
+    for i, peers in enumerate(_chunks(update, budget)):
+        msg = wgmsg()
+        msg["cmd"] = WG_CMD_SET_DEVICE
+        msg["version"] = WG_GENL_VERSION
+        msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+        if i == 0:
+            if update.private_key is not None:
+                msg["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", update.private_key.secret_base64()])
+            if update.listen_port is not None:
+                msg["attrs"].append(["WGDEVICE_A_LISTEN_PORT", update.listen_port])
+            if update.fwmark is not None:
+                msg["attrs"].append(["WGDEVICE_A_FWMARK", update.fwmark])
+        if peers:
+            msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
+        messages.append(msg)
+    return messages
+
+
+# --- translation: dump -> WgDevice ---------------------------------------------
+
+
+def _endpoint(nla: Any) -> Endpoint | None:
+    if nla is None or nla.get("addr") in (None, "0.0.0.0", "::"):
+        return None
+    return Endpoint(ip_address(nla["addr"]), int(nla["port"]))
+
+
+def parse_dump(messages: Iterable[Any]) -> WgDevice:
+    """Merge the messages of a WG_CMD_GET_DEVICE dump into one WgDevice.
+
+    The kernel puts the device attributes in the first message only, and when a
+    peer does not fit it continues in the next message under the same public key
+    with the rest of its allowed IPs (wg(8) merges them the same way)."""
+    private_key: PrivateKey | None = None
+    listen_port = fwmark = 0
+    nets: dict[PublicKey, list[IPNetwork]] = {}
+    base: dict[PublicKey, tuple[Endpoint | None, int, PeerStats]] = {}
+    for msg in messages:
+        raw_private = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
+        if raw_private is not None:
+            raw = b64decode(raw_private)
+            private_key = PrivateKey(raw) if any(raw) else None
+        listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT", listen_port)
+        fwmark = msg.get_attr("WGDEVICE_A_FWMARK", fwmark)
+        for peer in msg.get_attr("WGDEVICE_A_PEERS") or ():
+            key = PublicKey(b64decode(peer.get_attr("WGPEER_A_PUBLIC_KEY")))
+            ips = [
+                ip_network(a["addr"])
+                for a in peer.get_attr("WGPEER_A_ALLOWEDIPS") or ()
+                if a.get("addr")
+            ]
+            nets.setdefault(key, []).extend(ips)
+            if key in base and peer.get_attr("WGPEER_A_RX_BYTES") is None:
+                continue  # a continuation: allowed IPs only
+            endpoint = _endpoint(peer.get_attr("WGPEER_A_ENDPOINT"))
+            hs = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+            handshake = (hs["tv_sec"] + hs["tv_nsec"] / 1e9) if hs and hs["tv_sec"] else None
+            keepalive = peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 0)
+            stats = PeerStats(
+                handshake,
+                peer.get_attr("WGPEER_A_RX_BYTES", 0),
+                peer.get_attr("WGPEER_A_TX_BYTES", 0),
+                endpoint,
+            )
+            base[key] = (endpoint, keepalive, stats)
+    peers = {k: Peer(k, sorted_networks(nets[k]), ep, ka) for k, (ep, ka, _) in base.items()}
+    stats_by_key = {k: st for k, (_, _, st) in base.items()}
+    return WgDevice(private_key, listen_port, fwmark, peers, stats_by_key)
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+def domain_error(e: NetlinkError, ifname: str, what: str) -> KernelError:
+    code = e.code
+    if code == errno.ENODEV:
+        return InterfaceNotFound(f"{ifname}: no such interface ({what})")
+    if code == errno.EOPNOTSUPP:
+        return InterfaceNotFound(f"{ifname}: not a WireGuard interface ({what})")
+    if code in (errno.EPERM, errno.EACCES):
+        return PermissionDenied(f"{ifname}: {what} needs CAP_NET_ADMIN")
+    if code == errno.EADDRINUSE:
+        return KernelError(f"{ifname}: {what}: the listen port is already in use")
+    return KernelError(f"{ifname}: {what} failed: {os_strerror(code)}")
+
+
+def os_strerror(code: int) -> str:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def genl_family_available() -> bool:
+    """Does the kernel know the wireguard genl family (loading the module if it can)?"""
+    try:
+        _WireGuardSocket().close()
+    except NetlinkError as e:
+        if e.code in _GENL_MISSING:
+            return False
+        raise
+    return True
+
+
+def _open() -> _WireGuardSocket:
+    try:
+        return _WireGuardSocket()
+    except NetlinkError as e:
+        if e.code in _GENL_MISSING:
+            raise WireGuardUnavailable(f"{_NO_MODULE} (no wireguard generic netlink family)") from e
+        raise KernelError(
+            f"opening the wireguard netlink family failed: {os_strerror(e.code)}"
+        ) from e
+
+
+# --- the backend -----------------------------------------------------------------
+
+
+class NetlinkWireGuard:
+    """Kernel WireGuard devices (`ip link add … type wireguard`)."""
+
+    name = "kernel"
+
+    def create(self, ifname: str) -> None:
+        check_ifname(ifname)
+        with IPRoute() as ipr:
+            try:
+                ipr.link("add", ifname=ifname, kind="wireguard")
+            except NetlinkError as e:
+                if e.code == errno.EEXIST:
+                    self._check_is_wireguard(ipr, ifname)
+                    return
+                if e.code in (errno.EOPNOTSUPP, errno.ENODEV, errno.ENOENT):
+                    raise WireGuardUnavailable(
+                        f"{_NO_MODULE} (ip link add {ifname} type wireguard: {os_strerror(e.code)})"
+                    ) from e
+                raise domain_error(e, ifname, "creating the link") from e
+        log.info("created %s (kernel WireGuard)", ifname)
+
+    def read(self, ifname: str) -> WgDevice | None:
+        check_ifname(ifname)
+        msg = wgmsg()
+        msg["cmd"] = WG_CMD_GET_DEVICE
+        msg["version"] = WG_GENL_VERSION
+        msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+        try:
+            with _open() as wg:
+                dump = list(
+                    wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
+                )
+        except WireGuardUnavailable:
+            return None  # no module, so no WireGuard interface of any name
+        except NetlinkError as e:
+            if e.code in (errno.ENODEV, errno.EOPNOTSUPP):
+                return None
+            raise domain_error(e, ifname, "reading the device") from e
+        return parse_dump(dump)
+
+    def configure(self, ifname: str, update: WgUpdate) -> None:
+        check_ifname(ifname)
+        check_update(update)
+        messages = build_messages(ifname, update)
+        try:
+            with _open() as wg:
+                for msg in messages:
+                    tuple(
+                        wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+                    )
+        except WireGuardUnavailable as e:
+            raise InterfaceNotFound(f"{ifname}: no WireGuard device ({_NO_MODULE})") from e
+        except NetlinkError as e:
+            raise domain_error(e, ifname, "configuring the device") from e
+        log.info("%s: applied %s", ifname, summary(update))
+
+    @staticmethod
+    def _check_is_wireguard(ipr: IPRoute, ifname: str) -> None:
+        try:
+            (link,) = ipr.link("get", ifname=ifname)
+        except NetlinkError as e:
+            raise domain_error(e, ifname, "looking up the existing link") from e
+        kind = link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
+        if kind != "wireguard":
+            raise KernelError(f"{ifname}: exists, but is a {kind or 'plain'} link, not WireGuard")
+        log.debug("%s: already exists", ifname)

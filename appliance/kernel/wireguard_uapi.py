@@ -1,0 +1,381 @@
+"""WireGuard through the cross-platform userspace API (wireguard-go, boringtun).
+
+The daemon listens on /var/run/wireguard/<ifname>.sock and speaks the text protocol
+of https://www.wireguard.com/xplatform/: `get=1` dumps the device, `set=1` applies
+one transaction; both replies end with `errno=N` and an empty line.
+
+That socket directory is shared by every network namespace, while the device it
+controls lives in one. So a socket only counts as "this interface" if it is
+listed in this namespace's /proc/net/unix (unix sockets belong to the netns that
+created them), and the link exists here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from pathlib import Path
+
+from appliance.core.keys import PrivateKey, PublicKey
+from appliance.core.model import Endpoint, IPNetwork, Peer, sorted_networks
+from appliance.kernel.base import (
+    InterfaceNotFound,
+    KernelError,
+    PeerStats,
+    PermissionDenied,
+    WgDevice,
+    WgUpdate,
+    WireGuardUnavailable,
+)
+from appliance.kernel.wireguard import check_ifname, check_update, summary
+
+log = logging.getLogger(__name__)
+
+SOCKET_DIR = Path("/var/run/wireguard")
+START_TIMEOUT = 5.0  # wireguard-go is up in ~10 ms; 5 s covers a loaded Pi
+IO_TIMEOUT = 30.0  # a 1,000-peer set takes well under a second
+_POLL_INTERVAL = 0.005
+_RECV_SIZE = 1 << 16
+
+# wireguard-go hands these to its own daemonised child; inherited from our
+# environment they would make it run in the foreground (and block us) or adopt
+# file descriptors that are not its own. LOG_LEVEL would make the daemon keep our
+# stdout/stderr pipes open, so `create` would never see EOF.
+_DAEMON_ENV_DROP = ("WG_PROCESS_FOREGROUND", "WG_TUN_FD", "WG_UAPI_FD", "LOG_LEVEL")
+
+_ERRNO_MEANING = {
+    errno.EINVAL: "rejected a value as invalid",
+    errno.EADDRINUSE: "cannot bind the listen port: it is already in use",
+    errno.EPROTO: "did not understand the request",
+    errno.EIO: "failed while applying it",
+}
+
+
+# --- the text protocol -------------------------------------------------------
+
+
+def format_endpoint(endpoint: Endpoint) -> str:
+    return str(endpoint)  # 192.0.2.1:51820 or [2001:db8::1]:51820, as UAPI wants
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"endpoint {text!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return Endpoint(ip_address(host), int(port))
+
+
+def parse_network(text: str) -> IPNetwork:
+    # Twice as fast as ip_network(text), which matters at a few thousand per read.
+    addr, _, plen = text.partition("/")
+    try:
+        if ":" in addr:
+            return IPv6Network((int.from_bytes(socket.inet_pton(socket.AF_INET6, addr)), int(plen)))
+        return IPv4Network((int.from_bytes(socket.inet_pton(socket.AF_INET, addr)), int(plen)))
+    except (OSError, ValueError) as e:
+        raise KernelError(f"malformed allowed_ip {text!r} in UAPI reply") from e
+
+
+def render_update(update: WgUpdate) -> bytes:
+    """One `set=1` transaction for the whole update. Contains the private key."""
+    lines = ["set=1"]
+    if update.private_key is not None:
+        lines.append("private_key=" + update.private_key.raw.hex())
+    if update.listen_port is not None:
+        lines.append(f"listen_port={update.listen_port}")
+    if update.fwmark is not None:
+        lines.append(f"fwmark={update.fwmark}")
+    for peer in update.upsert:
+        lines.append("public_key=" + peer.public_key.raw.hex())
+        if peer.endpoint is not None:
+            lines.append("endpoint=" + format_endpoint(peer.endpoint))
+        lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
+        lines.append("replace_allowed_ips=true")
+        lines.extend("allowed_ip=" + str(net) for net in peer.allowed_ips)
+    for key in update.remove:
+        lines.append("public_key=" + key.raw.hex())
+        lines.append("remove=true")
+    lines.append("\n")  # the empty line that ends the transaction
+    return "\n".join(lines).encode()
+
+
+def reply_errno(lines: list[str]) -> int:
+    """The errno of a reply (wireguard-go sends it negated, the spec positive)."""
+    if not lines or not lines[-1].startswith("errno="):
+        raise KernelError(f"malformed UAPI reply: it ends with {lines[-1:]!r}, not errno=N")
+    try:
+        return abs(int(lines[-1][len("errno=") :]))
+    except ValueError as e:
+        raise KernelError(f"malformed UAPI reply: {lines[-1]!r}") from e
+
+
+def parse_device(lines: list[str]) -> WgDevice:
+    """Parse the key=value lines of a `get=1` reply (without the errno line)."""
+    private_key: PrivateKey | None = None
+    listen_port = 0
+    fwmark = 0
+    peers: dict[PublicKey, Peer] = {}
+    stats: dict[PublicKey, PeerStats] = {}
+
+    key: PublicKey | None = None
+    nets: list[IPNetwork] = []
+    endpoint: Endpoint | None = None
+    keepalive = 0
+    handshake = 0.0
+    rx = tx = 0
+
+    def finish() -> None:
+        if key is not None:
+            peers[key] = Peer(key, sorted_networks(nets), endpoint, keepalive)
+            stats[key] = PeerStats(handshake or None, rx, tx, endpoint)
+
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if not sep:
+            raise KernelError(f"malformed UAPI line {name[:40]!r}")
+        if name == "public_key":
+            finish()
+            key, nets, endpoint, keepalive, handshake, rx, tx = (
+                PublicKey.from_hex(value),
+                [],
+                None,
+                0,
+                0.0,
+                0,
+                0,
+            )
+        elif key is None:
+            if name == "private_key":
+                # wireguard-go leaves the line out when unset; all-zero means unset too.
+                raw = bytes.fromhex(value)
+                private_key = PrivateKey(raw) if any(raw) else None
+            elif name == "listen_port":
+                listen_port = int(value)
+            elif name == "fwmark":
+                fwmark = int(value)
+        elif name == "allowed_ip":
+            nets.append(parse_network(value))
+        elif name == "endpoint":
+            endpoint = parse_endpoint(value)
+        elif name == "persistent_keepalive_interval":
+            keepalive = int(value)
+        elif name == "last_handshake_time_sec":
+            handshake += int(value)
+        elif name == "last_handshake_time_nsec":
+            handshake += int(value) / 1e9
+        elif name == "rx_bytes":
+            rx = int(value)
+        elif name == "tx_bytes":
+            tx = int(value)
+        # preshared_key, protocol_version: not part of our model.
+    finish()
+    return WgDevice(private_key, listen_port, fwmark, peers, stats)
+
+
+# --- the backend ---------------------------------------------------------------
+
+
+class UapiWireGuard:
+    """wireguard-go devices, driven over their UAPI sockets."""
+
+    name = "userspace"
+
+    def __init__(
+        self,
+        socket_dir: Path = SOCKET_DIR,
+        wireguard_go: str = "wireguard-go",
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.socket_dir = socket_dir
+        self.wireguard_go = wireguard_go
+        self.start_timeout = start_timeout
+
+    def socket_path(self, ifname: str) -> Path:
+        return self.socket_dir / f"{ifname}.sock"
+
+    def create(self, ifname: str) -> None:
+        check_ifname(ifname)
+        path = self.socket_path(ifname)
+        if self._listening_here(ifname):
+            if _link_exists(ifname):
+                log.debug("%s: wireguard-go already runs it", ifname)
+                return
+        elif _answers(path):
+            raise KernelError(
+                f"{ifname}: {path} belongs to a WireGuard daemon in another network namespace; "
+                "the socket directory is shared, so pick an interface name unique on this host"
+            )
+        if _link_exists(ifname):
+            raise KernelError(
+                f"{ifname}: a link with this name exists and is not run by wireguard-go"
+            )
+        exe = shutil.which(self.wireguard_go)
+        if exe is None:
+            raise WireGuardUnavailable(f"{self.wireguard_go} is not installed (not found on PATH)")
+        env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ENV_DROP}
+        # Newer kernels have the module; wireguard-go then asks for this before it runs.
+        env["WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD"] = "1"
+        try:
+            # wireguard-go daemonises: the process we start exits once its child
+            # holds the TUN device and the socket. A new session keeps that child
+            # out of our process group, so a signal to the agent's group (Ctrl-C in
+            # a terminal) leaves the device forwarding, as does the agent dying.
+            done = subprocess.run(
+                [exe, ifname],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=self.start_timeout,
+                start_new_session=True,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise WireGuardUnavailable(
+                f"{exe} {ifname} did not daemonise within {self.start_timeout:g} s"
+            ) from e
+        except OSError as e:
+            raise WireGuardUnavailable(f"cannot run {exe}: {e.strerror}") from e
+        if done.returncode != 0:
+            raise WireGuardUnavailable(
+                f"{exe} {ifname} failed (exit {done.returncode}): {_stderr_gist(done.stderr)}"
+            )
+        self._wait_until_answering(ifname)
+        log.info("created %s (wireguard-go, socket %s)", ifname, path)
+
+    def read(self, ifname: str) -> WgDevice | None:
+        check_ifname(ifname)
+        try:
+            lines = self._transact(ifname, b"get=1\n\n")
+        except InterfaceNotFound:
+            return None
+        code = reply_errno(lines)
+        if code:
+            raise self._error(ifname, "get", code)
+        return parse_device(lines[:-1])
+
+    def configure(self, ifname: str, update: WgUpdate) -> None:
+        check_ifname(ifname)
+        check_update(update)
+        lines = self._transact(ifname, render_update(update))
+        code = reply_errno(lines)
+        if code:
+            raise self._error(ifname, "set", code, update)
+        log.info("%s: applied %s", ifname, summary(update))
+
+    # --- plumbing -------------------------------------------------------------
+
+    def _listening_here(self, ifname: str) -> bool:
+        """Is the socket listed in this network namespace's /proc/net/unix?"""
+        suffix = f"/{self.socket_dir.name}/{ifname}.sock"
+        try:
+            with open("/proc/thread-self/net/unix", encoding="utf-8", errors="replace") as f:
+                return any(line.rstrip("\n").endswith(suffix) for line in f)
+        except FileNotFoundError:  # no procfs (a container without /proc): trust the path
+            return self.socket_path(ifname).exists()
+
+    def _wait_until_answering(self, ifname: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            with contextlib.suppress(InterfaceNotFound):
+                if reply_errno(self._transact(ifname, b"get=1\n\n")) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise WireGuardUnavailable(
+                    f"wireguard-go started for {ifname} but {self.socket_path(ifname)} "
+                    f"did not answer within {self.start_timeout:g} s"
+                )
+            time.sleep(_POLL_INTERVAL)
+
+    def _transact(self, ifname: str, request: bytes) -> list[str]:
+        """Send one request and return the reply's lines (errno line last).
+
+        Raises InterfaceNotFound when there is no live device of that name here."""
+        path = self.socket_path(ifname)
+        missing = InterfaceNotFound(
+            f"{ifname}: no WireGuard device (no live {path} in this network namespace)"
+        )
+        if not self._listening_here(ifname) or not _link_exists(ifname):
+            raise missing
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(IO_TIMEOUT)
+            try:
+                sock.connect(str(path))
+                sock.sendall(request)
+                reply = _recv_reply(sock)
+            except (
+                FileNotFoundError,
+                ConnectionRefusedError,
+                ConnectionResetError,
+                BrokenPipeError,
+            ) as e:
+                # The daemon went away between the check and the request (link deleted).
+                raise missing from e
+            except PermissionError as e:
+                raise PermissionDenied(f"{ifname}: no permission to open {path}") from e
+            except TimeoutError as e:
+                raise KernelError(
+                    f"{ifname}: wireguard-go did not answer within {IO_TIMEOUT:g} s"
+                ) from e
+            except OSError as e:
+                raise KernelError(f"{ifname}: talking to {path} failed: {e.strerror}") from e
+        if not reply:
+            raise missing  # closed without a word: the daemon is shutting down
+        return reply.decode("utf-8", errors="replace").rstrip("\n").split("\n")
+
+    def _error(
+        self, ifname: str, op: str, code: int, update: WgUpdate | None = None
+    ) -> KernelError:
+        meaning = _ERRNO_MEANING.get(code, os.strerror(code))
+        if code == errno.EADDRINUSE and update is not None and update.listen_port is not None:
+            meaning = f"cannot bind listen port {update.listen_port}: it is already in use"
+        partly = "; earlier parts of the update may have been applied" if op == "set" else ""
+        name = errno.errorcode.get(code, str(code))
+        err_type = PermissionDenied if code in (errno.EPERM, errno.EACCES) else KernelError
+        return err_type(f"{ifname}: wireguard-go {meaning} ({op}, {name}){partly}")
+
+
+def _recv_reply(sock: socket.socket) -> bytes:
+    """Read until the empty line that ends every reply (or EOF)."""
+    buf = bytearray()
+    while not buf.endswith(b"\n\n"):
+        chunk = sock.recv(_RECV_SIZE)
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _link_exists(ifname: str) -> bool:
+    # if_nametoindex asks the kernel through a socket in *this* netns; /sys/class/net
+    # would show the namespace that mounted sysfs instead.
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
+def _stderr_gist(stderr: str) -> str:
+    # Newer kernels make wireguard-go print a boxed "you have the kernel module"
+    # banner; it is noise next to the real error.
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and ln.strip()[0] not in "┌│└"]
+    return " / ".join(lines)[-500:] or "(no output)"

@@ -1,0 +1,187 @@
+"""Benchmark: apply a 1,000-peer netmap to a wireguard-go device, then one changed
+peer, against `wg setconf` / `wg syncconf` on the same kind of device, same run.
+
+What "our apply" covers is what the agent does: load the netmap file, plan,
+diff against the kernel, apply (WireGuard config, addresses, sysctl). Device
+creation (starting wireguard-go) is outside the timing for both sides.
+The last line of output is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from appliance.agent.reconcile import Reconciler  # noqa: E402
+from appliance.core.keys import PrivateKey  # noqa: E402
+from appliance.core.model import Scope  # noqa: E402
+from appliance.core.planner import plan  # noqa: E402
+from appliance.core.prefs import Prefs  # noqa: E402
+from appliance.kernel.real import real_system  # noqa: E402
+from appliance.wire.netmap import load_netmap  # noqa: E402
+from tests.lab import netns  # noqa: E402
+
+OURS, THEIRS = "mpbench0", "mpbench1"
+
+
+def key(label: str) -> PrivateKey:
+    return PrivateKey(hashlib.sha256(label.encode()).digest())
+
+
+SELF = key("self")
+
+
+def peers(n: int) -> list[dict[str, object]]:
+    out = []
+    for i in range(n):
+        a, b = divmod(i + 2, 256)
+        out.append({
+            "name": f"peer{i}",
+            "public_key": str(key(f"peer{i}").public_key()),
+            "addresses": [f"100.64.{a}.{b}", f"fd7a:6d70:6900::{i + 2:x}"],
+            "endpoint": f"198.51.{100 + a % 2}.{b}:{40000 + i}",
+            "routes": [],
+        })
+    return out
+
+
+def netmap_doc(plist: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "mesh": {"ipv4": "100.64.0.0/10", "ipv6": "fd7a:6d70:6900::/48"},
+        "self": {"name": "bench", "public_key": str(SELF.public_key()),
+                 "addresses": ["100.64.0.1", "fd7a:6d70:6900::1"]},
+        "peers": plist,
+    }
+
+
+def wg_conf(plist: list[dict[str, object]], prefs: Prefs) -> str:
+    lines = ["[Interface]", f"PrivateKey = {SELF.secret_base64()}",
+             f"ListenPort = {prefs.listen_port + 1}", f"FwMark = {prefs.fwmark}"]
+    for p in plist:
+        allowed = ", ".join(f"{a}/{32 if ':' not in a else 128}" for a in p["addresses"])  # type: ignore[union-attr]
+        lines += ["[Peer]", f"PublicKey = {p['public_key']}", f"AllowedIPs = {allowed}",
+                  f"Endpoint = {p['endpoint']}", f"PersistentKeepalive = {prefs.keepalive}"]
+    return "\n".join(lines) + "\n"
+
+
+class Bench:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.prefs = Prefs(interface=OURS, backend="userspace")
+        self.scope = Scope(OURS, self.prefs.table, self.prefs.fwmark)
+        self.system = real_system("userspace", tmp)
+        self.reconciler = Reconciler(self.system, self.scope)
+        self.netmap_path = tmp / "netmap.json"
+        self.conf_path = tmp / "wg.conf"
+
+    def fresh_devices(self) -> None:
+        for dev in (OURS, THEIRS):
+            self.system.links.delete_link(dev)
+            self.system.wireguard.create(dev)
+            self.system.links.set_mtu_up(dev, 1280)
+        self.reconciler = Reconciler(self.system, self.scope)
+
+    def write(self, plist: list[dict[str, object]]) -> None:
+        self.netmap_path.write_text(json.dumps(netmap_doc(plist)))
+        self.conf_path.write_text(wg_conf(plist, self.prefs))
+
+    def ours(self, reread: bool) -> float:
+        t0 = time.perf_counter()
+        netmap = load_netmap(self.netmap_path)
+        desired = plan(netmap, self.prefs, SELF, self.system.facts(self.scope))
+        self.reconciler.sync(desired, reread=reread)
+        return time.perf_counter() - t0
+
+    def wg(self, verb: str) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(["wg", verb, THEIRS, str(self.conf_path)], check=True)
+        return time.perf_counter() - t0
+
+
+def run(n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[str, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="meshpi-bench-"))
+    bench = Bench(tmp)
+    out: dict[str, float] = {}
+
+    full_ours, full_wg = [], []
+    plist = peers(n_full)
+    bench.write(plist)
+    for rep in range(reps):
+        bench.fresh_devices()
+        # Alternate who goes first, so neither side always gets a warm cache.
+        if rep % 2:
+            full_wg.append(bench.wg("setconf"))
+            full_ours.append(bench.ours(reread=True))
+        else:
+            full_ours.append(bench.ours(reread=True))
+            full_wg.append(bench.wg("setconf"))
+    got = bench.system.wireguard.read(OURS)
+    assert got is not None and len(got.peers) == n_full, "the apply did not configure every peer"
+    out["full_apply_s"] = statistics.median(full_ours)
+    out["wg_setconf_s"] = statistics.median(full_wg)
+    out["full_apply_ratio"] = out["full_apply_s"] / out["wg_setconf_s"]
+    print(f"full apply of {n_full} peers: meshpi {out['full_apply_s'] * 1000:.1f} ms, "
+          f"wg setconf {out['wg_setconf_s'] * 1000:.1f} ms, ratio {out['full_apply_ratio']:.2f} "
+          f"(median of {reps})", flush=True)
+
+    for n in change_ns:
+        plist = peers(n)
+        bench.write(plist)
+        bench.fresh_devices()
+        bench.ours(reread=True)
+        bench.wg("setconf")
+        ours, sync = [], []
+        for rep in range(change_reps):
+            plist[n // 2]["endpoint"] = f"203.0.113.{rep % 250 + 1}:{50000 + rep}"
+            bench.write(plist)
+            ours.append(bench.ours(reread=False))
+            sync.append(bench.wg("syncconf"))
+        dev = bench.system.wireguard.read(OURS)
+        assert dev is not None and any(str(p.endpoint) == plist[n // 2]["endpoint"] for p in dev.peers.values())
+        out[f"one_peer_change_ms_at_{n}"] = statistics.median(ours) * 1000
+        out[f"wg_syncconf_ms_at_{n}"] = statistics.median(sync) * 1000
+        ratio = out[f"one_peer_change_ms_at_{n}"] / out[f"wg_syncconf_ms_at_{n}"]
+        out[f"one_peer_change_ratio_at_{n}"] = ratio
+        print(f"one-peer change at {n} peers: meshpi {out[f'one_peer_change_ms_at_{n}']:.2f} ms, "
+              f"wg syncconf {out[f'wg_syncconf_ms_at_{n}']:.2f} ms, ratio {ratio:.2f} "
+              f"(median of {change_reps})", flush=True)
+    for dev in (OURS, THEIRS):
+        bench.system.links.delete_link(dev)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peers", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--change-reps", type=int, default=30)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/apply needs root (it makes a network namespace)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    name = f"mpbench{os.getpid()}"
+    netns.create(name)
+    try:
+        with netns.entered(name):
+            figures = run(args.peers, args.reps, [100, args.peers], args.change_reps)
+    finally:
+        netns.delete(name)
+    print(json.dumps({k: round(v, 6) for k, v in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """`meshpi`: the command line of the node.
 
-    meshpi key    [--state-dir D]                      print this node's public key
-    meshpi agent  --netmap F --prefs F [--state-dir D] run the agent (static mode)
-    meshpi down   [--state-dir D]                      remove everything meshpi owns
+meshpi key    [--state-dir D]                      print this node's public key
+meshpi agent  --netmap F --prefs F [--state-dir D] run the agent (static mode)
+meshpi down   [--state-dir D]                      remove everything meshpi owns
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def state_dir(cmd: argparse.ArgumentParser) -> None:
         cmd.add_argument(
-            "--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+            "--state-dir",
+            type=Path,
+            default=DEFAULT_STATE_DIR,
             help=f"keys and ownership records (default {DEFAULT_STATE_DIR})",
         )
 
@@ -39,21 +41,28 @@ def _parser() -> argparse.ArgumentParser:
     state_dir(key)
 
     agent = sub.add_parser(
-        "agent", help="reconcile the kernel toward a netmap and prefs, and keep doing so",
+        "agent",
+        help="reconcile the kernel toward a netmap and prefs, and keep doing so",
         description="Apply the netmap and prefs to the kernel, then watch both files and "
         "apply every change. Stopping the agent leaves the data plane up; a new agent "
         "takes it over without a blip. Bad input is refused before any kernel change.",
     )
     agent.add_argument("--netmap", type=Path, required=True, help="netmap JSON (self + peers)")
-    agent.add_argument("--prefs", type=Path, required=True, help="prefs JSON (what this node offers and uses)")
     agent.add_argument(
-        "--resync", type=float, default=30.0, metavar="SECONDS",
+        "--prefs", type=Path, required=True, help="prefs JSON (what this node offers and uses)"
+    )
+    agent.add_argument(
+        "--resync",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
         help="re-read the kernel and repair drift this often (default 30)",
     )
     state_dir(agent)
 
     down = sub.add_parser(
-        "down", help="stop the agent and remove the interface, rules, routes, nft table; restore sysctls",
+        "down",
+        help="stop the agent and remove the interface, rules, routes, nft table; restore sysctls",
     )
     state_dir(down)
     return p

@@ -86,8 +86,12 @@ class StateDir:
 
     def record_owned(self, owned: Owned) -> None:
         s = owned.scope
-        record = {"interface": s.interface, "table": s.table, "fwmark": s.fwmark,
-                  "backend": owned.backend}
+        record = {
+            "interface": s.interface,
+            "table": s.table,
+            "fwmark": s.fwmark,
+            "backend": owned.backend,
+        }
         if self.owned() != owned:
             atomic_write(self.owned_file, json.dumps(record) + "\n")
 
@@ -119,7 +123,9 @@ class StateDir:
         except OSError as e:
             f.close()
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise AgentRunning(f"an agent already runs for {self.path} (pid {self.running_pid()})") from None
+                raise AgentRunning(
+                    f"an agent already runs for {self.path} (pid {self.running_pid()})"
+                ) from None
             raise
         f.seek(0)
         f.truncate()
@@ -155,5 +161,7 @@ class StateDir:
                     return pid
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise AgentRunning(f"agent pid {pid} did not stop within {timeout:.0f} s") from None
+                        raise AgentRunning(
+                            f"agent pid {pid} did not stop within {timeout:.0f} s"
+                        ) from None
                     time.sleep(0.05)

@@ -65,8 +65,11 @@ class StaticAgent:
         desired = self.desired(inputs, self.system)
         previous = self.state.owned()
         if previous is not None and previous.scope != inputs.scope:
-            log.info("prefs moved meshpi from %s to %s: removing the old", previous.scope.interface,
-                     inputs.scope.interface)
+            log.info(
+                "prefs moved meshpi from %s to %s: removing the old",
+                previous.scope.interface,
+                inputs.scope.interface,
+            )
             Reconciler(self.system, previous.scope).sync(State())
         self.state.record_owned(Owned(inputs.scope, self.system.wireguard.name))
         self.reconciler = Reconciler(self.system, inputs.scope)
@@ -97,7 +100,10 @@ class StaticAgent:
 
     def run(self, resync: float = 30.0) -> int:
         self.state.lock()
-        watcher = Watcher([self.netmap_path, self.prefs_path], signals=[signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+        watcher = Watcher(
+            [self.netmap_path, self.prefs_path],
+            signals=[signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+        )
         try:
             self.start()
             next_resync = time.monotonic() + resync
@@ -106,7 +112,9 @@ class StaticAgent:
                 stop = {signal.SIGTERM, signal.SIGINT} & set(watcher.signals)
                 if stop:
                     # The interface and the table stay up: a restarted agent takes them over.
-                    log.info("stopping on %s; the data plane stays up", signal.Signals(stop.pop()).name)
+                    log.info(
+                        "stopping on %s; the data plane stays up", signal.Signals(stop.pop()).name
+                    )
                     return 0
                 hup = signal.SIGHUP in watcher.signals
                 watcher.signals.clear()

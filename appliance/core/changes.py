@@ -48,9 +48,7 @@ class ConfigureDevice:
 def _peer_details(peer: Peer) -> str:
     allowed = ", ".join(map(str, peer.allowed_ips)) or "nothing"
     endpoint = f", endpoint {peer.endpoint}" if peer.endpoint else ""
-    keepalive = (
-        f", keepalive {peer.persistent_keepalive}s" if peer.persistent_keepalive else ""
-    )
+    keepalive = f", keepalive {peer.persistent_keepalive}s" if peer.persistent_keepalive else ""
     return f"allowed {allowed}{endpoint}{keepalive}"
 
 

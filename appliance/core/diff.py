@@ -28,7 +28,7 @@ from appliance.core.changes import (
     SetSysctl,
     UpdatePeer,
 )
-from appliance.core.model import Device, Peer, State
+from appliance.core.model import Device, IPInterface, Peer, Rule, State
 
 
 def _peer_differs(current: Peer, desired: Peer) -> bool:
@@ -68,23 +68,26 @@ def diff(current: State, desired: State) -> list[Change]:
         # cost a dict lookup and a comparison each.
         new = [p for k, p in desired.peers.items() if k not in live_peers]
         changed = [
-            p for k, p in desired.peers.items()
+            p
+            for k, p in desired.peers.items()
             if k in live_peers and _peer_differs(live_peers[k], p)
         ]
         adds += [AddPeer(want.name, p) for p in sorted(new, key=_by_key)]
         adds += [UpdatePeer(want.name, p) for p in sorted(changed, key=_by_key)]
         if not fresh:
             gone = [p for k, p in current.peers.items() if k not in desired.peers]
-            deletes += [RemovePeer(want.name, p.public_key, p.name) for p in sorted(gone, key=_by_key)]
-            deletes += [RemoveAddress(want.name, a) for a in _sorted(current.addresses - desired.addresses)]
+            deletes += [
+                RemovePeer(want.name, p.public_key, p.name) for p in sorted(gone, key=_by_key)
+            ]
+            deletes += [
+                RemoveAddress(want.name, a) for a in _sorted(current.addresses - desired.addresses)
+            ]
 
     live_routes = frozenset(r for r in current.routes if r.dev != dropped)
     adds += [AddRoute(r) for r in sorted(desired.routes - live_routes, key=str)]
     if desired.nft is not None and desired.nft != current.nft:
         adds.append(ReplaceNft(desired.nft))
-    adds += [
-        SetSysctl(k, v) for k, v in desired.sysctls.items() if current.sysctls.get(k) != v
-    ]
+    adds += [SetSysctl(k, v) for k, v in desired.sysctls.items() if current.sysctls.get(k) != v]
     adds += [AddRule(r) for r in sorted(desired.rules - current.rules, key=_rule_order)]
 
     # Deletes run in the reverse order of adds: rules stop using routes before
@@ -106,9 +109,9 @@ def _by_key(peer: Peer) -> bytes:
     return peer.public_key.raw
 
 
-def _rule_order(rule: object) -> tuple[int, int, str]:
-    return (rule.priority, rule.family, str(rule))  # type: ignore[attr-defined]
+def _rule_order(rule: Rule) -> tuple[int, int, str]:
+    return (rule.priority, rule.family, str(rule))
 
 
-def _sorted(addresses: frozenset[object]) -> list[object]:
-    return sorted(addresses, key=lambda a: (a.version, int(a.ip), a.network.prefixlen))  # type: ignore[attr-defined]
+def _sorted(addresses: frozenset[IPInterface]) -> list[IPInterface]:
+    return sorted(addresses, key=lambda a: (a.version, int(a.ip), a.network.prefixlen))

@@ -58,7 +58,7 @@ def render(plan: FirewallPlan) -> str:
         if shared_fam:
             lines += _set(f"shared_{fam[-2:]}", fam, shared_fam)
 
-    from_mesh = [f"oifname {wg} accept comment \"mesh to mesh, through this hub\""]
+    from_mesh = [f'oifname {wg} accept comment "mesh to mesh, through this hub"']
     for v in ("v4", "v6"):
         if any(n.version == int(v[1]) for n in shared):
             ip = "ip" if v == "v4" else "ip6"
@@ -79,7 +79,9 @@ def render(plan: FirewallPlan) -> str:
     ]
     if not plan.foreign_forwarding:
         # meshpi turned forwarding on; it must not make this host a router for anyone else.
-        forward.append('counter drop comment "not mesh traffic: this host routes only for the mesh"')
+        forward.append(
+            'counter drop comment "not mesh traffic: this host routes only for the mesh"'
+        )
 
     to_mesh = [
         "ct state established,related accept",

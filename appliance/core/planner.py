@@ -49,7 +49,9 @@ def plan(
     me = netmap.self_node
     if me.public_key != private_key.public_key():
         raise ConfigError(
-            source, "self.public_key", str(me.public_key),
+            source,
+            "self.public_key",
+            str(me.public_key),
             f"is not this node's key (this node is {private_key.public_key()})",
         )
     _check_no_overlap_with_host(netmap, facts, source)
@@ -121,7 +123,9 @@ def _exit_peer(netmap: Netmap, prefs: Prefs) -> Node | None:
     if peer is None or not peer.is_exit_node:
         offering = ", ".join(p.name for p in netmap.peers if p.is_exit_node) or "none"
         raise ConfigError(
-            "prefs", "exit_node", prefs.exit_node,
+            "prefs",
+            "exit_node",
+            prefs.exit_node,
             f"is not a peer offering an approved exit node (offering one: {offering})",
         )
     return peer
@@ -167,19 +171,25 @@ def _check_no_overlap_with_host(netmap: Netmap, facts: HostFacts, source: str) -
         for j, addr in enumerate(netmap.self_node.addresses):
             if addr in c.network:
                 raise ConfigError(
-                    source, f"self.addresses[{j}]", str(addr),
+                    source,
+                    f"self.addresses[{j}]",
+                    str(addr),
                     f"lies in {c.network} on this host's {c.dev}",
                 )
         for i, peer in enumerate(netmap.peers):
             for j, addr in enumerate(peer.addresses):
                 if addr in c.network:
                     raise ConfigError(
-                        source, f"peers[{i}].addresses[{j}]", str(addr),
+                        source,
+                        f"peers[{i}].addresses[{j}]",
+                        str(addr),
                         f"lies in {c.network} on this host's {c.dev}",
                     )
             for j, net in enumerate(peer.subnet_routes):
-                if net.version == c.network.version and net.overlaps(c.network):  # type: ignore[arg-type]
+                if net.version == c.network.version and net.overlaps(c.network):
                     raise ConfigError(
-                        source, f"peers[{i}].routes[{j}]", str(net),
+                        source,
+                        f"peers[{i}].routes[{j}]",
+                        str(net),
                         f"overlaps {c.network} on this host's {c.dev}",
                     )

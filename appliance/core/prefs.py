@@ -90,7 +90,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
     for i, route in enumerate(prefs.advertise_routes):
         if route.prefixlen == 0:
             raise f.error(
-                f"advertise_routes[{i}]", str(route),
+                f"advertise_routes[{i}]",
+                str(route),
                 "is a default route: use advertise_exit_node to offer an exit node",
             )
     f.done()

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import Connected, Endpoint, IPInterface, NftRuleset, Peer, Route, Rule, Scope
+from appliance.core.model import (
+    Connected,
+    Endpoint,
+    IPInterface,
+    NftRuleset,
+    Peer,
+    Route,
+    Rule,
+    Scope,
+)
 
 
 class KernelError(Exception):

@@ -57,18 +57,20 @@ class FakeKernel:
             out += [f"  address {a}" for a in sorted(link.addresses, key=str)]
             if link.wg is not None:
                 pub = link.wg.private_key.public_key() if link.wg.private_key else "(none)"
-                out.append(
-                    f"  wg key {pub} port {link.wg.listen_port} fwmark {link.wg.fwmark:#x}"
-                )
+                out.append(f"  wg key {pub} port {link.wg.listen_port} fwmark {link.wg.fwmark:#x}")
                 for key, peer in sorted(link.wg.peers.items()):
                     endpoint = f" endpoint {peer.endpoint}" if peer.endpoint else ""
                     keepalive = (
-                        f" keepalive {peer.persistent_keepalive}" if peer.persistent_keepalive else ""
+                        f" keepalive {peer.persistent_keepalive}"
+                        if peer.persistent_keepalive
+                        else ""
                     )
                     allowed = ",".join(map(str, peer.allowed_ips))
                     out.append(f"  peer {key} allowed {allowed}{endpoint}{keepalive}")
         out += [f"route {r}" for r in sorted(self.routes, key=str)]
-        out += [f"rule {r}" for r in sorted(self.rules, key=lambda r: (r.priority, r.family, str(r)))]
+        out += [
+            f"rule {r}" for r in sorted(self.rules, key=lambda r: (r.priority, r.family, str(r)))
+        ]
         out += [f"sysctl {k} = {v}" for k, v in sorted(self.proc.items())]
         if self.nft is not None:
             out.append(f"nft table inet meshpi {self.nft.digest}")
@@ -210,7 +212,9 @@ def fake_system(state_dir: Path, kernel: FakeKernel | None = None) -> tuple[Syst
     k.proc.setdefault("net.ipv6.conf.all.forwarding", "0")
     k.proc.setdefault("net.ipv4.conf.all.src_valid_mark", "0")
     system = System(
-        FakeWireGuard(k), FakeLinks(k), FakeFirewall(k),
+        FakeWireGuard(k),
+        FakeLinks(k),
+        FakeFirewall(k),
         Sysctls(FakeProcSys(k), state_dir / "sysctl-originals.json"),
     )
     return system, k

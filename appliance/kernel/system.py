@@ -33,7 +33,7 @@ from appliance.core.changes import (
     UpdatePeer,
 )
 from appliance.core.model import Device, HostFacts, NftRuleset, Scope, State
-from appliance.kernel.base import Firewall, KernelError, Links, WireGuardBackend, WgDevice, WgUpdate
+from appliance.kernel.base import Firewall, KernelError, Links, WgDevice, WgUpdate, WireGuardBackend
 from appliance.kernel.sysctl import Sysctls
 
 log = logging.getLogger(__name__)

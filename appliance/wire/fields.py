@@ -37,7 +37,9 @@ def load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(
-            str(path), f"line {e.lineno} column {e.colno}", text[e.pos : e.pos + 20],
+            str(path),
+            f"line {e.lineno} column {e.colno}",
+            text[e.pos : e.pos + 20],
             f"is not valid JSON: {e.msg}",
         ) from e
 
@@ -97,11 +99,14 @@ class Fields:
         unknown = sorted(set(self.obj) - self._seen)
         if unknown:
             known = ", ".join(sorted(self._seen))
-            raise self.error(unknown[0], self.obj[unknown[0]], f"is an unknown field (known: {known})")
+            raise self.error(
+                unknown[0], self.obj[unknown[0]], f"is an unknown field (known: {known})"
+            )
 
 
 # -- one parser per kind of value. Each raises ValueError with the reason only;
 #    Fields adds the file, the field and the value.
+
 
 def parse_str(value: object) -> str:
     if not isinstance(value, str):
@@ -165,7 +170,9 @@ def parse_network(value: object) -> IPNetwork:
         return ip_network(text, strict=True)
     except ValueError as e:
         if "host bits set" in str(e):
-            raise ValueError(f"has host bits set (did you mean {ip_network(text, strict=False)}?)") from None
+            raise ValueError(
+                f"has host bits set (did you mean {ip_network(text, strict=False)}?)"
+            ) from None
         raise ValueError("is not a network in CIDR form (like 192.168.1.0/24)") from None
 
 

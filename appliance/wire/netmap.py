@@ -129,7 +129,7 @@ def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
     mesh = Mesh(m.require("ipv4", _parse_v4), m.require("ipv6", _parse_v6))
     m.done()
     self_node = _cache.parse(source, "self", top.require("self", _any), mesh)
-    raw_peers = top.get("peers", _any, [])
+    raw_peers = top.get("peers", _any, None) or []
     if not isinstance(raw_peers, list):
         raise top.error("peers", raw_peers, "must be a list")
     peers = tuple(_cache.parse(source, f"peers[{i}]", p, mesh) for i, p in enumerate(raw_peers))
@@ -149,7 +149,9 @@ def _check_unique(source: str, netmap: Netmap) -> None:
         for field, value in facts:
             if value in seen:
                 shown = str(value)
-                raise ConfigError(source, f"{path}.{field}", shown, f"is already used by {seen[value]}")
+                raise ConfigError(
+                    source, f"{path}.{field}", shown, f"is already used by {seen[value]}"
+                )
             seen[value] = path
 
 

@@ -47,32 +47,46 @@ def peers(n: int) -> list[dict[str, object]]:
     out = []
     for i in range(n):
         a, b = divmod(i + 2, 256)
-        out.append({
-            "name": f"peer{i}",
-            "public_key": str(key(f"peer{i}").public_key()),
-            "addresses": [f"100.64.{a}.{b}", f"fd7a:6d70:6900::{i + 2:x}"],
-            "endpoint": f"198.51.{100 + a % 2}.{b}:{40000 + i}",
-            "routes": [],
-        })
+        out.append(
+            {
+                "name": f"peer{i}",
+                "public_key": str(key(f"peer{i}").public_key()),
+                "addresses": [f"100.64.{a}.{b}", f"fd7a:6d70:6900::{i + 2:x}"],
+                "endpoint": f"198.51.{100 + a % 2}.{b}:{40000 + i}",
+                "routes": [],
+            }
+        )
     return out
 
 
 def netmap_doc(plist: list[dict[str, object]]) -> dict[str, object]:
     return {
         "mesh": {"ipv4": "100.64.0.0/10", "ipv6": "fd7a:6d70:6900::/48"},
-        "self": {"name": "bench", "public_key": str(SELF.public_key()),
-                 "addresses": ["100.64.0.1", "fd7a:6d70:6900::1"]},
+        "self": {
+            "name": "bench",
+            "public_key": str(SELF.public_key()),
+            "addresses": ["100.64.0.1", "fd7a:6d70:6900::1"],
+        },
         "peers": plist,
     }
 
 
 def wg_conf(plist: list[dict[str, object]], prefs: Prefs) -> str:
-    lines = ["[Interface]", f"PrivateKey = {SELF.secret_base64()}",
-             f"ListenPort = {prefs.listen_port + 1}", f"FwMark = {prefs.fwmark}"]
+    lines = [
+        "[Interface]",
+        f"PrivateKey = {SELF.secret_base64()}",
+        f"ListenPort = {prefs.listen_port + 1}",
+        f"FwMark = {prefs.fwmark}",
+    ]
     for p in plist:
         allowed = ", ".join(f"{a}/{32 if ':' not in a else 128}" for a in p["addresses"])  # type: ignore[union-attr]
-        lines += ["[Peer]", f"PublicKey = {p['public_key']}", f"AllowedIPs = {allowed}",
-                  f"Endpoint = {p['endpoint']}", f"PersistentKeepalive = {prefs.keepalive}"]
+        lines += [
+            "[Peer]",
+            f"PublicKey = {p['public_key']}",
+            f"AllowedIPs = {allowed}",
+            f"Endpoint = {p['endpoint']}",
+            f"PersistentKeepalive = {prefs.keepalive}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -132,9 +146,12 @@ def run(n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[
     out["full_apply_s"] = statistics.median(full_ours)
     out["wg_setconf_s"] = statistics.median(full_wg)
     out["full_apply_ratio"] = out["full_apply_s"] / out["wg_setconf_s"]
-    print(f"full apply of {n_full} peers: meshpi {out['full_apply_s'] * 1000:.1f} ms, "
-          f"wg setconf {out['wg_setconf_s'] * 1000:.1f} ms, ratio {out['full_apply_ratio']:.2f} "
-          f"(median of {reps})", flush=True)
+    print(
+        f"full apply of {n_full} peers: meshpi {out['full_apply_s'] * 1000:.1f} ms, "
+        f"wg setconf {out['wg_setconf_s'] * 1000:.1f} ms, ratio {out['full_apply_ratio']:.2f} "
+        f"(median of {reps})",
+        flush=True,
+    )
 
     for n in change_ns:
         plist = peers(n)
@@ -149,21 +166,28 @@ def run(n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[
             ours.append(bench.ours(reread=False))
             sync.append(bench.wg("syncconf"))
         dev = bench.system.wireguard.read(OURS)
-        assert dev is not None and any(str(p.endpoint) == plist[n // 2]["endpoint"] for p in dev.peers.values())
+        assert dev is not None and any(
+            str(p.endpoint) == plist[n // 2]["endpoint"] for p in dev.peers.values()
+        )
         out[f"one_peer_change_ms_at_{n}"] = statistics.median(ours) * 1000
         out[f"wg_syncconf_ms_at_{n}"] = statistics.median(sync) * 1000
         ratio = out[f"one_peer_change_ms_at_{n}"] / out[f"wg_syncconf_ms_at_{n}"]
         out[f"one_peer_change_ratio_at_{n}"] = ratio
-        print(f"one-peer change at {n} peers: meshpi {out[f'one_peer_change_ms_at_{n}']:.2f} ms, "
-              f"wg syncconf {out[f'wg_syncconf_ms_at_{n}']:.2f} ms, ratio {ratio:.2f} "
-              f"(median of {change_reps})", flush=True)
+        print(
+            f"one-peer change at {n} peers: meshpi {out[f'one_peer_change_ms_at_{n}']:.2f} ms, "
+            f"wg syncconf {out[f'wg_syncconf_ms_at_{n}']:.2f} ms, ratio {ratio:.2f} "
+            f"(median of {change_reps})",
+            flush=True,
+        )
     for dev in (OURS, THEIRS):
         bench.system.links.delete_link(dev)
     return out
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--peers", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--change-reps", type=int, default=30)

@@ -42,8 +42,12 @@ def snapshot() -> dict[str, str]:
         "rules6": sh("ip", "-6", "rule", "show"),
         "routes": sh("ip", "route", "show", "table", "all"),
         "nft": sh("nft", "list", "ruleset"),
-        "sysctl": sh("sysctl", "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
-                     "net.ipv4.conf.all.src_valid_mark"),
+        "sysctl": sh(
+            "sysctl",
+            "net.ipv4.ip_forward",
+            "net.ipv6.conf.all.forwarding",
+            "net.ipv4.conf.all.src_valid_mark",
+        ),
     }
 
 
@@ -66,8 +70,12 @@ def _converge(system: System, desired: State, scope: Scope) -> None:
 
 def test_system_exit_node_round_trips_and_tears_down(system: System) -> None:
     before = snapshot()
-    prefs = Prefs(interface=IFACE, backend="userspace", advertise_exit_node=True,
-                  advertise_routes=(ip_network("192.168.77.0/24"),))
+    prefs = Prefs(
+        interface=IFACE,
+        backend="userspace",
+        advertise_exit_node=True,
+        advertise_routes=(ip_network("192.168.77.0/24"),),
+    )
     scope = Scope(IFACE, prefs.table, prefs.fwmark)
     facts = system.facts(scope)
     assert {str(c.network) for c in facts.connected} == {"192.168.77.0/24", "2001:db8:1::/64"}
@@ -77,7 +85,7 @@ def test_system_exit_node_round_trips_and_tears_down(system: System) -> None:
     assert sh("sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
     ruleset = sh("nft", "list", "table", "inet", "meshpi")
     assert "masquerade" in ruleset and "maxseg size set rt mtu" in ruleset
-    assert f"mtu 1280" in sh("ip", "link", "show", IFACE)
+    assert "mtu 1280" in sh("ip", "link", "show", IFACE)
 
     # Facts after meshpi turned forwarding on still say it was off before.
     assert system.facts(scope).forwarding_preexisting is False

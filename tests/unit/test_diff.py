@@ -26,7 +26,9 @@ PI_PREFS = Prefs(advertise_exit_node=True, advertise_routes=(ip_network("192.168
 
 
 def _pi(**prefs: object) -> State:
-    return plan(pi_netmap(peers=("laptop", "phone")), PI_PREFS.with_changes(**prefs), KEYS["pi"], PI_FACTS)
+    return plan(
+        pi_netmap(peers=("laptop", "phone")), PI_PREFS.with_changes(**prefs), KEYS["pi"], PI_FACTS
+    )
 
 
 def test_diff_nothing_changed_means_no_changes() -> None:
@@ -39,7 +41,9 @@ def test_diff_from_nothing_builds_in_safe_order() -> None:
     kinds = [type(c).__name__ for c in changes]
     assert kinds[:2] == ["CreateInterface", "ConfigureDevice"]
     # The firewall exists before forwarding is switched on.
-    assert kinds.index("ReplaceNft") < min(i for i, c in enumerate(changes) if isinstance(c, SetSysctl))
+    assert kinds.index("ReplaceNft") < min(
+        i for i, c in enumerate(changes) if isinstance(c, SetSysctl)
+    )
     assert not [c for c in changes if type(c).__name__.startswith(("Remove", "Delete"))]
 
 
@@ -85,13 +89,18 @@ def test_diff_no_longer_forwarding_restores_sysctls_and_deletes_table() -> None:
     changes = diff(_pi(), _pi(advertise_exit_node=False, advertise_routes=()))
     assert {type(c) for c in changes} == {RestoreSysctl, DeleteNft}
     assert {c.key for c in changes if isinstance(c, RestoreSysctl)} == {
-        "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
+        "net.ipv4.ip_forward",
+        "net.ipv6.conf.all.forwarding",
     }
 
 
 def test_diff_mtu_and_port_changes_touch_the_device_only() -> None:
     changes = diff(_pi(), _pi(mtu=1420, listen_port=41641))
-    assert [type(c) for c in changes] == [SetMtu, ConfigureDevice, ReplaceNft]  # nft: clamp follows mtu
+    assert [type(c) for c in changes] == [
+        SetMtu,
+        ConfigureDevice,
+        ReplaceNft,
+    ]  # nft: clamp follows mtu
 
 
 def test_diff_renamed_interface_is_recreated_then_old_one_deleted() -> None:

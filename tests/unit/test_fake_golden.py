@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from appliance.agent.reconcile import Reconciler
+from appliance.core.keys import PrivateKey
 from appliance.core.model import HostFacts, Scope, State
 from appliance.core.planner import plan
 from appliance.core.prefs import Prefs
 from appliance.kernel.fake import FakeKernel, fake_system
 from appliance.wire.netmap import Netmap
-from appliance.core.keys import PrivateKey
 from tests.unit.meshes import KEYS, LAPTOP_FACTS, PI_FACTS, laptop_netmap, pi_netmap
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -58,25 +58,45 @@ def _steps(
 def test_golden_exit_node_pi(tmp_path: Path) -> None:
     lan = ip_network("192.168.77.0/24")
     full = Prefs(advertise_exit_node=True, advertise_routes=(lan,))
-    _steps(tmp_path, KEYS["pi"], PI_FACTS, [
-        ("pi_1_exit_and_lan", pi_netmap(), full),
-        ("pi_2_second_peer", pi_netmap(peers=("laptop", "phone")), full),
-        ("pi_3_lan_not_shared", pi_netmap(peers=("laptop", "phone")), Prefs(advertise_exit_node=True)),
-        ("pi_4_plain_node", pi_netmap(peers=("laptop", "phone")), Prefs()),
-    ])
+    _steps(
+        tmp_path,
+        KEYS["pi"],
+        PI_FACTS,
+        [
+            ("pi_1_exit_and_lan", pi_netmap(), full),
+            ("pi_2_second_peer", pi_netmap(peers=("laptop", "phone")), full),
+            (
+                "pi_3_lan_not_shared",
+                pi_netmap(peers=("laptop", "phone")),
+                Prefs(advertise_exit_node=True),
+            ),
+            ("pi_4_plain_node", pi_netmap(peers=("laptop", "phone")), Prefs()),
+        ],
+    )
 
 
 def test_golden_exit_node_client_laptop(tmp_path: Path) -> None:
     base = Prefs(interface="meshpi1")
-    _steps(tmp_path, KEYS["laptop"], LAPTOP_FACTS, [
-        ("laptop_1_plain", laptop_netmap(), base),
-        ("laptop_2_exit_via_pi", laptop_netmap(), base.with_changes(exit_node="pi")),
-        ("laptop_3_allow_lan", laptop_netmap(), base.with_changes(exit_node="pi", exit_node_allow_lan_access=True)),
-        ("laptop_4_mtu_1420", laptop_netmap(), base.with_changes(exit_node="pi", mtu=1420)),
-    ])
+    _steps(
+        tmp_path,
+        KEYS["laptop"],
+        LAPTOP_FACTS,
+        [
+            ("laptop_1_plain", laptop_netmap(), base),
+            ("laptop_2_exit_via_pi", laptop_netmap(), base.with_changes(exit_node="pi")),
+            (
+                "laptop_3_allow_lan",
+                laptop_netmap(),
+                base.with_changes(exit_node="pi", exit_node_allow_lan_access=True),
+            ),
+            ("laptop_4_mtu_1420", laptop_netmap(), base.with_changes(exit_node="pi", mtu=1420)),
+        ],
+    )
 
 
-def test_golden_one_log_line_per_change_and_no_secret(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_golden_one_log_line_per_change_and_no_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     system, _ = fake_system(tmp_path)
     scope = Scope("meshpi0", 51820, 51820)
     desired = plan(pi_netmap(), Prefs(advertise_exit_node=True), KEYS["pi"], system.facts(scope))

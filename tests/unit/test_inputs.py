@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.prefs import dump_prefs, load_prefs, parse_prefs, Prefs
+from appliance.core.prefs import Prefs, dump_prefs, load_prefs, parse_prefs
 from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import load_netmap, parse_netmap
-from tests.unit.meshes import MESH, node, netmap_json
+from tests.unit.meshes import MESH, netmap_json, node
 
 
 def _err(obj: object) -> ConfigError:
@@ -100,7 +100,9 @@ def test_inputs_prefs_rejects(prefs: dict[str, object], field: str) -> None:
 
 
 def test_inputs_prefs_round_trip(tmp_path: Path) -> None:
-    prefs = parse_prefs({"advertise_exit_node": True, "advertise_routes": ["192.168.1.0/24"], "exit_node": None})
+    prefs = parse_prefs(
+        {"advertise_exit_node": True, "advertise_routes": ["192.168.1.0/24"], "exit_node": None}
+    )
     path = tmp_path / "prefs.json"
     path.write_text(dump_prefs(prefs))
     assert load_prefs(path) == prefs

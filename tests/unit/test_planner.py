@@ -6,9 +6,16 @@ from appliance.core.model import MAIN_TABLE, Connected, HostFacts, Route, Rule
 from appliance.core.planner import plan
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError
-from tests.unit.meshes import KEYS, LAPTOP_FACTS, PI_FACTS, laptop_netmap, node, pi_netmap
 from appliance.wire.netmap import parse_netmap
-from tests.unit.meshes import netmap_json
+from tests.unit.meshes import (
+    KEYS,
+    LAPTOP_FACTS,
+    PI_FACTS,
+    laptop_netmap,
+    netmap_json,
+    node,
+    pi_netmap,
+)
 
 LAN = ip_network("192.168.77.0/24")
 PI_PREFS = Prefs(advertise_exit_node=True, advertise_routes=(LAN,))
@@ -29,7 +36,7 @@ def test_planner_exit_node_forwards_and_firewalls() -> None:
     assert state.nft is not None
     assert "exit node: mesh to internet" in state.nft.text
     assert "@shared_v4 accept" in state.nft.text
-    assert "ip saddr 100.64.0.0/10 oifname != \"meshpi0\" counter masquerade" in state.nft.text
+    assert 'ip saddr 100.64.0.0/10 oifname != "meshpi0" counter masquerade' in state.nft.text
 
 
 def test_planner_shares_lan_only_when_advertised_and_approved() -> None:
@@ -53,7 +60,11 @@ def test_planner_plain_node_has_no_firewall_and_no_forwarding() -> None:
     assert "net.ipv4.ip_forward" not in state.sysctls
     (pi,) = state.peers.values()
     # The pi's subnet route is accepted, its exit routes are not (not chosen).
-    assert [str(n) for n in pi.allowed_ips] == ["100.64.0.1/32", "192.168.77.0/24", "fd7a:6d70:6900::1/128"]
+    assert [str(n) for n in pi.allowed_ips] == [
+        "100.64.0.1/32",
+        "192.168.77.0/24",
+        "fd7a:6d70:6900::1/128",
+    ]
     assert pi.persistent_keepalive == 25 and str(pi.endpoint) == "198.51.100.1:51820"
     assert state.routes == {Route(LAN, "meshpi1")}
 
@@ -84,13 +95,20 @@ def test_planner_allow_lan_access_keeps_lan_out_of_the_tunnel() -> None:
 
 
 def test_planner_exit_node_by_address() -> None:
-    state = plan(laptop_netmap(), LAPTOP_PREFS.with_changes(exit_node="100.64.0.1"), KEYS["laptop"], LAPTOP_FACTS)
+    state = plan(
+        laptop_netmap(),
+        LAPTOP_PREFS.with_changes(exit_node="100.64.0.1"),
+        KEYS["laptop"],
+        LAPTOP_FACTS,
+    )
     assert state.rules
 
 
 def test_planner_rejects_exit_node_that_is_not_offered() -> None:
     with pytest.raises(ConfigError) as e:
-        plan(laptop_netmap(pi_routes=["192.168.77.0/24"]), LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS)
+        plan(
+            laptop_netmap(pi_routes=["192.168.77.0/24"]), LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS
+        )
     assert e.value.field == "exit_node" and e.value.value == "pi"
 
 

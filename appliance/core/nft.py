@@ -92,13 +92,13 @@ def render(plan: FirewallPlan) -> str:
     clamp = [
         "type filter hook forward priority mangle; policy accept;",
         # Leaving through the tunnel: the route's MTU is the tunnel's.
-        f"oifname {wg} tcp flags syn / syn,rst tcp option maxseg size set rt mtu",
+        f"oifname {wg} tcp flags syn / syn,rst counter tcp option maxseg size set rt mtu",
         # Entering from the tunnel towards a path with a bigger MTU: the far side
         # must not send segments bigger than the tunnel carries.
         f"iifname {wg} meta nfproto ipv4 tcp flags syn / syn,rst "
-        f"tcp option maxseg size > {v4_mss} tcp option maxseg size set {v4_mss}",
+        f"tcp option maxseg size > {v4_mss} counter tcp option maxseg size set {v4_mss}",
         f"iifname {wg} meta nfproto ipv6 tcp flags syn / syn,rst "
-        f"tcp option maxseg size > {v6_mss} tcp option maxseg size set {v6_mss}",
+        f"tcp option maxseg size > {v6_mss} counter tcp option maxseg size set {v6_mss}",
     ]
 
     postrouting = [

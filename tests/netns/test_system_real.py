@@ -24,31 +24,10 @@ from appliance.core.planner import plan
 from appliance.core.prefs import Prefs
 from appliance.kernel.real import real_system
 from appliance.kernel.system import System
+from tests.netns.kernelstate import sh, snapshot
 from tests.unit.meshes import KEYS, laptop_netmap, pi_netmap
 
 IFACE = f"mpt{os.getpid() % 100000}"
-
-
-def sh(*cmd: str) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-
-
-def snapshot() -> dict[str, str]:
-    """Everything meshpi could touch, as the standard tools show it."""
-    return {
-        "links": sh("ip", "-o", "link", "show"),
-        "addrs": sh("ip", "-o", "addr", "show"),
-        "rules4": sh("ip", "-4", "rule", "show"),
-        "rules6": sh("ip", "-6", "rule", "show"),
-        "routes": sh("ip", "route", "show", "table", "all"),
-        "nft": sh("nft", "list", "ruleset"),
-        "sysctl": sh(
-            "sysctl",
-            "net.ipv4.ip_forward",
-            "net.ipv6.conf.all.forwarding",
-            "net.ipv4.conf.all.src_valid_mark",
-        ),
-    }
 
 
 @pytest.fixture

@@ -58,7 +58,10 @@ def plan(
     exit_peer = _exit_peer(netmap, prefs)
     dev = prefs.interface
 
-    peers = {p.public_key: _peer(p, prefs, p is exit_peer) for p in netmap.peers}
+    peers = {
+        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer)
+        for p in netmap.peers
+    }
     addresses = frozenset(
         host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6)
         for a in me.addresses
@@ -96,13 +99,13 @@ def plan(
 
 
 @lru_cache(maxsize=16384)
-def _peer(node: Node, prefs: Prefs, is_exit: bool) -> Peer:
+def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool) -> Peer:
     """Memoised: a netmap in which one peer changed re-plans one peer."""
     allowed: list[IPNetwork] = [
         IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128))
         for a in node.addresses
     ]
-    if prefs.accept_routes:
+    if accept_routes:
         allowed += node.subnet_routes
     if is_exit:
         allowed += [r for r in node.routes if r in EXIT_ROUTES]
@@ -111,7 +114,7 @@ def _peer(node: Node, prefs: Prefs, is_exit: bool) -> Peer:
         allowed_ips=sorted_networks(allowed),
         endpoint=node.endpoint,
         # Only the side that knows an endpoint can keep a NAT mapping open.
-        persistent_keepalive=prefs.keepalive if node.endpoint else 0,
+        persistent_keepalive=keepalive if node.endpoint else 0,
         name=node.name,
     )
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 
@@ -85,8 +86,14 @@ def parse_network(text: str) -> IPNetwork:
         raise KernelError(f"malformed allowed_ip {text!r} in UAPI reply") from e
 
 
-def render_update(update: WgUpdate) -> bytes:
-    """One `set=1` transaction for the whole update. Contains the private key."""
+_PEERS_PER_CHUNK = 64
+
+
+def iter_update(update: WgUpdate) -> Iterator[bytes]:
+    """One `set=1` transaction for the whole update, in chunks of a few dozen peers.
+
+    Sent chunk by chunk, wireguard-go starts on the first peers while the rest are
+    still being rendered. Contains the private key."""
     lines = ["set=1"]
     if update.private_key is not None:
         lines.append("private_key=" + update.private_key.raw.hex())
@@ -94,18 +101,25 @@ def render_update(update: WgUpdate) -> bytes:
         lines.append(f"listen_port={update.listen_port}")
     if update.fwmark is not None:
         lines.append(f"fwmark={update.fwmark}")
-    for peer in update.upsert:
+    for i, peer in enumerate(update.upsert, 1):
         lines.append("public_key=" + peer.public_key.raw.hex())
         if peer.endpoint is not None:
             lines.append("endpoint=" + format_endpoint(peer.endpoint))
         lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")
         lines.extend("allowed_ip=" + str(net) for net in peer.allowed_ips)
+        if i % _PEERS_PER_CHUNK == 0:
+            yield ("\n".join(lines) + "\n").encode()
+            lines = []
     for key in update.remove:
         lines.append("public_key=" + key.raw.hex())
         lines.append("remove=true")
     lines.append("\n")  # the empty line that ends the transaction
-    return "\n".join(lines).encode()
+    yield "\n".join(lines).encode()
+
+
+def render_update(update: WgUpdate) -> bytes:
+    return b"".join(iter_update(update))
 
 
 def reply_errno(lines: list[str]) -> int:
@@ -209,6 +223,9 @@ class UapiWireGuard:
             if _link_exists(ifname):
                 log.debug("%s: wireguard-go already runs it", ifname)
                 return
+            # The link was just deleted and its daemon is on its way out; a new
+            # one could not take the socket until the old one lets go of it.
+            self._wait_until_released(ifname)
         elif _answers(path):
             raise KernelError(
                 f"{ifname}: {path} belongs to a WireGuard daemon in another network namespace; "
@@ -265,11 +282,12 @@ class UapiWireGuard:
     def configure(self, ifname: str, update: WgUpdate) -> None:
         check_ifname(ifname)
         check_update(update)
-        lines = self._transact(ifname, render_update(update))
+        lines = self._transact(ifname, iter_update(update))
         code = reply_errno(lines)
         if code:
             raise self._error(ifname, "set", code, update)
-        log.info("%s: applied %s", ifname, summary(update))
+        # The caller logs each change; this is the transport's view, for debugging.
+        log.debug("%s: applied %s", ifname, summary(update))
 
     # --- plumbing -------------------------------------------------------------
 
@@ -281,6 +299,16 @@ class UapiWireGuard:
                 return any(line.rstrip("\n").endswith(suffix) for line in f)
         except FileNotFoundError:  # no procfs (a container without /proc): trust the path
             return self.socket_path(ifname).exists()
+
+    def _wait_until_released(self, ifname: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while self._listening_here(ifname):
+            if time.monotonic() > deadline:
+                raise KernelError(
+                    f"{ifname}: the old wireguard-go still holds {self.socket_path(ifname)} "
+                    f"{self.start_timeout:g} s after its link was deleted"
+                )
+            time.sleep(_POLL_INTERVAL)
 
     def _wait_until_answering(self, ifname: str) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -295,7 +323,7 @@ class UapiWireGuard:
                 )
             time.sleep(_POLL_INTERVAL)
 
-    def _transact(self, ifname: str, request: bytes) -> list[str]:
+    def _transact(self, ifname: str, request: bytes | Iterable[bytes]) -> list[str]:
         """Send one request and return the reply's lines (errno line last).
 
         Raises InterfaceNotFound when there is no live device of that name here."""
@@ -309,7 +337,8 @@ class UapiWireGuard:
             sock.settimeout(IO_TIMEOUT)
             try:
                 sock.connect(str(path))
-                sock.sendall(request)
+                for chunk in [request] if isinstance(request, bytes) else request:
+                    sock.sendall(chunk)
                 reply = _recv_reply(sock)
             except (
                 FileNotFoundError,

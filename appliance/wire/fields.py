@@ -7,9 +7,10 @@ wrong with which value in which field of which file.
 from __future__ import annotations
 
 import json
+import socket
 import re
 from collections.abc import Callable, Mapping
-from ipaddress import ip_address, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -156,10 +157,21 @@ def parse_public_key(value: object) -> PublicKey:
     return PublicKey.from_base64(parse_str(value))
 
 
+def _ip(text: str) -> IPAddress:
+    # The C parser, several times faster than ipaddress's own: a netmap holds
+    # thousands of addresses. It is as strict (no leading zeros, no scope ids).
+    try:
+        if ":" in text:
+            return IPv6Address(int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big"))
+        return IPv4Address(int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big"))
+    except OSError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
 def parse_address(value: object) -> IPAddress:
     text = parse_str(value)
     try:
-        return ip_address(text)
+        return _ip(text)
     except ValueError:
         raise ValueError("is not an IP address") from None
 
@@ -183,7 +195,7 @@ def parse_endpoint(value: object) -> Endpoint:
         raise ValueError("is not host:port")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        address = ip_address(host)
+        address = _ip(host)
     except ValueError:
         raise ValueError("has no IP address before the port (v6 goes in brackets)") from None
     if not port.isdigit() or not 1 <= int(port) <= 65535:

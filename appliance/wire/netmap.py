@@ -6,6 +6,7 @@ and stay there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -39,6 +40,14 @@ class Node:
     addresses: tuple[IPAddress, ...]
     endpoint: Endpoint | None = None
     routes: tuple[IPNetwork, ...] = ()  # approved routes: exit (0/0, ::/0) and subnets
+
+    def __post_init__(self) -> None:
+        # Nodes are looked up by value on every re-plan: hash once, not per lookup.
+        fields = (self.name, self.public_key, self.addresses, self.endpoint, self.routes)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
 
     @property
     def is_exit_node(self) -> bool:
@@ -103,21 +112,27 @@ def _any(value: object) -> object:
 
 class _NodeCache:
     """Parsed nodes by their exact JSON text, so re-reading a netmap in which one
-    peer changed costs one peer's parse, not a thousand. Only valid nodes enter."""
+    peer changed costs one peer's parse, not a thousand. Only valid nodes enter;
+    a new mesh range starts afresh (addresses are checked against it)."""
 
     def __init__(self, size: int = 16384) -> None:
         self.size = size
-        self.nodes: dict[tuple[str, Mesh], Node] = {}
+        self.mesh: Mesh | None = None
+        self.nodes: dict[str, Node] = {}
 
-    def parse(self, source: str, path: str, obj: object, mesh: Mesh) -> Node:
-        key = (repr(obj), mesh)
-        node = self.nodes.get(key)
-        if node is None:
-            node = _parse_node(source, path, obj, mesh)
-            if len(self.nodes) >= self.size:
-                self.nodes.clear()
-            self.nodes[key] = node
-        return node
+    def parser(self, source: str, mesh: Mesh) -> Callable[[str, object], Node]:
+        if mesh != self.mesh or len(self.nodes) >= self.size:
+            self.mesh, self.nodes = mesh, {}
+        nodes = self.nodes
+
+        def parse(path: str, obj: object) -> Node:
+            key = repr(obj)
+            node = nodes.get(key)
+            if node is None:
+                node = nodes[key] = _parse_node(source, path, obj, mesh)
+            return node
+
+        return parse
 
 
 _cache = _NodeCache()
@@ -128,11 +143,12 @@ def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
     m = top.sub("mesh")
     mesh = Mesh(m.require("ipv4", _parse_v4), m.require("ipv6", _parse_v6))
     m.done()
-    self_node = _cache.parse(source, "self", top.require("self", _any), mesh)
+    parse_node = _cache.parser(source, mesh)
+    self_node = parse_node("self", top.require("self", _any))
     raw_peers = top.get("peers", _any, None) or []
     if not isinstance(raw_peers, list):
         raise top.error("peers", raw_peers, "must be a list")
-    peers = tuple(_cache.parse(source, f"peers[{i}]", p, mesh) for i, p in enumerate(raw_peers))
+    peers = tuple(parse_node(f"peers[{i}]", p) for i, p in enumerate(raw_peers))
     top.done()
     netmap = Netmap(mesh, self_node, peers)
     _check_unique(source, netmap)
@@ -141,6 +157,14 @@ def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
 
 def _check_unique(source: str, netmap: Netmap) -> None:
     """Two nodes with one name, key or address would make routing ambiguous."""
+    everyone = (netmap.self_node, *netmap.peers)
+    names = {n.name for n in everyone}
+    keys = {n.public_key.raw for n in everyone}
+    addresses = {(a.version, int(a)) for n in everyone for a in n.addresses}
+    if len(names) == len(keys) == len(everyone) and len(addresses) == sum(
+        len(n.addresses) for n in everyone
+    ):
+        return  # the common case, checked with C-speed sets; below finds the culprit
     seen: dict[object, str] = {}
     nodes = [("self", netmap.self_node)] + [(f"peers[{i}]", p) for i, p in enumerate(netmap.peers)]
     for path, node in nodes:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from appliance.core.planner import plan  # noqa: E402
 from appliance.core.prefs import Prefs  # noqa: E402
 from appliance.kernel.real import real_system  # noqa: E402
 from appliance.wire.netmap import load_netmap  # noqa: E402
+from appliance.core import planner as planner_module  # noqa: E402
+from appliance.wire import netmap as netmap_module  # noqa: E402
 from tests.lab import netns  # noqa: E402
 
 OURS, THEIRS = "mpbench0", "mpbench1"
@@ -101,6 +104,9 @@ class Bench:
         self.conf_path = tmp / "wg.conf"
 
     def fresh_devices(self) -> None:
+        """New, empty devices, and an agent that has parsed nothing yet (cold caches)."""
+        netmap_module._cache.mesh = None
+        planner_module._peer.cache_clear()
         for dev in (OURS, THEIRS):
             self.system.links.delete_link(dev)
             self.system.wireguard.create(dev)
@@ -127,6 +133,17 @@ class Bench:
 def run(n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="meshpi-bench-"))
     bench = Bench(tmp)
+    try:
+        return measure(bench, n_full, reps, change_ns, change_reps)
+    finally:
+        for dev in (OURS, THEIRS):
+            bench.system.links.delete_link(dev)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(
+    bench: Bench, n_full: int, reps: int, change_ns: list[int], change_reps: int
+) -> dict[str, float]:
     out: dict[str, float] = {}
 
     full_ours, full_wg = [], []
@@ -179,8 +196,6 @@ def run(n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[
             f"(median of {change_reps})",
             flush=True,
         )
-    for dev in (OURS, THEIRS):
-        bench.system.links.delete_link(dev)
     return out
 
 

@@ -225,9 +225,10 @@ def test_wireguard_userspace_update_is_one_round_trip(
     requests: list[bytes] = []
     real = UapiWireGuard._transact
 
-    def spy(self: UapiWireGuard, ifname: str, request: bytes) -> list[str]:
-        requests.append(request)
-        return real(self, ifname, request)
+    def spy(self: UapiWireGuard, ifname: str, request: object) -> list[str]:
+        whole = request if isinstance(request, bytes) else b"".join(request)  # type: ignore[arg-type]
+        requests.append(whole)
+        return real(self, ifname, whole)
 
     monkeypatch.setattr(UapiWireGuard, "_transact", spy)
     peers = tuple(peer(i, f"10.0.{i}.0/24") for i in range(1, 200))
@@ -235,6 +236,7 @@ def test_wireguard_userspace_update_is_one_round_trip(
         wg, WgUpdate(listen_port=51998, upsert=peers, remove=(peer(999).public_key,))
     )
     assert len(requests) == 1 and requests[0].startswith(b"set=1\n")
+    assert requests[0].count(b"set=1") == 1 and requests[0].endswith(b"\n\n")
 
 
 def test_wireguard_identical_update_is_idempotent(backend: WireGuardBackend, wg: str) -> None:

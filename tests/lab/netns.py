@@ -38,14 +38,18 @@ def pids(name: str) -> list[int]:
 
 
 def delete(name: str) -> None:
-    """Kill every process in the namespace, then remove it. Safe to call twice."""
-    for _ in range(50):
+    """Stop every process in the namespace, then remove it. Safe to call twice.
+
+    SIGTERM first: wireguard-go then removes its socket from the directory that
+    all namespaces share, instead of leaving a stale one for the next run."""
+    for attempt in range(60):
         live = pids(name)
         if not live:
             break
+        sig = signal.SIGTERM if attempt < 10 else signal.SIGKILL
         for pid in live:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
         time.sleep(0.02)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 

@@ -15,6 +15,7 @@ One lab serves the whole module; tests that change it put it back.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -54,7 +55,9 @@ def world() -> Iterator[World]:
     with Lab(pmtu_blackhole=True) as lab:
         server = lab.internet.whoami_server()
         lan_server = lab.lanhost.whoami_server()
-        with Mesh.standard(lab) as mesh:
+        # wireguard-go's socket directory is shared by all namespaces: names of our
+        # own keep this run clear of a demo or another run on the same machine.
+        with Mesh.standard(lab, interface_prefix=f"mp{os.getpid() % 10000}w") as mesh:
             mesh["laptop"].prefs["mtu"] = 1420
             mesh.start()
             mesh.wait_until(
@@ -97,7 +100,9 @@ def test_dataplane_exit_node_carries_laptop_to_internet(world: World) -> None:
     rx_after = world.mesh["pi"].transfer()
     assert rx_before is not None and rx_after is not None and rx_after[0] > rx_before[0]
     # Without the tunnel the laptop's own router would be seen: prove the path.
-    assert lab.laptop.run(["ip", "route", "get", SERVER_V4]).stdout.split()[2] == "meshpi1"
+    assert lab.laptop.run(["ip", "route", "get", SERVER_V4]).stdout.split()[2] == world.mesh[
+        "laptop"
+    ].interface
 
 
 def test_dataplane_lan_reachable_only_when_shared(world: World) -> None:
@@ -184,12 +189,13 @@ def test_dataplane_bad_update_keeps_last_good_state(world: World) -> None:
 
 
 def _wg_go_pid(world: World) -> str:
-    return world.lab.pi.run(["pgrep", "-f", "wireguard-go meshpi0"]).stdout.strip()
+    pi = world.mesh["pi"].interface
+    return world.lab.pi.run(["pgrep", "-f", f"wireguard-go {pi}"]).stdout.strip()
 
 
 def test_dataplane_agent_kill9_loses_at_most_one_packet(world: World) -> None:
     lab, pi = world.lab, world.mesh["pi"]
-    ifindex = lab.pi.run(["cat", "/sys/class/net/meshpi0/ifindex"]).stdout
+    ifindex = lab.pi.run(["cat", f"/sys/class/net/{pi.interface}/ifindex"]).stdout
     wg_pid = _wg_go_pid(world)
     ping = subprocess.Popen(
         ["ip", "netns", "exec", lab.laptop.ns, "ping", "-n", "-q", "-c", "50", "-i", "0.1",
@@ -202,7 +208,7 @@ def test_dataplane_agent_kill9_loses_at_most_one_packet(world: World) -> None:
         log_len = len(pi.agent_log())
         pi.start_agent()
         world.mesh.wait_until(
-            lambda: "took over meshpi0" in pi.agent_log()[log_len:], 10, "the agent to take over"
+            lambda: f"took over {pi.interface}" in pi.agent_log()[log_len:], 10, "the takeover"
         )
         out, _ = ping.communicate(timeout=30)
     finally:
@@ -211,7 +217,7 @@ def test_dataplane_agent_kill9_loses_at_most_one_packet(world: World) -> None:
     sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+)", out).groups())  # type: ignore[union-attr]
     assert sent == 50 and sent - received <= 1, out
     # Taken over, not rebuilt: the same interface, the same wireguard-go, no changes.
-    assert lab.pi.run(["cat", "/sys/class/net/meshpi0/ifindex"]).stdout == ifindex
+    assert lab.pi.run(["cat", f"/sys/class/net/{pi.interface}/ifindex"]).stdout == ifindex
     assert _wg_go_pid(world) == wg_pid
     assert "[#]" not in pi.agent_log()[log_len:]
 

@@ -7,8 +7,8 @@ wrong with which value in which field of which file.
 from __future__ import annotations
 
 import json
-import socket
 import re
+import socket
 from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path

@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from appliance.agent.reconcile import Reconciler  # noqa: E402
+from appliance.core import planner as planner_module  # noqa: E402
 from appliance.core.keys import PrivateKey  # noqa: E402
 from appliance.core.model import Scope  # noqa: E402
 from appliance.core.planner import plan  # noqa: E402
 from appliance.core.prefs import Prefs  # noqa: E402
 from appliance.kernel.real import real_system  # noqa: E402
-from appliance.wire.netmap import load_netmap  # noqa: E402
-from appliance.core import planner as planner_module  # noqa: E402
 from appliance.wire import netmap as netmap_module  # noqa: E402
+from appliance.wire.netmap import load_netmap  # noqa: E402
 from tests.lab import netns  # noqa: E402
 
 OURS, THEIRS = "mpbench0", "mpbench1"

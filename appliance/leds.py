@@ -1,0 +1,416 @@
+"""Status LEDs: what the agent knows -> `LedState` -> `Pattern` -> LED drivers.
+
+The pure half (`LedState`, `Pattern`, `pattern`, `LedFacts`, `derive_state`) has no
+I/O. The drivers are thin: `GpioLed` drives an LED on a BCM pin through gpiozero
+with an injected pin factory (tests pass `MockFactory`), and `SysfsLed` drives a
+kernel LED such as the onboard ACT LED through /sys/class/leds (tests pass a tmp
+root). `StatusLeds` owns the drivers and shows a state's pattern on all of them.
+
+An LED is cosmetic: nothing here may stop the agent routing traffic. Drivers raise
+clear errors when built (`LedNotFound`), but `open_status_leds` and `StatusLeds`
+turn driver failures into warnings and carry on with the LEDs that work.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import cycle
+from pathlib import Path
+from typing import Protocol
+
+from gpiozero import LED
+from gpiozero.exc import GPIOZeroError
+from gpiozero.pins import Factory
+
+log = logging.getLogger(__name__)
+
+SYSFS_LEDS = Path("/sys/class/leds")
+
+# Steps wait on the stop Event, so a player stops within microseconds; this only
+# bounds the wait for a write stuck in the kernel.
+_STOP_TIMEOUT = 2.0
+
+
+class LedError(Exception):
+    """Root of the LED errors."""
+
+
+class LedNotFound(LedError, FileNotFoundError):
+    """The LED named in the configuration does not exist on this machine."""
+
+
+class LedTriggerError(LedError, ValueError):
+    """A sysfs `trigger` file whose current trigger cannot be read."""
+
+
+class LedState(enum.Enum):
+    BOOTING = "booting"
+    NO_NETWORK = "no network"
+    NO_CONTROL = "no control"
+    READY = "ready"
+    EXIT_TRAFFIC = "exit traffic"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Step:
+    level: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Steps of (level, seconds) played in order and repeated forever.
+
+    A single step is a steady level and its `seconds` is `math.inf`. In a longer
+    pattern neighbouring steps (the last wrapping to the first) alternate, so each
+    step boundary is a visible edge and a recorded pin history maps one-to-one
+    onto the steps."""
+
+    name: str
+    steps: tuple[Step, ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError(f"pattern {self.name!r}: no steps")
+        if len(self.steps) == 1:
+            return
+        for step in self.steps:
+            if not (0 < step.seconds < math.inf):
+                raise ValueError(f"pattern {self.name!r}: step {step} must last 0 < s < inf")
+        for a, b in zip(self.steps, self.steps[1:] + self.steps[:1], strict=True):
+            if a.level == b.level:
+                raise ValueError(f"pattern {self.name!r}: steps {a} and {b} do not alternate")
+
+    @property
+    def steady(self) -> bool:
+        return len(self.steps) == 1
+
+    @classmethod
+    def solid(cls, name: str, level: bool = True) -> Pattern:
+        return cls(name, (Step(level, math.inf),))
+
+    @classmethod
+    def blink(cls, name: str, *on_off: float) -> Pattern:
+        """`blink("x", 0.1, 0.2, 0.3, 0.4)`: on 0.1 s, off 0.2 s, on 0.3 s, off 0.4 s."""
+        if len(on_off) % 2:
+            raise ValueError(f"pattern {name!r}: on/off times {on_off} are not in pairs")
+        return cls(name, tuple(Step(i % 2 == 0, s) for i, s in enumerate(on_off)))
+
+
+SLOW_BLINK = Pattern.blink("slow blink", 1.0, 1.0)
+FAST_BLINK = Pattern.blink("fast blink", 0.1, 0.1)
+SOLID = Pattern.solid("solid")
+# Mostly on, with a 50 ms dip every 0.5 s: "ready" plus visible activity.
+FLICKER = Pattern.blink("solid with flicker", 0.45, 0.05)
+# Three short blinks then a pause: unlike any of the even blinks above, so it
+# reads as "error" even to someone who has not looked up the table.
+ERROR_BLINK = Pattern.blink("error blink", 0.15, 0.15, 0.15, 0.15, 0.15, 1.0)
+
+_PATTERNS: dict[LedState, Pattern] = {
+    LedState.BOOTING: SLOW_BLINK,
+    LedState.NO_NETWORK: FAST_BLINK,
+    LedState.NO_CONTROL: FAST_BLINK,
+    LedState.READY: SOLID,
+    LedState.EXIT_TRAFFIC: FLICKER,
+    LedState.ERROR: ERROR_BLINK,
+}
+
+
+def pattern(state: LedState) -> Pattern:
+    return _PATTERNS[state]
+
+
+@dataclass(frozen=True)
+class LedFacts:
+    """What the agent knows at one tick."""
+
+    started: bool
+    has_uplink: bool
+    control_reachable: bool
+    interface_up: bool
+    forwarded_bytes: int = 0  # forwarded since the previous tick
+    last_error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.forwarded_bytes < 0:
+            raise ValueError(f"forwarded_bytes {self.forwarded_bytes}: must be >= 0")
+
+
+def derive_state(facts: LedFacts) -> LedState:
+    """The state to show, the first rule that matches winning:
+
+    1. ERROR: `last_error` is set. A fault the user must act on beats everything.
+    2. BOOTING: the agent has not finished starting.
+    3. NO_NETWORK: no uplink. Nothing below can work without one.
+    4. NO_CONTROL: control unreachable. Existing peers may still work on the last
+       netmap, but nothing new can join, so the user should see it.
+    5. BOOTING: control answers but the WireGuard interface is not up yet: still
+       coming up, not a fault.
+    6. EXIT_TRAFFIC: bytes were forwarded since the previous tick.
+    7. READY.
+    """
+    if facts.last_error is not None:
+        return LedState.ERROR
+    if not facts.started:
+        return LedState.BOOTING
+    if not facts.has_uplink:
+        return LedState.NO_NETWORK
+    if not facts.control_reachable:
+        return LedState.NO_CONTROL
+    if not facts.interface_up:
+        return LedState.BOOTING
+    if facts.forwarded_bytes > 0:
+        return LedState.EXIT_TRAFFIC
+    return LedState.READY
+
+
+class LedDriver(Protocol):
+    def show(self, pattern: Pattern) -> None:
+        """Start showing `pattern`, replacing whatever was shown; returns at once."""
+
+    def close(self) -> None:
+        """Turn the LED off and give it back (pin, kernel trigger). Idempotent."""
+
+
+class _PatternPlayer:
+    """Plays a pattern on a background thread until stopped.
+
+    Each step waits on the stop Event rather than sleeping, so `stop()` is prompt
+    and nothing spins."""
+
+    def __init__(self, pattern: Pattern, write: Callable[[bool], None], name: str) -> None:
+        self._pattern = pattern
+        self._write = write
+        self._stop = threading.Event()
+        # Daemon: a write hung in the kernel must not keep the agent from exiting.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(_STOP_TIMEOUT)
+        if self._thread.is_alive():
+            log.warning("LED player %s did not stop within %ss", self._thread.name, _STOP_TIMEOUT)
+
+    def _run(self) -> None:
+        for step in cycle(self._pattern.steps):
+            try:
+                self._write(step.level)
+            except OSError as e:
+                # One line, not one per step: the LED is gone or unwritable.
+                log.warning("LED %s: write failed, stopping pattern: %s", self._thread.name, e)
+                return
+            if self._stop.wait(step.seconds):
+                return
+
+
+class GpioLed:
+    """An LED on a BCM GPIO pin, through gpiozero.
+
+    `pin_factory=None` lets gpiozero pick a factory (GPIOZERO_PIN_FACTORY or its
+    fallback order); tests pass `gpiozero.pins.mock.MockFactory()`."""
+
+    def __init__(
+        self, pin: int, *, pin_factory: Factory | None = None, active_high: bool = True
+    ) -> None:
+        self.pin = pin
+        self._led = LED(pin, active_high=active_high, initial_value=False, pin_factory=pin_factory)
+        self._player: _PatternPlayer | None = None
+
+    def __repr__(self) -> str:
+        return f"GpioLed(pin={self.pin})"
+
+    def show(self, pattern: Pattern) -> None:
+        self._stop_player()
+        first = pattern.steps[0]
+        if pattern.steady:
+            # on()/off() also stop a running gpiozero blink thread.
+            self._set(first.level)
+        elif len(pattern.steps) == 2 and first.level:
+            self._led.blink(on_time=first.seconds, off_time=pattern.steps[1].seconds)
+        else:
+            self._led.off()  # stops a gpiozero blink before our thread takes over
+            self._player = _PatternPlayer(pattern, self._set, f"led-gpio{self.pin}")
+            self._player.start()
+
+    def close(self) -> None:
+        if self._led.closed:
+            return
+        self._stop_player()
+        # gpiozero's close() only makes the pin an input again and leaves its
+        # last level in place (MockPin still reads lit); say "off" explicitly.
+        self._led.off()
+        self._led.close()
+
+    def _set(self, level: bool) -> None:
+        if level:
+            self._led.on()
+        else:
+            self._led.off()
+
+    def _stop_player(self) -> None:
+        if self._player is not None:
+            self._player.stop()
+            self._player = None
+
+
+_CURRENT_TRIGGER = re.compile(r"\[([^\]\s]+)\]")
+
+
+def parse_trigger(text: str) -> str:
+    """The current trigger in a sysfs `trigger` file: `none rc-feedback [mmc0] timer` -> `mmc0`."""
+    match = _CURRENT_TRIGGER.search(text)
+    if match is None:
+        raise LedTriggerError(f"trigger file {text.strip()[:200]!r}: no [current] trigger")
+    return match.group(1)
+
+
+class SysfsLed:
+    """A kernel LED under /sys/class/leds/<name>/, such as the Pi's ACT LED.
+
+    Built: saves the current trigger (usually `mmc0` or `heartbeat`) and sets it
+    to `none`, so the kernel stops driving the LED. Closed: LED off, trigger back."""
+
+    def __init__(self, name: str = "ACT", *, root: Path = SYSFS_LEDS) -> None:
+        self.name = name
+        self._dir = root / name
+        if not self._dir.is_dir():
+            # Older kernels and some boards call the ACT LED `led0`; qemu has none.
+            raise LedNotFound(f"LED {name!r}: {self._dir} does not exist")
+        raw = self._read("max_brightness")
+        try:
+            self._max_brightness = int(raw)
+        except ValueError:
+            raise LedError(f"LED {name!r}: max_brightness {raw!r} is not a number") from None
+        self._original_trigger = parse_trigger(self._read("trigger"))
+        self._player: _PatternPlayer | None = None
+        self._closed = False
+        self._write("trigger", "none")
+        log.debug("LED %s: trigger %s -> none", name, self._original_trigger)
+
+    def __repr__(self) -> str:
+        return f"SysfsLed({self.name!r})"
+
+    @property
+    def original_trigger(self) -> str:
+        return self._original_trigger
+
+    def show(self, pattern: Pattern) -> None:
+        self._stop_player()
+        if pattern.steady:
+            self._set(pattern.steps[0].level)
+        else:
+            # The kernel's `timer` trigger could do even blinks, but it is a
+            # module that may be absent and cannot do the error pattern, so one
+            # player drives every pattern the same way.
+            self._player = _PatternPlayer(pattern, self._set, f"led-{self.name}")
+            self._player.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_player()
+        self._set(False)
+        self._write("trigger", self._original_trigger)
+        log.debug("LED %s: trigger restored to %s", self.name, self._original_trigger)
+
+    def _set(self, level: bool) -> None:
+        self._write("brightness", str(self._max_brightness if level else 0))
+
+    def _read(self, attr: str) -> str:
+        return (self._dir / attr).read_text(encoding="ascii").strip()
+
+    def _write(self, attr: str, value: str) -> None:
+        # One write() per value: sysfs attributes take the whole value at once.
+        (self._dir / attr).write_text(value, encoding="ascii")
+
+    def _stop_player(self) -> None:
+        if self._player is not None:
+            self._player.stop()
+            self._player = None
+
+
+class StatusLeds:
+    """Shows the current `LedState` on zero or more drivers.
+
+    `set()` is idempotent and thread-safe. A driver that fails is logged and the
+    others carry on: an LED must never take down the agent's loop."""
+
+    def __init__(self, drivers: Sequence[LedDriver] = ()) -> None:
+        self._drivers = list(drivers)
+        self._state: LedState | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> LedState | None:
+        return self._state
+
+    def set(self, state: LedState) -> bool:
+        """Show `state`. Returns False, and touches nothing, if already shown."""
+        with self._lock:
+            if state is self._state:
+                return False
+            old, self._state = self._state, state
+            new = pattern(state)
+            log.info("LED: %s (%s)", state.value, new.name)
+            # NO_NETWORK -> NO_CONTROL looks the same; restarting would only
+            # jolt the blink phase.
+            if old is not None and pattern(old) == new:
+                return True
+            for driver in self._drivers:
+                try:
+                    driver.show(new)
+                except (LedError, OSError, GPIOZeroError) as e:
+                    log.warning("LED: %r cannot show %s: %s", driver, new.name, e)
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            for driver in self._drivers:
+                try:
+                    driver.close()
+                except (LedError, OSError, GPIOZeroError) as e:
+                    log.warning("LED: closing %r failed: %s", driver, e)
+            self._drivers.clear()
+            self._state = None
+
+    def __enter__(self) -> StatusLeds:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_status_leds(
+    *,
+    gpio_pin: int | None = None,
+    pin_factory: Factory | None = None,
+    sysfs_name: str | None = "ACT",
+    sysfs_root: Path = SYSFS_LEDS,
+) -> StatusLeds:
+    """`StatusLeds` over whichever of the configured LEDs exist.
+
+    A missing or unusable LED (no ACT in qemu, no GPIO pin factory on Trixie, not
+    root) is one warning, and the agent runs on without it."""
+    drivers: list[LedDriver] = []
+    if sysfs_name is not None:
+        try:
+            drivers.append(SysfsLed(sysfs_name, root=sysfs_root))
+        except (LedError, OSError) as e:
+            log.warning("LED: no sysfs LED %r, running without it: %s", sysfs_name, e)
+    if gpio_pin is not None:
+        try:
+            drivers.append(GpioLed(gpio_pin, pin_factory=pin_factory))
+        except GPIOZeroError as e:
+            log.warning("LED: no GPIO LED on BCM %d, running without it: %s", gpio_pin, e)
+    return StatusLeds(drivers)

@@ -10,13 +10,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.core.model import IPNetwork
+from appliance.core.model import Endpoint, IPNetwork
 from appliance.wire.fields import (
     Fields,
     int_range,
     load_json,
     parse_bool,
+    parse_endpoint,
     parse_ifname,
+    parse_name,
     parse_network,
     parse_str,
 )
@@ -29,6 +31,10 @@ def _parse_backend(value: object) -> str:
     if text not in BACKENDS:
         raise ValueError(f"is not one of {', '.join(BACKENDS)}")
     return text
+
+
+def _parse_optional_name(value: object) -> str | None:
+    return None if value is None else parse_name(value)
 
 
 def _parse_optional_str(value: object) -> str | None:
@@ -51,6 +57,10 @@ class Prefs:
     accept_routes: bool = True
     exit_node: str | None = None  # a peer's name or mesh address
     exit_node_allow_lan_access: bool = False
+    hostname: str | None = None  # the name asked of control; None: the system's
+    # Where peers can reach this node from the internet (a port forward on the home
+    # router): until NAT traversal finds them, the owner says so.
+    advertise_endpoints: tuple[Endpoint, ...] = ()
 
     @property
     def forwards(self) -> bool:
@@ -63,6 +73,7 @@ class Prefs:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["advertise_routes"] = [str(r) for r in self.advertise_routes]
+        out["advertise_endpoints"] = [str(e) for e in self.advertise_endpoints]
         return out
 
 
@@ -84,6 +95,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         exit_node_allow_lan_access=f.get(
             "exit_node_allow_lan_access", parse_bool, d.exit_node_allow_lan_access
         ),
+        hostname=f.get("hostname", _parse_optional_name, d.hostname),
+        advertise_endpoints=f.get_list("advertise_endpoints", parse_endpoint),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

@@ -48,7 +48,7 @@ def delta_json(
 def apply_delta(netmap: Netmap, delta: object, source: str = "delta") -> Netmap:
     """The netmap with the delta applied; raises ConfigError naming the bad field."""
     f = Fields(source, "", delta)
-    changed = f.get("changed", _list, [])
+    changed: list[Any] = f.get("changed", _list, [])
     removed = set(f.get_list("removed", parse_public_key))
     self_entry = f.get("self", _any, None)
     f.done()

@@ -1,0 +1,226 @@
+"""The coordination server's operations, apart from HTTP and sealing (app.py).
+
+Each op takes the caller's machine key (already authenticated by the sealed
+transport) and the request body, and returns the response body or raises
+ApiError. Store calls go to one database thread, so SQLite's connection stays
+on its thread and a slow PostgreSQL round trip never stalls the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+from appliance.control import mapper
+from appliance.control.notify import VersionWatch
+from appliance.control.store import Store
+from appliance.control.store_records import (
+    AuthKeyError,
+    DeltaUnavailable,
+    NodeRecord,
+    NodeState,
+    utcnow,
+)
+from appliance.core.keys import PublicKey
+from appliance.wire.netmap import EXIT_ROUTES
+from appliance.wire.fields import (
+    ConfigError,
+    Fields,
+    parse_bool,
+    parse_endpoint,
+    parse_network,
+    parse_public_key,
+    parse_str,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NO_TAGS: tuple[str, ...] = ()
+MAP_TIMEOUT = 50.0  # long-poll; under the usual 60 s proxy idle timeout
+
+
+class ApiError(Exception):
+    """A refusal the client may see: the message is safe to show."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.map_updates_sent = 0
+        self.update_latency_sum = 0.0  # change published -> response written, seconds
+        self.update_latency_count = 0
+        self.online: dict[int, int] = {}  # node id -> open long-polls
+
+
+class ControlService:
+    def __init__(
+        self,
+        open_db: Callable[[], Store],
+        map_timeout: float = MAP_TIMEOUT,
+        batch: float = 0.1,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshpi-db")
+        self.store: Store = self._executor.submit(open_db).result()
+        self.map_timeout, self.now = map_timeout, now
+        self.watch = VersionWatch(self.store.mesh_version(), batch)
+        self.metrics = Metrics()
+        self._published_at: dict[int, float] = {}
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kw))
+
+    async def changed(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A store change: run it, then let the long-polls know the new version."""
+        result = await self.db(fn, *args, **kw)
+        version = await self.db(self.store.mesh_version)
+        if version > self.watch.version:
+            self._published_at.setdefault(version, time.monotonic())
+        self.watch.bump(version)
+        return result
+
+    def close(self) -> None:
+        self._executor.submit(self.store.close).result()
+        self._executor.shutdown()
+
+    async def _node(self, machine: PublicKey) -> NodeRecord:
+        node = await self.db(self.store.get_node_by_machine_key, machine)
+        if node is None:
+            raise ApiError(403, "this machine is not registered: register first")
+        return node
+
+    # --- ops ------------------------------------------------------------------------
+
+    async def register(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        f = _fields(body)
+        node_key = f.require("node_key", parse_public_key)
+        hostname = f.require("hostname", parse_str)
+        auth_key = f.get("auth_key", _optional_str, None)
+        f.done()
+        node = await self.db(self.store.get_node_by_machine_key, machine)
+        if node is not None:
+            if node.node_key != node_key:
+                # Announced by the machine key, so it is the node's own doing.
+                node = await self.changed(self.store.rotate_node_key, node.id, node_key)
+                log.info("node %s rotated its node key to %s", node.name, node_key.short)
+            return _registered(node)
+        state, tags = NodeState.PENDING, _NO_TAGS
+        if auth_key is not None:
+            try:
+                key = await self.db(self.store.use_preauth_key, auth_key, self.now())
+            except AuthKeyError as e:
+                raise ApiError(403, f"auth key refused: {e}") from None
+            state, tags = NodeState.APPROVED, key.tags
+        node = await self.changed(
+            self.store.register_node, machine, node_key, hostname, state, tags, now=self.now()
+        )
+        log.info("registered %s (%s, %s) as %s", node.name, node.ipv4, node.ipv6, node.state.value)
+        return _registered(node)
+
+    async def update(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        f = _fields(body)
+        endpoints = f.get_list("endpoints", parse_endpoint)
+        routes = list(f.get_list("advertise_routes", parse_network))
+        exit_node = f.get("advertise_exit_node", parse_bool, False)
+        f.done()
+        if exit_node:
+            routes += [r for r in EXIT_ROUTES if r not in routes]
+        node = await self._node(machine)
+        await self.changed(self.store.set_endpoints, node.id, endpoints)
+        await self.changed(self.store.set_advertised_routes, node.id, routes)
+        return {}
+
+    async def map(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        f = _fields(body)
+        version = f.get("version", _optional_version, None)
+        f.done()
+        node = await self._node(machine)
+        if node.state is not NodeState.APPROVED:
+            raise ApiError(403, "waiting for an admin to approve this node")
+        if node.key_expired(self.now()):
+            raise ApiError(403, "this node's key has expired: log in again")
+        online = self.metrics.online
+        online[node.id] = online.get(node.id, 0) + 1
+        try:
+            await self.db(self.store.touch_last_seen, node.id, self.now())
+            return await self._map(node, version)
+        finally:
+            online[node.id] -= 1
+            if not online[node.id]:
+                del online[node.id]
+
+    async def _map(self, node: NodeRecord, version: int | None) -> dict[str, Any]:
+        if version is not None:
+            current = await self.watch.wait(version, self.map_timeout)
+            if current <= version:
+                return {"version": version, "keepalive": True}
+            try:
+                changes = await self.db(self.store.changes_since, version)
+            except DeltaUnavailable:
+                pass
+            else:
+                self._sent(changes.version)
+                return {"version": changes.version, "delta": mapper.delta(node, changes, self.now())}
+        # The version first: a change after it is in the list, or comes as a delta later.
+        current = await self.db(self.store.mesh_version)
+        records = await self.db(self.store.list_nodes)
+        me = next((r for r in records if r.id == node.id), None)
+        if me is None:
+            raise ApiError(403, "this node was removed")
+        self._sent(current)
+        return {"version": current, "full": mapper.full_map(self.store.mesh, me, records, self.now())}
+
+    def _sent(self, version: int) -> None:
+        self.metrics.map_updates_sent += 1
+        published = self._published_at.get(version)
+        if published is not None:
+            self.metrics.update_latency_sum += time.monotonic() - published
+            self.metrics.update_latency_count += 1
+        if len(self._published_at) > 1024:  # forget old versions
+            for v in sorted(self._published_at)[:512]:
+                del self._published_at[v]
+
+    async def logout(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        _fields(body).done()
+        node = await self._node(machine)
+        await self.changed(self.store.remove_node, node.id)
+        log.info("node %s logged out and was removed", node.name)
+        return {}
+
+
+def _registered(node: NodeRecord) -> dict[str, Any]:
+    return {
+        "state": node.state.value,
+        "name": node.name,
+        "addresses": [str(node.ipv4), str(node.ipv6)],
+    }
+
+
+def _fields(body: object) -> Fields:
+    try:
+        return Fields("request", "", body)
+    except ConfigError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else parse_str(value)
+
+
+def _optional_version(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("must be a version number or null")
+    return value

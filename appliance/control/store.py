@@ -1,0 +1,414 @@
+"""The control server's store: the mesh, its nodes and pre-auth keys.
+
+`open_store(url_or_path)` gives a `Store` on SQLite (a path, or `sqlite:///path` as
+SQLAlchemy spells it: three slashes relative, four absolute) or on PostgreSQL
+(`postgresql://…`), with the schema migrated and the mesh created on first open.
+
+Versions: `meta.mesh_version` counts peer-visible changes. Each one takes the
+next version and stamps the node with it; a removed node, or a node key rotated
+away, leaves a tombstone with its version. So `changes_since(v)` is two indexed
+range reads, O(change) not O(mesh). `touch_last_seen` changes no version: it
+happens all the time and no peer needs to hear of it.
+
+Calls are synchronous and block on database I/O. A Store is thread-safe (one
+connection, a lock around each transaction), so the asyncio server can call it
+through `asyncio.to_thread`; calling it directly from the event loop stalls the
+loop for one transaction (an fsync on SQLite). Stores opened on one database
+from several threads or processes may write concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.control import store_preauth
+from appliance.control.migrations import ensure_mesh, migrate, random_ula
+from appliance.control.store_records import (
+    NODE_COLUMNS,
+    AuthKeyError,
+    Changes,
+    DeltaUnavailable,
+    KeyExpired,
+    KeyInvalid,
+    KeyRevoked,
+    KeyUsed,
+    MeshFull,
+    NodeExists,
+    NodeRecord,
+    NodeState,
+    NotFound,
+    PreauthKey,
+    Row,
+    SchemaTooNew,
+    StoreCorrupt,
+    StoreError,
+    StoreUnavailable,
+    Tombstone,
+    dump_endpoints,
+    dump_routes,
+    dump_tags,
+    last_index,
+    name_base,
+    node_from_row,
+    pick_name,
+    to_epoch,
+    utcnow,
+)
+from appliance.control.store_sql import Database, Tx, connect
+from appliance.core.keys import PublicKey
+from appliance.core.model import Endpoint, IPNetwork
+from appliance.wire.netmap import Mesh
+
+# Node changes log at debug: the service logs them once, in its own words, with
+# the request that caused them. Opening, creating and migrating log at info.
+log = logging.getLogger(__name__)
+
+_NODE_NAMES = tuple(NODE_COLUMNS.split(", "))
+_SELECT_NODE = f"SELECT {NODE_COLUMNS} FROM nodes"
+_BUMP = "UPDATE meta SET mesh_version = mesh_version + 1 WHERE id = 1 RETURNING mesh_version"
+
+
+def open_store(url_or_path: str | Path) -> Store:
+    db = connect(url_or_path)
+    try:
+        migrate(db)
+        mesh = ensure_mesh(db)
+    except BaseException:
+        db.close()
+        raise
+    log.info("%s: store open (%s), mesh %s %s", db.where, db.dialect, mesh.ipv4, mesh.ipv6)
+    return Store(db, mesh)
+
+
+class Store:
+    def __init__(self, db: Database, mesh: Mesh) -> None:
+        self.db = db
+        self.mesh = mesh  # fixed at creation
+
+    @property
+    def dialect(self) -> str:
+        return self.db.dialect
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def mesh_version(self) -> int:
+        return self.db.run(_mesh_version, write=False)
+
+    # --- reading nodes ---
+
+    def _node_where(self, clause: str, *params: Any) -> NodeRecord | None:
+        row = self.db.run(lambda tx: tx.one(f"{_SELECT_NODE} WHERE {clause}", *params), write=False)
+        return None if row is None else node_from_row(self.mesh, row)
+
+    def get_node(self, node_id: int) -> NodeRecord | None:
+        return self._node_where("id = ?", node_id)
+
+    def get_node_by_machine_key(self, key: PublicKey) -> NodeRecord | None:
+        return self._node_where("machine_key = ?", key.raw)
+
+    def get_node_by_node_key(self, key: PublicKey) -> NodeRecord | None:
+        return self._node_where("node_key = ?", key.raw)
+
+    def get_node_by_name(self, name: str) -> NodeRecord | None:
+        return self._node_where("name = ?", name)
+
+    def list_nodes(self) -> tuple[NodeRecord, ...]:
+        rows = self.db.run(lambda tx: tx.all(f"{_SELECT_NODE} ORDER BY id"), write=False)
+        return tuple(node_from_row(self.mesh, row) for row in rows)
+
+    def changes_since(self, version: int) -> Changes:
+        """Nodes changed and tombstones laid after `version`, up to `Changes.version`.
+
+        Raises DeltaUnavailable when the caller must start over with a full map:
+        tombstones it needs were pruned, or its version is not from this mesh."""
+
+        def work(tx: Tx) -> Changes:
+            now, floor = _one(tx, "SELECT mesh_version, delta_floor FROM meta WHERE id = 1")
+            if not floor <= version <= now:
+                raise DeltaUnavailable(f"no delta from version {version} (have {floor}..{now})")
+            nodes = tx.all(f"{_SELECT_NODE} WHERE version > ? ORDER BY version", version)
+            tombs = tx.all(
+                "SELECT public_key, version FROM tombstones WHERE version > ? ORDER BY version",
+                version,
+            )
+            return Changes(
+                now,
+                tuple(node_from_row(self.mesh, row) for row in nodes),
+                tuple(Tombstone(PublicKey(bytes(key)), v) for key, v in tombs),
+            )
+
+        return self.db.run(work, write=False)
+
+    # --- changing nodes ---
+
+    def register_node(
+        self,
+        machine_key: PublicKey,
+        node_key: PublicKey,
+        hostname: str,
+        state: NodeState = NodeState.PENDING,
+        tags: Iterable[str] = (),
+        key_expiry: datetime | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> NodeRecord:
+        """A new node with the next addresses and a unique name made from `hostname`.
+
+        Idempotent: the same machine and node key get the existing record back.
+        A known machine with another node key, or a node key some other machine
+        has, raises NodeExists (a rotation is rotate_node_key)."""
+        created = to_epoch(now or utcnow())
+        expiry = None if key_expiry is None else to_epoch(key_expiry)
+        base = name_base(hostname)
+
+        def work(tx: Tx) -> tuple[NodeRecord, bool]:
+            rows = tx.all(
+                f"{_SELECT_NODE} WHERE machine_key = ? OR node_key = ?",
+                machine_key.raw,
+                node_key.raw,
+            )
+            for node in (node_from_row(self.mesh, row) for row in rows):
+                if node.machine_key == machine_key and node.node_key == node_key:
+                    return node, False
+                raise NodeExists(f"node {node.name} already has this machine key or node key")
+            version, index = _one(tx, "SELECT mesh_version, next_address_index FROM meta")
+            if index > last_index(self.mesh):
+                raise MeshFull(f"all {index - 1} addresses of {self.mesh.ipv4} were handed out")
+            # Names are few per base; LIKE's pattern is bound, and a base is only
+            # [a-z0-9-], so it holds no wildcard.
+            taken = tx.all(
+                "SELECT name FROM nodes WHERE name = ? OR name LIKE ?", base, base + "-%"
+            )
+            name = pick_name(base, (row[0] for row in taken))
+            version += 1
+            tx.run(
+                "UPDATE meta SET mesh_version = ?, next_address_index = ? WHERE id = 1",
+                version,
+                index + 1,
+            )
+            # The key is back: its old tombstone would tell peers to drop it again.
+            tx.run("DELETE FROM tombstones WHERE public_key = ?", node_key.raw)
+            row = tx.one(
+                "INSERT INTO nodes (machine_key, node_key, name, address_index, state, tags, "
+                "advertised_routes, approved_routes, endpoints, created, last_seen, key_expiry, "
+                "expiry_exempt, version) VALUES (?, ?, ?, ?, ?, ?, '[]', '[]', '[]', ?, NULL, ?, "
+                f"?, ?) RETURNING {NODE_COLUMNS}",
+                machine_key.raw,
+                node_key.raw,
+                name,
+                index,
+                NodeState(state).value,
+                dump_tags(tags),
+                created,
+                expiry,
+                False,
+                version,
+            )
+            assert row is not None
+            return node_from_row(self.mesh, row), True
+
+        node, new = self.db.run(work, lock_meta=True)
+        if new:
+            log.debug("node %s registered (%s), %s %s", node.name, node.state, *node.addresses)
+        return node
+
+    def _change(
+        self,
+        node_id: int,
+        new_values: Callable[[Tx, NodeRecord], dict[str, Any]],
+    ) -> NodeRecord:
+        """Set the columns `new_values` asks for; a real change takes a new mesh version.
+
+        Setting what is already there changes nothing and wakes no one: agents
+        repeat their endpoints and routes on every start."""
+
+        def work(tx: Tx) -> NodeRecord:
+            row = tx.one(f"{_SELECT_NODE} WHERE id = ?{tx.for_update}", node_id)
+            if row is None:
+                raise NotFound(f"no node with id {node_id}")
+            node, stored = node_from_row(self.mesh, row), dict(zip(_NODE_NAMES, row, strict=True))
+            values = {k: v for k, v in new_values(tx, node).items() if stored[k] != v}
+            if not values:
+                return node
+            (version,) = _one(tx, _BUMP)
+            if "node_key" in values:
+                # Peers that knew the old key must drop it from their WireGuard config.
+                _bury(tx, node.node_key, version)
+                tx.run("DELETE FROM tombstones WHERE public_key = ?", values["node_key"])
+            values["version"] = version
+            # Column names come from this module, never from the caller; values are bound.
+            assignments = ", ".join(f"{column} = ?" for column in values)
+            changed = tx.one(
+                f"UPDATE nodes SET {assignments} WHERE id = ? RETURNING {NODE_COLUMNS}",
+                *values.values(),
+                node_id,
+            )
+            assert changed is not None
+            return node_from_row(self.mesh, changed)
+
+        return self.db.run(work, lock_meta=True)
+
+    def approve_node(self, node_id: int) -> NodeRecord:
+        return self._change(node_id, lambda _tx, _node: {"state": NodeState.APPROVED.value})
+
+    def set_endpoints(self, node_id: int, endpoints: Iterable[Endpoint]) -> NodeRecord:
+        text = dump_endpoints(endpoints)
+        return self._change(node_id, lambda _tx, _node: {"endpoints": text})
+
+    def set_advertised_routes(self, node_id: int, routes: Iterable[IPNetwork]) -> NodeRecord:
+        text = dump_routes(routes)
+        return self._change(node_id, lambda _tx, _node: {"advertised_routes": text})
+
+    def approve_routes(self, node_id: int, routes: Iterable[IPNetwork]) -> NodeRecord:
+        """The routes an admin allows (the whole set); peers get approved ∩ advertised."""
+        text = dump_routes(routes)
+        return self._change(node_id, lambda _tx, _node: {"approved_routes": text})
+
+    def set_expiry_exempt(self, node_id: int, exempt: bool) -> NodeRecord:
+        return self._change(node_id, lambda _tx, _node: {"expiry_exempt": exempt})
+
+    def expire_node_key(self, node_id: int, now: datetime | None = None) -> NodeRecord:
+        """The node's key expires now: peers drop it until the node rotates."""
+        when = to_epoch(now or utcnow())
+        # An admin who expires a key means it, exemption or not.
+        values = {"key_expiry": when, "expiry_exempt": False}
+        return self._change(node_id, lambda _tx, _node: values)
+
+    def rotate_node_key(
+        self, node_id: int, new_key: PublicKey, key_expiry: datetime | None = None
+    ) -> NodeRecord:
+        """The node has a new WireGuard key, expiring at `key_expiry` (None: never);
+        the old key gets a tombstone."""
+        expiry = None if key_expiry is None else to_epoch(key_expiry)
+
+        def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
+            if node.node_key == new_key:
+                return {"key_expiry": expiry}
+            holder = tx.one("SELECT name FROM nodes WHERE node_key = ?", new_key.raw)
+            if holder is not None:
+                raise NodeExists(f"node {holder[0]} already has key {new_key.short}")
+            return {"node_key": new_key.raw, "key_expiry": expiry}
+
+        node = self._change(node_id, values)
+        log.debug("node %s has key %s", node.name, node.node_key.short)
+        return node
+
+    def remove_node(self, node_id: int) -> Tombstone:
+        """The node is gone; its addresses are never handed out again."""
+
+        def work(tx: Tx) -> tuple[str, Tombstone]:
+            row = tx.one(f"SELECT name, node_key FROM nodes WHERE id = ?{tx.for_update}", node_id)
+            if row is None:
+                raise NotFound(f"no node with id {node_id}")
+            (version,) = _one(tx, _BUMP)
+            tomb = _bury(tx, PublicKey(bytes(row[1])), version)
+            tx.run("DELETE FROM nodes WHERE id = ?", node_id)
+            return row[0], tomb
+
+        name, tomb = self.db.run(work, lock_meta=True)
+        log.debug("node %s removed", name)
+        return tomb
+
+    def touch_last_seen(self, node_id: int, now: datetime | None = None) -> None:
+        """Record that the node was heard from. No version: nobody is woken for it."""
+        when = to_epoch(now or utcnow())
+        changed = self.db.run(
+            lambda tx: tx.run("UPDATE nodes SET last_seen = ? WHERE id = ?", when, node_id)
+        )
+        if not changed:
+            raise NotFound(f"no node with id {node_id}")
+
+    def prune_tombstones(self, upto_version: int) -> int:
+        """Forget tombstones at or below `upto_version`; clients older than it get a
+        full map from then on. How many were dropped."""
+
+        def work(tx: Tx) -> int:
+            tx.run(
+                "UPDATE meta SET delta_floor = ? WHERE id = 1 AND delta_floor < ?",
+                upto_version,
+                upto_version,
+            )
+            return tx.run("DELETE FROM tombstones WHERE version <= ?", upto_version)
+
+        return self.db.run(work, lock_meta=True)
+
+    # --- pre-auth keys ---
+
+    def create_preauth_key(
+        self,
+        reusable: bool,
+        expires_at: datetime,
+        tags: Iterable[str] = (),
+        *,
+        now: datetime | None = None,
+    ) -> tuple[PreauthKey, str]:
+        """A new key, and its secret text `mpk-<id>-<secret>`: shown once, stored hashed."""
+        return store_preauth.create(self.db, reusable, expires_at, tags, now or utcnow())
+
+    def use_preauth_key(self, secret_text: str, now: datetime) -> PreauthKey:
+        """Check the key and count one use, atomically; KeyInvalid, KeyRevoked,
+        KeyExpired or KeyUsed (all AuthKeyError) when it does not admit a node."""
+        return store_preauth.use(self.db, secret_text, now)
+
+    def list_preauth_keys(self) -> tuple[PreauthKey, ...]:
+        return store_preauth.list_all(self.db)
+
+    def revoke_preauth_key(self, key_id: int) -> PreauthKey:
+        return store_preauth.revoke(self.db, key_id)
+
+
+def _one(tx: Tx, sql: str, *params: Any) -> Row:
+    row = tx.one(sql, *params)
+    assert row is not None, sql
+    return row
+
+
+def _mesh_version(tx: Tx) -> int:
+    return int(_one(tx, "SELECT mesh_version FROM meta WHERE id = 1")[0])
+
+
+def _bury(tx: Tx, key: PublicKey, version: int) -> Tombstone:
+    tx.run(
+        "INSERT INTO tombstones (public_key, version) VALUES (?, ?) "
+        "ON CONFLICT (public_key) DO UPDATE SET version = excluded.version",
+        key.raw,
+        version,
+    )
+    return Tombstone(key, version)
+
+
+# Callers import the store's whole vocabulary from here.
+__all__ = [
+    "AuthKeyError",
+    "Changes",
+    "DeltaUnavailable",
+    "KeyExpired",
+    "KeyInvalid",
+    "KeyRevoked",
+    "KeyUsed",
+    "MeshFull",
+    "NodeExists",
+    "NodeRecord",
+    "NodeState",
+    "NotFound",
+    "PreauthKey",
+    "SchemaTooNew",
+    "Store",
+    "StoreCorrupt",
+    "StoreError",
+    "StoreUnavailable",
+    "Tombstone",
+    "open_store",
+    "random_ula",
+]

@@ -1,0 +1,290 @@
+"""The control store's vocabulary: rows as frozen dataclasses, and its errors.
+
+Everything here is plain data and pure conversion; store.py does the I/O. Rows
+use the program's types (PublicKey, ipaddress, aware datetimes); the database
+sees bytes, integers (Unix seconds) and JSON text, the same in both dialects.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
+from typing import Any
+
+from appliance.core.keys import PublicKey
+from appliance.core.model import Endpoint, IPAddress, IPNetwork, sorted_networks
+from appliance.wire.fields import parse_endpoint
+from appliance.wire.netmap import Mesh
+
+# --- errors -------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Root of everything the store raises on purpose."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be opened or reached; the message names it."""
+
+
+class StoreCorrupt(StoreUnavailable):
+    """The SQLite file is not a database, or is damaged; the message names the file."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer meshpi than this one."""
+
+
+class MeshFull(StoreError):
+    """Every address of the mesh's IPv4 range has been handed out once."""
+
+
+class NotFound(StoreError, LookupError):
+    """No node, or no pre-auth key, with that id."""
+
+
+class NodeExists(StoreError):
+    """The machine key or node key already belongs to a node."""
+
+
+class DeltaUnavailable(StoreError):
+    """Tombstones before this version were pruned: the caller must send a full map."""
+
+
+class AuthKeyError(StoreError):
+    """A pre-auth key was refused. The message is safe to show the client."""
+
+
+class KeyInvalid(AuthKeyError):
+    """Malformed, unknown, or the secret does not match (which of these, we do not say)."""
+
+
+class KeyExpired(AuthKeyError):
+    pass
+
+
+class KeyUsed(AuthKeyError):
+    pass
+
+
+class KeyRevoked(AuthKeyError):
+    pass
+
+
+# --- rows -----------------------------------------------------------------------------
+
+
+class NodeState(StrEnum):
+    PENDING = "pending"  # waits for an admin: no netmap yet
+    APPROVED = "approved"
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    id: int
+    machine_key: PublicKey
+    node_key: PublicKey
+    name: str
+    address_index: int
+    ipv4: IPv4Address
+    ipv6: IPv6Address
+    state: NodeState
+    tags: tuple[str, ...]
+    advertised_routes: tuple[IPNetwork, ...]  # what the node offers
+    approved_routes: tuple[IPNetwork, ...]  # what an admin allowed
+    endpoints: tuple[Endpoint, ...]
+    created: datetime
+    last_seen: datetime | None
+    key_expiry: datetime | None  # None: the key never expires
+    expiry_exempt: bool
+    version: int  # the mesh version at which this node last changed
+
+    @property
+    def addresses(self) -> tuple[IPAddress, IPAddress]:
+        return (self.ipv4, self.ipv6)
+
+    @property
+    def served_routes(self) -> tuple[IPNetwork, ...]:
+        """Routes peers may send here: approved *and* still advertised."""
+        advertised = set(self.advertised_routes)
+        return tuple(r for r in self.approved_routes if r in advertised)
+
+    def key_expired(self, now: datetime) -> bool:
+        if self.expiry_exempt or self.key_expiry is None:
+            return False
+        return self.key_expiry <= now
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A node key that peers must drop: its node was removed or rotated away from it."""
+
+    public_key: PublicKey
+    version: int
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What changed after a version, complete up to `version` (one snapshot)."""
+
+    version: int
+    nodes: tuple[NodeRecord, ...]
+    tombstones: tuple[Tombstone, ...]
+
+
+@dataclass(frozen=True)
+class PreauthKey:
+    id: int
+    reusable: bool
+    created: datetime
+    expires_at: datetime
+    tags: tuple[str, ...]
+    used: int  # how many registrations it admitted
+    revoked: bool
+
+    @property
+    def prefix(self) -> str:
+        """What an admin sees of the key after creation: enough to tell keys apart."""
+        return f"mpk-{self.id}-"
+
+
+# --- conversions ------------------------------------------------------------------------
+
+# 100.64.0.0 itself and 100.127.255.255 are not handed out: index 0 is the network,
+# the last one would look like a broadcast address to some stacks.
+FIRST_INDEX = 1
+IPV4_RANGE = IPv4Network("100.64.0.0/10")
+
+
+def address_pair(mesh: Mesh, index: int) -> tuple[IPv4Address, IPv6Address]:
+    return (mesh.ipv4.network_address + index, mesh.ipv6.network_address + index)
+
+
+def last_index(mesh: Mesh) -> int:
+    return min(mesh.ipv4.num_addresses, mesh.ipv6.num_addresses) - 2
+
+
+def to_epoch(when: datetime) -> int:
+    if when.tzinfo is None:
+        # A naive time is local or UTC depending on who wrote it: refuse to guess.
+        raise ValueError(f"{when!r} has no time zone")
+    return int(when.timestamp())
+
+
+def from_epoch(seconds: int | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def dump_tags(tags: Iterable[str]) -> str:
+    return json.dumps(sorted(set(tags)))
+
+
+def load_tags(text: str) -> tuple[str, ...]:
+    return tuple(json.loads(text))
+
+
+def dump_routes(routes: Iterable[IPNetwork]) -> str:
+    return json.dumps([str(r) for r in sorted_networks(routes)])
+
+
+def load_routes(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(ip_network(r) for r in json.loads(text))
+
+
+def dump_endpoints(endpoints: Iterable[Endpoint]) -> str:
+    # Order kept: the agent lists its best candidate first.
+    return json.dumps([str(e) for e in dict.fromkeys(endpoints)])
+
+
+def load_endpoints(text: str) -> tuple[Endpoint, ...]:
+    return tuple(parse_endpoint(e) for e in json.loads(text))
+
+
+_NOT_IN_LABEL = re.compile(r"[^a-z0-9-]+")
+NAME_MAX = 63
+
+
+def name_base(hostname: str) -> str:
+    """A DNS label made from whatever the machine calls itself ("My Laptop!" -> my-laptop)."""
+    first = hostname.strip().lower().split(".")[0]
+    label = _NOT_IN_LABEL.sub("-", first).strip("-")
+    # Room for a "-NNNNN" suffix, so a taken name can always be made unique.
+    return label[: NAME_MAX - 6].rstrip("-") or "node"
+
+
+def pick_name(base: str, taken: Iterable[str]) -> str:
+    """`base`, or `base-2`, `base-3`, …: the lowest one not in `taken`."""
+    used = set(taken)
+    if base not in used:
+        return base
+    n = 2
+    while f"{base}-{n}" in used:
+        n += 1
+    return f"{base}-{n}"
+
+
+# A row as the driver returns it: sqlite3 and psycopg agree on int, str and bytes
+# for the column types the migrations use (booleans are 0/1 in SQLite, so bool()).
+Row = Sequence[Any]
+
+NODE_COLUMNS = (
+    "id, machine_key, node_key, name, address_index, state, tags, advertised_routes, "
+    "approved_routes, endpoints, created, last_seen, key_expiry, expiry_exempt, version"
+)
+
+
+def node_from_row(mesh: Mesh, row: Row) -> NodeRecord:
+    """A nodes row, selected as NODE_COLUMNS, as a record."""
+    (id_, machine_key, node_key, name, index, state, tags, advertised, approved, endpoints,
+     created, last_seen, key_expiry, exempt, version) = row  # fmt: skip
+    ipv4, ipv6 = address_pair(mesh, index)
+    return NodeRecord(
+        id=id_,
+        machine_key=PublicKey(bytes(machine_key)),
+        node_key=PublicKey(bytes(node_key)),
+        name=name,
+        address_index=index,
+        ipv4=ipv4,
+        ipv6=ipv6,
+        state=NodeState(state),
+        tags=load_tags(tags),
+        advertised_routes=load_routes(advertised),
+        approved_routes=load_routes(approved),
+        endpoints=load_endpoints(endpoints),
+        created=datetime.fromtimestamp(created, UTC),
+        last_seen=from_epoch(last_seen),
+        key_expiry=from_epoch(key_expiry),
+        expiry_exempt=bool(exempt),
+        version=version,
+    )
+
+
+PREAUTH_COLUMNS = "id, reusable, created, expires, tags, used, revoked"
+
+
+def preauth_from_row(row: Row) -> PreauthKey:
+    id_, reusable, created, expires, tags, used, revoked = row
+    return PreauthKey(
+        id=id_,
+        reusable=bool(reusable),
+        created=datetime.fromtimestamp(created, UTC),
+        expires_at=datetime.fromtimestamp(expires, UTC),
+        tags=load_tags(tags),
+        used=used,
+        revoked=bool(revoked),
+    )
+
+
+def mesh_from_row(ipv4: object, ipv6: object) -> Mesh:
+    v4, v6 = ip_network(str(ipv4)), ip_network(str(ipv6))
+    assert isinstance(v4, IPv4Network) and isinstance(v6, IPv6Network)
+    return Mesh(v4, v6)

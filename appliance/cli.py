@@ -47,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         "apply every change. Stopping the agent leaves the data plane up; a new agent "
         "takes it over without a blip. Bad input is refused before any kernel change.",
     )
-    agent.add_argument("--netmap", type=Path, required=True, help="netmap JSON (self + peers)")
     agent.add_argument(
-        "--prefs", type=Path, required=True, help="prefs JSON (what this node offers and uses)"
+        "--netmap", type=Path, help="static mode: a netmap JSON file (self + peers); "
+        "without it the agent follows control (meshpi up) and keeps its files in --state-dir",
     )
+    agent.add_argument("--prefs", type=Path, help="static mode: prefs JSON (what this node offers and uses)")
     agent.add_argument(
         "--resync",
         type=float,
@@ -87,10 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "key":
             print(state.node_key().public_key())
             return EXIT_OK
-        from appliance.agent.static import StaticAgent, down
+        from appliance.agent.loop import Agent, down
 
         if args.command == "agent":
-            return StaticAgent(args.netmap, args.prefs, state, _make_system(state)).run(args.resync)
+            if (args.netmap is None) != (args.prefs is None):
+                print("meshpi: --netmap and --prefs go together (static mode)", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            if args.netmap is None:
+                agent = Agent.for_control(state, _make_system(state))
+            else:
+                agent = Agent(args.netmap, args.prefs, state, _make_system(state))
+            return agent.run(args.resync)
         if args.command == "down":
             return down(state, _make_system(state))
     except ConfigError as e:

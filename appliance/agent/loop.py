@@ -1,5 +1,10 @@
-"""The agent in static mode: reconcile the kernel toward a netmap file and a prefs
-file, again whenever either changes, and every `resync` seconds from a fresh read.
+"""The agent's main loop: reconcile the kernel toward a netmap and prefs, again
+whenever either file changes, and every `resync` seconds from a fresh read.
+
+Two sources of netmap, one loop:
+- static mode: a netmap file someone else writes (`meshpi agent --netmap F --prefs F`);
+- control mode (`meshpi agent`): the ControlLink thread long-polls control and
+  writes `<state>/netmap.json`; prefs live in `<state>/prefs.json` (`meshpi up/set`).
 
 Bad input never reaches the kernel: at start it ends the agent with the error
 (exit 2); later it is logged and the last good state stays in place.
@@ -13,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
@@ -40,19 +46,42 @@ class Inputs:
         return Scope(self.prefs.interface, self.prefs.table, self.prefs.fwmark)
 
 
-class StaticAgent:
+def offers(prefs: Prefs) -> dict[str, Any]:
+    """What this node tells control it offers (protocol v1, `update`)."""
+    return {
+        "endpoints": [str(e) for e in prefs.advertise_endpoints],
+        "advertise_routes": [str(r) for r in prefs.advertise_routes],
+        "advertise_exit_node": prefs.advertise_exit_node,
+    }
+
+
+class Agent:
     def __init__(
-        self, netmap_path: Path, prefs_path: Path, state: StateDir, make_system: SystemFactory
+        self,
+        netmap_path: Path,
+        prefs_path: Path,
+        state: StateDir,
+        make_system: SystemFactory,
+        control: bool = False,
     ) -> None:
         self.netmap_path, self.prefs_path = netmap_path, prefs_path
-        self.state, self.make_system = state, make_system
+        self.state, self.make_system, self.control = state, make_system, control
         self.key = state.node_key()
         self.system: System | None = None
         self.reconciler: Reconciler | None = None
         self.inputs: Inputs | None = None
 
+    @classmethod
+    def for_control(cls, state: StateDir, make_system: SystemFactory) -> Agent:
+        return cls(state.path / "netmap.json", state.path / "prefs.json", state, make_system, True)
+
+    def load_prefs(self) -> Prefs:
+        if self.control and not self.prefs_path.exists():
+            return Prefs()  # nobody ran `meshpi up/set` yet
+        return load_prefs(self.prefs_path)
+
     def load(self) -> Inputs:
-        return Inputs(load_netmap(self.netmap_path), load_prefs(self.prefs_path))
+        return Inputs(load_netmap(self.netmap_path), self.load_prefs())
 
     def desired(self, inputs: Inputs, system: System) -> State:
         facts = system.facts(inputs.scope)
@@ -67,9 +96,8 @@ class StaticAgent:
         if previous is not None and previous.scope != inputs.scope:
             log.info(
                 "prefs moved meshpi from %s to %s: removing the old",
-                previous.scope.interface,
-                inputs.scope.interface,
-            )
+                previous.scope.interface, inputs.scope.interface,
+            )  # fmt: skip
             Reconciler(self.system, previous.scope).sync(State())
         self.state.record_owned(Owned(inputs.scope, self.system.wireguard.name))
         self.reconciler = Reconciler(self.system, inputs.scope)
@@ -82,7 +110,11 @@ class StaticAgent:
 
     def update(self, reread: bool) -> None:
         """Files changed or a resync is due: re-plan and apply what differs."""
-        assert self.system is not None and self.reconciler is not None and self.inputs is not None
+        if self.inputs is None:
+            if self.netmap_path.exists():
+                self.start()
+            return
+        assert self.system is not None and self.reconciler is not None
         try:
             inputs = self.load()
             desired = self.desired(inputs, self.system)
@@ -100,36 +132,56 @@ class StaticAgent:
 
     def run(self, resync: float = 30.0) -> int:
         self.state.lock()
-        watcher = Watcher(
-            [self.netmap_path, self.prefs_path],
-            signals=[signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
-        )
+        link = None
+        watched = [self.netmap_path, self.prefs_path]
+        if self.control:
+            from appliance.agent.controllink import ControlLink
+
+            link = ControlLink(self.state, self.key, self.load_prefs, offers, self.netmap_path)
+            watched.append(link.login_path)
+        signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        watcher = Watcher(watched, signals=signals)
         try:
-            self.start()
-            next_resync = time.monotonic() + resync
-            while True:
-                changed = watcher.wait(next_resync - time.monotonic())
-                stop = {signal.SIGTERM, signal.SIGINT} & set(watcher.signals)
-                if stop:
-                    # The interface and the table stay up: a restarted agent takes them over.
-                    log.info(
-                        "stopping on %s; the data plane stays up", signal.Signals(stop.pop()).name
-                    )
-                    return 0
-                hup = signal.SIGHUP in watcher.signals
-                watcher.signals.clear()
-                due = time.monotonic() >= next_resync
-                if changed or hup or due:
-                    if changed:
-                        log.info("%s changed", ", ".join(sorted(p.name for p in changed)))
-                    try:
-                        self.update(reread=due or hup)
-                    except KernelError as e:
-                        log.error("%s; will retry at the next resync", e)
-                    if due:
-                        next_resync = time.monotonic() + resync
+            if self.netmap_path.exists() or not self.control:
+                self.start()
+            else:
+                log.info("no netmap yet: waiting for control")
+            if link is not None:
+                link.start()
+            return self._loop(watcher, link, resync)
         finally:
+            if link is not None:
+                link.stop()
             watcher.close()
+
+    def _loop(self, watcher: Watcher, link: Any, resync: float) -> int:
+        next_resync = time.monotonic() + resync
+        while True:
+            changed = watcher.wait(next_resync - time.monotonic())
+            stop = {signal.SIGTERM, signal.SIGINT} & set(watcher.signals)
+            if stop:
+                # The interface and the table stay up: a restarted agent takes them over.
+                log.info("stopping on %s; the data plane stays up", signal.Signals(stop.pop()).name)
+                return 0
+            hup = signal.SIGHUP in watcher.signals
+            watcher.signals.clear()
+            due = time.monotonic() >= next_resync
+            if link is not None:
+                if self.prefs_path in changed:
+                    link.offers_changed()
+                if link.login_path in changed:
+                    link.login_changed()
+            if changed or hup or due:
+                if changed:
+                    log.info("%s changed", ", ".join(sorted(p.name for p in changed)))
+                try:
+                    self.update(reread=due or hup)
+                except ConfigError as e:
+                    log.error("%s; waiting for a good one", e)
+                except KernelError as e:
+                    log.error("%s; will retry at the next resync", e)
+                if due:
+                    next_resync = time.monotonic() + resync
 
 
 def down(state: StateDir, make_system: SystemFactory) -> int:

@@ -1,6 +1,7 @@
 """The agent's state directory (/var/lib/meshpi): keys, ownership record, lock.
 
 - node.key      WireGuard private key, mode 0600, made here and never sent anywhere
+- machine.key   X25519 key that seals control requests, mode 0600, never sent anywhere
 - owned.json    which interface/table/fwmark/backend meshpi took, so `meshpi down`
                 removes exactly that even after prefs changed or the agent crashed
 - agent.pid     the running agent, held under an exclusive lock
@@ -22,6 +23,7 @@ from typing import IO
 from appliance.agent.files import atomic_write
 from appliance.core.keys import PrivateKey
 from appliance.core.model import Scope
+from appliance.wire.seal import MachineKey
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,36 @@ class StateDir:
         except ValueError as e:
             # Never overwrite a key silently: the node's identity would change.
             raise StateDirError(
-                f"{self.key_file}: not a WireGuard private key ({e}); "
-                "move it away to make a new identity"
+                f"{self.key_file}: not a WireGuard private key ({e}); move it away to make a new identity"
+            ) from None
+
+    # -- the machine key (who this node is to control) ---------------------------
+
+    @property
+    def machine_key_file(self) -> Path:
+        return self.path / "machine.key"
+
+    def machine_key(self) -> MachineKey:
+        """Load the machine key, making one on first use."""
+        self.ensure()
+        path = self.machine_key_file
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            key = MachineKey.generate()
+            atomic_write(path, key.secret_text() + "\n", mode=0o600)
+            log.info("made a new machine key in %s (public key %s)", path, key.public_key())
+            return key
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("%s was readable by others; made it 0600", path)
+        try:
+            return MachineKey.from_text(text)
+        except ValueError as e:
+            # Never overwrite it silently: control would see a new machine.
+            raise StateDirError(
+                f"{path}: not a machine key ({e}); move it away to make a new identity "
+                "(control will then see a new machine)"
             ) from None
 
     # -- what meshpi owns in the kernel ----------------------------------------
@@ -161,7 +191,5 @@ class StateDir:
                     return pid
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise AgentRunning(
-                            f"agent pid {pid} did not stop within {timeout:.0f} s"
-                        ) from None
+                        raise AgentRunning(f"agent pid {pid} did not stop within {timeout:.0f} s") from None
                     time.sleep(0.05)

@@ -16,7 +16,14 @@ from aiohttp import web
 
 from appliance.control.service import ControlService
 from appliance.control.store_records import NodeRecord, NotFound, PreauthKey, StoreError
-from appliance.wire.fields import ConfigError, Fields, int_range, parse_bool, parse_network, parse_str
+from appliance.wire.fields import (
+    ConfigError,
+    Fields,
+    int_range,
+    parse_bool,
+    parse_network,
+    parse_str,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE: web.AppKey[ControlService] = web.AppKey("service", ControlService)
@@ -141,9 +148,7 @@ async def create_key(request: web.Request) -> web.Response:
     seconds = f.get("expires_in", int_range(60, 10 * 365 * 86400), 3600)
     tags = f.get_list("tags", parse_str)
     f.done()
-    key, secret = await s.db(
-        s.store.create_preauth_key, reusable, s.now() + timedelta(seconds=seconds), tags
-    )
+    key, secret = await s.db(s.store.create_preauth_key, reusable, s.now() + timedelta(seconds=seconds), tags)
     # The only time the secret is ever shown.
     return web.json_response({**key_json(key), "key": secret}, status=201)
 

@@ -28,7 +28,6 @@ from appliance.control.store_records import (
     utcnow,
 )
 from appliance.core.keys import PublicKey
-from appliance.wire.netmap import EXIT_ROUTES
 from appliance.wire.fields import (
     ConfigError,
     Fields,
@@ -38,6 +37,7 @@ from appliance.wire.fields import (
     parse_public_key,
     parse_str,
 )
+from appliance.wire.netmap import EXIT_ROUTES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,7 +171,10 @@ class ControlService:
                 pass
             else:
                 self._sent(changes.version)
-                return {"version": changes.version, "delta": mapper.delta(node, changes, self.now())}
+                return {
+                    "version": changes.version,
+                    "delta": mapper.delta(node, changes, self.now()),
+                }
         # The version first: a change after it is in the list, or comes as a delta later.
         current = await self.db(self.store.mesh_version)
         records = await self.db(self.store.list_nodes)
@@ -179,7 +182,10 @@ class ControlService:
         if me is None:
             raise ApiError(403, "this node was removed")
         self._sent(current)
-        return {"version": current, "full": mapper.full_map(self.store.mesh, me, records, self.now())}
+        return {
+            "version": current,
+            "full": mapper.full_map(self.store.mesh, me, records, self.now()),
+        }
 
     def _sent(self, version: int) -> None:
         self.metrics.map_updates_sent += 1

@@ -1,0 +1,169 @@
+"""`meshpi-control`: run the coordination server, and administer it.
+
+    meshpi-control serve [--listen HOST:PORT] [--db URL] [--state-dir D]
+    meshpi-control nodes list|approve ID|remove ID|expire ID
+    meshpi-control routes list|approve ID CIDR...
+    meshpi-control keys create [--reusable] [--expires SECONDS] [--tag T]...|list|revoke ID
+
+The admin verbs talk to the running server's admin API with the token from the
+state directory, so every change reaches the nodes at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from appliance.control.keys import ControlKeyError
+
+DEFAULT_STATE_DIR = Path("/var/lib/meshpi-control")
+DEFAULT_LISTEN = "0.0.0.0:8080"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshpi-control", description="meshpi coordination server")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"control key, admin token, SQLite database (default {DEFAULT_STATE_DIR})",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    serve.add_argument("--db", help="sqlite path or postgresql://… URL (default STATE_DIR/control.db)")
+    serve.add_argument("--public-url", help="the URL nodes use, for the login URL it prints")
+
+    server_opt = argparse.ArgumentParser(add_help=False)
+    server_opt.add_argument("--server", default="http://127.0.0.1:8080", help="the server's URL")
+
+    nodes = sub.add_parser("nodes", help="list, approve, remove nodes, expire node keys")
+    nodes_sub = nodes.add_subparsers(dest="verb", required=True)
+    nodes_sub.add_parser("list", parents=[server_opt])
+    for verb in ("approve", "remove", "expire"):
+        nodes_sub.add_parser(verb, parents=[server_opt]).add_argument("id", type=int)
+
+    routes = sub.add_parser("routes", help="list advertised routes, approve them")
+    routes_sub = routes.add_subparsers(dest="verb", required=True)
+    routes_sub.add_parser("list", parents=[server_opt])
+    approve = routes_sub.add_parser(
+        "approve", parents=[server_opt], help="set the approved routes of a node (none: revoke all)"
+    )
+    approve.add_argument("id", type=int)
+    approve.add_argument("cidr", nargs="*")
+
+    keys = sub.add_parser("keys", help="pre-auth keys")
+    keys_sub = keys.add_subparsers(dest="verb", required=True)
+    create = keys_sub.add_parser("create", parents=[server_opt])
+    create.add_argument("--reusable", action="store_true")
+    create.add_argument("--expires", type=int, default=3600, metavar="SECONDS")
+    create.add_argument("--tag", action="append", default=[])
+    keys_sub.add_parser("list", parents=[server_opt])
+    keys_sub.add_parser("revoke", parents=[server_opt]).add_argument("id", type=int)
+    return p
+
+
+class AdminError(Exception):
+    pass
+
+
+def admin_call(server: str, token: str, method: str, path: str, body: object = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        server.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        with contextlib.suppress(ValueError):
+            detail = json.loads(detail).get("error", detail)
+        raise AdminError(f"{method} {path}: {e.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise AdminError(f"cannot reach the server at {server}: {e}") from None
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from appliance.control.keys import read_admin_token
+
+    token = read_admin_token(args.state_dir)
+
+    def call(method: str, path: str, body: object = None) -> Any:
+        return admin_call(args.server, token, method, path, body)
+
+    match args.command, args.verb:
+        case "nodes", "list":
+            nodes = call("GET", "/admin/v1/nodes")
+            print(f"{'ID':>4}  {'NAME':<20} {'STATE':<9} {'ONLINE':<6} ADDRESSES")
+            for n in nodes:
+                online = "yes" if n["online"] else "no"
+                print(f"{n['id']:>4}  {n['name']:<20} {n['state']:<9} {online:<6} {' '.join(n['addresses'])}")
+        case "nodes", "approve" | "expire" as verb:
+            n = call("POST", f"/admin/v1/nodes/{args.id}/{verb}")
+            print(f"{n['name']}: {verb}d")
+        case "nodes", "remove":
+            call("DELETE", f"/admin/v1/nodes/{args.id}")
+            print(f"node {args.id} removed")
+        case "routes", "list":
+            for n in call("GET", "/admin/v1/nodes"):
+                if n["advertised_routes"] or n["approved_routes"]:
+                    print(
+                        f"{n['id']:>4}  {n['name']:<20} "
+                        f"advertised: {', '.join(n['advertised_routes']) or '-'}"
+                        f"  approved: {', '.join(n['approved_routes']) or '-'}"
+                    )
+        case "routes", "approve":
+            n = call("POST", f"/admin/v1/nodes/{args.id}/routes", {"approved_routes": args.cidr})
+            print(f"{n['name']}: approved {', '.join(n['approved_routes']) or 'nothing'}")
+        case "keys", "create":
+            body = {"reusable": args.reusable, "expires_in": args.expires, "tags": args.tag}
+            key = call("POST", "/admin/v1/keys", body)
+            print(key["key"])
+        case "keys", "list":
+            for k in call("GET", "/admin/v1/keys"):
+                state = "revoked" if k["revoked"] else f"used {k['used']}x"
+                kind = "reusable" if k["reusable"] else "single-use"
+                print(f"{k['id']:>4}  {k['prefix']:<10} {kind:<10} {state:<10} expires {k['expires_at']}")
+        case "keys", "revoke":
+            call("DELETE", f"/admin/v1/keys/{args.id}")
+            print(f"key {args.id} revoked")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "serve":
+            from appliance.control.app import serve
+
+            serve(args.state_dir, args.listen, args.db, args.public_url)
+            return 0
+        return _admin(args)
+    except (AdminError, ControlKeyError) as e:
+        print(f"meshpi-control: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"meshpi-control: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""meshpi-control over real HTTP on loopback: the agent's client against the
+aiohttp app, the admin API, and hostile requests (always 4xx, never 5xx, and
+nothing changes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.agent.control_client import ControlClient, ControlRefused
+from appliance.control.app import create_app
+from appliance.control.cli import AdminError, admin_call
+from appliance.control.keys import load_admin_token, load_control_key
+from appliance.control.service import ControlService
+from appliance.control.store import open_store
+from appliance.core.keys import PrivateKey
+from appliance.wire.seal import ControlPublicKey, MachineKey, seal_request
+
+
+@dataclass
+class Server:
+    url: str
+    control_pub: ControlPublicKey
+    token: str
+    service: ControlService
+
+    def client(self, machine: MachineKey | None = None) -> ControlClient:
+        return ControlClient(self.url, machine or MachineKey.generate(), self.control_pub, timeout=10)
+
+    def admin(self, method: str, path: str, body: object = None) -> object:
+        return admin_call(self.url, self.token, method, path, body)
+
+    def post(self, path: str, data: bytes) -> int:
+        req = urllib.request.Request(self.url + path, data=data, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    key, token = load_control_key(tmp_path), load_admin_token(tmp_path)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict[str, object] = {}
+
+    async def start() -> web.AppRunner:
+        service = ControlService(lambda: open_store(tmp_path / "control.db"), map_timeout=1, batch=0.02)
+        runner = web.AppRunner(create_app(service, key, token), shutdown_timeout=1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        box["port"] = runner.addresses[0][1]
+        box["service"] = service
+        return runner
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        box["runner"] = loop.run_until_complete(start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    pub = ControlPublicKey(bytes(key.public_key))
+    try:
+        yield Server(f"http://127.0.0.1:{box['port']}", pub, token, box["service"])  # type: ignore[arg-type]
+    finally:
+        runner = box["runner"]
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)  # type: ignore[attr-defined]
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def _register(client: ControlClient, i: int, auth: str | None) -> dict[str, object]:
+    body = {"node_key": str(PrivateKey(bytes([i]) * 32).public_key()), "hostname": f"n{i}", "auth_key": auth}
+    return client.call("register", body)
+
+
+def test_app_join_map_and_admin_over_http(server: Server) -> None:
+    key = server.admin("POST", "/admin/v1/keys", {"reusable": True, "expires_in": 600})
+    secret = key["key"]  # type: ignore[index]
+    pi, laptop = server.client(), server.client()
+    assert _register(pi, 1, secret)["state"] == "approved"
+    assert _register(laptop, 2, secret)["state"] == "approved"
+    pi.call("update", {"advertise_routes": ["192.168.77.0/24"], "advertise_exit_node": True,
+                       "endpoints": ["198.51.100.1:51820"]})  # fmt: skip
+    full = laptop.call("map", {"version": None})
+    assert [p["name"] for p in full["full"]["peers"]] == ["n1"]
+    assert full["full"]["peers"][0]["routes"] == []  # advertised, not yet approved
+    nodes = server.admin("GET", "/admin/v1/nodes")
+    pi_id = next(n["id"] for n in nodes if n["name"] == "n1")  # type: ignore[union-attr, index]
+    server.admin("POST", f"/admin/v1/nodes/{pi_id}/routes", {"approved_routes": ["0.0.0.0/0", "::/0"]})
+    delta = laptop.call("map", {"version": full["version"]})
+    assert delta["delta"]["changed"][0]["routes"] == ["0.0.0.0/0", "::/0"]
+    metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    assert 'meshpi_nodes{state="approved"} 2' in metrics and "meshpi_map_updates_sent_total 2" in metrics
+
+
+def test_app_pending_node_is_refused_a_map_until_approved(server: Server) -> None:
+    client = server.client()
+    assert _register(client, 3, None)["state"] == "pending"
+    with pytest.raises(ControlRefused) as e:
+        client.call("map", {"version": None})
+    assert e.value.status == 403
+    with pytest.raises(ControlRefused) as e:
+        _register(server.client(), 4, "mpk-1-notakey")
+    assert e.value.status == 403
+
+
+def test_app_admin_needs_the_token(server: Server) -> None:
+    with pytest.raises(AdminError, match="401"):
+        admin_call(server.url, "wrong", "GET", "/admin/v1/nodes")
+    with pytest.raises(AdminError, match="400"):
+        server.admin("POST", "/admin/v1/keys", {"expires_in": "soon"})
+
+
+def test_app_replayed_and_wrong_key_requests_are_4xx(server: Server) -> None:
+    machine = MachineKey.generate()
+    client = server.client(machine)
+    client.call("register", {"node_key": str(PrivateKey(bytes([5]) * 32).public_key()), "hostname": "x"})
+    stranger = ControlPublicKey(bytes(MachineKey.generate().public_key()))
+    body, _ = seal_request(machine, stranger, {"op": "hello"})
+    assert server.post("/v1/hello", body) == 400
+    assert server.post("/v1/hello", b"") == 400
+    assert server.post("/v1/map", b"\x01" + b"x" * (2 << 20)) == 413
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["hello", "register", "map", "update", "logout", "nope"]), data=st.binary(max_size=600))
+def test_app_garbage_never_gets_a_5xx_nor_changes_state(server: Server, op: str, data: bytes) -> None:
+    before = server.admin("GET", "/admin/v1/nodes")
+    status = server.post(f"/v1/{op}", data)
+    assert 400 <= status < 500
+    assert server.admin("GET", "/admin/v1/nodes") == before
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_fields = st.sampled_from(
+    ["node_key", "hostname", "auth_key", "version", "endpoints", "advertise_routes", "advertise_exit_node"]
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    op=st.sampled_from(["register", "map", "update", "logout"]),
+    body=st.dictionaries(_fields | st.text(max_size=8), _json, max_size=5),
+)
+def test_app_authenticated_nonsense_is_4xx_never_5xx(server: Server, op: str, body: dict[str, object]) -> None:
+    client = server.client()
+    try:
+        client.call(op, body, timeout=5)
+    except ControlRefused as e:
+        assert 400 <= e.status < 500, e

@@ -1,0 +1,157 @@
+"""The server's session table, on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.control.sessions import (
+    IDLE,
+    WINDOW,
+    Replayed,
+    SessionMalformed,
+    Sessions,
+    SessionUnknown,
+    WrongMachine,
+)
+from appliance.wire.seal import MachineKey, make_nonce
+
+A = MachineKey.generate().public_key()
+B = MachineKey.generate().public_key()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_sessions_hello_then_requests_in_order(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    for n in range(1, 20):
+        sessions.check(sid, A, make_nonce(n))
+    assert len(sessions) == 1
+
+
+def test_sessions_unknown_session_is_401(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sessions.hello(A)
+    with pytest.raises(SessionUnknown) as e:
+        sessions.check("bm90IGEgc2Vzc2lvbg==", A, make_nonce(1))
+    assert e.value.status == 401 and e.value.message.startswith("session")
+
+
+@pytest.mark.parametrize("sid", [None, 5, ["x"]])
+def test_sessions_missing_session_id_is_400(clock: FakeClock, sid: object) -> None:
+    with pytest.raises(SessionMalformed) as e:
+        Sessions(clock).check(sid, A, make_nonce(1))
+    assert e.value.status == 400
+
+
+def test_sessions_request_number_zero_is_400(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    with pytest.raises(SessionMalformed):
+        sessions.check(sessions.hello(A), A, make_nonce(0))
+
+
+def test_sessions_wrong_machine_is_401_and_leaves_the_owner_alone(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    with pytest.raises(WrongMachine) as e:
+        sessions.check(sid, B, make_nonce(1))
+    assert e.value.status == 401
+    sessions.check(sid, A, make_nonce(1))  # number 1 was not used up by B
+
+
+def test_sessions_replay_is_409(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    nonce = make_nonce(1)
+    sessions.check(sid, A, nonce)
+    with pytest.raises(Replayed) as e:
+        sessions.check(sid, A, nonce)
+    assert e.value.status == 409
+    with pytest.raises(Replayed):  # same number, other random part: still that request
+        sessions.check(sid, A, make_nonce(1))
+
+
+def test_sessions_overtaking_requests_within_the_window_are_accepted(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    for n in (3, 1, 2, 5, 4, WINDOW + 4):
+        sessions.check(sid, A, make_nonce(n))
+    sessions.check(sid, A, make_nonce(5 + 1))  # 6 was never seen and is within the window
+    for n in (1, 2, 3, 4, 5, 6, WINDOW + 4):
+        with pytest.raises(Replayed):
+            sessions.check(sid, A, make_nonce(n))
+    with pytest.raises(Replayed, match="too old"):
+        sessions.check(sid, A, make_nonce(3))  # never accepted, but now behind the window
+
+
+def test_sessions_huge_number_jump_stays_small_and_refuses_replays(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    sessions.check(sid, A, make_nonce(1))
+    top = 2**64 - 1
+    sessions.check(sid, A, make_nonce(top))
+    with pytest.raises(Replayed):
+        sessions.check(sid, A, make_nonce(top))
+    with pytest.raises(Replayed):
+        sessions.check(sid, A, make_nonce(1))
+    sessions.check(sid, A, make_nonce(top - 1))
+
+
+def test_sessions_expire_after_an_idle_hour(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    clock.now += IDLE - 1
+    sessions.check(sid, A, make_nonce(1))  # use resets the idle time
+    clock.now += IDLE - 1
+    sessions.check(sid, A, make_nonce(2))
+    clock.now += IDLE
+    with pytest.raises(SessionUnknown):
+        sessions.check(sid, A, make_nonce(3))
+    assert len(sessions) == 0
+
+
+def test_sessions_idle_ones_are_swept_by_a_hello(clock: FakeClock) -> None:
+    sessions = Sessions(clock)
+    for _ in range(5):
+        sessions.hello(A)
+    clock.now += IDLE
+    sessions.hello(B)
+    assert len(sessions) == 1
+
+
+def test_sessions_end_after_max_requests(clock: FakeClock) -> None:
+    sessions = Sessions(clock, max_requests=100)
+    sid = sessions.hello(A)
+    for n in range(1, 101):
+        sessions.check(sid, A, make_nonce(n))
+    with pytest.raises(SessionUnknown):
+        sessions.check(sid, A, make_nonce(101))
+
+
+def test_sessions_cap_evicts_the_least_recently_used(clock: FakeClock) -> None:
+    sessions = Sessions(clock, max_sessions=3)
+    first, second, third = (sessions.hello(A) for _ in range(3))
+    sessions.check(first, A, make_nonce(1))  # first is now the most recently used
+    fourth = sessions.hello(B)
+    assert len(sessions) == 3
+    with pytest.raises(SessionUnknown):
+        sessions.check(second, A, make_nonce(1))
+    for n, sid in enumerate((first, third, fourth), start=2):
+        sessions.check(sid, B if sid == fourth else A, make_nonce(n))
+
+
+def test_sessions_default_cap_is_documented() -> None:
+    from appliance.control import sessions as module
+
+    assert f"{module.MAX_SESSIONS:,}" in (module.__doc__ or "")

@@ -100,7 +100,8 @@ def serve(state_dir: Path, listen: str, db: str | None, public_url: str | None) 
     app = create_app(service, key, token)
     shown = public_url or f"http://{host if host not in ('', '0.0.0.0', '::') else '<this host>'}:{port}"
     log.info("meshpi control on %s; nodes log in with: %s", listen, login_url(shown, key.public_key))
-    web.run_app(app, host=host or None, port=int(port), print=None, access_log=None)
+    # Long-polls end at once on shutdown: agents simply poll again when it is back.
+    web.run_app(app, host=host or None, port=int(port), print=None, access_log=None, shutdown_timeout=2)
 
 
 def _b64(data: bytes) -> str:

@@ -219,9 +219,7 @@ class GpioLed:
     `pin_factory=None` lets gpiozero pick a factory (GPIOZERO_PIN_FACTORY or its
     fallback order); tests pass `gpiozero.pins.mock.MockFactory()`."""
 
-    def __init__(
-        self, pin: int, *, pin_factory: Factory | None = None, active_high: bool = True
-    ) -> None:
+    def __init__(self, pin: int, *, pin_factory: Factory | None = None, active_high: bool = True) -> None:
         self.pin = pin
         self._led = LED(pin, active_high=active_high, initial_value=False, pin_factory=pin_factory)
         self._player: _PatternPlayer | None = None

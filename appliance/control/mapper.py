@@ -32,9 +32,7 @@ def wire_node(record: NodeRecord) -> Node:
     )
 
 
-def full_map(
-    mesh: Mesh, viewer: NodeRecord, records: Iterable[NodeRecord], now: datetime
-) -> dict[str, Any]:
+def full_map(mesh: Mesh, viewer: NodeRecord, records: Iterable[NodeRecord], now: datetime) -> dict[str, Any]:
     peers = tuple(wire_node(r) for r in records if r.id != viewer.id and visible(r, now))
     return netmap_json(Netmap(mesh, wire_node(viewer), peers))
 

@@ -187,9 +187,7 @@ class Store:
                 raise MeshFull(f"all {index - 1} addresses of {self.mesh.ipv4} were handed out")
             # Names are few per base; LIKE's pattern is bound, and a base is only
             # [a-z0-9-], so it holds no wildcard.
-            taken = tx.all(
-                "SELECT name FROM nodes WHERE name = ? OR name LIKE ?", base, base + "-%"
-            )
+            taken = tx.all("SELECT name FROM nodes WHERE name = ? OR name LIKE ?", base, base + "-%")
             name = pick_name(base, (row[0] for row in taken))
             version += 1
             tx.run(
@@ -323,9 +321,7 @@ class Store:
     def touch_last_seen(self, node_id: int, now: datetime | None = None) -> None:
         """Record that the node was heard from. No version: nobody is woken for it."""
         when = to_epoch(now or utcnow())
-        changed = self.db.run(
-            lambda tx: tx.run("UPDATE nodes SET last_seen = ? WHERE id = ?", when, node_id)
-        )
+        changed = self.db.run(lambda tx: tx.run("UPDATE nodes SET last_seen = ? WHERE id = ?", when, node_id))
         if not changed:
             raise NotFound(f"no node with id {node_id}")
 

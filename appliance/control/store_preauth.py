@@ -93,8 +93,7 @@ def use(db: Database, secret_text: str, now: datetime) -> PreauthKey:
         # FOR UPDATE (PostgreSQL): two registrations racing on a single-use key
         # queue here, and the second sees the first one's use.
         row = tx.one(
-            f"SELECT {PREAUTH_COLUMNS}, secret_sha256 FROM preauth_keys WHERE id = ?"
-            + tx.for_update,
+            f"SELECT {PREAUTH_COLUMNS}, secret_sha256 FROM preauth_keys WHERE id = ?" + tx.for_update,
             key_id,
         )
         # Unknown id and wrong secret look the same to the caller: no probing for ids.

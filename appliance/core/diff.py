@@ -67,21 +67,13 @@ def diff(current: State, desired: State) -> list[Change]:
         # Find what differs first, sort only that: a thousand unchanged peers
         # cost a dict lookup and a comparison each.
         new = [p for k, p in desired.peers.items() if k not in live_peers]
-        changed = [
-            p
-            for k, p in desired.peers.items()
-            if k in live_peers and _peer_differs(live_peers[k], p)
-        ]
+        changed = [p for k, p in desired.peers.items() if k in live_peers and _peer_differs(live_peers[k], p)]
         adds += [AddPeer(want.name, p) for p in sorted(new, key=_by_key)]
         adds += [UpdatePeer(want.name, p) for p in sorted(changed, key=_by_key)]
         if not fresh:
             gone = [p for k, p in current.peers.items() if k not in desired.peers]
-            deletes += [
-                RemovePeer(want.name, p.public_key, p.name) for p in sorted(gone, key=_by_key)
-            ]
-            deletes += [
-                RemoveAddress(want.name, a) for a in _sorted(current.addresses - desired.addresses)
-            ]
+            deletes += [RemovePeer(want.name, p.public_key, p.name) for p in sorted(gone, key=_by_key)]
+            deletes += [RemoveAddress(want.name, a) for a in _sorted(current.addresses - desired.addresses)]
 
     live_routes = frozenset(r for r in current.routes if r.dev != dropped)
     adds += [AddRoute(r) for r in sorted(desired.routes - live_routes, key=str)]
@@ -92,9 +84,7 @@ def diff(current: State, desired: State) -> list[Change]:
 
     # Deletes run in the reverse order of adds: rules stop using routes before
     # the routes go, forwarding stops before the firewall goes.
-    removes: list[Change] = [
-        RemoveRule(r) for r in sorted(current.rules - desired.rules, key=_rule_order)
-    ]
+    removes: list[Change] = [RemoveRule(r) for r in sorted(current.rules - desired.rules, key=_rule_order)]
     removes += [RestoreSysctl(k) for k in current.sysctls if k not in desired.sysctls]
     if desired.nft is None and current.nft is not None:
         removes.append(DeleteNft())

@@ -79,9 +79,7 @@ def render(plan: FirewallPlan) -> str:
     ]
     if not plan.foreign_forwarding:
         # meshpi turned forwarding on; it must not make this host a router for anyone else.
-        forward.append(
-            'counter drop comment "not mesh traffic: this host routes only for the mesh"'
-        )
+        forward.append('counter drop comment "not mesh traffic: this host routes only for the mesh"')
 
     to_mesh = [
         "ct state established,related accept",

@@ -59,21 +59,14 @@ def plan(
     dev = prefs.interface
 
     peers = {
-        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer)
-        for p in netmap.peers
+        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer) for p in netmap.peers
     }
     addresses = frozenset(
-        host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6)
-        for a in me.addresses
+        host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6) for a in me.addresses
     )
     # Mesh addresses are reached through the prefix route of our own address;
     # only subnet routes need routes of their own.
-    routes = {
-        Route(net, dev)
-        for node in netmap.peers
-        if prefs.accept_routes
-        for net in node.subnet_routes
-    }
+    routes = {Route(net, dev) for node in netmap.peers if prefs.accept_routes for net in node.subnet_routes}
     rules: set[Rule] = set()
     sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
     if exit_peer is not None:
@@ -102,8 +95,7 @@ def plan(
 def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool) -> Peer:
     """Memoised: a netmap in which one peer changed re-plans one peer."""
     allowed: list[IPNetwork] = [
-        IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128))
-        for a in node.addresses
+        IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128)) for a in node.addresses
     ]
     if accept_routes:
         allowed += node.subnet_routes

@@ -60,17 +60,11 @@ class FakeKernel:
                 out.append(f"  wg key {pub} port {link.wg.listen_port} fwmark {link.wg.fwmark:#x}")
                 for key, peer in sorted(link.wg.peers.items()):
                     endpoint = f" endpoint {peer.endpoint}" if peer.endpoint else ""
-                    keepalive = (
-                        f" keepalive {peer.persistent_keepalive}"
-                        if peer.persistent_keepalive
-                        else ""
-                    )
+                    keepalive = f" keepalive {peer.persistent_keepalive}" if peer.persistent_keepalive else ""
                     allowed = ",".join(map(str, peer.allowed_ips))
                     out.append(f"  peer {key} allowed {allowed}{endpoint}{keepalive}")
         out += [f"route {r}" for r in sorted(self.routes, key=str)]
-        out += [
-            f"rule {r}" for r in sorted(self.rules, key=lambda r: (r.priority, r.family, str(r)))
-        ]
+        out += [f"rule {r}" for r in sorted(self.rules, key=lambda r: (r.priority, r.family, str(r)))]
         out += [f"sysctl {k} = {v}" for k, v in sorted(self.proc.items())]
         if self.nft is not None:
             out.append(f"nft table inet meshpi {self.nft.digest}")
@@ -154,9 +148,7 @@ class FakeLinks:
             self.k.links[ifname].addresses.discard(address)
 
     def routes(self, scope: Scope) -> frozenset[Route]:
-        return frozenset(
-            r for r in self.k.routes if r.dev == scope.interface or r.table == scope.table
-        )
+        return frozenset(r for r in self.k.routes if r.dev == scope.interface or r.table == scope.table)
 
     def add_route(self, route: Route) -> None:
         self.k.link(route.dev)

@@ -40,13 +40,7 @@ def render(ruleset: NftRuleset) -> str:
     if not _DIGEST.fullmatch(ruleset.digest):
         raise ValueError(f"nft ruleset digest {ruleset.digest!r}: expected [0-9A-Za-z_.-]+")
     body = ruleset.text if ruleset.text.endswith("\n") or not ruleset.text else ruleset.text + "\n"
-    return (
-        f"{_DELETE}"
-        f"table {_QUALIFIED} {{\n"
-        f'    comment "{COMMENT_PREFIX}{ruleset.digest}"\n'
-        f"{body}"
-        "}\n"
-    )
+    return f'{_DELETE}table {_QUALIFIED} {{\n    comment "{COMMENT_PREFIX}{ruleset.digest}"\n{body}}}\n'
 
 
 def parse_digest(listing: str) -> str:

@@ -82,9 +82,7 @@ class System:
     def facts(self, scope: Scope) -> HostFacts:
         return HostFacts(
             connected=self.links.connected(exclude=scope.interface),
-            forwarding_preexisting=any(
-                self.sysctls.before_meshpi(k) == "1" for k in FORWARDING_KEYS
-            ),
+            forwarding_preexisting=any(self.sysctls.before_meshpi(k) == "1" for k in FORWARDING_KEYS),
         )
 
     # -- applying ------------------------------------------------------------

@@ -22,9 +22,7 @@ _MODULE_DIR = Path("/sys/module/wireguard")
 
 def check_ifname(ifname: str) -> None:
     if not ifname or len(ifname) >= IFNAMSIZ or "/" in ifname or any(c.isspace() for c in ifname):
-        raise ValueError(
-            f"{ifname!r} is not a valid interface name (1-15 characters, no / or spaces)"
-        )
+        raise ValueError(f"{ifname!r} is not a valid interface name (1-15 characters, no / or spaces)")
 
 
 def check_update(update: WgUpdate) -> None:
@@ -48,13 +46,9 @@ def summary(update: WgUpdate) -> str:
     if update.fwmark is not None:
         parts.append(f"fwmark {update.fwmark:#x}")
     if update.upsert:
-        parts.append(
-            f"{len(update.upsert)} peer(s) set: " + _labels(p.label for p in update.upsert)
-        )
+        parts.append(f"{len(update.upsert)} peer(s) set: " + _labels(p.label for p in update.upsert))
     if update.remove:
-        parts.append(
-            f"{len(update.remove)} peer(s) removed: " + _labels(k.short for k in update.remove)
-        )
+        parts.append(f"{len(update.remove)} peer(s) removed: " + _labels(k.short for k in update.remove))
     return "; ".join(parts) or "nothing"
 
 

@@ -107,18 +107,13 @@ def peer_attrs(peer: Peer) -> dict[str, Any]:
 
 
 def removal_attrs(key: PublicKey) -> dict[str, Any]:
-    return {
-        "attrs": [["WGPEER_A_PUBLIC_KEY", _key(key.raw)], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]
-    }
+    return {"attrs": [["WGPEER_A_PUBLIC_KEY", _key(key.raw)], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]}
 
 
 def _chunks(update: WgUpdate, budget: int) -> Iterator[list[dict[str, Any]]]:
     chunk: list[dict[str, Any]] = []
     size = 0
-    sized = [
-        (peer_attrs(p), _PEER_OVERHEAD + _ALLOWED_IP_SIZE * len(p.allowed_ips))
-        for p in update.upsert
-    ]
+    sized = [(peer_attrs(p), _PEER_OVERHEAD + _ALLOWED_IP_SIZE * len(p.allowed_ips)) for p in update.upsert]
     sized += [(removal_attrs(k), _PEER_OVERHEAD) for k in update.remove]
     for attrs, cost in sized:
         if chunk and size + cost > budget:
@@ -181,11 +176,7 @@ def parse_dump(messages: Iterable[Any]) -> WgDevice:
         fwmark = msg.get_attr("WGDEVICE_A_FWMARK", fwmark)
         for peer in msg.get_attr("WGDEVICE_A_PEERS") or ():
             key = PublicKey(b64decode(peer.get_attr("WGPEER_A_PUBLIC_KEY")))
-            ips = [
-                ip_network(a["addr"])
-                for a in peer.get_attr("WGPEER_A_ALLOWEDIPS") or ()
-                if a.get("addr")
-            ]
+            ips = [ip_network(a["addr"]) for a in peer.get_attr("WGPEER_A_ALLOWEDIPS") or () if a.get("addr")]
             nets.setdefault(key, []).extend(ips)
             if key in base and peer.get_attr("WGPEER_A_RX_BYTES") is None:
                 continue  # a continuation: allowed IPs only
@@ -242,9 +233,7 @@ def _open() -> _WireGuardSocket:
     except NetlinkError as e:
         if e.code in _GENL_MISSING:
             raise WireGuardUnavailable(f"{_NO_MODULE} (no wireguard generic netlink family)") from e
-        raise KernelError(
-            f"opening the wireguard netlink family failed: {os_strerror(e.code)}"
-        ) from e
+        raise KernelError(f"opening the wireguard netlink family failed: {os_strerror(e.code)}") from e
 
 
 # --- the backend -----------------------------------------------------------------
@@ -279,9 +268,7 @@ class NetlinkWireGuard:
         msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
         try:
             with _open() as wg:
-                dump = list(
-                    wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_DUMP)
-                )
+                dump = list(wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
         except WireGuardUnavailable:
             return None  # no module, so no WireGuard interface of any name
         except NetlinkError as e:
@@ -297,9 +284,7 @@ class NetlinkWireGuard:
         try:
             with _open() as wg:
                 for msg in messages:
-                    tuple(
-                        wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
-                    )
+                    tuple(wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
         except WireGuardUnavailable as e:
             raise InterfaceNotFound(f"{ifname}: no WireGuard device ({_NO_MODULE})") from e
         except NetlinkError as e:

@@ -232,9 +232,7 @@ class UapiWireGuard:
                 "the socket directory is shared, so pick an interface name unique on this host"
             )
         if _link_exists(ifname):
-            raise KernelError(
-                f"{ifname}: a link with this name exists and is not run by wireguard-go"
-            )
+            raise KernelError(f"{ifname}: a link with this name exists and is not run by wireguard-go")
         exe = shutil.which(self.wireguard_go)
         if exe is None:
             raise WireGuardUnavailable(f"{self.wireguard_go} is not installed (not found on PATH)")
@@ -351,18 +349,14 @@ class UapiWireGuard:
             except PermissionError as e:
                 raise PermissionDenied(f"{ifname}: no permission to open {path}") from e
             except TimeoutError as e:
-                raise KernelError(
-                    f"{ifname}: wireguard-go did not answer within {IO_TIMEOUT:g} s"
-                ) from e
+                raise KernelError(f"{ifname}: wireguard-go did not answer within {IO_TIMEOUT:g} s") from e
             except OSError as e:
                 raise KernelError(f"{ifname}: talking to {path} failed: {e.strerror}") from e
         if not reply:
             raise missing  # closed without a word: the daemon is shutting down
         return reply.decode("utf-8", errors="replace").rstrip("\n").split("\n")
 
-    def _error(
-        self, ifname: str, op: str, code: int, update: WgUpdate | None = None
-    ) -> KernelError:
+    def _error(self, ifname: str, op: str, code: int, update: WgUpdate | None = None) -> KernelError:
         meaning = _ERRNO_MEANING.get(code, os.strerror(code))
         if code == errno.EADDRINUSE and update is not None and update.listen_port is not None:
             meaning = f"cannot bind listen port {update.listen_port}: it is already in use"

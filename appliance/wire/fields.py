@@ -81,9 +81,7 @@ class Fields:
         except (ValueError, TypeError) as e:
             raise self.error(key, value, str(e)) from None
 
-    def get_list(
-        self, key: str, parse: Callable[[object], T], default: tuple[T, ...] = ()
-    ) -> tuple[T, ...]:
+    def get_list(self, key: str, parse: Callable[[object], T], default: tuple[T, ...] = ()) -> tuple[T, ...]:
         self._seen.add(key)
         if key not in self.obj or self.obj[key] is None:
             return default
@@ -100,9 +98,7 @@ class Fields:
         unknown = sorted(set(self.obj) - self._seen)
         if unknown:
             known = ", ".join(sorted(self._seen))
-            raise self.error(
-                unknown[0], self.obj[unknown[0]], f"is an unknown field (known: {known})"
-            )
+            raise self.error(unknown[0], self.obj[unknown[0]], f"is an unknown field (known: {known})")
 
 
 # -- one parser per kind of value. Each raises ValueError with the reason only;
@@ -182,9 +178,7 @@ def parse_network(value: object) -> IPNetwork:
         return ip_network(text, strict=True)
     except ValueError as e:
         if "host bits set" in str(e):
-            raise ValueError(
-                f"has host bits set (did you mean {ip_network(text, strict=False)}?)"
-            ) from None
+            raise ValueError(f"has host bits set (did you mean {ip_network(text, strict=False)}?)") from None
         raise ValueError("is not a network in CIDR form (like 192.168.1.0/24)") from None
 
 

@@ -161,9 +161,7 @@ def _check_unique(source: str, netmap: Netmap) -> None:
     names = {n.name for n in everyone}
     keys = {n.public_key.raw for n in everyone}
     addresses = {(a.version, int(a)) for n in everyone for a in n.addresses}
-    if len(names) == len(keys) == len(everyone) and len(addresses) == sum(
-        len(n.addresses) for n in everyone
-    ):
+    if len(names) == len(keys) == len(everyone) and len(addresses) == sum(len(n.addresses) for n in everyone):
         return  # the common case, checked with C-speed sets; below finds the culprit
     seen: dict[object, str] = {}
     nodes = [("self", netmap.self_node)] + [(f"peers[{i}]", p) for i, p in enumerate(netmap.peers)]
@@ -173,9 +171,7 @@ def _check_unique(source: str, netmap: Netmap) -> None:
         for field, value in facts:
             if value in seen:
                 shown = str(value)
-                raise ConfigError(
-                    source, f"{path}.{field}", shown, f"is already used by {seen[value]}"
-                )
+                raise ConfigError(source, f"{path}.{field}", shown, f"is already used by {seen[value]}")
             seen[value] = path
 
 

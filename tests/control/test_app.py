@@ -140,7 +140,9 @@ def test_app_replayed_and_wrong_key_requests_are_4xx(server: Server) -> None:
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(op=st.sampled_from(["hello", "register", "map", "update", "logout", "nope"]), data=st.binary(max_size=600))
+@given(
+    op=st.sampled_from(["hello", "register", "map", "update", "logout", "nope"]), data=st.binary(max_size=600)
+)
 def test_app_garbage_never_gets_a_5xx_nor_changes_state(server: Server, op: str, data: bytes) -> None:
     before = server.admin("GET", "/admin/v1/nodes")
     status = server.post(f"/v1/{op}", data)
@@ -163,7 +165,9 @@ _fields = st.sampled_from(
     op=st.sampled_from(["register", "map", "update", "logout"]),
     body=st.dictionaries(_fields | st.text(max_size=8), _json, max_size=5),
 )
-def test_app_authenticated_nonsense_is_4xx_never_5xx(server: Server, op: str, body: dict[str, object]) -> None:
+def test_app_authenticated_nonsense_is_4xx_never_5xx(
+    server: Server, op: str, body: dict[str, object]
+) -> None:
     client = server.client()
     try:
         client.call(op, body, timeout=5)

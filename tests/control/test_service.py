@@ -30,9 +30,7 @@ def nodekey(i: int) -> PublicKey:
 
 def run(tmp_path: Path, scenario: Callable[[ControlService], Awaitable[None]]) -> None:
     async def main() -> None:
-        service = ControlService(
-            lambda: open_store(tmp_path / "control.db"), map_timeout=2, batch=0.02
-        )
+        service = ControlService(lambda: open_store(tmp_path / "control.db"), map_timeout=2, batch=0.02)
         try:
             await scenario(service)
         finally:
@@ -47,9 +45,7 @@ async def join(service: ControlService, i: int, name: str, auth: str | None) -> 
 
 
 async def auth_key(service: ControlService, reusable: bool = True) -> str:
-    _, secret = await service.db(
-        service.store.create_preauth_key, reusable, utcnow() + timedelta(hours=1)
-    )
+    _, secret = await service.db(service.store.create_preauth_key, reusable, utcnow() + timedelta(hours=1))
     return secret
 
 
@@ -87,9 +83,7 @@ def test_service_long_poll_gets_a_delta_for_a_change(tmp_path: Path) -> None:
             },
         )
         pi_id = (await s.db(s.store.get_node_by_machine_key, machine(1))).id  # type: ignore[union-attr]
-        await s.changed(
-            s.store.approve_routes, pi_id, [ip_network("0.0.0.0/0"), ip_network("::/0")]
-        )
+        await s.changed(s.store.approve_routes, pi_id, [ip_network("0.0.0.0/0"), ip_network("::/0")])
         answer = await asyncio.wait_for(poll, 2)
         assert "delta" in answer and answer["version"] > first["version"]
         netmap = apply_delta(netmap, answer["delta"])

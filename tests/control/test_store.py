@@ -52,9 +52,7 @@ def register(store: Store, hostname: str = "laptop", **kwargs: object) -> NodeRe
 
 def raw_rows(store: Store, table: str) -> list[tuple[object, ...]]:
     # The table name is one of this file's literals, never input.
-    return [
-        tuple(r) for r in store.db.run(lambda tx: tx.all(f"SELECT * FROM {table}"), write=False)
-    ]
+    return [tuple(r) for r in store.db.run(lambda tx: tx.all(f"SELECT * FROM {table}"), write=False)]
 
 
 # --- opening and migrations ---
@@ -426,9 +424,7 @@ def test_changes_since_costs_o_change_on_2000_nodes(store: Store) -> None:
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_store_postgres_reconnects_after_losing_its_connection(
-    store: Store, pg_cluster: PgCluster
-) -> None:
+def test_store_postgres_reconnects_after_losing_its_connection(store: Store, pg_cluster: PgCluster) -> None:
     node = register(store)
     row = store.db.run(lambda tx: tx.one("SELECT pg_backend_pid()"), write=False)
     assert row is not None

@@ -50,9 +50,7 @@ def parse_ping(text: str) -> PingResult:
     return PingResult(int(counts[1]), int(counts[2]), float(rtt[1]) if rtt else None)
 
 
-def wait_for(
-    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02
-) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
     """Poll until predicate() is truthy and return its value; LabError after timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -159,18 +157,14 @@ class Host:
     def udp_echo_server(self, port: int = WIREGUARD_PORT) -> ToolServer:
         return self._server("udp-echo", port)
 
-    def fetch(
-        self, dst: str, request: str = "whoami", port: int = WHOAMI_PORT, timeout: float = 5
-    ) -> str:
+    def fetch(self, dst: str, request: str = "whoami", port: int = WHOAMI_PORT, timeout: float = 5) -> str:
         """One request to a whoami server; returns what the client printed."""
         return self._tool(["fetch", dst, str(port), request, "--timeout", str(timeout)], timeout)
 
     def udp(self, dst: str, port: int, message: str = "hello", timeout: float = 2) -> str:
         return self._tool(["udp", dst, str(port), message, "--timeout", str(timeout)], timeout)
 
-    def ping_result(
-        self, dst: str, count: int = 3, interval: float = 0.2, wait: float = 1
-    ) -> PingResult:
+    def ping_result(self, dst: str, count: int = 3, interval: float = 0.2, wait: float = 1) -> PingResult:
         # ping exits 1 when nothing came back; the summary says so, so don't check.
         cmd = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait), dst]
         res = self.run(cmd, check=False, timeout=count * interval + wait + 10)

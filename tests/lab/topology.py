@@ -201,9 +201,7 @@ class Lab:
     laptop: Host
     laptop2: Host | None
 
-    def __init__(
-        self, *, pmtu_blackhole: bool = False, laptop2: bool = False, keep: bool = False
-    ) -> None:
+    def __init__(self, *, pmtu_blackhole: bool = False, laptop2: bool = False, keep: bool = False) -> None:
         n = next(_lab_counter)
         self.run_id = str(os.getpid()) if n == 0 else f"{os.getpid()}x{n}"
         self.prefix = f"mp{self.run_id}-"

@@ -63,9 +63,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_agent_input_rejected_before_any_kernel_change(
-    netns: str, tmp_path: Path, case: str
-) -> None:
+def test_agent_input_rejected_before_any_kernel_change(netns: str, tmp_path: Path, case: str) -> None:
     which, edit, field, value = CASES[case]
     sh("ip", "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
     sh("ip", "-n", netns, "link", "set", "eth0", "up")
@@ -116,9 +114,7 @@ def test_agent_input_good_files_do_change_the_kernel(netns: str, tmp_path: Path)
         for line in agent.stderr:
             if "is up" in line or "took over" in line:
                 break
-        assert "masquerade" in sh(
-            "ip", "netns", "exec", netns, "nft", "list", "table", "inet", "meshpi"
-        )
+        assert "masquerade" in sh("ip", "netns", "exec", netns, "nft", "list", "table", "inet", "meshpi")
     finally:
         agent.terminate()
         agent.wait(timeout=10)

@@ -101,8 +101,7 @@ def test_dataplane_exit_node_carries_laptop_to_internet(world: World) -> None:
     assert rx_before is not None and rx_after is not None and rx_after[0] > rx_before[0]
     # Without the tunnel the laptop's own router would be seen: prove the path.
     assert (
-        lab.laptop.run(["ip", "route", "get", SERVER_V4]).stdout.split()[2]
-        == world.mesh["laptop"].interface
+        lab.laptop.run(["ip", "route", "get", SERVER_V4]).stdout.split()[2] == world.mesh["laptop"].interface
     )
 
 

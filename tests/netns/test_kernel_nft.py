@@ -42,9 +42,7 @@ SUBNET_ROUTER = NftRuleset.from_text(
 
 
 def nft(*args: str, stdin: str | None = None) -> str:
-    return subprocess.run(
-        ["nft", *args], input=stdin, check=True, capture_output=True, text=True
-    ).stdout
+    return subprocess.run(["nft", *args], input=stdin, check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture

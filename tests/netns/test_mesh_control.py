@@ -173,7 +173,7 @@ def test_mesh_route_approval_takes_effect_within_2s_and_exit_works(world: World)
 
 
 def test_mesh_control_outage_loses_nothing_and_reconnects(world: World) -> None:
-    lab, pi, laptop = world.lab, world.nodes["pi"], world.nodes["laptop"]
+    lab, pi = world.lab, world.nodes["pi"]
     lab.stop_process(world.control)
     ping = subprocess.Popen(
         ["ip", "netns", "exec", lab.laptop.ns, "ping", "-n", "-q", "-c", "300", "-i", "0.2", pi.mesh_v4()],

@@ -48,9 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 def kernel_wireguard_missing() -> bool:
     """Try `ip link add … type wireguard` in the current namespace."""
     probe = f"mpwgp{TAG}"
-    r = subprocess.run(
-        ["ip", "link", "add", probe, "type", "wireguard"], capture_output=True, text=True
-    )
+    r = subprocess.run(["ip", "link", "add", probe, "type", "wireguard"], capture_output=True, text=True)
     if r.returncode == 0:
         subprocess.run(["ip", "link", "del", probe], check=True)
         return False
@@ -169,9 +167,7 @@ def test_wireguard_upsert_replaces_allowed_ips(backend: WireGuardBackend, wg: st
     assert read(backend, wg).peers == {peer(1).public_key: peer(1, "10.0.0.7/32", keepalive=10)}
 
 
-def test_wireguard_upsert_without_endpoint_keeps_endpoint(
-    backend: WireGuardBackend, wg: str
-) -> None:
+def test_wireguard_upsert_without_endpoint_keeps_endpoint(backend: WireGuardBackend, wg: str) -> None:
     backend.configure(wg, WgUpdate(upsert=(peer(1, "10.0.0.1/32", endpoint="192.0.2.9:1234"),)))
     backend.configure(wg, WgUpdate(upsert=(peer(1, "10.0.0.2/32"),)))
     got = read(backend, wg).peers[peer(1).public_key]
@@ -232,9 +228,7 @@ def test_wireguard_userspace_update_is_one_round_trip(
 
     monkeypatch.setattr(UapiWireGuard, "_transact", spy)
     peers = tuple(peer(i, f"10.0.{i}.0/24") for i in range(1, 200))
-    UapiWireGuard().configure(
-        wg, WgUpdate(listen_port=51998, upsert=peers, remove=(peer(999).public_key,))
-    )
+    UapiWireGuard().configure(wg, WgUpdate(listen_port=51998, upsert=peers, remove=(peer(999).public_key,)))
     assert len(requests) == 1 and requests[0].startswith(b"set=1\n")
     assert requests[0].count(b"set=1") == 1 and requests[0].endswith(b"\n\n")
 

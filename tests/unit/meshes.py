@@ -10,10 +10,7 @@ from appliance.core.model import Connected, HostFacts
 from appliance.wire.netmap import Netmap, parse_netmap
 
 MESH = {"ipv4": "100.64.0.0/10", "ipv6": "fd7a:6d70:6900::/48"}
-KEYS = {
-    name: PrivateKey(bytes([i + 1]) * 32)
-    for i, name in enumerate(["pi", "laptop", "phone", "office"])
-}
+KEYS = {name: PrivateKey(bytes([i + 1]) * 32) for i, name in enumerate(["pi", "laptop", "phone", "office"])}
 ADDRS = {
     "pi": ["100.64.0.1", "fd7a:6d70:6900::1"],
     "laptop": ["100.64.0.2", "fd7a:6d70:6900::2"],
@@ -43,9 +40,7 @@ def node(name: str, routes: list[str] | None = None, endpoint: str | None = None
     return out
 
 
-def netmap_json(
-    me: str, peers: list[dict[str, Any]], my_routes: list[str] | None = None
-) -> dict[str, Any]:
+def netmap_json(me: str, peers: list[dict[str, Any]], my_routes: list[str] | None = None) -> dict[str, Any]:
     return {"mesh": MESH, "self": node(me, my_routes), "peers": peers}
 
 

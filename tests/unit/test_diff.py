@@ -26,9 +26,7 @@ PI_PREFS = Prefs(advertise_exit_node=True, advertise_routes=(ip_network("192.168
 
 
 def _pi(**prefs: object) -> State:
-    return plan(
-        pi_netmap(peers=("laptop", "phone")), PI_PREFS.with_changes(**prefs), KEYS["pi"], PI_FACTS
-    )
+    return plan(pi_netmap(peers=("laptop", "phone")), PI_PREFS.with_changes(**prefs), KEYS["pi"], PI_FACTS)
 
 
 def test_diff_nothing_changed_means_no_changes() -> None:
@@ -41,9 +39,7 @@ def test_diff_from_nothing_builds_in_safe_order() -> None:
     kinds = [type(c).__name__ for c in changes]
     assert kinds[:2] == ["CreateInterface", "ConfigureDevice"]
     # The firewall exists before forwarding is switched on.
-    assert kinds.index("ReplaceNft") < min(
-        i for i, c in enumerate(changes) if isinstance(c, SetSysctl)
-    )
+    assert kinds.index("ReplaceNft") < min(i for i, c in enumerate(changes) if isinstance(c, SetSysctl))
     assert not [c for c in changes if type(c).__name__.startswith(("Remove", "Delete"))]
 
 

@@ -139,9 +139,7 @@ def test_sysctl_failed_write_records_nothing(procsys: DictProcSys, tmp_path: Pat
     assert Sysctls(procsys, path).managed() == {}
 
 
-def test_sysctl_gone_key_is_skipped_and_restore_forgets_it(
-    procsys: DictProcSys, tmp_path: Path
-) -> None:
+def test_sysctl_gone_key_is_skipped_and_restore_forgets_it(procsys: DictProcSys, tmp_path: Path) -> None:
     sysctls = Sysctls(procsys, tmp_path / "o.json")
     sysctls.set(RPF, "2")
     sysctls.set(FWD, "1")
@@ -152,9 +150,7 @@ def test_sysctl_gone_key_is_skipped_and_restore_forgets_it(
     assert procsys.values == {FWD: "0", "net.ipv4.ip_local_port_range": "32768\t60999"}
 
 
-def test_sysctl_restore_all_keeps_going_and_reports_all(
-    procsys: DictProcSys, tmp_path: Path
-) -> None:
+def test_sysctl_restore_all_keeps_going_and_reports_all(procsys: DictProcSys, tmp_path: Path) -> None:
     sysctls = Sysctls(procsys, tmp_path / "o.json")
     sysctls.set(FWD, "1")
     sysctls.set(RPF, "2")

@@ -192,9 +192,7 @@ def recorded() -> Iterator[dict[LedState, list[tuple[float, bool]]]]:
 
 
 @pytest.mark.parametrize("state", [s for s in PINS if not pattern(s).steady])
-def test_gpio_blink_timings(
-    state: LedState, recorded: dict[LedState, list[tuple[float, bool]]]
-) -> None:
+def test_gpio_blink_timings(state: LedState, recorded: dict[LedState, list[tuple[float, bool]]]) -> None:
     steps = pattern(state).steps
     history = recorded[state]
     assert history[0] == (0.0, False)  # MockPin's initial entry

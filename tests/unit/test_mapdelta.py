@@ -3,7 +3,8 @@ import pytest
 from appliance.wire.fields import ConfigError
 from appliance.wire.mapdelta import apply_delta, delta_json, netmap_json
 from appliance.wire.netmap import parse_netmap
-from tests.unit.meshes import KEYS, netmap_json as raw_netmap, node
+from tests.unit.meshes import KEYS, node
+from tests.unit.meshes import netmap_json as raw_netmap
 
 
 def _pi_view() -> object:

@@ -58,7 +58,7 @@ def test_mapper_delta_removes_a_peer_that_is_no_longer_visible() -> None:
 
 
 def test_mapper_delta_carries_own_changes_as_self() -> None:
-    pi, laptop = record(1, "pi"), record(2, "laptop")
+    _pi, laptop = record(1, "pi"), record(2, "laptop")
     lan = ip_network("10.9.0.0/16")
     me = replace(laptop, advertised_routes=(lan,), approved_routes=(lan,), version=7)
     d = delta(laptop, Changes(7, (me,), ()), NOW)

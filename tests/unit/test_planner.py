@@ -106,9 +106,7 @@ def test_planner_exit_node_by_address() -> None:
 
 def test_planner_rejects_exit_node_that_is_not_offered() -> None:
     with pytest.raises(ConfigError) as e:
-        plan(
-            laptop_netmap(pi_routes=["192.168.77.0/24"]), LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS
-        )
+        plan(laptop_netmap(pi_routes=["192.168.77.0/24"]), LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS)
     assert e.value.field == "exit_node" and e.value.value == "pi"
 
 

@@ -321,9 +321,7 @@ def test_netlink_large_update_splits_by_peer() -> None:
     messages = [round_trip(m) for m in build_messages("wg0", update, budget=2000)]
     assert len(messages) > 1
     assert [m.get_attr("WGDEVICE_A_LISTEN_PORT") for m in messages[:2]] == [1, None]
-    sent = [
-        p.get_attr("WGPEER_A_PUBLIC_KEY") for m in messages for p in m.get_attr("WGDEVICE_A_PEERS")
-    ]
+    sent = [p.get_attr("WGPEER_A_PUBLIC_KEY") for m in messages for p in m.get_attr("WGDEVICE_A_PEERS")]
     expected = [p.public_key for p in peers] + [key(200)]
     assert [PublicKey.from_base64(k.decode()) for k in sent] == expected
 

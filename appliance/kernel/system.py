@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 
 from appliance.core.changes import (
@@ -33,7 +33,7 @@ from appliance.core.changes import (
     UpdatePeer,
 )
 from appliance.core.model import Device, HostFacts, NftRuleset, Scope, State
-from appliance.kernel.base import Firewall, KernelError, Links, WgDevice, WgUpdate, WireGuardBackend
+from appliance.kernel.base import Firewall, KernelError, Links, WgUpdate, WireGuardBackend
 from appliance.kernel.sysctl import Sysctls
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ class System:
     links: Links
     firewall: Firewall
     sysctls: Sysctls
-    stats: dict[str, WgDevice] = field(default_factory=dict, repr=False)
 
     # -- reading -------------------------------------------------------------
 
@@ -65,7 +64,6 @@ class System:
         wg = self.wireguard.read(scope.interface)
         device = None
         if wg is not None:
-            self.stats[scope.interface] = wg
             mtu = self.links.mtu(scope.interface) or 0
             device = Device(scope.interface, wg.private_key, wg.listen_port, wg.fwmark, mtu)
         digest = self.firewall.digest()

@@ -1,0 +1,539 @@
+"""Benchmark: N simulated nodes against one `meshpi-control` on this machine.
+
+The server runs as its own process (so its RSS is its own). One asyncio process
+simulates every node: each says hello, registers with a reusable pre-auth key,
+syncs, then long-polls `map` with its version, as the agent does. No node touches
+a kernel: they only read the deltas (a sample of them patches its netmap with
+`wire/mapdelta.apply_delta`, to prove the deltas apply).
+
+The change measured: an admin approves one more route on node 0 via the admin API
+(node 0 advertised the routes before the sync). t0 is taken just before the admin
+call; each node stamps the moment the response carrying the route arrives. Figures:
+p50/p99 of that latency over every online node (node 0 included: it hears it as
+`self`), the sealed response size of that delta per node, the server's RSS.
+
+Initial sync: a full map is O(N) per node, O(N^2) for the mesh, so only a sample
+of nodes (--full-sync, default 300) fetches one, timed; the others start their
+long-poll from the version the sample got, as agents do that reconnect with the
+version they already hold. The total for all N is extrapolated from the sample.
+
+The last line of output is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from nacl.public import Box
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from appliance.core.keys import PrivateKey  # noqa: E402
+from appliance.wire.mapdelta import apply_delta  # noqa: E402
+from appliance.wire.netmap import Netmap, parse_netmap  # noqa: E402
+from appliance.wire.seal import (  # noqa: E402
+    VERSION,
+    BadResponse,
+    ControlPublicKey,
+    MachineKey,
+    b64,
+    decode_json_object,
+    encode_json,
+    make_nonce,
+    open_response,
+    seal_request,
+)
+
+HEADSCALE = (
+    "reference: headscale reports 300-600 clients overwhelm multi-core servers "
+    "(juanfont/headscale issues #1014, #2491); not measured here"
+)
+APPLY_SAMPLE = 20  # nodes that patch a real Netmap with every delta
+
+
+def key(label: str) -> bytes:
+    return hashlib.sha256(label.encode()).digest()
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """VmRSS and VmHWM (peak) of a process, MiB."""
+    fields: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"{status} {text}")
+        self.status = status
+
+
+@dataclass
+class SimNode:
+    """One simulated agent: its keys, its session, what it has heard."""
+
+    index: int
+    machine: MachineKey
+    node_pub: str
+    control: ControlPublicKey
+    box: Box = field(init=False, repr=False)
+    machine_raw: bytes = field(init=False)
+    session: str | None = None
+    number: int = 0
+    version: int | None = None
+    netmap: Netmap | None = None  # only the apply-delta sample keeps one
+    polling: bool = False
+
+    def __post_init__(self) -> None:
+        # One Box per node: seal_request/open_response build it (three X25519
+        # operations) on every call, which at 5,000 nodes would make the
+        # simulator, not the server, the bottleneck. Same bytes on the wire.
+        self.box = Box(self.machine.nacl(), self.control.nacl())
+        self.machine_raw = self.machine.public_raw()
+
+    def seal(self, plaintext: dict[str, Any], number: int) -> tuple[bytes, bytes]:
+        nonce = make_nonce(number)
+        return bytes([VERSION]) + self.machine_raw + bytes(
+            self.box.encrypt(encode_json(plaintext), nonce)
+        ), nonce
+
+    def open(self, data: bytes, nonce: bytes) -> dict[str, Any]:
+        doc = decode_json_object(self.box.decrypt(data))
+        if doc.get("re") != b64(nonce):
+            raise BadResponse("answer is for another request")
+        body = doc.get("body")
+        if not isinstance(body, dict):
+            raise BadResponse("answer body is not an object")
+        return body
+
+
+class Sim:
+    def __init__(self, url: str, token: str, http: aiohttp.ClientSession) -> None:
+        self.url, self.token, self.http = url, token, http
+        self.received: dict[int, tuple[float, int]] = {}  # node -> (arrival, response bytes)
+        self.expect: str | None = None  # the route the current change adds
+        self.changer_pub = ""
+        self.stop = asyncio.Event()
+        self.applied = 0
+        self.polls = 0
+        self.errors: list[str] = []
+
+    async def admin(self, method: str, path: str, body: object = None) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with self.http.request(method, self.url + path, json=body, headers=headers) as resp:
+            if resp.status >= 300:
+                raise Refused(resp.status, await resp.text())
+            return await resp.json()
+
+    async def post(self, op: str, data: bytes) -> bytes:
+        async with self.http.post(f"{self.url}/v1/{op}", data=data) as resp:
+            payload = await resp.read()
+            if resp.status != 200:
+                raise Refused(resp.status, payload.decode(errors="replace"))
+            return payload
+
+    async def hello(self, node: SimNode) -> None:
+        data, nonce = seal_request(node.machine, node.control, {"op": "hello"}, 0)
+        body = open_response(node.machine, node.control, await self.post("hello", data), nonce)
+        node.session, node.number = body["session"], 0
+
+    async def call(self, node: SimNode, op: str, body: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
+        """A sealed op; returns (answer body, sealed answer size, arrival time)."""
+        for attempt in (1, 2):
+            if node.session is None:
+                await self.hello(node)
+            node.number += 1
+            plaintext = {"op": op, "session": node.session, "body": body}
+            if node.index < APPLY_SAMPLE:  # the sample goes through seal.py's own functions
+                data, nonce = seal_request(node.machine, node.control, plaintext, node.number)
+            else:
+                data, nonce = node.seal(plaintext, node.number)
+            try:
+                answer = await self.post(op, data)
+            except Refused as e:
+                if e.status == 401 and attempt == 1:
+                    node.session = None
+                    continue
+                raise
+            arrived = time.monotonic()
+            if node.index < APPLY_SAMPLE:
+                opened = open_response(node.machine, node.control, answer, nonce)
+            else:
+                opened = node.open(answer, nonce)
+            return opened, len(answer), arrived
+        raise AssertionError("unreachable")
+
+    def saw(self, node: SimNode, answer: dict[str, Any], size: int, arrived: float) -> None:
+        if node.index < APPLY_SAMPLE:
+            if "full" in answer:
+                node.netmap = parse_netmap(answer["full"])
+            elif "delta" in answer and node.netmap is not None:
+                node.netmap = apply_delta(node.netmap, answer["delta"])
+                self.applied += 1
+        if self.expect is None or node.index in self.received:
+            return
+        entries: list[Any] = []
+        if "delta" in answer:
+            delta = answer["delta"]
+            entries = [*delta.get("changed", []), delta.get("self")]
+        elif "full" in answer:
+            entries = [*answer["full"]["peers"], answer["full"]["self"]]
+        for entry in entries:
+            if (
+                isinstance(entry, dict)
+                and entry.get("public_key") == self.changer_pub
+                and self.expect in entry.get("routes", ())
+            ):
+                self.received[node.index] = (arrived, size)
+                return
+
+    async def poll(self, node: SimNode) -> None:
+        """The agent's long-poll loop, minus the kernel."""
+        while not self.stop.is_set():
+            node.polling = True
+            try:
+                answer, size, arrived = await self.call(node, "map", {"version": node.version})
+            except (aiohttp.ClientError, Refused, BadResponse, TimeoutError) as e:
+                self.errors.append(f"node {node.index}: {type(e).__name__}: {e}")
+                await asyncio.sleep(0.5)
+                continue
+            finally:
+                node.polling = False
+            self.polls += 1
+            node.version = answer["version"]
+            self.saw(node, answer, size, arrived)
+
+
+async def bounded(items: list[SimNode], limit: int, label: str, fn: Any) -> float:
+    """Run fn(node) for every node, `limit` at a time, with a progress line; seconds taken."""
+    sem = asyncio.Semaphore(limit)
+    done = 0
+    step = max(1, len(items) // 5)
+    start = time.monotonic()
+
+    async def one(node: SimNode) -> None:
+        nonlocal done
+        async with sem:
+            await fn(node)
+        done += 1
+        if done % step == 0 or done == len(items):
+            print(f"  {label}: {done}/{len(items)} ({time.monotonic() - start:.1f} s)", flush=True)
+
+    await asyncio.gather(*(one(n) for n in items))
+    return time.monotonic() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(state: Path, port: int) -> subprocess.Popen[bytes]:
+    log = (state / "server.log").open("wb")
+    return subprocess.Popen(
+        [
+            str(ROOT / ".venv/bin/meshpi-control"),
+            "--state-dir",
+            str(state),
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=raise_nofile,
+        start_new_session=True,
+    )
+
+
+async def wait_up(url: str, proc: subprocess.Popen[bytes], state: Path) -> str:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"server exited {proc.returncode}: {(state / 'server.log').read_text()[-2000:]}"
+                )
+            try:
+                async with http.get(url + "/") as resp:
+                    if resp.status == 200:
+                        return (state / "admin.token").read_text().strip()
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("server did not come up in 30 s")
+
+
+async def run_size(n: int, changes: int, full_sync: int, timeout: float, concurrency: int) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="meshpi-bench-control-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(state, port)
+    print(f"\n== {n} nodes: server pid {proc.pid} on {url}, state {state}", flush=True)
+    try:
+        token = await wait_up(url, proc, state)
+        control = ControlPublicKey(_control_pub(state / "control.key"))
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
+        timeout_cfg = aiohttp.ClientTimeout(total=120, connect=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout_cfg) as http:
+            return await _measure(Sim(url, token, http), n, control, proc.pid, changes, full_sync, timeout,
+                                  concurrency)  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _control_pub(path: Path) -> bytes:
+    import base64
+
+    from nacl.public import PrivateKey as NaclPrivateKey
+
+    return bytes(NaclPrivateKey(base64.b64decode(path.read_text().strip())).public_key)
+
+
+async def _measure(
+    sim: Sim,
+    n: int,
+    control: ControlPublicKey,
+    pid: int,
+    changes: int,
+    full_sync: int,
+    timeout: float,
+    concurrency: int,
+) -> dict[str, Any]:
+    rss_idle = rss_mb(pid)[0]
+    t = time.monotonic()
+    nodes = [
+        SimNode(i, MachineKey(key(f"machine{i}")), str(PrivateKey(key(f"node{i}")).public_key()), control)
+        for i in range(n)
+    ]
+    print(f"  keys for {n} nodes: {time.monotonic() - t:.1f} s", flush=True)
+    secret = (await sim.admin("POST", "/admin/v1/keys", {"reusable": True, "expires_in": 7200}))["key"]
+
+    async def register(node: SimNode) -> None:
+        answer, _, _ = await sim.call(
+            node, "register", {"node_key": node.node_pub, "hostname": f"sim{node.index}", "auth_key": secret}
+        )
+        if answer["state"] != "approved":
+            raise RuntimeError(f"node {node.index} is {answer['state']}")
+
+    reg_s = await bounded(nodes, concurrency, "hello+register", register)
+    print(
+        f"  registration: {n} hellos + {n} registers in {reg_s:.1f} s ({n / reg_s:.0f} nodes/s)", flush=True
+    )
+
+    # Node 0 offers the routes the admin will approve one by one.
+    routes = [f"10.{200 + k // 250}.{k % 250}.0/24" for k in range(changes)]
+    await sim.call(nodes[0], "update", {"endpoints": ["192.0.2.1:41641"], "advertise_routes": routes})
+    listed = await sim.admin("GET", "/admin/v1/nodes")
+    changer_id = next(x["id"] for x in listed if x["node_key"] == nodes[0].node_pub)
+    sim.changer_pub = nodes[0].node_pub
+    rss_registered = rss_mb(pid)[0]
+
+    # Initial sync: a sample fetches full maps, all at once, as after a mass start.
+    sample = nodes[: min(n, full_sync)]
+    full_sizes: list[int] = []
+
+    async def full(node: SimNode) -> None:
+        answer, size, arrived = await sim.call(node, "map", {"version": None})
+        node.version = answer["version"]
+        full_sizes.append(size)
+        sim.saw(node, answer, size, arrived)
+
+    sync_s = await bounded(sample, len(sample), "full map", full)
+    per_full = sync_s / len(sample)
+    est_all = per_full * n
+    print(
+        f"  initial sync: {len(sample)} full maps of {n - 1} peers in {sync_s:.1f} s "
+        f"({per_full * 1000:.0f} ms each, {statistics.median(full_sizes) / 1024:.0f} KiB sealed); "
+        f"all {n}: ~{est_all:.0f} s extrapolated (O(N) per node)",
+        flush=True,
+    )
+    start_version = max(x.version or 0 for x in sample)
+    for node in nodes[len(sample) :]:
+        node.version = start_version  # reconnecting with the version it holds
+
+    # Everyone long-polls; ramp the connections in so the listen backlog keeps up.
+    tasks: list[asyncio.Task[None]] = []
+    for i, node in enumerate(nodes):
+        tasks.append(asyncio.create_task(sim.poll(node)))
+        if i % 250 == 249:
+            await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 60
+    online = 0
+    while time.monotonic() < deadline:
+        metrics = await _metrics(sim)
+        online = int(metrics.get("meshpi_nodes_online", 0))
+        if online >= n:
+            break
+        await asyncio.sleep(0.5)
+    print(f"  online (server's count of open long-polls): {online}/{n}", flush=True)
+    await asyncio.sleep(1.0)
+
+    latencies: list[float] = []
+    sizes: list[int] = []
+    missed_total = 0
+    for k in range(changes):
+        sim.received.clear()
+        sim.expect = routes[k]
+        t0 = time.monotonic()
+        await sim.admin("POST", f"/admin/v1/nodes/{changer_id}/routes", {"approved_routes": routes[: k + 1]})
+        admin_s = time.monotonic() - t0
+        end = t0 + timeout
+        while len(sim.received) < n and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        got = [arrived - t0 for arrived, _ in sim.received.values()]
+        missed = n - len(got)
+        missed_total += missed
+        latencies += got
+        sizes += [size for _, size in sim.received.values()]
+        print(
+            f"  change {k + 1}/{changes}: {len(got)}/{n} nodes in {max(got):.3f} s "
+            f"(p50 {pct(got, 0.5):.3f}, p99 {pct(got, 0.99):.3f}; admin call {admin_s * 1000:.0f} ms)"
+            + (f", {missed} MISSED within {timeout:.0f} s" if missed else ""),
+            flush=True,
+        )
+        sim.expect = None
+        await asyncio.sleep(1.5)  # let the re-polls settle before the next change
+
+    rss_now, rss_peak = rss_mb(pid)
+    metrics = await _metrics(sim)
+    sim.stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    checked = [x for x in nodes[:APPLY_SAMPLE] if x.netmap is not None]
+    applied_ok = all(
+        any(str(p.public_key) == sim.changer_pub and len(p.routes) == changes for p in x.netmap.peers)
+        for x in checked
+        if x.index != 0 and x.netmap is not None
+    )
+    update_bytes = statistics.median(sizes)
+    result = {
+        "nodes": n,
+        "p50_s": round(pct(latencies, 0.5), 4),
+        "p99_s": round(pct(latencies, 0.99), 4),
+        "max_s": round(max(latencies), 4),
+        "missed": missed_total,
+        "changes": changes,
+        "update_bytes": int(update_bytes),
+        "update_bytes_min": min(sizes),
+        "update_bytes_max": max(sizes),
+        "server_rss_mb": round(rss_now, 1),
+        "server_rss_peak_mb": round(rss_peak, 1),
+        "server_rss_idle_mb": round(rss_idle, 1),
+        "server_rss_registered_mb": round(rss_registered, 1),
+        "registration_s": round(reg_s, 2),
+        "initial_sync_s": round(sync_s, 2),
+        "initial_sync_nodes": len(sample),
+        "initial_sync_all_est_s": round(est_all, 1),
+        "full_map_bytes": int(statistics.median(full_sizes)),
+    }
+    print(f"  latency over {len(latencies)} deliveries: p50 {result['p50_s']} s, p99 {result['p99_s']} s, "
+          f"max {result['max_s']} s, missed {missed_total}")  # fmt: skip
+    print(f"  sealed delta per node: median {update_bytes:.0f} B (min {min(sizes)}, max {max(sizes)})")
+    print(f"  server RSS: {rss_idle:.1f} MiB idle, {rss_registered:.1f} MiB registered, "
+          f"{rss_now:.1f} MiB with {n} long-polls (peak {rss_peak:.1f} MiB); "
+          f"{(rss_now - rss_idle) * 1024 / n:.1f} KiB per node")  # fmt: skip
+    print(f"  server's own latency metric: sum {metrics.get('meshpi_map_update_latency_seconds_sum')} / "
+          f"count {metrics.get('meshpi_map_update_latency_seconds_count')}")  # fmt: skip
+    print(f"  apply_delta: {sim.applied} deltas applied by {len(checked)} sample nodes, "
+          f"route present in all: {applied_ok}; client errors: {len(sim.errors)}")  # fmt: skip
+    for err in sim.errors[:5]:
+        print(f"    {err}")
+    if not applied_ok:
+        raise RuntimeError("a sample node's netmap lacks the change after apply_delta")
+    return result
+
+
+async def _metrics(sim: Sim) -> dict[str, float]:
+    async with sim.http.get(sim.url + "/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", default="1000,5000", help="comma-separated sizes (default 1000,5000)")
+    ap.add_argument("--changes", type=int, default=3, help="changes measured per size (default 3)")
+    ap.add_argument("--full-sync", type=int, default=300, help="nodes that fetch a full map (default 300)")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds a change may take to reach all")
+    ap.add_argument("--concurrency", type=int, default=64, help="registrations in flight (default 64)")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.nodes.split(",") if x.strip()]
+    raise_nofile()
+    print(f"meshpi-control benchmark: sizes {sizes}, {os.cpu_count()} CPUs, "
+          f"nofile {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}")  # fmt: skip
+    print(HEADSCALE)
+    runs = [
+        asyncio.run(run_size(n, args.changes, args.full_sync, args.timeout, args.concurrency)) for n in sizes
+    ]
+    print()
+    for r in runs:
+        ok = "meets" if r["p99_s"] < 2.0 and r["missed"] == 0 else "MISSES"
+        print(f"{r['nodes']:>6} nodes: p50 {r['p50_s']:.3f} s, p99 {r['p99_s']:.3f} s ({ok} p99 < 2 s), "
+              f"{r['update_bytes']} B per update, server RSS {r['server_rss_mb']} MiB, "
+              f"initial sync {r['initial_sync_s']} s for {r['initial_sync_nodes']} full maps")  # fmt: skip
+    summary: dict[str, Any] = {"runs": runs}
+    if len(runs) >= 2:
+        first, last = runs[0], runs[-1]
+        ratio = last["update_bytes"] / first["update_bytes"]
+        key_name = f"update_bytes_ratio_{last['nodes']}_vs_{first['nodes']}"
+        summary[key_name] = round(ratio, 4)
+        print(f"update bytes {last['nodes']} vs {first['nodes']} nodes: x{ratio:.3f} (node ratio "
+              f"x{last['nodes'] / first['nodes']:.0f}); p99 x{last['p99_s'] / first['p99_s']:.2f}; "
+              f"RSS x{last['server_rss_mb'] / first['server_rss_mb']:.2f}")  # fmt: skip
+    print(HEADSCALE)
+    print(json.dumps(summary))
+    failed = any(r["missed"] for r in runs)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,29 +92,33 @@ def _selftest_lines(console: str) -> str:
 
 
 def test_image_boots_runs_selftest_and_powers_off(boot: Boot) -> None:
-    assert boot.result["boot_to_ready_s"] is not None, _selftest_lines(boot.console) or boot.console[-3000:]
-    assert boot.result["powered_off"] is True, _selftest_lines(boot.console)
-    assert boot.returncode == 0
+    lines = _selftest_lines(boot.console)
+    assert boot.result["boot_to_ready_s"] is not None, lines or boot.console[-3000:]
+    assert boot.result["powered_off"] is True, lines
+    assert boot.returncode == 0, boot.result
 
 
 def test_image_selftest_passes(boot: Boot) -> None:
-    assert "MESHPI-IMGTEST: PASS" in boot.console, _selftest_lines(boot.console)
+    lines = _selftest_lines(boot.console)
+    assert "MESHPI-IMGTEST: PASS" in lines, lines
 
 
 def test_image_has_kernel_wireguard(boot: Boot) -> None:
-    assert "MESHPI-IMGTEST: ok   modprobe wireguard" in boot.console
-    assert "MESHPI-IMGTEST: ok   ip link add wgt0 type wireguard" in boot.console
+    lines = _selftest_lines(boot.console)
+    assert "MESHPI-IMGTEST: ok   modprobe wireguard" in lines, lines
+    assert "MESHPI-IMGTEST: ok   ip link add wgt0 type wireguard" in lines, lines
 
 
 def test_image_kernel_contract_tests_pass_without_skips(boot: Boot) -> None:
+    lines = _selftest_lines(boot.console)
     found = re.search(
-        r"MESHPI-IMGTEST: contract: passed=(\d+) failed=(\d+) errors=(\d+) skipped=(\d+)",
-        boot.console,
+        r"MESHPI-IMGTEST: contract: passed=(\d+) failed=(\d+) errors=(\d+) skipped=(\d+)", lines
     )
-    assert found, _selftest_lines(boot.console)
+    assert found, lines
     passed, failed, errors, skipped = map(int, found.groups())
-    assert passed > 0
-    assert (failed, errors, skipped) == (0, 0, 0), _selftest_lines(boot.console)
+    outcomes = "\n".join(re.findall(r"pytest: (?:FAILED|ERROR|SKIPPED) .*", boot.console))
+    assert passed > 0, lines
+    assert (failed, errors, skipped) == (0, 0, 0), f"{lines}\n{outcomes}"
 
 
 def test_image_sshd_answers_through_the_port_forward(boot: Boot) -> None:

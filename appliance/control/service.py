@@ -44,6 +44,7 @@ T = TypeVar("T")
 
 _NO_TAGS: tuple[str, ...] = ()
 MAP_TIMEOUT = 50.0  # long-poll; under the usual 60 s proxy idle timeout
+SEEN_FLUSH = 10.0  # seconds between batched last_seen writes
 
 
 class ApiError(Exception):
@@ -76,6 +77,10 @@ class ControlService:
         self.watch = VersionWatch(self.store.mesh_version(), batch)
         self.metrics = Metrics()
         self._published_at: dict[int, float] = {}
+        # last_seen changes on every poll: kept here, written in one batch now and
+        # then, so thousands of polls cost no fsync each.
+        self._seen: dict[int, datetime] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -91,8 +96,18 @@ class ControlService:
         return result
 
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        seen, self._seen = self._seen, {}
+        self._executor.submit(self.store.touch_last_seen_many, seen).result()
         self._executor.submit(self.store.close).result()
         self._executor.shutdown()
+
+    async def _flush_seen(self) -> None:
+        while True:
+            await asyncio.sleep(SEEN_FLUSH)
+            seen, self._seen = self._seen, {}
+            await self.db(self.store.touch_last_seen_many, seen)
 
     async def _node(self, machine: PublicKey) -> NodeRecord:
         node = await self.db(self.store.get_node_by_machine_key, machine)
@@ -153,7 +168,9 @@ class ControlService:
         online = self.metrics.online
         online[node.id] = online.get(node.id, 0) + 1
         try:
-            await self.db(self.store.touch_last_seen, node.id, self.now())
+            self._seen[node.id] = self.now()
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_seen())
             return await self._map(node, version)
         finally:
             online[node.id] -= 1

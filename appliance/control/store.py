@@ -20,7 +20,7 @@ from several threads or processes may write concurrently.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -324,6 +324,18 @@ class Store:
         changed = self.db.run(lambda tx: tx.run("UPDATE nodes SET last_seen = ? WHERE id = ?", when, node_id))
         if not changed:
             raise NotFound(f"no node with id {node_id}")
+
+    def touch_last_seen_many(self, seen: Mapping[int, datetime]) -> None:
+        """`touch_last_seen` for many nodes in one transaction (one fsync, not thousands).
+        Nodes removed meanwhile are skipped."""
+        rows = [(to_epoch(when), node_id) for node_id, when in seen.items()]
+
+        def work(tx: Tx) -> None:
+            for row in rows:
+                tx.run("UPDATE nodes SET last_seen = ? WHERE id = ?", *row)
+
+        if rows:
+            self.db.run(work)
 
     def prune_tombstones(self, upto_version: int) -> int:
         """Forget tombstones at or below `upto_version`; clients older than it get a

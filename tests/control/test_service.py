@@ -146,3 +146,16 @@ def test_service_refuses_bad_auth_keys_and_bodies(tmp_path: Path) -> None:
         assert await s.db(s.store.get_node_by_machine_key, machine(2)) is None
 
     run(tmp_path, scenario)
+
+
+def test_service_last_seen_is_written_in_batches_and_on_close(tmp_path: Path) -> None:
+    async def scenario(s: ControlService) -> None:
+        await join(s, 1, "pi", await auth_key(s))
+        await s.map(machine(1), {"version": None})
+        node = await s.db(s.store.get_node_by_machine_key, machine(1))
+        assert node is not None and node.last_seen is None  # not yet: batched
+
+    run(tmp_path, scenario)
+    with open_store(tmp_path / "control.db") as store:
+        node = store.get_node_by_machine_key(machine(1))
+        assert node is not None and node.last_seen is not None  # flushed on close

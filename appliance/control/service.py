@@ -22,6 +22,7 @@ from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
     AuthKeyError,
+    Changes,
     DeltaUnavailable,
     NodeRecord,
     NodeState,
@@ -81,6 +82,14 @@ class ControlService:
         # then, so thousands of polls cost no fsync each.
         self._seen: dict[int, datetime] = {}
         self._flusher: asyncio.Task[None] | None = None
+        # Every node, by machine key, as of `_nodes_version`: a poll needs its own
+        # record, and a full map needs all of them. This process makes every change
+        # (through `changed`), so it keeps the copy current with one delta query
+        # per change instead of thousands of lookups per change.
+        self._nodes_version = self.store.mesh_version()
+        self._nodes = {r.machine_key.raw: r for r in self.store.list_nodes()}
+        # The changes since version v, shared by every poll that held v.
+        self._deltas: dict[int, asyncio.Future[Changes]] = {}
 
     async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -89,11 +98,32 @@ class ControlService:
     async def changed(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A store change: run it, then let the long-polls know the new version."""
         result = await self.db(fn, *args, **kw)
-        version = await self.db(self.store.mesh_version)
+        version = await self._refresh()
         if version > self.watch.version:
             self._published_at.setdefault(version, time.monotonic())
         self.watch.bump(version)
         return result
+
+    async def _refresh(self) -> int:
+        """Bring the node copy up to the store's version; returns that version."""
+        try:
+            changes = await self.db(self.store.changes_since, self._nodes_version)
+        except DeltaUnavailable:
+            version = await self.db(self.store.mesh_version)
+            nodes = await self.db(self.store.list_nodes)
+            self._nodes = {r.machine_key.raw: r for r in nodes}
+        else:
+            version = changes.version
+            updated = {r.machine_key.raw: r for r in changes.nodes}
+            gone = {t.public_key for t in changes.tombstones}
+            for machine, record in list(self._nodes.items()):
+                if machine not in updated and record.node_key in gone:
+                    del self._nodes[machine]  # removed (a rotation comes back in `updated`)
+            self._nodes.update(updated)
+        if version != self._nodes_version:
+            self._nodes_version = version
+            self._deltas.clear()
+        return version
 
     def close(self) -> None:
         if self._flusher is not None:
@@ -110,7 +140,7 @@ class ControlService:
             await self.db(self.store.touch_last_seen_many, seen)
 
     async def _node(self, machine: PublicKey) -> NodeRecord:
-        node = await self.db(self.store.get_node_by_machine_key, machine)
+        node = self._nodes.get(machine.raw)
         if node is None:
             raise ApiError(403, "this machine is not registered: register first")
         return node
@@ -182,8 +212,14 @@ class ControlService:
             current = await self.watch.wait(version, self.map_timeout)
             if current <= version:
                 return {"version": version, "keepalive": True}
+            shared = self._deltas.get(version)
+            if shared is None:
+                loop = asyncio.get_running_loop()
+                shared = self._deltas[version] = loop.create_task(
+                    self.db(self.store.changes_since, version)
+                )
             try:
-                changes = await self.db(self.store.changes_since, version)
+                changes = await asyncio.shield(shared)
             except DeltaUnavailable:
                 pass
             else:
@@ -192,9 +228,7 @@ class ControlService:
                     "version": changes.version,
                     "delta": mapper.delta(node, changes, self.now()),
                 }
-        # The version first: a change after it is in the list, or comes as a delta later.
-        current = await self.db(self.store.mesh_version)
-        records = await self.db(self.store.list_nodes)
+        current, records = self._nodes_version, list(self._nodes.values())
         me = next((r for r in records if r.id == node.id), None)
         if me is None:
             raise ApiError(403, "this node was removed")

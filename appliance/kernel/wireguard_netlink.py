@@ -47,6 +47,10 @@ from appliance.kernel.base import (
 from appliance.kernel.wireguard import check_ifname, check_update, summary
 
 log = logging.getLogger(__name__)
+# pyroute2 dumps every netlink message at DEBUG, WGDEVICE_A_PRIVATE_KEY included
+# (found by the contract test in the image VM). Its dumps never reach our logs,
+# whatever level meshpi runs at.
+logging.getLogger("pyroute2").setLevel(logging.INFO)
 
 # Bytes of peer attributes per message. The kernel takes any size that fits the
 # socket's send buffer (pyroute2 asks for 1 MiB); 64 KiB stays far below that.

@@ -61,7 +61,7 @@ def up(state: StateDir, login_server: str, auth_key: str | None, changes: dict[s
     before = _mtime(status_path)
     login = {"server": login_server, "auth_key": auth_key}
     atomic_write(state.path / "login.json", json.dumps(login) + "\n", mode=0o600)
-    if state.running_pid() is None or not _agent_alive(state):
+    if not state.agent_running():
         return {"state": "agent-not-running", "detail": "start it: systemctl start meshpi-agent",
                 "prefs": prefs.to_json()}  # fmt: skip
     deadline = time.monotonic() + wait
@@ -76,7 +76,7 @@ def up(state: StateDir, login_server: str, auth_key: str | None, changes: dict[s
 
 def status(state: StateDir) -> dict[str, Any]:
     """What the agent, its control link and the kernel say about this node."""
-    out: dict[str, Any] = {"agent": "running" if _agent_alive(state) else "stopped"}
+    out: dict[str, Any] = {"agent": "running" if state.agent_running() else "stopped"}
     out["control"] = _read(state.path / "control-status.json") or {"state": "static or unknown"}
     netmap_path = state.path / "netmap.json"
     owned = state.owned()
@@ -148,19 +148,6 @@ def logout(state: StateDir) -> str:
     login_path.unlink(missing_ok=True)
     (state.path / "netmap.json").unlink(missing_ok=True)
     return f"logged out of {base}"
-
-
-def _agent_alive(state: StateDir) -> bool:
-    import fcntl
-
-    if not state.pid_file.exists():
-        return False
-    with open(state.pid_file) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True  # someone holds the agent lock
-        return False
 
 
 def _mtime(path: Path) -> int | None:

@@ -170,26 +170,36 @@ class StateDir:
             return None
         return int(text) if text.isdigit() else None
 
+    def agent_running(self) -> bool:
+        """Does an agent hold the lock on this state directory?"""
+        if not self.pid_file.exists():
+            return False
+        with open(self.pid_file) as f:
+            return not _try_lock(f)
+
     def stop_running_agent(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the agent holding the lock and wait until it has let go."""
         if not self.pid_file.exists():
             return None
         with open(self.pid_file) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _try_lock(f):
                 return None  # nobody holds it
-            except OSError:
-                pass
             pid = self.running_pid()
             if pid is None:
                 return None
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return pid
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise AgentRunning(f"agent pid {pid} did not stop within {timeout:.0f} s") from None
-                    time.sleep(0.05)
+            while not _try_lock(f):
+                if time.monotonic() > deadline:
+                    raise AgentRunning(f"agent pid {pid} did not stop within {timeout:.0f} s")
+                time.sleep(0.05)
+            return pid
+
+
+def _try_lock(f: IO[str]) -> bool:
+    """Take the agent lock if nobody holds it; False if someone does."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True

@@ -215,9 +215,7 @@ class ControlService:
             shared = self._deltas.get(version)
             if shared is None:
                 loop = asyncio.get_running_loop()
-                shared = self._deltas[version] = loop.create_task(
-                    self.db(self.store.changes_since, version)
-                )
+                shared = self._deltas[version] = loop.create_task(self.db(self.store.changes_since, version))
             try:
                 changes = await asyncio.shield(shared)
             except DeltaUnavailable:

@@ -137,13 +137,14 @@ def format_status(st: dict[str, Any]) -> str:
 def logout(state: StateDir) -> str:
     """Tell control this node leaves; forget the login. The caller then runs down."""
     from appliance.agent.control_client import ControlClient
+    from appliance.agent.controllink import Login
     from appliance.wire.seal import parse_login_url
 
     login_path = state.path / "login.json"
-    login = _read(login_path)
-    if not login:
+    login = Login.load(login_path)
+    if login is None:
         return "not logged in"
-    base, control_pub = parse_login_url(str(login["server"]))
+    base, control_pub = parse_login_url(login.server)
     ControlClient(base, state.machine_key(), control_pub, timeout=10).call("logout", {})
     login_path.unlink(missing_ok=True)
     (state.path / "netmap.json").unlink(missing_ok=True)

@@ -1,19 +1,24 @@
 """`meshpi`: the command line of the node.
 
-meshpi key    [--state-dir D]                      print this node's public key
-meshpi agent  --netmap F --prefs F [--state-dir D] run the agent (static mode)
-meshpi down   [--state-dir D]                      remove everything meshpi owns
+meshpi key     [--state-dir D]                       print this node's public key
+meshpi agent   [--netmap F --prefs F] [--state-dir D] [--local-api PATH] ...   run the agent
+meshpi down    [--state-dir D]                       remove everything meshpi owns
+meshpi status | up | set | logout | create-mesh | rotate-key   ask the running agent (its LocalAPI)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from appliance.agent.control_client import ControlError
+from appliance.agent.localapi import DEFAULT_SOCKET, SOCKET_GROUP, SocketError
+from appliance.agent.localcontrol import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
 from appliance.agent.statedir import DEFAULT_STATE_DIR, StateDir, StateDirError
 from appliance.kernel.base import KernelError
 from appliance.wire.fields import ConfigError
@@ -21,12 +26,15 @@ from appliance.wire.fields import ConfigError
 log = logging.getLogger("meshpi")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+START_HINT = "start it: systemctl start meshpi-agent (or meshpi agent)"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meshpi",
-        description="meshpi node: WireGuard mesh, exit node and subnet router.",
+        description="meshpi node: WireGuard mesh, exit node and subnet router. "
+        "`status`, `up`, `set`, `logout` and `create-mesh` ask the running agent over its "
+        f"LocalAPI socket ({DEFAULT_SOCKET}).",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
             help=f"keys and ownership records (default {DEFAULT_STATE_DIR})",
         )
 
+    def local_api(cmd: argparse.ArgumentParser, agent: bool = False) -> None:
+        cmd.add_argument(
+            "--local-api",
+            metavar="PATH",
+            default=str(DEFAULT_SOCKET),
+            help=f"the agent's LocalAPI socket (default {DEFAULT_SOCKET})"
+            + ("; '' for none" if agent else ""),
+        )
+
     key = sub.add_parser("key", help="print this node's WireGuard public key (made on first use)")
     state_dir(key)
 
@@ -47,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         help="reconcile the kernel toward a netmap and prefs, and keep doing so",
         description="Apply the netmap and prefs to the kernel, then watch both files and "
         "apply every change. Stopping the agent leaves the data plane up; a new agent "
-        "takes it over without a blip. Bad input is refused before any kernel change.",
+        "takes it over without a blip. Bad input is refused before any kernel change. "
+        "The agent serves the LocalAPI (status, prefs, up, logout, logs, metrics) on a unix socket "
+        "and drives the status LEDs (prefs led_pins, act_led).",
     )
     agent.add_argument(
         "--netmap",
@@ -64,6 +83,32 @@ def _parser() -> argparse.ArgumentParser:
         help="re-read the kernel and repair drift this often (default 30)",
     )
     state_dir(agent)
+    local_api(agent, agent=True)
+    agent.add_argument(
+        "--local-api-group",
+        metavar="GROUP",
+        default=SOCKET_GROUP,
+        help=f"the group that may use the LocalAPI (default {SOCKET_GROUP}; root only if it is absent)",
+    )
+    agent.add_argument(
+        "--control-state-dir",
+        type=Path,
+        metavar="DIR",
+        default=DEFAULT_CONTROL_STATE,
+        help=f"a local control's control.key and admin.token (default {DEFAULT_CONTROL_STATE})",
+    )
+    agent.add_argument(
+        "--control-start",
+        metavar="COMMAND",
+        default=DEFAULT_CONTROL_START,
+        help=f"starts the local control for create-mesh (default: {DEFAULT_CONTROL_START})",
+    )
+    agent.add_argument(
+        "--control-url",
+        metavar="URL",
+        default=DEFAULT_CONTROL_URL,
+        help=f"where the local control listens (default {DEFAULT_CONTROL_URL})",
+    )
 
     down = sub.add_parser(
         "down",
@@ -110,13 +155,18 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--interface", default=None)
         cmd.add_argument("--mtu", type=int, default=None)
         cmd.add_argument("--listen-port", type=int, default=None)
+        cmd.add_argument("--led-pins", metavar="BCM,...", type=_pins, default=None,
+                         help="status LEDs on these GPIO pins (empty: none)")  # fmt: skip
+        cmd.add_argument("--act-led", action=argparse.BooleanOptionalAction, default=None,
+                         help="show the status on the board's ACT LED too")  # fmt: skip
         state_dir(cmd)
+        local_api(cmd)
 
     up = sub.add_parser(
         "up",
         help="join a mesh (or change how this node takes part)",
-        description="Log in to a control server and set prefs; the running agent "
-        "picks both up. Flags left out keep their current value.",
+        description="Ask the agent to log in to a control server with these prefs, and "
+        "wait for control's answer. Flags left out keep their current value.",
     )
     up.add_argument(
         "--login-server",
@@ -125,15 +175,45 @@ def _parser() -> argparse.ArgumentParser:
         help="the login URL control printed: http://host:port/#<control key>",
     )
     up.add_argument("--auth-key", default=None, help="a pre-auth key (else an admin approves)")
-    up.add_argument("--timeout", type=float, default=30.0, help="wait this long for the agent")
+    up.add_argument(
+        "--timeout", type=int, default=20, help="wait this long for control (seconds, default 20)"
+    )
     pref_flags(up)
-    set_ = sub.add_parser("set", help="change prefs (same flags as up, no login)")
+    set_ = sub.add_parser(
+        "set",
+        help="change prefs (same flags as up, no login)",
+        description="Change prefs through the running agent, which applies them at once. "
+        "When no agent runs, prefs.json in --state-dir is written directly, for the next start.",
+    )
     pref_flags(set_)
     status = sub.add_parser("status", help="this node, its control link and its peers")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="the LocalAPI's /v1/status as it is")
     state_dir(status)
-    logout = sub.add_parser("logout", help="leave the mesh: tell control, then take everything down")
+    local_api(status)
+    logout = sub.add_parser(
+        "logout", help="leave the mesh: tell control, remove the data plane; the agent waits for a new login"
+    )
     state_dir(logout)
+    local_api(logout)
+    create = sub.add_parser(
+        "create-mesh",
+        help="start a control server on this node and join it: a new mesh",
+        description="The agent starts the local control (meshpi-control.service), makes a "
+        "pre-auth key through its admin API and logs this node in; prints the login URL for other nodes.",
+    )
+    create.add_argument("--public-url", metavar="URL", default=None,
+                        help="how other nodes reach this control, e.g. http://home.example:8080 "
+                             "(default: this node's LAN address)")  # fmt: skip
+    state_dir(create)
+    local_api(create)
+    rotate = sub.add_parser(
+        "rotate-key",
+        help="move to a new WireGuard key now (announced to control by the machine key)",
+        description="The agent makes a new node key, tells control, and switches; peers follow "
+        "within a second and running connections lose at most a packet. The old key stops working.",
+    )
+    state_dir(rotate)
+    local_api(rotate)
     return p
 
 
@@ -141,7 +221,14 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _pref_changes(args: argparse.Namespace) -> dict[str, object]:
+def _pins(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of GPIO numbers (e.g. 17,27)") from None
+
+
+def _pref_changes(args: argparse.Namespace) -> dict[str, Any]:
     from appliance.agent.commands import PREF_FLAGS
 
     changes = {field: getattr(args, flag) for flag, field in PREF_FLAGS.items()}
@@ -157,27 +244,86 @@ def _make_system(state: StateDir):  # type: ignore[no-untyped-def]
     return lambda backend: real_system(backend, state.path)
 
 
-def _owner_verb(args: argparse.Namespace, state: StateDir) -> int:
-    from appliance.agent import commands
+def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
+    from appliance.agent.localcontrol import LocalControl, LocalControlOptions
+    from appliance.agent.loop import Agent
 
-    if args.command == "up":
-        result = commands.up(state, args.login_server, args.auth_key, _pref_changes(args), args.timeout)
-        print(f"{result.get('state')}: {result.get('detail', '')}".rstrip())
-        return EXIT_OK if result.get("state") in ("connected", "pending") else EXIT_FAILED
-    if args.command == "set":
-        prefs = commands.set_prefs(state, _pref_changes(args))
-        print(json.dumps(prefs.to_json(), indent=2))
-        return EXIT_OK
+    if (args.netmap is None) != (args.prefs is None):
+        print("meshpi: --netmap and --prefs go together (static mode)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        options = LocalControlOptions(args.control_state_dir, args.control_start, args.control_url)
+        local = LocalControl(options, state.path)
+    except ValueError as e:
+        print(f"meshpi: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.netmap is None:
+        agent = Agent.for_control(state, _make_system(state))
+    else:
+        agent = Agent(args.netmap, args.prefs, state, _make_system(state))
+
+    def serve(agent: Agent) -> Any:
+        from appliance.agent.localapi import serve
+        from appliance.agent.localapi_routes import build_router
+
+        return serve(Path(args.local_api), build_router(agent, local), args.local_api_group)
+
+    return agent.run(args.resync, serve if args.local_api else None)
+
+
+def _client_verb(args: argparse.Namespace, state: StateDir) -> int:
+    from appliance.agent.localapi_client import AgentNotRunning, LocalAPIError, LocalClient
+
+    client = LocalClient(args.local_api)
+    try:
+        return _ask(args, client)
+    except AgentNotRunning as e:
+        if args.command == "set":
+            from appliance.agent.commands import set_prefs
+
+            prefs = set_prefs(state.path / "prefs.json", _pref_changes(args))
+            print(json.dumps(prefs.to_json(), indent=2))
+            print(f"meshpi: no agent answers at {args.local_api}: wrote {state.path / 'prefs.json'} "
+                  "for its next start", file=sys.stderr)  # fmt: skip
+            return EXIT_OK
+        hint = START_HINT
+        with contextlib.suppress(OSError):  # the state directory is root's
+            if state.agent_running():
+                hint = f"an agent runs for {state.path}, but serves no LocalAPI at {args.local_api}"
+        print(f"meshpi: {e.message}; {hint}", file=sys.stderr)
+        return EXIT_FAILED
+    except LocalAPIError as e:
+        print(f"meshpi: {e.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if e.status == 400 else EXIT_FAILED
+
+
+def _ask(args: Any, client: Any) -> int:
     if args.command == "status":
-        st = commands.status(state)
-        print(json.dumps(st, indent=2) if args.json else commands.format_status(st))
+        from appliance.agent.status import format_status
+
+        st = client.get("/v1/status")
+        print(json.dumps(st, indent=2) if args.json else format_status(st))
+        return EXIT_OK
+    if args.command == "set":
+        print(json.dumps(client.patch("/v1/prefs", _pref_changes(args)), indent=2))
         return EXIT_OK
     if args.command == "logout":
-        print(commands.logout(state))
-        from appliance.agent.loop import down
-
-        return down(state, _make_system(state))
-    raise AssertionError(f"unhandled command {args.command}")
+        print(client.post("/v1/logout")["detail"])
+        return EXIT_OK
+    if args.command == "rotate-key":
+        print(client.post("/v1/rotate-key")["public_key"])
+        return EXIT_OK
+    if args.command == "up":
+        body = {"login_server": args.login_server, "auth_key": args.auth_key, "prefs": _pref_changes(args),
+                "timeout": args.timeout}  # fmt: skip
+        result = client.post("/v1/up", body, timeout=args.timeout + 30)
+    else:  # create-mesh
+        result = client.post("/v1/mesh/create", {"public_url": args.public_url}, timeout=120)
+    print(f"{result.get('state')}: {result.get('detail', '')}".rstrip())
+    if result.get("login_url"):
+        print(f"other nodes join with: meshpi up --login-server '{result['login_url']}' "
+              "--auth-key KEY (make keys with: meshpi-control keys create)")  # fmt: skip
+    return EXIT_OK if result.get("state") in ("connected", "pending") else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,29 +339,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "key":
             print(state.node_key().public_key())
             return EXIT_OK
-        from appliance.agent.loop import Agent, down
-
         if args.command == "agent":
-            if (args.netmap is None) != (args.prefs is None):
-                print("meshpi: --netmap and --prefs go together (static mode)", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            if args.netmap is None:
-                agent = Agent.for_control(state, _make_system(state))
-            else:
-                agent = Agent(args.netmap, args.prefs, state, _make_system(state))
-            return agent.run(args.resync)
+            return _run_agent(args, state)
         if args.command == "down":
+            from appliance.agent.loop import down
+
             return down(state, _make_system(state))
-        return _owner_verb(args, state)
+        return _client_verb(args, state)
     except ConfigError as e:
         print(f"meshpi: bad input: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (KernelError, StateDirError, ControlError) as e:
+    except (KernelError, StateDirError, ControlError, SocketError) as e:
         print(f"meshpi: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
-    raise AssertionError(f"unhandled command {args.command}")
+    except OSError as e:  # e.g. `meshpi set` with no agent, by a user who may not write prefs.json
+        print(f"meshpi: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ kernel LED such as the onboard ACT LED through /sys/class/leds (tests pass a tmp
 root). `StatusLeds` owns the drivers and shows a state's pattern on all of them.
 
 An LED is cosmetic: nothing here may stop the agent routing traffic. Drivers raise
-clear errors when built (`LedNotFound`), but `open_status_leds` and `StatusLeds`
-turn driver failures into warnings and carry on with the LEDs that work.
+clear errors when built; `open_status_leds` and `StatusLeds` turn driver failures
+into log lines and carry on with the LEDs that work.
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ class LedTriggerError(LedError, ValueError):
 
 
 class LedState(enum.Enum):
+    """The values are the LocalAPI's words (`"led"` in /v1/status)."""
+
     BOOTING = "booting"
-    NO_NETWORK = "no network"
-    NO_CONTROL = "no control"
+    OFFLINE = "offline"
     READY = "ready"
-    EXIT_TRAFFIC = "exit traffic"
+    EXIT_ACTIVE = "exit_active"
     ERROR = "error"
 
 
@@ -115,10 +116,9 @@ ERROR_BLINK = Pattern.blink("error blink", 0.15, 0.15, 0.15, 0.15, 0.15, 1.0)
 
 _PATTERNS: dict[LedState, Pattern] = {
     LedState.BOOTING: SLOW_BLINK,
-    LedState.NO_NETWORK: FAST_BLINK,
-    LedState.NO_CONTROL: FAST_BLINK,
+    LedState.OFFLINE: FAST_BLINK,
     LedState.READY: SOLID,
-    LedState.EXIT_TRAFFIC: FLICKER,
+    LedState.EXIT_ACTIVE: FLICKER,
     LedState.ERROR: ERROR_BLINK,
 }
 
@@ -131,43 +131,31 @@ def pattern(state: LedState) -> Pattern:
 class LedFacts:
     """What the agent knows at one tick."""
 
-    started: bool
-    has_uplink: bool
-    control_reachable: bool
-    interface_up: bool
-    forwarded_bytes: int = 0  # forwarded since the previous tick
+    started: bool  # the first apply is done
+    online: bool  # control is connected or still being reached (always true in static mode)
+    offers_exit: bool = False
+    tunnel_bytes: int = 0  # rx + tx through the tunnel since the previous tick
     last_error: str | None = None
 
     def __post_init__(self) -> None:
-        if self.forwarded_bytes < 0:
-            raise ValueError(f"forwarded_bytes {self.forwarded_bytes}: must be >= 0")
+        if self.tunnel_bytes < 0:
+            raise ValueError(f"tunnel_bytes {self.tunnel_bytes}: must be >= 0")
 
 
 def derive_state(facts: LedFacts) -> LedState:
-    """The state to show, the first rule that matches winning:
-
-    1. ERROR: `last_error` is set. A fault the user must act on beats everything.
-    2. BOOTING: the agent has not finished starting.
-    3. NO_NETWORK: no uplink. Nothing below can work without one.
-    4. NO_CONTROL: control unreachable. Existing peers may still work on the last
-       netmap, but nothing new can join, so the user should see it.
-    5. BOOTING: control answers but the WireGuard interface is not up yet: still
-       coming up, not a fault.
-    6. EXIT_TRAFFIC: bytes were forwarded since the previous tick.
-    7. READY.
-    """
+    """The first rule that matches wins: ERROR (the last apply failed: the user
+    must act), OFFLINE (control says no: needs a login, unreachable, refused; the
+    data plane may still run on the last netmap), BOOTING (nothing applied yet),
+    EXIT_ACTIVE (this node offers an exit and its tunnel carried bytes since the
+    previous tick), READY."""
     if facts.last_error is not None:
         return LedState.ERROR
+    if not facts.online:
+        return LedState.OFFLINE
     if not facts.started:
         return LedState.BOOTING
-    if not facts.has_uplink:
-        return LedState.NO_NETWORK
-    if not facts.control_reachable:
-        return LedState.NO_CONTROL
-    if not facts.interface_up:
-        return LedState.BOOTING
-    if facts.forwarded_bytes > 0:
-        return LedState.EXIT_TRAFFIC
+    if facts.offers_exit and facts.tunnel_bytes > 0:
+        return LedState.EXIT_ACTIVE
     return LedState.READY
 
 
@@ -180,7 +168,7 @@ class LedDriver(Protocol):
 
 
 class _PatternPlayer:
-    """Plays a pattern on a background thread until stopped.
+    """Plays a pattern on a background thread, from when it is made until stopped.
 
     Each step waits on the stop Event rather than sleeping, so `stop()` is prompt
     and nothing spins."""
@@ -191,8 +179,6 @@ class _PatternPlayer:
         self._stop = threading.Event()
         # Daemon: a write hung in the kernel must not keep the agent from exiting.
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
@@ -231,14 +217,12 @@ class GpioLed:
         self._stop_player()
         first = pattern.steps[0]
         if pattern.steady:
-            # on()/off() also stop a running gpiozero blink thread.
             self._set(first.level)
         elif len(pattern.steps) == 2 and first.level:
             self._led.blink(on_time=first.seconds, off_time=pattern.steps[1].seconds)
         else:
             self._led.off()  # stops a gpiozero blink before our thread takes over
             self._player = _PatternPlayer(pattern, self._set, f"led-gpio{self.pin}")
-            self._player.start()
 
     def close(self) -> None:
         if self._led.closed:
@@ -250,10 +234,7 @@ class GpioLed:
         self._led.close()
 
     def _set(self, level: bool) -> None:
-        if level:
-            self._led.on()
-        else:
-            self._led.off()
+        self._led.value = level  # like on()/off(), also stops a gpiozero blink
 
     def _stop_player(self) -> None:
         if self._player is not None:
@@ -289,18 +270,14 @@ class SysfsLed:
             self._max_brightness = int(raw)
         except ValueError:
             raise LedError(f"LED {name!r}: max_brightness {raw!r} is not a number") from None
-        self._original_trigger = parse_trigger(self._read("trigger"))
+        self.original_trigger = parse_trigger(self._read("trigger"))
         self._player: _PatternPlayer | None = None
         self._closed = False
         self._write("trigger", "none")
-        log.debug("LED %s: trigger %s -> none", name, self._original_trigger)
+        log.debug("LED %s: trigger %s -> none", name, self.original_trigger)
 
     def __repr__(self) -> str:
         return f"SysfsLed({self.name!r})"
-
-    @property
-    def original_trigger(self) -> str:
-        return self._original_trigger
 
     def show(self, pattern: Pattern) -> None:
         self._stop_player()
@@ -311,7 +288,6 @@ class SysfsLed:
             # module that may be absent and cannot do the error pattern, so one
             # player drives every pattern the same way.
             self._player = _PatternPlayer(pattern, self._set, f"led-{self.name}")
-            self._player.start()
 
     def close(self) -> None:
         if self._closed:
@@ -319,8 +295,8 @@ class SysfsLed:
         self._closed = True
         self._stop_player()
         self._set(False)
-        self._write("trigger", self._original_trigger)
-        log.debug("LED %s: trigger restored to %s", self.name, self._original_trigger)
+        self._write("trigger", self.original_trigger)
+        log.debug("LED %s: trigger restored to %s", self.name, self.original_trigger)
 
     def _set(self, level: bool) -> None:
         self._write("brightness", str(self._max_brightness if level else 0))
@@ -358,13 +334,9 @@ class StatusLeds:
         with self._lock:
             if state is self._state:
                 return False
-            old, self._state = self._state, state
+            self._state = state
             new = pattern(state)
             log.info("LED: %s (%s)", state.value, new.name)
-            # NO_NETWORK -> NO_CONTROL looks the same; restarting would only
-            # jolt the blink phase.
-            if old is not None and pattern(old) == new:
-                return True
             for driver in self._drivers:
                 try:
                     driver.show(new)
@@ -389,26 +361,36 @@ class StatusLeds:
         self.close()
 
 
+ONBOARD_LEDS = ("ACT", "led0")  # newer kernels, older kernels and some boards
+
+
 def open_status_leds(
     *,
-    gpio_pin: int | None = None,
+    gpio_pins: Sequence[int] = (),
     pin_factory: Factory | None = None,
-    sysfs_name: str | None = "ACT",
+    onboard: Sequence[str] = ONBOARD_LEDS,
     sysfs_root: Path = SYSFS_LEDS,
 ) -> StatusLeds:
-    """`StatusLeds` over whichever of the configured LEDs exist.
+    """`StatusLeds` over whichever of the configured LEDs exist: the first of the
+    `onboard` sysfs names that exists, and an LED on each GPIO pin.
 
-    A missing or unusable LED (no ACT in qemu, no GPIO pin factory on Trixie, not
-    root) is one warning, and the agent runs on without it."""
+    A missing or unusable LED (no ACT in qemu, no GPIO pin factory on a PC, not
+    root) is one log line, and the agent runs on without it."""
     drivers: list[LedDriver] = []
-    if sysfs_name is not None:
+    for name in onboard:
+        if not (sysfs_root / name).is_dir():
+            continue
         try:
-            drivers.append(SysfsLed(sysfs_name, root=sysfs_root))
+            drivers.append(SysfsLed(name, root=sysfs_root))
         except (LedError, OSError) as e:
-            log.warning("LED: no sysfs LED %r, running without it: %s", sysfs_name, e)
-    if gpio_pin is not None:
+            log.warning("LED: sysfs LED %r unusable, running without it: %s", name, e)
+        break
+    else:
+        if onboard:
+            log.info("LED: no onboard LED (%s) under %s", " or ".join(onboard), sysfs_root)
+    for pin in gpio_pins:
         try:
-            drivers.append(GpioLed(gpio_pin, pin_factory=pin_factory))
+            drivers.append(GpioLed(pin, pin_factory=pin_factory))
         except GPIOZeroError as e:
-            log.warning("LED: no GPIO LED on BCM %d, running without it: %s", gpio_pin, e)
+            log.warning("LED: no GPIO LED on BCM %d, running without it: %s", pin, e)
     return StatusLeds(drivers)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,6 +81,7 @@ class ControlClient:
         machine_key: MachineKey,
         control_pub: ControlPublicKey,
         timeout: float = 10.0,
+        fwmark: int = 0,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -88,6 +91,10 @@ class ControlClient:
         self._host, self._port = parts.hostname, parts.port
         self._prefix = parts.path.rstrip("/")
         self.machine_key, self.control_pub, self.timeout = machine_key, control_pub, timeout
+        # Marked like WireGuard's own packets, so talking to control never goes through
+        # the mesh: with an exit node that is gone, the data plane fails closed, and
+        # control must still be reachable to hear that it is back.
+        self.fwmark = fwmark
         self._lock = threading.Lock()
         self._session: str | None = None
         self._number = 0  # the last request number used in the session
@@ -139,6 +146,8 @@ class ControlClient:
         url = f"{self.base_url}/v1/{op}"
         conn_type = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = conn_type(self._host, self._port, timeout=timeout)
+        if self.fwmark:
+            conn._create_connection = _marked_connection(self.fwmark)  # type: ignore[attr-defined]
         try:
             headers = {"Content-Type": "application/octet-stream"}
             conn.request("POST", f"{self._prefix}/v1/{op}", body=sealed, headers=headers)
@@ -158,6 +167,27 @@ class ControlClient:
             return open_response(self.machine_key, self.control_pub, data, nonce)
         except BadResponse as e:
             raise ControlBadResponse(f"{url}: {e.message}") from None
+
+
+def _marked_connection(mark: int) -> Callable[..., socket.socket]:
+    """socket.create_connection, with SO_MARK set before connecting."""
+
+    def connect(address: tuple[str, int], timeout: float | None = None, source: Any = None) -> socket.socket:
+        host, port = address
+        error: OSError = OSError(f"{host}: no address")
+        for family, kind, proto, _name, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error
+
+    return connect
 
 
 # -- the pinned control key ---------------------------------------------------------

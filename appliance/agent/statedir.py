@@ -1,6 +1,7 @@
 """The agent's state directory (/var/lib/meshpi): keys, ownership record, lock.
 
 - node.key      WireGuard private key, mode 0600, made here and never sent anywhere
+- node.key.next the key a rotation moves to, until control has accepted it
 - machine.key   X25519 key that seals control requests, mode 0600, never sent anywhere
 - owned.json    which interface/table/fwmark/backend meshpi took, so `meshpi down`
                 removes exactly that even after prefs changed or the agent crashed
@@ -58,25 +59,50 @@ class StateDir:
     def key_file(self) -> Path:
         return self.path / "node.key"
 
+    @property
+    def next_key_file(self) -> Path:
+        return self.path / "node.key.next"
+
     def node_key(self) -> PrivateKey:
         """Load the node key, making one on first use."""
+        return self._wireguard_key(self.key_file)
+
+    def next_node_key(self) -> PrivateKey:
+        """The key a rotation moves to, made once: a rotation cut short by a crash
+        resumes with the same key, which control may already have."""
+        return self._wireguard_key(self.next_key_file)
+
+    def rotation_pending(self) -> bool:
+        return self.next_key_file.exists()
+
+    def commit_node_key(self) -> None:
+        """Control has the next key: it becomes the node key (one rename, so a
+        crash leaves either the old key and a pending rotation, or the new key)."""
+        os.replace(self.next_key_file, self.key_file)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _wireguard_key(self, path: Path) -> PrivateKey:
         self.ensure()
         try:
-            text = self.key_file.read_text()
+            text = path.read_text()
         except FileNotFoundError:
             key = PrivateKey.generate()
-            atomic_write(self.key_file, key.secret_base64() + "\n", mode=0o600)
-            log.info("made a new node key in %s (public key %s)", self.key_file, key.public_key())
+            atomic_write(path, key.secret_base64() + "\n", mode=0o600)
+            log.info("made a new node key in %s (public key %s)", path, key.public_key())
             return key
-        if self.key_file.stat().st_mode & 0o077:
-            os.chmod(self.key_file, 0o600)
-            log.warning("%s was readable by others; made it 0600", self.key_file)
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("%s was readable by others; made it 0600", path)
         try:
             return PrivateKey.from_base64(text)
         except ValueError as e:
             # Never overwrite a key silently: the node's identity would change.
             raise StateDirError(
-                f"{self.key_file}: not a WireGuard private key ({e}); move it away to make a new identity"
+                f"{path}: not a WireGuard private key ({e}); move it away to make a new identity"
             ) from None
 
     # -- the machine key (who this node is to control) ---------------------------

@@ -46,6 +46,7 @@ def node_json(node: NodeRecord, online: bool) -> dict[str, Any]:
         "last_seen": node.last_seen.isoformat() if node.last_seen else None,
         "key_expiry": node.key_expiry.isoformat() if node.key_expiry else None,
         "expiry_exempt": node.expiry_exempt,
+        "devices": [d.to_json() for d in node.devices],
     }
 
 

@@ -21,13 +21,14 @@ from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
 from appliance.core.keys import PublicKey
 from appliance.wire.fields import ConfigError
-from appliance.wire.seal import SealError, login_url, open_request
+from appliance.wire.seal import Boxes, SealError, login_url, open_request
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 CONTROL_KEY: web.AppKey[NaclPrivateKey] = web.AppKey("control_key", NaclPrivateKey)
 SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
+BOXES: web.AppKey[Boxes] = web.AppKey("boxes", Boxes)
 
 
 async def node_op(request: web.Request) -> web.Response:
@@ -35,7 +36,7 @@ async def node_op(request: web.Request) -> web.Response:
     service, key = request.app[admin.SERVICE], request.app[CONTROL_KEY]
     sessions = request.app[SESSIONS]
     try:
-        opened = open_request(key, await request.read(), op)
+        opened = open_request(key, await request.read(), op, request.app[BOXES])
     except SealError as e:
         return web.Response(status=e.status, text=e.message)
     if op == "hello":
@@ -49,6 +50,7 @@ async def node_op(request: web.Request) -> web.Response:
         "register": service.register,
         "update": service.update,
         "map": service.map,
+        "device": service.device,
         "logout": service.logout,
     }.get(op)
     if handler is None:
@@ -78,6 +80,7 @@ def create_app(service: ControlService, control_key: NaclPrivateKey, admin_token
     app[admin.TOKEN] = admin_token
     app[CONTROL_KEY] = control_key
     app[SESSIONS] = Sessions()
+    app[BOXES] = Boxes(control_key)
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
     admin.add_routes(app)

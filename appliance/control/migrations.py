@@ -132,9 +132,18 @@ _POSTGRES_V1 = (
     )""",
 )
 
+# Stock WireGuard clients (phones) a node hosts: JSON text, like the other lists.
+_V2 = ("ALTER TABLE nodes ADD COLUMN devices TEXT NOT NULL DEFAULT '[]'",)
+
 MIGRATIONS: dict[Dialect, tuple[Migration, ...]] = {
-    "sqlite": (Migration(1, "meta, nodes, tombstones, preauth_keys", _SQLITE_V1),),
-    "postgresql": (Migration(1, "meta, nodes, tombstones, preauth_keys", _POSTGRES_V1),),
+    "sqlite": (
+        Migration(1, "meta, nodes, tombstones, preauth_keys", _SQLITE_V1),
+        Migration(2, "nodes.devices", _V2),
+    ),
+    "postgresql": (
+        Migration(1, "meta, nodes, tombstones, preauth_keys", _POSTGRES_V1),
+        Migration(2, "nodes.devices", _V2),
+    ),
 }
 
 _SCHEMA_VERSION_TABLE = """CREATE TABLE IF NOT EXISTS schema_version (

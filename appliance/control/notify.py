@@ -43,6 +43,8 @@ class VersionWatch:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            # asyncio.timeout, not wait_for: no task per waiter (thousands of them).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._event.wait()
         return self.version

@@ -17,15 +17,18 @@ from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from appliance.control import mapper
+from appliance.control import mapper, store_devices
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
     AuthKeyError,
     Changes,
     DeltaUnavailable,
+    MeshFull,
+    NodeExists,
     NodeRecord,
     NodeState,
+    NotFound,
     utcnow,
 )
 from appliance.core.keys import PublicKey
@@ -159,7 +162,7 @@ class ControlService:
                 # Announced by the machine key, so it is the node's own doing.
                 node = await self.changed(self.store.rotate_node_key, node.id, node_key)
                 log.info("node %s rotated its node key to %s", node.name, node_key.short)
-            return _registered(node)
+            return _registered(node, self.now())
         state, tags = NodeState.PENDING, _NO_TAGS
         if auth_key is not None:
             try:
@@ -171,7 +174,7 @@ class ControlService:
             self.store.register_node, machine, node_key, hostname, state, tags, now=self.now()
         )
         log.info("registered %s (%s, %s) as %s", node.name, node.ipv4, node.ipv6, node.state.value)
-        return _registered(node)
+        return _registered(node, self.now())
 
     async def update(self, machine: PublicKey, body: object) -> dict[str, Any]:
         f = _fields(body)
@@ -246,6 +249,34 @@ class ControlService:
             for v in sorted(self._published_at)[:512]:
                 del self._published_at[v]
 
+    async def device(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        """Host a stock WireGuard client (`add`) or stop hosting it (`remove`)."""
+        f = _fields(body)
+        action = f.require("action", parse_str)
+        public_key = f.require("public_key", parse_public_key)
+        name = f.get("name", _device_name, None)
+        f.done()
+        node = await self._node(machine)
+        if node.state is not NodeState.APPROVED:
+            raise ApiError(403, "waiting for an admin to approve this node")
+        try:
+            if action == "add":
+                if name is None:
+                    raise ApiError(400, "request: body.name: a device needs a name")
+                node = await self.changed(self.store.add_device, node.id, name, public_key)
+                device = store_devices.find(node, public_key)
+                log.info("node %s hosts device %s (%s, %s)", node.name, name, device.ipv4, device.ipv6)
+                return {"addresses": [str(device.ipv4), str(device.ipv6)]}
+            if action == "remove":
+                await self.changed(self.store.remove_device, node.id, public_key)
+                log.info("node %s no longer hosts device %s", node.name, public_key.short)
+                return {}
+        except (NodeExists, MeshFull) as e:
+            raise ApiError(409, str(e)) from None
+        except NotFound as e:
+            raise ApiError(404, str(e)) from None
+        raise ApiError(400, f"request: body.action: {action!r} is not add or remove")
+
     async def logout(self, machine: PublicKey, body: object) -> dict[str, Any]:
         _fields(body).done()
         node = await self._node(machine)
@@ -254,12 +285,21 @@ class ControlService:
         return {}
 
 
-def _registered(node: NodeRecord) -> dict[str, Any]:
+def _registered(node: NodeRecord, now: datetime) -> dict[str, Any]:
     return {
         "state": node.state.value,
         "name": node.name,
+        # Sealed, so the node can trust it: a node whose key expired rotates it.
+        "key_expired": node.key_expired(now),
         "addresses": [str(node.ipv4), str(node.ipv6)],
     }
+
+
+def _device_name(value: object) -> str:
+    name = parse_str(value)
+    if not 1 <= len(name) <= 64 or not name.isprintable():
+        raise ValueError("must be a name of 1-64 printable characters")
+    return name
 
 
 def _fields(body: object) -> Fields:

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.control import store_preauth
+from appliance.control import store_devices, store_preauth
 from appliance.control.migrations import ensure_mesh, migrate, random_ula
 from appliance.control.store_records import (
     NODE_COLUMNS,
@@ -256,6 +256,13 @@ class Store:
             return node_from_row(self.mesh, changed)
 
         return self.db.run(work, lock_meta=True)
+
+    def add_device(self, node_id: int, name: str, public_key: PublicKey) -> NodeRecord:
+        """Host a stock WireGuard client on the node, with the next addresses."""
+        return self._change(node_id, store_devices.adding(self.mesh, name, public_key))
+
+    def remove_device(self, node_id: int, public_key: PublicKey) -> NodeRecord:
+        return self._change(node_id, store_devices.removing(public_key))
 
     def approve_node(self, node_id: int) -> NodeRecord:
         return self._change(node_id, lambda _tx, _node: {"state": NodeState.APPROVED.value})

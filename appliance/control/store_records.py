@@ -103,6 +103,7 @@ class NodeRecord:
     key_expiry: datetime | None  # None: the key never expires
     expiry_exempt: bool
     version: int  # the mesh version at which this node last changed
+    devices: tuple[DeviceRecord, ...] = ()  # stock WireGuard clients it hosts
 
     @property
     def addresses(self) -> tuple[IPAddress, IPAddress]:
@@ -110,14 +111,36 @@ class NodeRecord:
 
     @property
     def served_routes(self) -> tuple[IPNetwork, ...]:
-        """Routes peers may send here: approved *and* still advertised."""
+        """Routes peers may send here: approved *and* still advertised, and the
+        mesh addresses of the devices it hosts (control gave them to it)."""
         advertised = set(self.advertised_routes)
-        return tuple(r for r in self.approved_routes if r in advertised)
+        hosted = tuple(net for d in self.devices for net in d.prefixes)
+        return tuple(r for r in self.approved_routes if r in advertised) + hosted
 
     def key_expired(self, now: datetime) -> bool:
         if self.expiry_exempt or self.key_expiry is None:
             return False
         return self.key_expiry <= now
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A stock WireGuard client (a phone) hosted by a node: its mesh addresses come
+    from the mesh's counter, so they are never handed out twice either."""
+
+    name: str
+    public_key: PublicKey
+    index: int
+    ipv4: IPv4Address
+    ipv6: IPv6Address
+
+    @property
+    def prefixes(self) -> tuple[IPNetwork, IPNetwork]:
+        return (IPv4Network((self.ipv4, 32)), IPv6Network((self.ipv6, 128)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "public_key": str(self.public_key),
+                "addresses": [str(self.ipv4), str(self.ipv6)]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -238,14 +261,27 @@ Row = Sequence[Any]
 
 NODE_COLUMNS = (
     "id, machine_key, node_key, name, address_index, state, tags, advertised_routes, "
-    "approved_routes, endpoints, created, last_seen, key_expiry, expiry_exempt, version"
+    "approved_routes, endpoints, created, last_seen, key_expiry, expiry_exempt, version, devices"
 )
+
+
+def dump_devices(devices: Iterable[DeviceRecord]) -> str:
+    return json.dumps([{"name": d.name, "public_key": str(d.public_key), "index": d.index} for d in devices])
+
+
+def load_devices(mesh: Mesh, text: str) -> tuple[DeviceRecord, ...]:
+    out = []
+    for doc in json.loads(text):
+        index = int(doc["index"])
+        key = PublicKey.from_base64(doc["public_key"])
+        out.append(DeviceRecord(doc["name"], key, index, *address_pair(mesh, index)))
+    return tuple(out)
 
 
 def node_from_row(mesh: Mesh, row: Row) -> NodeRecord:
     """A nodes row, selected as NODE_COLUMNS, as a record."""
     (id_, machine_key, node_key, name, index, state, tags, advertised, approved, endpoints,
-     created, last_seen, key_expiry, exempt, version) = row  # fmt: skip
+     created, last_seen, key_expiry, exempt, version, devices) = row  # fmt: skip
     ipv4, ipv6 = address_pair(mesh, index)
     return NodeRecord(
         id=id_,
@@ -265,6 +301,7 @@ def node_from_row(mesh: Mesh, row: Row) -> NodeRecord:
         key_expiry=from_epoch(key_expiry),
         expiry_exempt=bool(exempt),
         version=version,
+        devices=load_devices(mesh, devices),
     )
 
 

@@ -83,6 +83,23 @@ class Peer:
         return f"{self.name} ({self.public_key.short})" if self.name else self.public_key.short
 
 
+@dataclass(frozen=True)
+class HostedDevice:
+    """A stock WireGuard client (a phone) this node hosts: a peer of this node only;
+    the rest of the mesh reaches its addresses through this node."""
+
+    name: str
+    public_key: PublicKey
+    addresses: tuple[IPAddress, ...]
+
+    @property
+    def prefixes(self) -> tuple[IPNetwork, ...]:
+        return tuple(
+            IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128))
+            for a in self.addresses
+        )
+
+
 @dataclass(frozen=True, order=True)
 class Route:
     """A unicast route through the mesh interface, in `table`."""

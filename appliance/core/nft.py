@@ -32,6 +32,7 @@ class FirewallPlan:
     shared_routes: tuple[IPNetwork, ...]  # mesh → these LAN prefixes allowed
     lan: tuple[IPNetwork, ...]  # connected non-mesh prefixes of this host
     foreign_forwarding: bool  # the host routed for others before meshpi: leave that alone
+    devices: tuple[IPNetwork, ...] = ()  # phones this node hosts: LAN and internet allowed
 
 
 def _set(name: str, family: str, nets: Iterable[IPNetwork]) -> list[str]:
@@ -57,12 +58,19 @@ def render(plan: FirewallPlan) -> str:
         shared_fam = [n for n in shared if n.version == version]
         if shared_fam:
             lines += _set(f"shared_{fam[-2:]}", fam, shared_fam)
+        devices_fam = [n for n in sorted_networks(plan.devices) if n.version == version]
+        if devices_fam:
+            lines += _set(f"devices_{fam[-2:]}", fam, devices_fam)
 
     from_mesh = [f'oifname {wg} accept comment "mesh to mesh, through this hub"']
     for v in ("v4", "v6"):
         if any(n.version == int(v[1]) for n in shared):
             ip = "ip" if v == "v4" else "ip6"
             from_mesh.append(f'{ip} daddr @shared_{v} accept comment "shared subnet route"')
+    for v in ("v4", "v6"):
+        if any(n.version == int(v[1]) for n in plan.devices):
+            ip = "ip" if v == "v4" else "ip6"
+            from_mesh.append(f'{ip} saddr @devices_{v} counter accept comment "a device this node hosts"')
     from_mesh += [
         'ip daddr @lan_v4 counter drop comment "the LAN is not shared"',
         'ip6 daddr @lan_v6 counter drop comment "the LAN is not shared"',

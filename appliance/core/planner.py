@@ -12,6 +12,7 @@ from appliance.core.keys import PrivateKey
 from appliance.core.model import (
     MAIN_TABLE,
     Device,
+    HostedDevice,
     HostFacts,
     IPNetwork,
     NftRuleset,
@@ -24,7 +25,7 @@ from appliance.core.model import (
 from appliance.core.nft import FirewallPlan, render
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError
-from appliance.wire.netmap import EXIT_ROUTES, Netmap, Node
+from appliance.wire.netmap import EXIT_ROUTES, Mesh, Netmap, Node
 
 # Rule priorities (all inside RULE_PRIORITIES), in the order the kernel walks them.
 PRIO_MARKED = 5210  # WireGuard's own packets (fwmark): main table, never the tunnel
@@ -45,6 +46,7 @@ def plan(
     private_key: PrivateKey,
     facts: HostFacts,
     source: str = "netmap",
+    devices: tuple[HostedDevice, ...] = (),
 ) -> State:
     me = netmap.self_node
     if me.public_key != private_key.public_key():
@@ -58,27 +60,43 @@ def plan(
     exit_peer = _exit_peer(netmap, prefs)
     dev = prefs.interface
 
+    mesh = netmap.mesh
     peers = {
-        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer) for p in netmap.peers
+        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer, mesh)
+        for p in netmap.peers
     }
+    for i, d in enumerate(devices):
+        if d.public_key in peers or d.public_key == me.public_key:
+            raise ConfigError("devices.json", f"[{i}].public_key", str(d.public_key), "is a node's key too")
+        peers[d.public_key] = Peer(d.public_key, sorted_networks(d.prefixes), name=d.name)
     addresses = frozenset(
         host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6) for a in me.addresses
     )
     # Mesh addresses are reached through the prefix route of our own address;
     # only subnet routes need routes of their own.
-    routes = {Route(net, dev) for node in netmap.peers if prefs.accept_routes for net in node.subnet_routes}
+    # Routes inside the mesh (devices hosted by a peer) are covered by that prefix route too.
+    routes = {
+        Route(net, dev)
+        for node in netmap.peers
+        if prefs.accept_routes
+        for net in node.subnet_routes
+        if not _in_mesh(net, mesh)
+    }
     rules: set[Rule] = set()
     sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
-    if exit_peer is not None:
+    if prefs.exit_node is not None:
+        # Even while the chosen exit node is gone (removed, offline in control's
+        # eyes, route unapproved) its routes stay: into the tunnel, where no peer
+        # takes 0/0, so WireGuard drops it. Fail closed: nothing leaks out direct.
         routes |= {Route(r, dev, prefs.table) for r in EXIT_ROUTES}
         rules = _exit_client_rules(prefs, facts)
         # Replies to marked packets must pass the reverse-path check (wg-quick does the same).
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
 
     nft = None
-    if prefs.forwards:
+    if prefs.forwards or devices:
         sysctls.update(FORWARDING_SYSCTLS)
-        nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts)))
+        nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts, devices)))
 
     return State(
         device=Device(dev, private_key, prefs.listen_port, prefs.fwmark, prefs.mtu),
@@ -91,14 +109,18 @@ def plan(
     )
 
 
+def _in_mesh(net: IPNetwork, mesh: Mesh) -> bool:
+    return net.subnet_of(mesh.ipv4) if net.version == 4 else net.subnet_of(mesh.ipv6)
+
+
 @lru_cache(maxsize=16384)
-def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool) -> Peer:
+def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool, mesh: Mesh) -> Peer:
     """Memoised: a netmap in which one peer changed re-plans one peer."""
     allowed: list[IPNetwork] = [
         IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128)) for a in node.addresses
     ]
-    if accept_routes:
-        allowed += node.subnet_routes
+    # Mesh addresses behind the peer (devices it hosts) always; LAN routes if accepted.
+    allowed += [r for r in node.subnet_routes if accept_routes or _in_mesh(r, mesh)]
     if is_exit:
         allowed += [r for r in node.routes if r in EXIT_ROUTES]
     return Peer(
@@ -115,15 +137,19 @@ def _exit_peer(netmap: Netmap, prefs: Prefs) -> Node | None:
     if prefs.exit_node is None:
         return None
     peer = netmap.find_peer(prefs.exit_node)
-    if peer is None or not peer.is_exit_node:
-        offering = ", ".join(p.name for p in netmap.peers if p.is_exit_node) or "none"
-        raise ConfigError(
-            "prefs",
-            "exit_node",
-            prefs.exit_node,
-            f"is not a peer offering an approved exit node (offering one: {offering})",
-        )
-    return peer
+    return peer if peer is not None and peer.is_exit_node else None
+
+
+def exit_node_problem(netmap: Netmap, prefs: Prefs) -> str | None:
+    """Why the chosen exit node carries no traffic now (None: it does, or none is chosen)."""
+    if prefs.exit_node is None or _exit_peer(netmap, prefs) is not None:
+        return None
+    offering = ", ".join(p.name for p in netmap.peers if p.is_exit_node) or "none"
+    return (
+        f"exit node {prefs.exit_node!r} is not a peer offering an approved exit node "
+        f"(offering one: {offering}); traffic for the internet is blocked until it is back "
+        "or another exit node is chosen"
+    )
 
 
 def _exit_client_rules(prefs: Prefs, facts: HostFacts) -> set[Rule]:
@@ -143,7 +169,9 @@ def _exit_client_rules(prefs: Prefs, facts: HostFacts) -> set[Rule]:
     return rules
 
 
-def _firewall_plan(netmap: Netmap, prefs: Prefs, facts: HostFacts) -> FirewallPlan:
+def _firewall_plan(
+    netmap: Netmap, prefs: Prefs, facts: HostFacts, devices: tuple[HostedDevice, ...]
+) -> FirewallPlan:
     me = netmap.self_node
     # Offered by the owner (prefs) and approved by control (netmap): both are needed.
     shared = tuple(r for r in prefs.advertise_routes if r in me.subnet_routes)
@@ -156,6 +184,7 @@ def _firewall_plan(netmap: Netmap, prefs: Prefs, facts: HostFacts) -> FirewallPl
         shared_routes=shared,
         lan=tuple(c.network for c in facts.connected),
         foreign_forwarding=facts.forwarding_preexisting,
+        devices=tuple(net for d in devices for net in d.prefixes),
     )
 
 

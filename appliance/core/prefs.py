@@ -24,6 +24,7 @@ from appliance.wire.fields import (
 )
 
 BACKENDS = ("auto", "kernel", "userspace")
+GPIO_PINS = 27  # BCM numbers of the 40-pin header's GPIOs: 0-27
 
 
 def _parse_backend(value: object) -> str:
@@ -61,6 +62,10 @@ class Prefs:
     # Where peers can reach this node from the internet (a port forward on the home
     # router): until NAT traversal finds them, the owner says so.
     advertise_endpoints: tuple[Endpoint, ...] = ()
+    # Status LEDs: one on each of these BCM GPIO pins, and the board's own ACT
+    # (or led0) LED under /sys/class/leds when there is one.
+    led_pins: tuple[int, ...] = ()
+    act_led: bool = True
 
     @property
     def forwards(self) -> bool:
@@ -74,6 +79,7 @@ class Prefs:
         out = asdict(self)
         out["advertise_routes"] = [str(r) for r in self.advertise_routes]
         out["advertise_endpoints"] = [str(e) for e in self.advertise_endpoints]
+        out["led_pins"] = list(self.led_pins)
         return out
 
 
@@ -97,6 +103,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         ),
         hostname=f.get("hostname", _parse_optional_name, d.hostname),
         advertise_endpoints=f.get_list("advertise_endpoints", parse_endpoint),
+        led_pins=f.get_list("led_pins", int_range(0, GPIO_PINS)),
+        act_led=f.get("act_led", parse_bool, d.act_led),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")
@@ -107,6 +115,9 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
                 str(route),
                 "is a default route: use advertise_exit_node to offer an exit node",
             )
+    for i, pin in enumerate(prefs.led_pins):
+        if pin in prefs.led_pins[:i]:
+            raise f.error(f"led_pins[{i}]", pin, "is listed twice")
     f.done()
     return prefs
 

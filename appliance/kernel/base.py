@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
 from appliance.core.keys import PrivateKey, PublicKey
@@ -125,6 +126,10 @@ class Links(Protocol):
     def connected(self, exclude: str) -> tuple[Connected, ...]:
         """Prefixes connected on interfaces other than `exclude` and loopback: the
         kernel's own link-scope routes in the main table, without link-local v6."""
+
+    def probe(self, ifname: str, address: IPv4Address | IPv6Address) -> None:
+        """Send one empty UDP datagram to `address` (discard port) out of `ifname`.
+        Into a WireGuard interface, that starts a handshake with the peer now."""
 
 
 class Firewall(Protocol):

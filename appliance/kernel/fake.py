@@ -8,6 +8,7 @@ state as text, for golden tests in the style of Tailscale's TestRouterStates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from appliance.core.keys import PublicKey
@@ -47,6 +48,7 @@ class FakeKernel:
     nft: NftRuleset | None = None
     proc: dict[str, str] = field(default_factory=dict)
     connected: tuple[Connected, ...] = ()
+    probes: list[tuple[str, IPv4Address | IPv6Address]] = field(default_factory=list)  # (dev, to)
 
     def render(self) -> str:
         """The whole state, one fact per line, in a stable order."""
@@ -168,6 +170,9 @@ class FakeLinks:
 
     def connected(self, exclude: str) -> tuple[Connected, ...]:
         return tuple(c for c in self.k.connected if c.dev != exclude)
+
+    def probe(self, ifname: str, address: IPv4Address | IPv6Address) -> None:
+        self.k.probes.append((ifname, address))
 
 
 class FakeFirewall:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from ipaddress import IPv4Interface, IPv6Interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
 from socket import AF_INET, AF_INET6
 from types import TracebackType
 from typing import Any
@@ -44,6 +45,7 @@ FR_ACT_TO_TBL = 1
 FIB_RULE_INVERT = 0x2
 IFA_F_NODAD = 0x2
 FULL_MASK = 0xFFFFFFFF
+DISCARD_PORT = 9  # RFC 863: the peer throws the probe away
 # An unset FRA_SUPPRESS_PREFIXLEN is reported as (u32)-1.
 _UNSET_U32 = 0xFFFFFFFF
 
@@ -375,6 +377,18 @@ class NetlinkLinks:
                 continue
             found.add(Connected(dev, dst))
         return tuple(sorted(found, key=_connected_order))
+
+    # -- datagrams ------------------------------------------------------------
+
+    def probe(self, ifname: str, address: IPv4Address | IPv6Address) -> None:
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+                s.sendto(b"", (str(address), DISCARD_PORT))
+            log.debug("probed %s via %s", address, ifname)
+        except OSError as e:
+            raise KernelError(f"probe {address} via {ifname}: {e.strerror or e}") from None
 
 
 def _connected_order(c: Connected) -> tuple[str, int, int, int]:

@@ -22,6 +22,7 @@ import binascii
 import json
 import secrets
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
@@ -363,7 +364,16 @@ class Opened:
         return seal_response(self.box, self.nonce, body)
 
 
-def open_request(control: AnyControlKey, body: bytes, op: str) -> Opened:
+class Boxes:
+    """The server's Box per machine key, kept: making one costs an X25519 operation,
+    and every node comes back every few seconds (each long-poll is a request)."""
+
+    def __init__(self, control: AnyControlKey, size: int = 16384) -> None:
+        private = _nacl_private(control)
+        self.get = lru_cache(maxsize=size)(lambda raw: Box(private, NaclPublicKey(raw)))
+
+
+def open_request(control: AnyControlKey, body: bytes, op: str, boxes: Boxes | None = None) -> Opened:
     """Open a request posted to /v1/<op>; SealError (with its HTTP status) unless it
     is a well-formed request for this op, sealed for our key."""
     if len(body) > MAX_BODY:
@@ -378,7 +388,7 @@ def open_request(control: AnyControlKey, body: bytes, op: str) -> Opened:
     if not machine.canonical:
         raise Malformed(f"machine key {machine} is not a canonical X25519 key")
     try:
-        box = Box(_nacl_private(control), machine.nacl())
+        box = boxes.get(machine.raw) if boxes is not None else Box(_nacl_private(control), machine.nacl())
         plaintext = box.decrypt(bytes(body[HEADER:]))
     except CryptoError:
         # Also a low-order machine key (PyNaCl refuses an all-zero shared secret).

@@ -17,6 +17,13 @@ of nodes (--full-sync, default 300) fetches one, timed; the others start their
 long-poll from the version the sample got, as agents do that reconnect with the
 version they already hold. The total for all N is extrapolated from the sample.
 
+The simulator must not measure itself: long-polls go over lean keep-alive
+connections (leanhttp.py) that stamp an answer when its last byte arrives, the
+20 sample nodes patch their netmaps between changes, not during one, and the
+simulator's own objects are frozen out of the garbage collector. `--timeline`
+prints when the nodes heard each change; the server's CPU seconds per change
+are printed beside the latency.
+
 The last line of output is one JSON object with the figures.
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -61,12 +69,14 @@ from appliance.wire.seal import (  # noqa: E402
     open_response,
     seal_request,
 )
+from scripts.bench.leanhttp import LeanConnection, LeanError  # noqa: E402
 
 HEADSCALE = (
     "reference: headscale reports 300-600 clients overwhelm multi-core servers "
     "(juanfont/headscale issues #1014, #2491); not measured here"
 )
 APPLY_SAMPLE = 20  # nodes that patch a real Netmap with every delta
+TIMELINE = [False]  # --timeline: print when the nodes heard each change
 
 
 def key(label: str) -> bytes:
@@ -96,6 +106,12 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Refused(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(f"{status} {text}")
@@ -117,6 +133,7 @@ class SimNode:
     version: int | None = None
     netmap: Netmap | None = None  # only the apply-delta sample keeps one
     polling: bool = False
+    conn: LeanConnection | None = None
 
     def __post_init__(self) -> None:
         # One Box per node: seal_request/open_response build it (three X25519
@@ -149,6 +166,7 @@ class Sim:
         self.changer_pub = ""
         self.stop = asyncio.Event()
         self.applied = 0
+        self.deferred: list[tuple[SimNode, dict[str, Any]]] = []
         self.polls = 0
         self.errors: list[str] = []
 
@@ -159,16 +177,28 @@ class Sim:
                 raise Refused(resp.status, await resp.text())
             return await resp.json()
 
-    async def post(self, op: str, data: bytes) -> bytes:
-        async with self.http.post(f"{self.url}/v1/{op}", data=data) as resp:
-            payload = await resp.read()
-            if resp.status != 200:
-                raise Refused(resp.status, payload.decode(errors="replace"))
-            return payload
+    async def post(self, op: str, data: bytes, node: SimNode) -> tuple[bytes, float]:
+        """The sealed answer and its arrival time. Long-polls go over the node's own
+        lean keep-alive connection (leanhttp.py), the rest through aiohttp."""
+        if op == "map":
+            if node.conn is None:
+                host, _, port = self.url.removeprefix("http://").partition(":")
+                node.conn = LeanConnection(host, int(port))
+            try:
+                status, payload, arrived = await node.conn.post("/v1/map", data, timeout=120)
+            except (OSError, LeanError) as e:
+                raise aiohttp.ClientError(str(e)) from None
+        else:
+            async with self.http.post(f"{self.url}/v1/{op}", data=data) as resp:
+                payload = await resp.read()
+                status, arrived = resp.status, time.monotonic()
+        if status != 200:
+            raise Refused(status, payload.decode(errors="replace"))
+        return payload, arrived
 
     async def hello(self, node: SimNode) -> None:
         data, nonce = seal_request(node.machine, node.control, {"op": "hello"}, 0)
-        body = open_response(node.machine, node.control, await self.post("hello", data), nonce)
+        body = open_response(node.machine, node.control, (await self.post("hello", data, node))[0], nonce)
         node.session, node.number = body["session"], 0
 
     async def call(self, node: SimNode, op: str, body: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
@@ -183,13 +213,12 @@ class Sim:
             else:
                 data, nonce = node.seal(plaintext, node.number)
             try:
-                answer = await self.post(op, data)
+                answer, arrived = await self.post(op, data, node)
             except Refused as e:
                 if e.status == 401 and attempt == 1:
                     node.session = None
                     continue
                 raise
-            arrived = time.monotonic()
             if node.index < APPLY_SAMPLE:
                 opened = open_response(node.machine, node.control, answer, nonce)
             else:
@@ -197,13 +226,22 @@ class Sim:
             return opened, len(answer), arrived
         raise AssertionError("unreachable")
 
+    def apply_deferred(self) -> None:
+        for node, delta in self.deferred:
+            if node.netmap is not None:
+                node.netmap = apply_delta(node.netmap, delta)
+                self.applied += 1
+        self.deferred.clear()
+
     def saw(self, node: SimNode, answer: dict[str, Any], size: int, arrived: float) -> None:
         if node.index < APPLY_SAMPLE:
             if "full" in answer:
                 node.netmap = parse_netmap(answer["full"])
-            elif "delta" in answer and node.netmap is not None:
-                node.netmap = apply_delta(node.netmap, answer["delta"])
-                self.applied += 1
+            elif "delta" in answer:
+                # Patching a whole netmap is O(mesh) per node: on a real node that is
+                # its own CPU's work, here 20 of them would stall the one simulator
+                # loop that stamps every arrival. So it happens between changes.
+                self.deferred.append((node, answer["delta"]))
         if self.expect is None or node.index in self.received:
             return
         entries: list[Any] = []
@@ -394,6 +432,12 @@ async def _measure(
     for node in nodes[len(sample) :]:
         node.version = start_version  # reconnecting with the version it holds
 
+    # The simulator holds millions of objects (keys, sample netmaps); a full garbage
+    # collection over them stalls every simulated node at once. Real nodes are
+    # separate machines: keep the simulator's own pauses out of the figures.
+    gc.collect()
+    gc.freeze()
+
     # Everyone long-polls; ramp the connections in so the listen backlog keeps up.
     tasks: list[asyncio.Task[None]] = []
     for i, node in enumerate(nodes):
@@ -417,12 +461,14 @@ async def _measure(
     for k in range(changes):
         sim.received.clear()
         sim.expect = routes[k]
+        cpu0 = cpu_s(pid)
         t0 = time.monotonic()
         await sim.admin("POST", f"/admin/v1/nodes/{changer_id}/routes", {"approved_routes": routes[: k + 1]})
         admin_s = time.monotonic() - t0
         end = t0 + timeout
         while len(sim.received) < n and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        server_cpu = cpu_s(pid) - cpu0  # sending the change and taking the re-polls
         got = [arrived - t0 for arrived, _ in sim.received.values()]
         missed = n - len(got)
         missed_total += missed
@@ -430,12 +476,18 @@ async def _measure(
         sizes += [size for _, size in sim.received.values()]
         print(
             f"  change {k + 1}/{changes}: {len(got)}/{n} nodes in {max(got):.3f} s "
-            f"(p50 {pct(got, 0.5):.3f}, p99 {pct(got, 0.99):.3f}; admin call {admin_s * 1000:.0f} ms)"
+            f"(p50 {pct(got, 0.5):.3f}, p99 {pct(got, 0.99):.3f}; admin call {admin_s * 1000:.0f} ms; "
+            f"server CPU {server_cpu:.2f} s, {server_cpu / n * 1e6:.0f} us per node)"
             + (f", {missed} MISSED within {timeout:.0f} s" if missed else ""),
             flush=True,
         )
+        if TIMELINE[0]:
+            quantiles = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9)
+            marks = " ".join(f"{pct(got, q):.2f}" for q in quantiles)
+            print(f"    arrivals at p1, p10, p25, p50, p75, p90: {marks} s")
         sim.expect = None
         await asyncio.sleep(1.5)  # let the re-polls settle before the next change
+        sim.apply_deferred()
 
     rss_now, rss_peak = rss_mb(pid)
     metrics = await _metrics(sim)
@@ -443,6 +495,9 @@ async def _measure(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    for node in nodes:
+        if node.conn is not None:
+            node.conn.close()
     checked = [x for x in nodes[:APPLY_SAMPLE] if x.netmap is not None]
     applied_ok = all(
         any(str(p.public_key) == sim.changer_pub and len(p.routes) == changes for p in x.netmap.peers)
@@ -505,7 +560,9 @@ def main() -> int:
     ap.add_argument("--full-sync", type=int, default=300, help="nodes that fetch a full map (default 300)")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds a change may take to reach all")
     ap.add_argument("--concurrency", type=int, default=64, help="registrations in flight (default 64)")
+    ap.add_argument("--timeline", action="store_true", help="print arrival quantiles per change")
     args = ap.parse_args()
+    TIMELINE[0] = args.timeline
     sizes = [int(x) for x in args.nodes.split(",") if x.strip()]
     raise_nofile()
     print(f"meshpi-control benchmark: sizes {sizes}, {os.cpu_count()} CPUs, "

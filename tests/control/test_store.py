@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from appliance.control import migrations
-from appliance.control.migrations import Migration
 from appliance.control.store import (
     AuthKeyError,
     DeltaUnavailable,
@@ -84,19 +83,30 @@ def test_store_reopen_is_idempotent_and_keeps_everything(
 def test_store_existing_db_runs_only_missing_migrations(
     open_stores: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    real = migrations.MIGRATIONS.copy()
+    # A database made by a meshpi that knew schema version 1 only...
+    for d in real:
+        monkeypatch.setitem(migrations.MIGRATIONS, d, real[d][:1])
     old = open_stores()
     dialect = old.db.dialect
-    node = register(old)
-    old.close()
-    newer = (
-        *migrations.MIGRATIONS[dialect],
-        Migration(2, "test: notes", ("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)",)),
+    v1_row = (new_key().raw, new_key().raw, "laptop", 5, "approved", "[]", "[]", "[]", "[]", 0, False, 1)
+    old.db.run(
+        lambda tx: tx.run(
+            "INSERT INTO nodes (machine_key, node_key, name, address_index, state, tags, advertised_routes, "
+            "approved_routes, endpoints, created, expiry_exempt, version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            *v1_row,
+        )
     )
-    monkeypatch.setitem(migrations.MIGRATIONS, dialect, newer)
+    old.close()
+    # ... opened by this one: version 2 (nodes.devices) runs, nothing else does.
+    monkeypatch.setitem(migrations.MIGRATIONS, dialect, real[dialect])
     upgraded = open_stores()
     assert [row[0] for row in raw_rows(upgraded, "schema_version")] == [1, 2]
-    assert raw_rows(upgraded, "notes") == []
-    assert upgraded.get_node(node.id) == node
+    (node,) = upgraded.list_nodes()
+    assert node.name == "laptop" and node.address_index == 5 and node.devices == ()
+    with_phone = upgraded.add_device(node.id, "phone", PublicKey(bytes(range(32))))
+    assert [d.name for d in with_phone.devices] == ["phone"]
     upgraded.close()
     assert [row[0] for row in raw_rows(open_stores(), "schema_version")] == [1, 2]
 
@@ -433,3 +443,25 @@ def test_store_postgres_reconnects_after_losing_its_connection(store: Store, pg_
     with pytest.raises(StoreUnavailable):
         store.get_node(node.id)
     assert store.get_node(node.id) == node
+
+
+def test_store_devices_take_addresses_from_the_node_counter(open_stores: Callable[[], Store]) -> None:
+    store = open_stores()
+    hub = register(store, "pi")
+    phone_key = PrivateKey.generate().public_key()
+    hub = store.add_device(hub.id, "phone", phone_key)
+    (phone,) = hub.devices
+    assert phone.index == hub.address_index + 1
+    assert phone.prefixes[0] == IPv4Network(f"{phone.ipv4}/32") and phone.prefixes[0] in hub.served_routes
+    with pytest.raises(NodeExists, match="already has a device named 'phone'"):
+        store.add_device(hub.id, "phone", PrivateKey.generate().public_key())
+    with pytest.raises(NodeExists, match="already in the mesh"):
+        store.add_device(hub.id, "tablet", hub.node_key)
+    laptop = register(store, "laptop")
+    assert laptop.address_index == phone.index + 1  # never the device's
+    hub = store.remove_device(hub.id, phone_key)
+    assert hub.devices == () and store.get_node(hub.id) == hub
+    with pytest.raises(NotFound):
+        store.remove_device(hub.id, phone_key)
+    assert register(store, "desktop").address_index == laptop.address_index + 1  # not reused
+    assert store.changes_since(0).nodes  # each device change took a version

@@ -85,6 +85,7 @@ class MeshNode:
         self.state_dir = self.dir / "state"
         self.netmap_path, self.prefs_path = self.dir / "netmap.json", self.dir / "prefs.json"
         self.log_path = self.dir / "agent.log"
+        self.local_api = self.dir / "local.sock"  # its LocalAPI (/run/meshpi is shared by all namespaces)
         self.prefs = default_prefs(self.interface) | prefs
         self.approved_routes: list[str] | None = None  # None: approve what is advertised
         self.public_key: str | None = None
@@ -132,7 +133,8 @@ class MeshNode:
         if self.agent is not None and self.agent.poll() is None:
             raise LabError(f"{self.name}: agent already running (pid {self.agent.pid})")
         cmd = [str(meshpi_binary()), "agent", "--netmap", str(self.netmap_path),
-               "--prefs", str(self.prefs_path), "--state-dir", str(self.state_dir)]  # fmt: skip
+               "--prefs", str(self.prefs_path), "--state-dir", str(self.state_dir),
+               "--local-api", str(self.local_api)]  # fmt: skip
         self.agent = self.host.popen(cmd, log=self.log_path)
         return self.agent
 

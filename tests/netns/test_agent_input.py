@@ -84,7 +84,8 @@ def test_agent_input_rejected_before_any_kernel_change(netns: str, tmp_path: Pat
 
     res = subprocess.run(
         ["ip", "netns", "exec", netns, str(meshpi_binary()), "agent",
-         "--netmap", str(paths["netmap"]), "--prefs", str(paths["prefs"]), "--state-dir", str(state)],
+         "--netmap", str(paths["netmap"]), "--prefs", str(paths["prefs"]), "--state-dir", str(state),
+         "--local-api", str(tmp_path / "local.sock")],
         capture_output=True, text=True, timeout=20,
     )  # fmt: skip
 
@@ -106,7 +107,8 @@ def test_agent_input_good_files_do_change_the_kernel(netns: str, tmp_path: Path)
     paths["prefs"].write_text(json.dumps(GOOD_PREFS))
     agent = subprocess.Popen(
         ["ip", "netns", "exec", netns, str(meshpi_binary()), "agent",
-         "--netmap", str(paths["netmap"]), "--prefs", str(paths["prefs"]), "--state-dir", str(state)],
+         "--netmap", str(paths["netmap"]), "--prefs", str(paths["prefs"]), "--state-dir", str(state),
+         "--local-api", str(tmp_path / "local.sock")],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -1,7 +1,8 @@
 """A mesh that forms itself: meshpi-control in the lab's "internet" namespace,
-agents in control mode on the pi and two laptops, joined with `meshpi up`.
+agents in control mode on the pi and two laptops, joined with `meshpi up`
+(the world: meshworld.py).
 
-    control 203.0.113.10:8080 (in inet)
+    control 203.0.113.10:8443 (in inet)
     pi       home LAN, port forward 198.51.100.1:51820, offers exit + 192.168.77.0/24
     laptop   behind its router's NAT, uses the pi as exit node
     laptop2  behind the same NAT; removed by the admin in one test
@@ -12,120 +13,22 @@ One mesh serves the module; tests that change it put it back.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.lab.host import REPO_ROOT, Host, LabError, wait_for
-from tests.lab.topology import HOME_WAN_V4, LANHOST_V4, PI_V4, SERVER_V4, Lab
-
-CONTROL = f"http://{SERVER_V4}:8443"
-BIN = REPO_ROOT / ".venv" / "bin"
-
-
-@dataclass
-class Node:
-    name: str
-    host: Host
-    state: Path
-    interface: str
-
-    def meshpi(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.host.run([str(BIN / "meshpi"), *args, "--state-dir", str(self.state)], check=check)
-
-    def status(self) -> dict[str, object]:
-        return json.loads(self.meshpi("status", "--json").stdout)  # type: ignore[no-any-return]
-
-    def mesh_v4(self) -> str:
-        return str(self.status()["self"]["addresses"][0])  # type: ignore[index]
-
-    def peers_in_kernel(self) -> str:
-        return self.host.run(["wg", "show", self.interface, "allowed-ips"]).stdout
-
-
-@dataclass
-class World:
-    lab: Lab
-    nodes: dict[str, Node]
-    control: subprocess.Popen[bytes]
-    control_state: Path
-    login: str
-
-    def admin(self, *args: str) -> str:
-        cmd = [
-            str(BIN / "meshpi-control"),
-            "--state-dir",
-            str(self.control_state),
-            *args,
-            "--server",
-            CONTROL,
-        ]
-        return self.lab.internet.run(cmd).stdout
-
-    def node_id(self, name: str) -> int:
-        for line in self.admin("nodes", "list").splitlines()[1:]:
-            fields = line.split()
-            if fields[1] == name:
-                return int(fields[0])
-        raise AssertionError(f"no node {name}")
-
-
-def _start_control(lab: Lab, state: Path) -> subprocess.Popen[bytes]:
-    proc = lab.internet.popen(
-        [str(BIN / "meshpi-control"), "--state-dir", str(state), "serve", "--listen", f"{SERVER_V4}:8443"],
-        log=lab.scratch / "control.log",
-    )
-    wait_for(lambda: lab.internet.run(["ss", "-ltn", "sport = :8443"]).stdout.count("LISTEN"), 10, "control")
-    return proc
+from tests.lab.host import Host, LabError, wait_for
+from tests.lab.topology import HOME_WAN_V4, LANHOST_V4, PI_V4, SERVER_V4
+from tests.netns.meshworld import BIN, Node, World, mesh_world, start_control
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with Lab(laptop2=True) as lab:
-        control_state = lab.scratch / "control"
-        control = _start_control(lab, control_state)
-        key = (control_state / "control.key").read_text().strip()
-        import base64
-
-        from nacl.public import PrivateKey
-
-        from appliance.wire.seal import login_url
-
-        pub = PrivateKey(base64.b64decode(key)).public_key
-        login = login_url(CONTROL, pub)
-        tag = f"mp{os.getpid() % 10000}c"
-        hosts = {"pi": lab.pi, "laptop": lab.laptop, "laptop2": lab.laptop2}
-        nodes = {
-            name: Node(name, host, lab.scratch / name, f"{tag}{i}")  # type: ignore[arg-type]
-            for i, (name, host) in enumerate(hosts.items())
-        }
-        world = World(lab, nodes, control, control_state, login)
-        auth = world.admin("keys", "create", "--reusable", "--expires", "600").strip()
-        for node in nodes.values():
-            node.host.popen([str(BIN / "meshpi"), "agent", "--state-dir", str(node.state)],
-                            log=lab.scratch / f"{node.name}-agent.log")  # fmt: skip
-        extra = {
-            "pi": ["--advertise-exit-node", "--advertise-routes", "192.168.77.0/24",
-                   "--advertise-endpoint", f"{HOME_WAN_V4}:51820"],
-            "laptop": ["--listen-port", "51821"],
-            "laptop2": ["--listen-port", "51822"],
-        }  # fmt: skip
-        for node in nodes.values():
-            wait_for(lambda n=node: (n.state / "agent.pid").exists(), 10, f"{node.name} agent")
-            res = node.meshpi("up", "--login-server", login, "--auth-key", auth, "--hostname", node.name,
-                              "--backend", "userspace", "--interface", node.interface, *extra[node.name])  # fmt: skip
-            assert res.stdout.startswith("connected"), res.stdout + res.stderr
-        try:
-            yield world
-        finally:
-            for node in nodes.values():
-                node.meshpi("down", check=False)
+    with mesh_world() as w:
+        yield w
 
 
 def _within(seconds: float, what: str, check: Callable[[], bool]) -> float:
@@ -172,6 +75,32 @@ def test_mesh_route_approval_takes_effect_within_2s_and_exit_works(world: World)
     wait_for(lambda: lab.laptop.fetch(SERVER_V4, timeout=1) == "192.0.2.1", 5, "direct again")
 
 
+def _fetch_or_none(host: Host, dst: str) -> str | None:
+    try:
+        return host.fetch(dst, timeout=1)
+    except LabError:
+        return None
+
+
+def test_mesh_exit_node_withdrawn_fails_closed(world: World) -> None:
+    lab, laptop, pi_id = world.lab, world.nodes["laptop"], str(world.node_id("pi"))
+    lab.internet.whoami_server()
+    laptop.meshpi("set", "--exit-node", "pi")
+    try:
+        wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) == HOME_WAN_V4, 5, "exit via the pi")
+        world.admin("routes", "approve", pi_id, "192.168.77.0/24")  # the exit is withdrawn
+        wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) is None, 5, "internet traffic to stop")
+        # Blocked, not leaking out of the laptop's own uplink (192.0.2.1).
+        seen = {_fetch_or_none(lab.laptop, SERVER_V4) for _ in range(3)}
+        assert seen == {None}
+        assert _reaches(lab.laptop, LANHOST_V4)  # the rest of the mesh still works
+        world.admin("routes", "approve", pi_id, "192.168.77.0/24", "0.0.0.0/0", "::/0")
+        wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) == HOME_WAN_V4, 5, "the exit back")
+    finally:
+        world.admin("routes", "approve", pi_id, "192.168.77.0/24", "0.0.0.0/0", "::/0")
+        laptop.meshpi("set", "--exit-node", "")
+
+
 def test_mesh_control_outage_loses_nothing_and_reconnects(world: World) -> None:
     lab, pi = world.lab, world.nodes["pi"]
     lab.stop_process(world.control)
@@ -182,7 +111,7 @@ def test_mesh_control_outage_loses_nothing_and_reconnects(world: World) -> None:
     out, _ = ping.communicate(timeout=90)  # control stays down for the 60 s of pings
     sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+)", out).groups())  # type: ignore[union-attr]
     assert sent == 300 and received == 300, out
-    world.control = _start_control(lab, world.control_state)
+    world.control = start_control(lab, world.control_state)
     restarted = time.monotonic()
     for node in world.nodes.values():
         status_file = node.state / "control-status.json"
@@ -194,9 +123,29 @@ def test_mesh_control_outage_loses_nothing_and_reconnects(world: World) -> None:
     assert time.monotonic() - restarted <= 5
 
 
+def _node_key(node: Node) -> str:
+    return node.host.run([str(BIN / "meshpi"), "key", "--state-dir", str(node.state)]).stdout.strip()
+
+
+def test_mesh_expired_key_is_dropped_then_rotated_by_the_node(world: World) -> None:
+    pi, laptop2 = world.nodes["pi"], world.nodes["laptop2"]
+    old, address = _node_key(laptop2), laptop2.mesh_v4()
+    assert old in pi.peers_in_kernel()
+    world.admin("nodes", "expire", str(world.node_id("laptop2")))
+    _within(2.0, "the pi to drop the expired key", lambda: old not in pi.peers_in_kernel())
+    # The node hears it (its map is refused), makes a new key and announces it with
+    # its machine key: no login, no admin.
+    _within(15.0, "laptop2 to rotate", lambda: _node_key(laptop2) != old)
+    new = _node_key(laptop2)
+    _within(3.0, "the pi to get the new key", lambda: new in pi.peers_in_kernel())
+    assert not (laptop2.state / "node.key.next").exists()
+    wait_for(lambda: laptop2.host.ping(pi.mesh_v4(), count=1)[1] == 1, 10, "laptop2 -> pi again")
+    assert laptop2.mesh_v4() == address  # a new key, the same node
+
+
 def test_mesh_removed_node_is_dropped_by_peers_within_2s(world: World) -> None:
     pi, laptop2 = world.nodes["pi"], world.nodes["laptop2"]
-    key = laptop2.host.run([str(BIN / "meshpi"), "key", "--state-dir", str(laptop2.state)]).stdout.strip()
+    key = _node_key(laptop2)
     assert key in pi.peers_in_kernel()
     world.admin("nodes", "remove", str(world.node_id("laptop2")))
     took = _within(2.0, "the pi to drop laptop2", lambda: key not in pi.peers_in_kernel())

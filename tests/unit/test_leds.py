@@ -86,14 +86,14 @@ class FakeDriver:
 
 def test_pattern_mapping_matches_design() -> None:
     assert pattern(LedState.BOOTING).steps == (Step(True, 1.0), Step(False, 1.0))
-    assert pattern(LedState.NO_NETWORK).steps == (Step(True, 0.1), Step(False, 0.1))
-    assert pattern(LedState.NO_CONTROL) == pattern(LedState.NO_NETWORK)
+    assert pattern(LedState.OFFLINE).steps == (Step(True, 0.1), Step(False, 0.1))
     assert pattern(LedState.READY).steady and pattern(LedState.READY).steps[0].level
-    assert pattern(LedState.EXIT_TRAFFIC).steps == (Step(True, 0.45), Step(False, 0.05))
+    assert pattern(LedState.EXIT_ACTIVE).steps == (Step(True, 0.45), Step(False, 0.05))
     error = pattern(LedState.ERROR).steps
     assert [s.level for s in error] == [True, False] * 3
     assert error[-1].seconds > 3 * error[0].seconds  # three short blinks, then a pause
-    assert len({pattern(s) for s in LedState}) == 5  # only the two fast blinks share
+    assert len({pattern(s) for s in LedState}) == len(LedState)  # each state looks different
+    assert [s.value for s in LedState] == ["booting", "offline", "ready", "exit_active", "error"]
 
 
 @pytest.mark.parametrize(
@@ -119,10 +119,9 @@ def test_pattern_blink_needs_pairs() -> None:
 def facts(**overrides: Any) -> LedFacts:
     healthy: dict[str, Any] = {
         "started": True,
-        "has_uplink": True,
-        "control_reachable": True,
-        "interface_up": True,
-        "forwarded_bytes": 0,
+        "online": True,
+        "offers_exit": True,
+        "tunnel_bytes": 0,
         "last_error": None,
     }
     return LedFacts(**(healthy | overrides))
@@ -132,17 +131,16 @@ def facts(**overrides: Any) -> LedFacts:
     ("overrides", "expected"),
     [
         ({}, LedState.READY),
-        ({"forwarded_bytes": 1}, LedState.EXIT_TRAFFIC),
-        ({"interface_up": False, "forwarded_bytes": 9}, LedState.BOOTING),
-        ({"control_reachable": False, "interface_up": False}, LedState.NO_CONTROL),
-        ({"control_reachable": False, "forwarded_bytes": 9}, LedState.NO_CONTROL),
-        ({"has_uplink": False, "control_reachable": False}, LedState.NO_NETWORK),
-        ({"started": False, "has_uplink": False}, LedState.BOOTING),
+        ({"tunnel_bytes": 1}, LedState.EXIT_ACTIVE),
+        ({"tunnel_bytes": 9, "offers_exit": False}, LedState.READY),  # a client's own traffic
+        ({"started": False, "tunnel_bytes": 9}, LedState.BOOTING),
+        ({"online": False, "started": False}, LedState.OFFLINE),  # waiting for a login
+        ({"online": False, "tunnel_bytes": 9}, LedState.OFFLINE),
         (
-            {"last_error": "nft: permission denied", "started": False, "has_uplink": False},
+            {"last_error": "nft: permission denied", "started": False, "online": False},
             LedState.ERROR,
         ),
-        ({"last_error": "x", "forwarded_bytes": 9}, LedState.ERROR),
+        ({"last_error": "x", "tunnel_bytes": 9}, LedState.ERROR),
     ],
 )
 def test_derive_state_priority(overrides: dict[str, Any], expected: LedState) -> None:
@@ -151,7 +149,7 @@ def test_derive_state_priority(overrides: dict[str, Any], expected: LedState) ->
 
 def test_derive_state_rejects_negative_bytes() -> None:
     with pytest.raises(ValueError, match="-5"):
-        facts(forwarded_bytes=-5)
+        facts(tunnel_bytes=-5)
 
 
 # --- GPIO timings ---------------------------------------------------------------
@@ -160,9 +158,9 @@ def test_derive_state_rejects_negative_bytes() -> None:
 # (2 s for two slow-blink intervals) bounds the whole run.
 PINS = {
     LedState.BOOTING: 5,
-    LedState.NO_NETWORK: 6,
+    LedState.OFFLINE: 6,
     LedState.READY: 13,
-    LedState.EXIT_TRAFFIC: 19,
+    LedState.EXIT_ACTIVE: 19,
     LedState.ERROR: 26,
 }
 
@@ -217,7 +215,7 @@ def test_gpio_state_change_switches_pattern(factory: MockFactory) -> None:
     with StatusLeds([GpioLed(17, pin_factory=factory)]) as leds:
         leds.set(LedState.READY)
         assert pin.state is True
-        leds.set(LedState.NO_NETWORK)
+        leds.set(LedState.OFFLINE)
         assert pin.wait_for_states(len(pin.states) + 4)
         leds.set(LedState.READY)
         assert pin.state is True
@@ -267,19 +265,6 @@ def test_status_same_state_twice_does_not_restart(caplog: pytest.LogCaptureFixtu
     ]
 
 
-def test_status_same_pattern_new_state_logs_without_restart(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    driver = FakeDriver()
-    leds = StatusLeds([driver])
-    with caplog.at_level(logging.INFO, logger="appliance.leds"):
-        leds.set(LedState.NO_NETWORK)
-        leds.set(LedState.NO_CONTROL)
-    assert driver.shown == [FAST_BLINK]
-    assert leds.state is LedState.NO_CONTROL
-    assert caplog.records[-1].getMessage() == "LED: no control (fast blink)"
-
-
 def test_status_failing_driver_does_not_stop_others(caplog: pytest.LogCaptureFixture) -> None:
     class Broken(FakeDriver):
         def show(self, pattern: Pattern) -> None:
@@ -287,7 +272,7 @@ def test_status_failing_driver_does_not_stop_others(caplog: pytest.LogCaptureFix
 
     good = FakeDriver()
     leds = StatusLeds([Broken(), good])
-    leds.set(LedState.EXIT_TRAFFIC)
+    leds.set(LedState.EXIT_ACTIVE)
     assert good.shown == [FLICKER]
     assert "Input/output error" in caplog.text
     leds.close()
@@ -351,11 +336,21 @@ def test_sysfs_missing_led_is_a_clear_error(tmp_path: Path) -> None:
 def test_open_status_leds_skips_missing_led(
     tmp_path: Path, factory: MockFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with open_status_leds(gpio_pin=17, pin_factory=factory, sysfs_root=tmp_path) as leds:
-        assert "no sysfs LED 'ACT'" in caplog.text
+    with caplog.at_level(logging.INFO, logger="appliance.leds"):
+        leds = open_status_leds(gpio_pins=[17, 27], pin_factory=factory, sysfs_root=tmp_path)
+    with leds:
+        assert "no onboard LED (ACT or led0)" in caplog.text
         leds.set(LedState.READY)
-        assert factory.pin(17).state is True
-    assert factory.pin(17).state is False
+        assert factory.pin(17).state is True and factory.pin(27).state is True
+    assert factory.pin(17).state is False and factory.pin(27).state is False
+
+
+def test_open_status_leds_falls_back_to_led0(sysfs: Path, factory: MockFactory) -> None:
+    (sysfs / "ACT").rename(sysfs / "led0")
+    with open_status_leds(sysfs_root=sysfs) as leds:
+        leds.set(LedState.READY)
+        assert (sysfs / "led0" / "brightness").read_text() == "255"
+    assert (sysfs / "led0" / "trigger").read_text() == "mmc0"
 
 
 @pytest.mark.parametrize(

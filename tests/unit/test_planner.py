@@ -3,7 +3,7 @@ from ipaddress import ip_interface, ip_network
 import pytest
 
 from appliance.core.model import MAIN_TABLE, Connected, HostFacts, Route, Rule
-from appliance.core.planner import plan
+from appliance.core.planner import exit_node_problem, plan
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import parse_netmap
@@ -104,10 +104,17 @@ def test_planner_exit_node_by_address() -> None:
     assert state.rules
 
 
-def test_planner_rejects_exit_node_that_is_not_offered() -> None:
-    with pytest.raises(ConfigError) as e:
-        plan(laptop_netmap(pi_routes=["192.168.77.0/24"]), LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS)
-    assert e.value.field == "exit_node" and e.value.value == "pi"
+def test_planner_fails_closed_when_the_exit_node_is_not_offered() -> None:
+    netmap = laptop_netmap(pi_routes=["192.168.77.0/24"])  # the pi no longer offers 0/0
+    state = plan(netmap, LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS)
+    offered = plan(laptop_netmap(), LAPTOP_PREFS, KEYS["laptop"], LAPTOP_FACTS)
+    # The same rules and routes into the tunnel, but no peer takes 0/0: WireGuard drops it.
+    assert state.rules == offered.rules and state.routes == offered.routes
+    assert not any(n.prefixlen == 0 for p in state.peers.values() for n in p.allowed_ips)
+    problem = exit_node_problem(netmap, LAPTOP_PREFS)
+    assert problem is not None and "'pi'" in problem and "blocked" in problem
+    assert exit_node_problem(laptop_netmap(), LAPTOP_PREFS) is None
+    assert exit_node_problem(netmap, LAPTOP_PREFS.with_changes(exit_node=None)) is None
 
 
 def test_planner_rejects_a_netmap_for_another_node() -> None:

@@ -1,0 +1,200 @@
+"""What the agent offers the LocalAPI, besides its loop (loop.py): reads of the
+kernel under the agent's lock, the control link's status, the LEDs' tick, and
+`logout` (the data plane goes, the agent stays and waits for a new login).
+
+A mixin of `Agent`: it uses the agent's state (inputs, system, reconciler).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from ipaddress import IPv4Interface, IPv6Interface
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.agent import commands
+from appliance.agent.agentleds import AgentLeds
+from appliance.agent.files import atomic_write
+from appliance.agent.logring import LogRing
+from appliance.agent.reconcile import Reconciler
+from appliance.agent.statedir import StateDir
+from appliance.core.changes import Change
+from appliance.core.model import Connected, State
+from appliance.core.prefs import Prefs
+from appliance.kernel.base import KernelError, WgDevice
+from appliance.kernel.system import ApplyError, System
+from appliance.leds import LedFacts
+from appliance.wire.fields import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.agent.controllink import ControlLink
+    from appliance.agent.loop import Inputs
+
+log = logging.getLogger(__name__)
+
+LOGOUT_WAIT = 5.0  # seconds for the control link to notice a logout
+LINK_GAVE_UP = ("error", "needs-login", "unreachable")
+
+
+class AgentLocal:
+    # Set by Agent.__init__ (loop.py).
+    netmap_path: Path
+    prefs_path: Path
+    state: StateDir
+    control: bool
+    make_system: Callable[[str], System]
+    system: System | None
+    reconciler: Reconciler | None
+    inputs: Inputs | None
+
+    def _init_local(self, leds: AgentLeds) -> None:
+        # The reconcile loop and the LocalAPI's threads take turns on the kernel.
+        self.lock = threading.RLock()
+        self.leds = leds
+        self.logs = LogRing()
+        self.link: ControlLink | None = None
+        self.last_error: str | None = None  # the last apply or input failure, until one succeeds
+        self.changes_applied = 0
+        self._reader: System | None = None
+
+    @property
+    def status_path(self) -> Path:
+        return self.state.path / "control-status.json"
+
+    @property
+    def login_path(self) -> Path:
+        return self.state.path / "login.json"
+
+    def may_start(self) -> bool:
+        """Is there a netmap to apply? In control mode only while logged in: a
+        netmap that arrives after a logout must not bring the data plane back."""
+        return self.netmap_path.exists() and (not self.control or self.login_path.exists())
+
+    def _sync(self, reconciler: Reconciler, desired: State, reread: bool = False) -> list[Change]:
+        try:
+            applied = reconciler.sync(desired, reread=reread)
+        except ApplyError as e:
+            self.changes_applied += len(e.applied)
+            raise
+        self.changes_applied += len(applied)
+        return applied
+
+    # -- reads -------------------------------------------------------------------
+
+    def control_status(self) -> dict[str, Any]:
+        if not self.control:
+            return {"state": "static", "detail": f"netmap from {self.netmap_path}"}
+        status = commands.read_json(self.status_path)
+        return status or {"state": "connecting", "detail": "the control link is starting"}
+
+    def mark_connecting(self) -> None:
+        """A status file left by the previous run says nothing about this one."""
+        doc = {"state": "connecting", "detail": "the agent started; reaching control"}
+        atomic_write(self.status_path, json.dumps(doc) + "\n")
+
+    def stored_prefs(self) -> Prefs:
+        """The prefs as stored (what PATCH /v1/prefs changes), else the applied ones."""
+        try:
+            return commands.current_prefs(self.prefs_path)
+        except ConfigError:
+            return self.inputs.prefs if self.inputs is not None else Prefs()
+
+    def read_device(self) -> WgDevice | None:
+        with self.lock:
+            if self.system is None or self.inputs is None:
+                return None
+            return self.system.wireguard.read(self.inputs.scope.interface)
+
+    def _links_system(self) -> System:
+        if self.system is not None:
+            return self.system
+        if self._reader is None:
+            self._reader = self.make_system(self.stored_prefs().backend)
+        return self._reader
+
+    def connected(self) -> tuple[Connected, ...]:
+        """Prefixes on this host's other interfaces (uplink, LAN)."""
+        with self.lock:
+            try:
+                return self._links_system().links.connected(exclude=self.stored_prefs().interface)
+            except KernelError as e:
+                log.warning("cannot read the host's interfaces: %s", e)
+                return ()
+
+    def lan_address(self, dev: str, prefixes: list[str]) -> str | None:
+        with self.lock:
+            try:
+                found = self._links_system().links.addresses(dev)
+            except KernelError:
+                return None
+        for address in sorted(found, key=lambda a: (a.version, int(a.ip))):
+            if isinstance(address, IPv4Interface | IPv6Interface) and str(address.network) in prefixes:
+                return str(address.ip)
+        return None
+
+    # -- the LEDs ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Show on the LEDs what the agent knows now (the loop calls this every
+        couple of seconds and after every update; logout too, from its thread)."""
+        with self.lock:
+            self._tick()
+
+    def _tick(self) -> None:
+        prefs = self.inputs.prefs if self.inputs is not None else self._prefs_or_none()
+        if prefs is not None:
+            self.leds.configure(prefs.led_pins, prefs.act_led)
+        offers_exit = prefs is not None and prefs.advertise_exit_node
+        total = None
+        if offers_exit:
+            try:
+                device = self.read_device()
+            except KernelError:
+                device = None
+            if device is not None:
+                total = sum(s.rx_bytes + s.tx_bytes for s in device.stats.values())
+        state = self.control_status().get("state")
+        self.leds.show(LedFacts(
+            started=self.inputs is not None,
+            online=not self.control or state in ("connected", "connecting"),
+            offers_exit=offers_exit,
+            tunnel_bytes=self.leds.tunnel_growth(total),
+            last_error=self.last_error,
+        ))  # fmt: skip
+
+    def _prefs_or_none(self) -> Prefs | None:
+        try:
+            return commands.current_prefs(self.prefs_path)
+        except ConfigError:
+            return None
+
+    # -- leaving the mesh ----------------------------------------------------------
+
+    def logout(self) -> str:
+        """Tell control, take the data plane down, and wait for a new login."""
+        before = commands.mtime(self.status_path)
+        detail = commands.logout(self.state)  # raises ControlError: then nothing changed
+        if self.link is not None:
+            self.link.login_changed()
+        # Until the link hears it is out, a map answer may still rewrite the netmap.
+        commands.wait_for_status(self.status_path, before, LINK_GAVE_UP, LOGOUT_WAIT)
+        with self.lock:
+            self.take_down()
+        self.netmap_path.unlink(missing_ok=True)
+        self.tick()
+        return detail
+
+    def take_down(self) -> None:
+        """Remove everything meshpi set up; the agent runs on with nothing applied."""
+        owned = self.state.owned()
+        reconciler = self.reconciler
+        if reconciler is None and owned is not None:
+            reconciler = Reconciler(self.system or self.make_system(owned.backend), owned.scope)
+        if reconciler is not None:
+            self._sync(reconciler, State(), reread=True)
+            log.info("logged out: %s, its rules, routes and table are gone", reconciler.scope.interface)
+        self.state.forget_owned()
+        self.inputs, self.reconciler = None, None

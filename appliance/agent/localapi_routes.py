@@ -1,0 +1,194 @@
+"""The LocalAPI's routes (the contract: LOCALAPI.md), on top of the agent.
+
+Every verb is the agent's own: `up`, `set` and `logout` are commands.py's single
+implementation, status is computed in the agent (status.py), and kernel reads
+hold the agent's lock. `/v1/devices` plugs in at `add_device_routes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from appliance.agent import commands
+from appliance.agent.control_client import ControlError
+from appliance.agent.devices import DeviceError, Devices
+from appliance.agent.localapi import HTTPError, Request, Response, Router
+from appliance.agent.localcontrol import LocalControl, LocalControlError, check_url
+from appliance.agent.status import agent_status, lan_of, metrics_text
+from appliance.core.prefs import parse_prefs
+from appliance.wire.fields import ConfigError, Fields, int_range, parse_str
+from appliance.wire.seal import LoginUrlError
+
+if TYPE_CHECKING:
+    from appliance.agent.loop import Agent
+
+log = logging.getLogger(__name__)
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def build_router(agent: Agent, local: LocalControl) -> Router:
+    routes = _Routes(agent, local)
+    r = Router()
+    r.add("GET", "/v1/status", routes.status)
+    r.add("GET", "/v1/prefs", routes.get_prefs)
+    r.add("PATCH", "/v1/prefs", routes.patch_prefs)
+    r.add("POST", "/v1/up", routes.up)
+    r.add("POST", "/v1/logout", routes.logout)
+    r.add("POST", "/v1/rotate-key", routes.rotate_key)
+    r.add("POST", "/v1/mesh/create", routes.create_mesh)
+    r.add("GET", "/v1/logs", routes.logs)
+    for method in ("GET", "POST", "DELETE"):
+        r.add(method, "/v1/control/(?P<path>[A-Za-z0-9_./-]+)", routes.control)
+    r.add("GET", "/metrics", routes.metrics)
+    add_device_routes(r, agent)
+    return r
+
+
+def add_device_routes(router: Router, agent: Agent) -> None:
+    """/v1/devices: stock WireGuard clients (phones) this node hosts (devices.py)."""
+    devices = Devices(agent)
+
+    def call(fn: Any, *args: Any) -> Response:
+        try:
+            return Response(fn(*args))
+        except DeviceError as e:
+            raise HTTPError(e.status, e.message) from None
+        except ConfigError as e:
+            raise HTTPError(400, str(e)) from None
+
+    router.add("GET", "/v1/devices", lambda _r: call(lambda: {"devices": devices.listing()}))
+    router.add("POST", "/v1/devices", lambda r: call(devices.add, r.body))
+    router.add("DELETE", "/v1/devices/(?P<id>[^/]+)", lambda r: call(devices.remove, r.params["id"]))
+
+
+class _Routes:
+    def __init__(self, agent: Agent, local: LocalControl) -> None:
+        self.agent, self.local = agent, local
+        # One login change at a time: two `up`s at once would wait on each other's answer.
+        self._verbs = threading.Lock()
+
+    def status(self, _request: Request) -> Response:
+        return Response(agent_status(self.agent, self.local))
+
+    def metrics(self, _request: Request) -> Response:
+        text = metrics_text(agent_status(self.agent, self.local), self.agent.changes_applied)
+        return Response(text, content_type=PROMETHEUS_TEXT)
+
+    def get_prefs(self, _request: Request) -> Response:
+        try:
+            return Response(commands.current_prefs(self.agent.prefs_path).to_json())
+        except ConfigError as e:
+            raise HTTPError(409, f"{e}; fix the file or PATCH good prefs over it") from None
+
+    def patch_prefs(self, request: Request) -> Response:
+        changes = _object(request.body, "the body")
+        return Response(commands.set_prefs(self.agent.prefs_path, changes).to_json())
+
+    def up(self, request: Request) -> Response:
+        self._need_control()
+        f = _fields(request.body)
+        login_server = f.require("login_server", parse_str)
+        auth_key = f.get("auth_key", _optional_str, None)
+        changes: dict[str, Any] = f.get("prefs", _dict, {})
+        wait = f.get("timeout", int_range(1, 120), int(commands.UP_WAIT))
+        f.done()
+        with self._verbs:
+            try:
+                answer = commands.up(
+                    self.agent.state, self.agent.prefs_path, login_server, auth_key, changes, wait
+                )
+            except LoginUrlError as e:
+                raise HTTPError(400, str(e)) from None
+        return Response(answer)
+
+    def logout(self, request: Request) -> Response:
+        self._need_control()
+        _fields(request.body or {}).done()
+        with self._verbs:
+            try:
+                detail = self.agent.logout()
+            except ControlError as e:
+                raise HTTPError(502, f"could not tell control; still logged in: {e}") from None
+        return Response({"detail": detail})
+
+    def rotate_key(self, request: Request) -> Response:
+        self._need_control()
+        _fields(request.body or {}).done()
+        link = self.agent.link
+        assert link is not None
+        with self._verbs:
+            try:
+                public_key = link.rotate_key()
+            except ControlError as e:
+                raise HTTPError(503, f"the key was not rotated: {e}") from None
+        return Response({"public_key": str(public_key)})
+
+    def create_mesh(self, request: Request) -> Response:
+        self._need_control()
+        f = _fields(request.body or {})
+        public_url = f.get("public_url", _optional_url, None)
+        changes: dict[str, Any] = f.get("prefs", _dict, {})
+        wait = f.get("timeout", int_range(1, 120), int(commands.UP_WAIT))
+        f.done()
+        # Bad prefs are refused before control is started, not after.
+        parse_prefs(commands.current_prefs(self.agent.prefs_path).to_json() | changes, "prefs")
+        with self._verbs:
+            try:
+                self.local.start()
+                self.local.remember(public_url)
+                auth_key = self.local.new_auth_key()
+                login = self.local.own_login_url()
+            except LocalControlError as e:
+                raise HTTPError(e.status, e.message) from None
+            log.info("created a mesh on the local control; logging in to %s", login)
+            answer = commands.up(self.agent.state, self.agent.prefs_path, login, auth_key, changes, wait)
+        return Response(answer | {"login_url": self.local.status(lan_of(self.agent))["login_url"]})
+
+    def logs(self, request: Request) -> Response:
+        after = request.query.get("after", "0")
+        if not after.lstrip("-").isdigit():
+            raise HTTPError(400, f"after={after!r}: expected a sequence number")
+        return Response({"lines": self.agent.logs.after(int(after))})
+
+    def control(self, request: Request) -> Response:
+        query = urlencode(request.query)
+        try:
+            status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
+        except LocalControlError as e:
+            raise HTTPError(e.status, e.message) from None
+        return Response(answer, status)
+
+    def _need_control(self) -> None:
+        if not self.agent.control:
+            raise HTTPError(
+                409, "this agent runs in static mode (--netmap): there is no control to log in to"
+            )
+
+
+def _fields(body: Any) -> Fields:
+    return Fields("request", "", _object(body, "the body"))
+
+
+def _object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"{what} must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _dict(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("must be an object of prefs fields")
+    return value
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else parse_str(value) or None
+
+
+def _optional_url(value: object) -> str | None:
+    text = _optional_str(value)
+    return None if text is None else check_url(text, "public_url", path=True)

@@ -1,0 +1,190 @@
+"""What `/v1/status` and `/metrics` say, made from what the agent knows: its
+applied netmap, the kernel's peer counters, the control link's status file, the
+LEDs. `peer_rows`, `detect_lan`, `metrics_text` and `format_status` are pure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from appliance.core.keys import PublicKey
+from appliance.core.model import Connected, HostedDevice
+from appliance.kernel.base import KernelError, PeerStats
+from appliance.leds import LedState
+from appliance.wire.netmap import Netmap
+
+if TYPE_CHECKING:
+    from appliance.agent.localcontrol import LocalControl
+    from appliance.agent.loop import Agent
+
+# WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
+# 3 minutes means the peer is there.
+ONLINE_WITHIN = 180.0
+EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
+
+
+def meshpi_version() -> str:
+    try:
+        return version("meshpi")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def agent_status(agent: Agent, local: LocalControl | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"agent": "running", "version": meshpi_version(), "control": agent.control_status()}
+    inputs = agent.inputs
+    stats: Mapping[PublicKey, PeerStats] = {}
+    out["interface"] = None
+    try:
+        device = agent.read_device()
+    except KernelError as e:
+        out["error"] = str(e)
+        device = None
+    if device is not None and inputs is not None:
+        stats = device.stats
+        out["interface"] = inputs.scope.interface
+    if inputs is not None:
+        me = inputs.netmap.self_node
+        out["self"] = {"name": me.name, "addresses": [str(a) for a in me.addresses],
+                       "public_key": str(me.public_key)}  # fmt: skip
+    out["prefs"] = agent.stored_prefs().to_json()
+    peers = peer_rows(inputs.netmap if inputs is not None else None, stats, time.time())
+    out["peers"] = peers
+    devices = device_rows(inputs.devices if inputs is not None else (), stats, time.time())
+    out["devices"] = devices
+    out["led"] = agent.leds.state.value
+    out["rx_bytes"] = sum(p["rx_bytes"] for p in [*peers, *devices])
+    out["tx_bytes"] = sum(p["tx_bytes"] for p in [*peers, *devices])
+    out["lan"] = lan_of(agent)
+    out["local_control"] = (
+        local.status(out["lan"]) if local is not None else {"running": False, "login_url": None}
+    )
+    firstboot = agent.state.path / "firstboot.json"
+    if firstboot.exists():
+        from appliance.agent.commands import read_json
+
+        out["firstboot"] = read_json(firstboot)
+    return out
+
+
+def lan_of(agent: Agent) -> dict[str, Any] | None:
+    lan = detect_lan(agent.connected())
+    if lan is not None:
+        lan["address"] = agent.lan_address(lan["interface"], lan["prefixes"])
+    return lan
+
+
+def device_rows(
+    devices: Sequence[HostedDevice], stats: Mapping[PublicKey, PeerStats], now: float
+) -> list[dict[str, Any]]:
+    """The phones this node hosts, as the kernel sees them."""
+    rows = []
+    for d in devices:
+        s = stats.get(d.public_key)
+        handshake = s.last_handshake if s is not None else None
+        rows.append({
+            "name": d.name,
+            "public_key": str(d.public_key),
+            "addresses": [str(a) for a in d.addresses],
+            "endpoint": str(s.endpoint) if s is not None and s.endpoint else None,
+            "online": handshake is not None and now - handshake < ONLINE_WITHIN,
+            "last_handshake": handshake,
+            "rx_bytes": s.rx_bytes if s is not None else 0,
+            "tx_bytes": s.tx_bytes if s is not None else 0,
+        })  # fmt: skip
+    return rows
+
+
+def peer_rows(
+    netmap: Netmap | None, stats: Mapping[PublicKey, PeerStats], now: float
+) -> list[dict[str, Any]]:
+    rows = []
+    for peer in netmap.peers if netmap is not None else ():
+        s = stats.get(peer.public_key)
+        handshake = s.last_handshake if s is not None else None
+        endpoint = s.endpoint if s is not None and s.endpoint else peer.endpoint
+        routes = [str(r) for r in peer.routes]
+        rows.append({
+            "name": peer.name,
+            "public_key": str(peer.public_key),
+            "addresses": [str(a) for a in peer.addresses],
+            "routes": routes,
+            "endpoint": str(endpoint) if endpoint else None,
+            "online": handshake is not None and now - handshake < ONLINE_WITHIN,
+            "last_handshake": handshake,
+            "rx_bytes": s.rx_bytes if s is not None else 0,
+            "tx_bytes": s.tx_bytes if s is not None else 0,
+            "exit_node": bool(EXIT_ROUTES & set(routes)),
+            "direct": endpoint is not None,  # there is no relay yet: known endpoint = direct
+        })  # fmt: skip
+    return rows
+
+
+def detect_lan(connected: Sequence[Connected]) -> dict[str, Any] | None:
+    """The LAN, for the setup page: the first interface with a private IPv4
+    prefix, and its private prefixes (RFC 1918, ULA)."""
+    for c in connected:
+        if c.network.version == 4 and c.network.is_private:
+            prefixes = [str(o.network) for o in connected if o.dev == c.dev and o.network.is_private]
+            return {"interface": c.dev, "prefixes": prefixes}
+    return None
+
+
+def metrics_text(status: Mapping[str, Any], changes_applied: int) -> str:
+    """Prometheus text exposition format 0.0.4."""
+    peers = status.get("peers", [])
+    connected = status.get("control", {}).get("state") == "connected"
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: Iterable[tuple[str, int]]) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    metric("meshpi_peers", "gauge", "Peers in the netmap.", [("", len(peers))])
+    metric("meshpi_peers_online", "gauge", "Peers with a handshake in the last 3 minutes.",
+           [("", sum(1 for p in peers if p["online"]))])  # fmt: skip
+    for way, word in (("rx", "received from"), ("tx", "sent to")):
+        metric(f"meshpi_{way}_bytes_total", "counter", f"Bytes {word} each peer through the tunnel.",
+               [(_labels(peer=p["name"]), p[f"{way}_bytes"]) for p in peers])  # fmt: skip
+    metric("meshpi_changes_applied_total", "counter", "Changes applied to the system since the start.",
+           [("", changes_applied)])  # fmt: skip
+    metric("meshpi_control_connected", "gauge", "1 while the control link is connected (0 in static mode).",
+           [("", int(connected))])  # fmt: skip
+    metric("meshpi_led_state", "gauge", "The status LEDs' state: 1 for the one shown.",
+           [(_labels(state=s.value), int(s.value == status.get("led"))) for s in LedState])  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _labels(**labels: str) -> str:
+    def escape(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def format_status(st: Mapping[str, Any]) -> str:
+    """`meshpi status` for people."""
+    control = st.get("control", {})
+    lines = [
+        f"agent: {st['agent']} (meshpi {st.get('version', '?')}), LED {st.get('led', '?')}",
+        f"control: {control.get('state')} {control.get('detail', '')}".rstrip(),
+    ]
+    if "self" in st:
+        me = st["self"]
+        lines.append(f"this node: {me['name']} {' '.join(me['addresses'])} on {st.get('interface') or '-'}")
+    if "error" in st:
+        lines.append(f"error: {st['error']}")
+    for p in st.get("peers", []):
+        hs = p["last_handshake"]
+        ago = f"{time.time() - hs:.0f}s ago" if hs else "never"
+        first = p["addresses"][0] if p["addresses"] else "-"
+        lines.append(
+            f"  {p['name']:<16} {first:<15} {'online' if p['online'] else 'offline':<8}"
+            f" handshake {ago:<10} rx {p['rx_bytes']} tx {p['tx_bytes']}"
+            + (" exit-node" if p.get("exit_node") else "")
+            + (f" via {p['endpoint']}" if p["endpoint"] else "")
+        )
+    return "\n".join(lines)

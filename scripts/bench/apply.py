@@ -141,9 +141,7 @@ def run(n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(
-    bench: Bench, n_full: int, reps: int, change_ns: list[int], change_reps: int
-) -> dict[str, float]:
+def measure(bench: Bench, n_full: int, reps: int, change_ns: list[int], change_reps: int) -> dict[str, float]:
     out: dict[str, float] = {}
 
     full_ours, full_wg = [], []
@@ -200,9 +198,7 @@ def measure(
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--change-reps", type=int, default=30)

@@ -1,0 +1,137 @@
+"""Devices: phones with the stock WireGuard app, and laptops running meshpi.
+
+A phone's config holds its private key. The agent makes it and returns it once, in
+the answer to POST /v1/devices; this page renders that one answer (a QR code and a
+`.conf` download built into the page as data: URIs) and keeps nothing: no file,
+no session entry, no cache (responses are `no-store`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import shlex
+from typing import Any
+from urllib.parse import quote
+
+import segno
+from flask import Blueprint, flash, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
+
+from webui.agent import AgentNotRunning, LocalAPIError, agent, form_action, local_control, status
+
+log = logging.getLogger(__name__)
+bp = Blueprint("devices", __name__, url_prefix="/devices")
+
+MODES = {"all": "all traffic through home", "lan": "home LAN only"}
+_FILE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def qr_data_uri(text: str) -> str:
+    """The config as a QR code, a PNG data: URI (about 1.5 KB; no request leaves the page)."""
+    return str(segno.make(text, error="m", micro=False).png_data_uri(scale=5, border=4))
+
+
+def conf_data_uri(text: str) -> str:
+    return "data:text/plain;charset=utf-8;base64," + base64.b64encode(text.encode()).decode()
+
+
+def conf_file_name(name: str) -> str:
+    # The WireGuard apps name the tunnel after the file: keep it short and plain.
+    return (_FILE_NAME.sub("-", name).strip("-.") or "meshpi")[:15] + ".conf"
+
+
+def _devices() -> tuple[list[dict[str, Any]], str | None]:
+    try:
+        doc = agent().get("/v1/devices")
+    except AgentNotRunning:
+        raise
+    except LocalAPIError as e:
+        return [], e.message
+    items = doc.get("devices", doc) if isinstance(doc, dict) else doc
+    return ([d for d in items if isinstance(d, dict)] if isinstance(items, list) else []), None
+
+
+def _prefs(st: dict[str, Any]) -> dict[str, Any]:
+    prefs = st.get("prefs")
+    return prefs if isinstance(prefs, dict) else {}
+
+
+def default_endpoint(st: dict[str, Any]) -> str:
+    """The node's first advertised endpoint: the agent's own default for a phone's config."""
+    advertised = _prefs(st).get("advertise_endpoints")
+    return str(advertised[0]) if isinstance(advertised, list) and advertised else ""
+
+
+@bp.get("")
+def index() -> str:
+    st = status()
+    devices, error = _devices()
+    return render_template("devices.html", st=st, devices=devices, devices_error=error, modes=MODES,
+                           local_control=local_control(st), endpoint=default_endpoint(st),
+                           listen_port=_prefs(st).get("listen_port", 51820))  # fmt: skip
+
+
+@bp.post("")
+@form_action("devices.index")
+def add() -> Response | str:
+    name = request.form.get("name", "").strip()
+    mode = request.form.get("mode", "all")
+    endpoint = request.form.get("endpoint", "").strip()
+    if not name or mode not in MODES:
+        flash("Give the device a name and choose what goes through home.", "error")
+        return redirect(url_for("devices.index"))
+    body: dict[str, Any] = {"name": name, "mode": mode}
+    if endpoint:
+        body["endpoint"] = endpoint
+    answer = agent().post("/v1/devices", body)
+    device = answer.get("device", {}) if isinstance(answer, dict) else {}
+    config = answer.get("config", "") if isinstance(answer, dict) else ""
+    if not isinstance(config, str) or not config:
+        flash("The agent made the device but sent no config.", "error")
+        return redirect(url_for("devices.index"))
+    log.info("device %s added (%s)", device.get("name", name), mode)
+    return render_template(
+        "device_new.html",
+        device=device,
+        mode=MODES[mode],
+        config=config,
+        qr=qr_data_uri(config),
+        download=conf_data_uri(config),
+        file_name=conf_file_name(str(device.get("name", name))),
+    )
+
+
+@bp.post("/<device_id>/revoke")
+@form_action("devices.index")
+def revoke(device_id: str) -> Response:
+    agent().delete(f"/v1/devices/{quote(device_id, safe='')}")
+    log.info("device %s revoked", device_id)
+    flash("Device revoked: its key no longer works.", "ok")
+    return redirect(url_for("devices.index"))
+
+
+def up_command(login_url: str, auth_key: str) -> str:
+    return f"sudo meshpi up --login-server {shlex.quote(login_url)} --auth-key {shlex.quote(auth_key)}"
+
+
+@bp.post("/laptop")
+@form_action("devices.index")
+def laptop() -> Response | str:
+    st = status()
+    lc = st.get("local_control") if isinstance(st.get("local_control"), dict) else None
+    login_url = lc.get("login_url") if isinstance(lc, dict) else None
+    if not local_control(st) or not isinstance(login_url, str):
+        flash("This node does not run the mesh's control server: make the key where it runs "
+              "(`meshpi-control keys create`).", "error")  # fmt: skip
+        return redirect(url_for("devices.index"))
+    key = agent().post("/v1/control/keys", {"reusable": False, "expires_in": 3600})
+    secret = key.get("key") if isinstance(key, dict) else None
+    if not isinstance(secret, str):
+        flash("Control made no key.", "error")
+        return redirect(url_for("devices.index"))
+    log.info("single-use auth key %s made for a laptop", key.get("prefix"))
+    return render_template(
+        "laptop.html", command=up_command(login_url, secret), expires=key.get("expires_at")
+    )

@@ -1,0 +1,58 @@
+"""Jinja filters: byte counts, "how long ago", and the agent's status in words."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Flask
+
+
+def human_bytes(n: object) -> str:
+    value = float(n) if isinstance(n, int | float) else 0.0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - unreachable
+
+
+def ago(when: object, now: float | None = None) -> str:
+    if not isinstance(when, int | float) or when <= 0:
+        return "never"
+    seconds = max(0, int((now if now is not None else time.time()) - when))
+    if seconds < 90:
+        return f"{seconds} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds // 60} min ago"
+    if seconds < 36 * 3600:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} days ago"
+
+
+def clock(when: object) -> str:
+    if not isinstance(when, int | float):
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def firstboot_errors(st: dict[str, Any]) -> list[str]:
+    """What first boot could not use from meshpi.toml on the boot partition."""
+    fb = st.get("firstboot")
+    if not isinstance(fb, dict):
+        return []
+    found: list[str] = []
+    for key in ("error", "errors"):
+        value = fb.get(key)
+        if isinstance(value, str) and value:
+            found.append(value)
+        elif isinstance(value, list):
+            found.extend(str(v) for v in value if v)
+    return found
+
+
+def init_app(app: Flask) -> None:
+    app.jinja_env.filters["bytes"] = human_bytes
+    app.jinja_env.filters["ago"] = ago
+    app.jinja_env.filters["clock"] = clock
+    app.jinja_env.globals["firstboot_errors"] = firstboot_errors

@@ -1,0 +1,117 @@
+"""First run: the admin password, then a mesh (new or joined), then what to share.
+
+The password step is the only page open without a login, and only while no
+password exists; the later steps need the session it opens.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response
+
+from webui.agent import LocalAPIError, agent, form_action, status
+from webui.passwords import PasswordError, PasswordFile, check_new_password
+from webui.security import log_in
+
+log = logging.getLogger(__name__)
+bp = Blueprint("setup", __name__, url_prefix="/setup")
+
+# Creating a mesh starts control (up to 30 s) and then logs in (up to 20 s).
+VERB_TIMEOUT = 90.0
+
+
+@bp.route("", methods=["GET", "POST"])
+def password() -> Response | str | tuple[str, int]:
+    passwords: PasswordFile = current_app.extensions["meshpi_passwords"]
+    if passwords.is_set():
+        return redirect(url_for("setup.mesh"))  # the gate let us in: logged in
+    st = _status_or_empty()
+    if request.method == "GET":
+        return render_template("setup_password.html", st=st, error=None)
+    new, confirm = request.form.get("password", ""), request.form.get("confirm", "")
+    try:
+        check_new_password(new, confirm)
+        passwords.set(new)
+    except PasswordError as e:
+        return render_template("setup_password.html", st=st, error=f"Not set: {e}."), 400
+    log.info("admin password set from %s", request.remote_addr)
+    stored = passwords.read()
+    assert stored is not None
+    log_in(stored)
+    return redirect(url_for("setup.mesh"))
+
+
+def _status_or_empty() -> dict[str, Any]:
+    """The password step works even while the agent is down: it needs nothing from it."""
+    try:
+        return status()
+    except LocalAPIError:
+        return {}
+
+
+def _connected(st: dict[str, Any]) -> bool:
+    control = st.get("control")
+    return isinstance(control, dict) and control.get("state") == "connected"
+
+
+@bp.route("/mesh", methods=["GET", "POST"])
+def mesh() -> Response | str | tuple[str, int]:
+    st = status()
+    if request.method == "GET":
+        return render_template("setup_mesh.html", st=st, connected=_connected(st), result=None)
+    action = request.form.get("action")
+    if action == "create":
+        body: dict[str, Any] = {}
+        public_url = request.form.get("public_url", "").strip()
+        if public_url:
+            body["public_url"] = public_url
+        call = ("/v1/mesh/create", body)
+    elif action == "join":
+        login_server = request.form.get("login_server", "").strip()
+        auth_key = request.form.get("auth_key", "").strip() or None
+        if not login_server:
+            flash("Give the login URL of the mesh's control server.", "error")
+            return redirect(url_for("setup.mesh"))
+        call = ("/v1/up", {"login_server": login_server, "auth_key": auth_key})
+    else:
+        flash("Choose: create a new mesh, or join one.", "error")
+        return redirect(url_for("setup.mesh"))
+    try:
+        result = agent().post(*call, timeout=VERB_TIMEOUT)
+    except LocalAPIError as e:
+        return render_template("setup_mesh.html", st=st, connected=False, result={"state": "error",
+                               "detail": e.message}), 400  # fmt: skip
+    state = result.get("state") if isinstance(result, dict) else None
+    log.info("setup: %s -> %s", action, state)
+    if state == "connected":
+        flash("This node is in the mesh.", "ok")
+        return redirect(url_for("setup.share"))
+    return render_template("setup_mesh.html", st=status(), connected=False, result=result)
+
+
+def lan_prefixes(st: dict[str, Any]) -> list[str]:
+    """The home LAN the agent detected (status.lan.prefixes)."""
+    lan = st.get("lan")
+    prefixes = lan.get("prefixes") if isinstance(lan, dict) else None
+    return [str(p) for p in prefixes] if isinstance(prefixes, list) else []
+
+
+@bp.get("/share")
+def share() -> str:
+    st = status()
+    return render_template("setup_share.html", st=st, prefixes=lan_prefixes(st))
+
+
+@bp.post("/share")
+@form_action("setup.share")
+def share_save() -> Response:
+    prefixes = lan_prefixes(status())
+    chosen = [p for p in request.form.getlist("route") if p in prefixes]
+    changes = {"advertise_exit_node": request.form.get("exit_node") == "on", "advertise_routes": chosen}
+    agent().patch("/v1/prefs", changes)
+    log.info("setup: exit node %s, LAN routes %s", changes["advertise_exit_node"], chosen or "none")
+    flash("Saved. Routes this node offers carry traffic once the mesh's control approves them.", "ok")
+    return redirect(url_for("dashboard.index"))

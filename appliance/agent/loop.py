@@ -117,6 +117,13 @@ class Agent(AgentLocal):
                 log.info("exit node %r carries traffic again", inputs.prefs.exit_node)
             self.exit_problem = problem
         facts = system.facts(inputs.scope)
+        # Moving to another interface name: the old one is meshpi's, not the host's
+        # network, though it still holds the mesh prefix until the move is done.
+        previous = self.inputs.scope if self.inputs is not None else None
+        owned = self.state.owned()
+        ours = {s.interface for s in (previous, owned.scope if owned else None) if s is not None}
+        if ours - {inputs.scope.interface}:
+            facts = replace(facts, connected=tuple(c for c in facts.connected if c.dev not in ours))
         key = self._key_for(inputs.netmap)
         return plan(inputs.netmap, inputs.prefs, key, facts, str(self.netmap_path), inputs.devices)
 

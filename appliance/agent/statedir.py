@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from appliance.agent.files import atomic_write
+from appliance.agent.files import atomic_write, fsync_dir
 from appliance.core.keys import PrivateKey
 from appliance.core.model import Scope
 from appliance.wire.seal import MachineKey
@@ -79,11 +79,7 @@ class StateDir:
         """Control has the next key: it becomes the node key (one rename, so a
         crash leaves either the old key and a pending rotation, or the new key)."""
         os.replace(self.next_key_file, self.key_file)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.path)
 
     def _wireguard_key(self, path: Path) -> PrivateKey:
         self.ensure()

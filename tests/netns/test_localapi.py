@@ -318,3 +318,28 @@ def test_localapi_cli_status_goes_through_the_socket(world: World, tmp_path: Pat
     assert offline.returncode == 0, offline.stderr
     stored = json.loads((tmp_path / "state" / "prefs.json").read_text())
     assert stored["mtu"] == 1300 and stored["led_pins"] == [17, 27]
+
+
+def test_localapi_moving_to_another_interface_name_takes_the_mesh_along(world: World) -> None:
+    """The old interface still holds the mesh prefix while the new one is planned:
+    it is meshpi's own, not a host network the mesh would collide with."""
+    client, moved = world.laptop.client(), f"{LAPTOP_IF}m"
+
+    def pings() -> bool:
+        res = subprocess.run(["ip", "netns", "exec", world.laptop.ns, "ping", "-c", "1", "-W", "1", "100.64.0.1"],
+                             capture_output=True)  # fmt: skip
+        return res.returncode == 0
+
+    try:
+        client.patch("/v1/prefs", {"interface": moved})
+        st = wait_status(world.laptop, lambda s: s["interface"] == moved and link_mtu(world.laptop.ns, LAPTOP_IF) is None,
+                         what="the laptop to move to its new interface")  # fmt: skip
+        assert "error" not in st and st["led"] != "error", world.laptop.log_text()
+        deadline = time.monotonic() + 10
+        while not pings():
+            assert time.monotonic() < deadline, world.laptop.log_text()
+    finally:
+        client.patch("/v1/prefs", {"interface": LAPTOP_IF})
+        wait_status(
+            world.laptop, lambda s: s["interface"] == LAPTOP_IF, what="the laptop back on its interface"
+        )

@@ -18,6 +18,7 @@ from appliance.agent.devices import DeviceError, Devices
 from appliance.agent.localapi import HTTPError, Request, Response, Router
 from appliance.agent.localcontrol import LocalControl, LocalControlError, check_url
 from appliance.agent.status import agent_status, lan_of, metrics_text
+from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import parse_prefs
 from appliance.wire.fields import ConfigError, Fields, int_range, parse_str
 from appliance.wire.seal import LoginUrlError
@@ -86,6 +87,14 @@ class _Routes:
 
     def patch_prefs(self, request: Request) -> Response:
         changes = _object(request.body, "the body")
+        inputs = self.agent.inputs
+        chosen = changes.get("exit_node")
+        if isinstance(chosen, str) and inputs is not None:
+            # A typo would block all internet traffic (an exit node that is not
+            # there fails closed): refuse a name no peer offering an exit has.
+            unavailable = exit_node_unavailable(inputs.netmap, chosen)
+            if unavailable is not None:
+                raise HTTPError(400, f"prefs: exit_node: {unavailable}")
         return Response(commands.set_prefs(self.agent.prefs_path, changes).to_json())
 
     def up(self, request: Request) -> Response:

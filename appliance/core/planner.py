@@ -142,14 +142,21 @@ def _exit_peer(netmap: Netmap, prefs: Prefs) -> Node | None:
 
 def exit_node_problem(netmap: Netmap, prefs: Prefs) -> str | None:
     """Why the chosen exit node carries no traffic now (None: it does, or none is chosen)."""
-    if prefs.exit_node is None or _exit_peer(netmap, prefs) is not None:
+    if prefs.exit_node is None:
+        return None
+    unavailable = exit_node_unavailable(netmap, prefs.exit_node)
+    if unavailable is None:
+        return None
+    return f"{unavailable}; traffic for the internet is blocked until it is back or another is chosen"
+
+
+def exit_node_unavailable(netmap: Netmap, name_or_ip: str) -> str | None:
+    """Why `name_or_ip` cannot be the exit node in this netmap, or None."""
+    peer = netmap.find_peer(name_or_ip)
+    if peer is not None and peer.is_exit_node:
         return None
     offering = ", ".join(p.name for p in netmap.peers if p.is_exit_node) or "none"
-    return (
-        f"exit node {prefs.exit_node!r} is not a peer offering an approved exit node "
-        f"(offering one: {offering}); traffic for the internet is blocked until it is back "
-        "or another exit node is chosen"
-    )
+    return f"exit node {name_or_ip!r} is not a peer offering an approved exit node (offering one: {offering})"
 
 
 def _exit_client_rules(prefs: Prefs, facts: HostFacts) -> set[Rule]:

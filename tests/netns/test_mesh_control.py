@@ -85,6 +85,10 @@ def _fetch_or_none(host: Host, dst: str) -> str | None:
 def test_mesh_exit_node_withdrawn_fails_closed(world: World) -> None:
     lab, laptop, pi_id = world.lab, world.nodes["laptop"], str(world.node_id("pi"))
     lab.internet.whoami_server()
+    # A name no peer offering an exit has is refused at once (it would block everything).
+    typo = laptop.meshpi("set", "--exit-node", "pie", check=False)
+    assert typo.returncode == 2 and "'pie' is not a peer offering an approved exit node" in typo.stderr
+    assert laptop.status()["prefs"]["exit_node"] is None  # type: ignore[index]
     laptop.meshpi("set", "--exit-node", "pi")
     try:
         wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) == HOME_WAN_V4, 5, "exit via the pi")

@@ -28,9 +28,15 @@ MODES = {"all": "all traffic through home", "lan": "home LAN only"}
 _FILE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def qr_data_uri(text: str) -> str:
-    """The config as a QR code, a PNG data: URI (about 1.5 KB; no request leaves the page)."""
-    return str(segno.make(text, error="m", micro=False).png_data_uri(scale=5, border=4))
+QR_SCALE, QR_BORDER = 5, 4
+
+
+def qr_data_uri(text: str) -> tuple[str, int]:
+    """The config as a QR code: a PNG data: URI (about 1.5 KB; no request leaves the
+    page) and its size in pixels, shown 1:1 so that no module is blurred."""
+    qr = segno.make(text, error="m", micro=False)
+    width, _ = qr.symbol_size(scale=QR_SCALE, border=QR_BORDER)
+    return str(qr.png_data_uri(scale=QR_SCALE, border=QR_BORDER)), int(width)
 
 
 def conf_data_uri(text: str) -> str:
@@ -92,12 +98,14 @@ def add() -> Response | str:
         flash("The agent made the device but sent no config.", "error")
         return redirect(url_for("devices.index"))
     log.info("device %s added (%s)", device.get("name", name), mode)
+    qr, qr_size = qr_data_uri(config)
     return render_template(
         "device_new.html",
         device=device,
         mode=MODES[mode],
         config=config,
-        qr=qr_data_uri(config),
+        qr=qr,
+        qr_size=qr_size,
         download=conf_data_uri(config),
         file_name=conf_file_name(str(device.get("name", name))),
     )

@@ -27,10 +27,11 @@ PersistentKeepalive = 25
 
 
 def test_web_phone_config_qr_is_an_inline_png_of_the_config() -> None:
-    uri = qr_data_uri(CONFIG)
+    uri, size = qr_data_uri(CONFIG)
     assert uri.startswith("data:image/png;base64,")
     png = base64.b64decode(uri.removeprefix("data:image/png;base64,"))
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 4000
+    assert int.from_bytes(png[16:20], "big") == size  # shown 1:1: the IHDR width
     # Same content, same symbol: the QR holds exactly the config (error level M, no micro QR).
     assert segno.make(CONFIG, error="m", micro=False).png_data_uri(scale=5, border=4) == uri
 

@@ -3,6 +3,7 @@
 meshpi-web serve [--listen HOST:PORT]   systemd socket activation when LISTEN_FDS is set
 meshpi-web passwd                        from the terminal (asked twice) or from stdin:
                                          printf %s "$pw" | meshpi-web passwd
+meshpi-web passwd --from-file F          reset from a file on the boot partition, then delete it
 """
 
 from __future__ import annotations
@@ -79,9 +80,20 @@ def read_new_password() -> str:
 
 
 def passwd(args: argparse.Namespace) -> int:
-    password = read_new_password()
+    source = Path(args.from_file) if args.from_file else None
+    if source is not None:
+        # A reset from the boot partition: the first line of a file the owner put
+        # there (Windows line ends too); the file goes once the hash is stored.
+        lines = source.read_text(encoding="utf-8-sig").splitlines()
+        password = lines[0] if lines else ""
+        check_new_password(password)
+    else:
+        password = read_new_password()
     PasswordFile(Path(args.state_dir)).set(password)
     print(f"meshpi-web: admin password set in {Path(args.state_dir) / 'password'}; open sessions end")
+    if source is not None:
+        source.unlink()
+        print(f"meshpi-web: removed {source}")
     return 0
 
 
@@ -96,8 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="0.0.0.0:80", help="HOST:PORT when not socket-activated")
     s.add_argument("--socket", default=DEFAULTS["LOCALAPI_SOCKET"], help="the agent's LocalAPI socket")
     s.add_argument("--threads", type=int, default=8)
-    sub.add_parser(
+    pw = sub.add_parser(
         "passwd", parents=[common], help="set or reset the admin password (stdin when it is not a terminal)"
+    )
+    pw.add_argument(
+        "--from-file",
+        metavar="PATH",
+        help="take the first line of PATH (e.g. /boot/firmware/meshpi-password.txt) and delete the file",
     )
     return p
 

@@ -52,6 +52,24 @@ def test_web_passwd_reads_the_password_from_a_pipe(tmp_path: Path) -> None:
     assert PasswordFile(state).check("with echo")  # unchanged
 
 
+def test_web_passwd_resets_from_a_file_on_the_boot_partition_and_deletes_it(tmp_path: Path) -> None:
+    state, boot = tmp_path / "web", tmp_path / "firmware"
+    boot.mkdir()
+    PasswordFile(state).set("forgotten one")
+    reset = boot / "meshpi-password.txt"
+    reset.write_bytes(b"\xef\xbb\xbfnew password 1\r\nignored second line\r\n")  # as Notepad writes it
+    done = subprocess.run([str(BIN / "meshpi-web"), "passwd", "--state-dir", str(state), "--from-file", str(reset)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert PasswordFile(state).check("new password 1") and not PasswordFile(state).check("forgotten one")
+    assert not reset.exists() and "new password 1" not in done.stdout + done.stderr
+    reset.write_text("short\n")  # refused: the file stays, the password too
+    bad = subprocess.run([str(BIN / "meshpi-web"), "passwd", "--state-dir", str(state), "--from-file", str(reset)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "at least 8 characters" in bad.stderr
+    assert reset.exists() and PasswordFile(state).check("new password 1")
+
+
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(urllib.request.Request(url), timeout=5) as r:  # noqa: S310 - loopback

@@ -24,7 +24,7 @@ def handshake_targets(
     before: Netmap, after: Netmap, handshakes: Mapping[PublicKey, float | None], now: float
 ) -> list[IPAddress]:
     """One mesh address per peer to probe. `handshakes`: the last handshake time
-    per peer key, as the kernel reported it before this change."""
+    per peer key, as the kernel reports it (a key change keeps the peers' times)."""
     if before.self_node.public_key != after.self_node.public_key:
         return [
             p.addresses[0] for p in after.peers if p.addresses and _active(handshakes.get(p.public_key), now)

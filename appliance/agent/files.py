@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: str | bytes, mode: int | None = 0o644) -> None:
+    """mode None: leave it (FAT, the boot partition, has no modes)."""
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, mode)
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

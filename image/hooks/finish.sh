@@ -1,24 +1,49 @@
 #!/bin/sh
-# Runs inside the arm64 rootfs (chroot, qemu-user) after image/overlay is copied in:
-# the meshpi venv from the wheels in $1, then our units. Used by scripts/build-image.
+# Runs inside the arm64 rootfs (chroot, qemu-user) on the venv layer, after
+# image/overlay is copied in: meshpi itself from its wheel in $1, users and groups,
+# then which units run. Used by scripts/build-image.
 set -eu
 wheels=$1
 say() { printf 'finish: %s\n' "$*"; }
 
-# The target's own python3 builds the venv, so /opt/meshpi matches the image's
-# Python (3.13), whatever the host runs. Dependencies come only from the arm64 wheels.
-say "venv /opt/meshpi"
-rm -rf /opt/meshpi
-python3 -m venv /opt/meshpi
-/opt/meshpi/bin/pip install --quiet --no-index --no-cache-dir --disable-pip-version-check \
-    --find-links "$wheels" meshpi
+say "meshpi into /opt/meshpi"
+/opt/meshpi/bin/pip install --quiet --no-index --no-deps --no-cache-dir --disable-pip-version-check \
+    "$wheels"/meshpi-*.whl
+/opt/meshpi/bin/pip check
 /opt/meshpi/bin/meshpi --help > /dev/null
-/opt/meshpi/bin/python -c 'import appliance.kernel.wireguard_netlink, pyroute2, nacl, cryptography, flask, gpiozero'
+/opt/meshpi/bin/meshpi-firstboot --help > /dev/null
+/opt/meshpi/bin/python -c 'import appliance.kernel.wireguard_netlink, webui'
+# The commands an admin types (over SSH) on PATH.
+for cmd in meshpi meshpi-control meshpi-web; do
+    ln -sf "/opt/meshpi/bin/$cmd" "/usr/local/bin/$cmd"
+done
 
-# meshpi-agent.service stays disabled until the control plane (or first boot) writes
-# /etc/meshpi/netmap.json and prefs.json. meshpi-imgtest only runs with
-# `meshpi.imgtest` on the kernel command line.
+# The group of the agent's LocalAPI socket and the dashboard's user
+# (image/overlay/usr/lib/sysusers.d/meshpi.conf).
+say "users and groups"
+systemd-sysusers
+
+# Only what the appliance needs runs:
+# - SSH is off until meshpi.toml gives a key (meshpi-firstboot turns it on); host keys
+#   are made on the first boot by meshpi-ssh-keygen.service, so Debian's sshd-keygen
+#   (which would race it) is off too;
+# - Wi-Fi runs as wpa_supplicant@wlan0 (started when wlan0 appears and has a
+#   configuration), not the D-Bus wpa_supplicant.service;
+# - no apt-daily timers: nothing installs updates unattended, and downloading package
+#   lists every day only wears the card;
+# - meshpi-control starts only on a Pi that created a mesh (meshpi create-mesh);
+# - meshpi-imgtest runs only with meshpi.imgtest on the kernel command line.
 say "units"
-systemctl enable --quiet meshpi-ssh-keygen.service meshpi-imgtest.service
-install -d -m 0755 /etc/meshpi
+systemctl disable --quiet ssh.service sshd-keygen.service wpa_supplicant.service \
+    apt-daily.timer apt-daily-upgrade.timer
+systemctl enable --quiet meshpi-agent.service meshpi-firstboot.service meshpi-firstboot-mesh.service \
+    meshpi-grow-rootfs.service meshpi-ssh-keygen.service meshpi-imgtest.service
+# The dashboard (socket-activated on port 80) and its password reset from the boot
+# partition, when the checkout has them.
+for unit in meshpi-web.socket meshpi-password-reset.service; do
+    if [ -e "/etc/systemd/system/$unit" ] || [ -e "/usr/lib/systemd/system/$unit" ]; then
+        systemctl enable --quiet "$unit"
+    fi
+done
+say "enabled: $(systemctl list-unit-files --state=enabled --no-legend | awk '{print $1}' | paste -sd' ')"
 say "done"

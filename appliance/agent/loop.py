@@ -119,9 +119,13 @@ class Agent(AgentLocal):
         facts = system.facts(inputs.scope)
         # Moving to another interface name: the old one is meshpi's, not the host's
         # network, though it still holds the mesh prefix until the move is done.
-        previous = self.inputs.scope if self.inputs is not None else None
-        owned = self.state.owned()
-        ours = {s.interface for s in (previous, owned.scope if owned else None) if s is not None}
+        # Before the first apply that is the one owned.json records (read once, at start).
+        if self.inputs is not None:
+            previous: Scope | None = self.inputs.scope
+        else:
+            owned = self.state.owned()
+            previous = owned.scope if owned is not None else None
+        ours = {previous.interface} if previous is not None else set()
         if ours - {inputs.scope.interface}:
             facts = replace(facts, connected=tuple(c for c in facts.connected if c.dev not in ours))
         key = self._key_for(inputs.netmap)

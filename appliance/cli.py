@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.control_client import ControlError
-from appliance.agent.localapi import DEFAULT_SOCKET, SOCKET_GROUP, SocketError
+from appliance.agent.localapi import SOCKET_GROUP, SocketError
 from appliance.agent.localcontrol import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
 from appliance.agent.statedir import DEFAULT_STATE_DIR, StateDir, StateDirError
+from appliance.client.localapi import DEFAULT_SOCKET
 from appliance.kernel.base import KernelError
 from appliance.wire.fields import ConfigError
 
@@ -272,7 +273,7 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
 
 
 def _client_verb(args: argparse.Namespace, state: StateDir) -> int:
-    from appliance.agent.localapi_client import AgentNotRunning, LocalAPIError, LocalClient
+    from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
 
     client = LocalClient(args.local_api)
     try:

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 from flask import current_app, flash, redirect, url_for
 from werkzeug.wrappers import Response
 
-from appliance.agent.localapi_client import AgentNotRunning, LocalAPIError, LocalClient
+from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
 
 __all__ = [
     "AgentNotRunning",

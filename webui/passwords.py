@@ -15,7 +15,7 @@ import os
 import pwd
 from pathlib import Path
 
-from appliance.agent.files import atomic_write
+from appliance.base.files import atomic_write
 
 # 16 MiB of memory and ~50 ms on x86, a few hundred ms on a Pi 3: slow enough to make
 # guessing costly, quick enough for one admin logging in.

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.agent import commands
 from appliance.agent.agentleds import AgentLeds
-from appliance.agent.files import atomic_write
 from appliance.agent.logring import LogRing
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import StateDir
+from appliance.base.files import atomic_write
 from appliance.core.changes import Change
 from appliance.core.model import Connected, State
 from appliance.core.prefs import Prefs

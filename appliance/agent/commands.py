@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.files import atomic_write
 from appliance.agent.statedir import StateDir
+from appliance.base.files import atomic_write
 from appliance.core.prefs import Prefs, dump_prefs, load_prefs, parse_prefs
 
 log = logging.getLogger(__name__)

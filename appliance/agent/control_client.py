@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from appliance.agent.files import atomic_write
+from appliance.base.files import atomic_write
 from appliance.wire.seal import (
     BadResponse,
     ControlPublicKey,

@@ -24,9 +24,9 @@ from appliance.agent.control_client import (
     ControlUnreachable,
     pin_control_key,
 )
-from appliance.agent.files import atomic_write
 from appliance.agent.statedir import StateDir
-from appliance.core.keys import PrivateKey, PublicKey
+from appliance.base.files import atomic_write
+from appliance.base.keys import PrivateKey, PublicKey
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError, load_json
 from appliance.wire.mapdelta import apply_delta, netmap_json

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.agent.control_client import ControlError, ControlRefused
-from appliance.agent.files import atomic_write
 from appliance.agent.status import detect_lan
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import HostedDevice, IPAddress, IPNetwork
+from appliance.base.files import atomic_write
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import IPAddress, IPNetwork
+from appliance.core.model import HostedDevice
 from appliance.core.wgquick import ClientConfig, allowed_ips
 from appliance.wire.fields import ConfigError, Fields, load_json, parse_address, parse_public_key, parse_str
 

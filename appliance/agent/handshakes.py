@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from appliance.core.keys import PublicKey
-from appliance.core.model import Endpoint, IPAddress
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint, IPAddress
 from appliance.wire.netmap import Netmap, Node
 
 ACTIVE_WITHIN = 180.0  # a handshake this recent means a session is in use (rekey is every 120 s)

@@ -33,7 +33,6 @@ from appliance.wire.fields import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = Path("/run/meshpi/local.sock")
 SOCKET_GROUP = "meshpi"
 MAX_BODY = 64 * 1024
 DRAIN_MAX = 16 * MAX_BODY  # a refused body up to this size is read away, not cut off

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from appliance.agent.files import atomic_write
+from appliance.base.files import atomic_write
 from appliance.wire.seal import ControlPublicKey, login_url
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from appliance.agent.handshakes import carried_endpoints, handshake_targets, rot
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.watch import Watcher
-from appliance.core.keys import PrivateKey, PublicKey
+from appliance.base.keys import PrivateKey, PublicKey
 from appliance.core.model import HostedDevice, Scope, State
 from appliance.core.planner import exit_node_problem, plan
 from appliance.core.prefs import Prefs, load_prefs

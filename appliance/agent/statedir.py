@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from appliance.agent.files import atomic_write, fsync_dir
-from appliance.core.keys import PrivateKey
+from appliance.base.files import atomic_write, fsync_dir
+from appliance.base.keys import PrivateKey
 from appliance.core.model import Scope
 from appliance.wire.seal import MachineKey
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from appliance.core.keys import PublicKey
+from appliance.base.keys import PublicKey
 from appliance.core.model import Connected, HostedDevice
 from appliance.kernel.base import KernelError, PeerStats
 from appliance.leds import LedState

@@ -14,12 +14,12 @@ from pathlib import Path
 from aiohttp import web
 from nacl.public import PrivateKey as NaclPrivateKey
 
+from appliance.base.keys import PublicKey
 from appliance.control import admin
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.service import ApiError, ControlService
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
-from appliance.core.keys import PublicKey
 from appliance.wire.fields import ConfigError
 from appliance.wire.seal import Boxes, SealError, login_url, open_request
 

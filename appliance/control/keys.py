@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nacl.public import PrivateKey
 
-from appliance.agent.files import atomic_write
+from appliance.base.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from appliance.base.keys import PublicKey
 from appliance.control.store_records import Changes, NodeRecord, NodeState
-from appliance.core.keys import PublicKey
 from appliance.wire.mapdelta import delta_json, netmap_json
 from appliance.wire.netmap import Mesh, Netmap, Node
 

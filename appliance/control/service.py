@@ -17,6 +17,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from appliance.base.keys import PublicKey
 from appliance.control import mapper, store_devices
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
@@ -31,7 +32,6 @@ from appliance.control.store_records import (
     NotFound,
     utcnow,
 )
-from appliance.core.keys import PublicKey
 from appliance.wire.fields import (
     ConfigError,
     Fields,

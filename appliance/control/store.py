@@ -25,6 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint, IPNetwork
 from appliance.control import store_devices, store_preauth
 from appliance.control.migrations import ensure_mesh, migrate, random_ula
 from appliance.control.store_records import (
@@ -59,8 +61,6 @@ from appliance.control.store_records import (
     utcnow,
 )
 from appliance.control.store_sql import Database, Tx, connect
-from appliance.core.keys import PublicKey
-from appliance.core.model import Endpoint, IPNetwork
 from appliance.wire.netmap import Mesh
 
 # Node changes log at debug: the service logs them once, in its own words, with

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance.base.keys import PublicKey
 from appliance.control.store_records import (
     DeviceRecord,
     MeshFull,
@@ -22,7 +23,6 @@ from appliance.control.store_records import (
     last_index,
 )
 from appliance.control.store_sql import Tx
-from appliance.core.keys import PublicKey
 from appliance.wire.netmap import Mesh
 
 MAX_DEVICES = 64  # per node: a household's phones and tablets, with room to spare

@@ -16,8 +16,9 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
-from appliance.core.keys import PublicKey
-from appliance.core.model import Endpoint, IPAddress, IPNetwork, sorted_networks
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint, IPAddress, IPNetwork
+from appliance.core.model import sorted_networks
 from appliance.wire.fields import parse_endpoint
 from appliance.wire.netmap import Mesh
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import IPInterface, NftRuleset, Peer, Route, Rule
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import IPInterface
+from appliance.core.model import NftRuleset, Peer, Route, Rule
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Nothing changed → no changes.
 
 from __future__ import annotations
 
+from appliance.base.net import IPInterface
 from appliance.core.changes import (
     AddAddress,
     AddPeer,
@@ -28,7 +29,7 @@ from appliance.core.changes import (
     SetSysctl,
     UpdatePeer,
 )
-from appliance.core.model import Device, IPInterface, Peer, Rule, State
+from appliance.core.model import Device, Peer, Rule, State
 
 
 def _peer_differs(current: Peer, desired: Peer) -> bool:

@@ -11,20 +11,13 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import (
-    IPv4Address,
-    IPv4Interface,
     IPv4Network,
-    IPv6Address,
-    IPv6Interface,
     IPv6Network,
 )
 from types import MappingProxyType
 
-from appliance.core.keys import PrivateKey, PublicKey
-
-IPAddress = IPv4Address | IPv6Address
-IPNetwork = IPv4Network | IPv6Network
-IPInterface = IPv4Interface | IPv6Interface
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint, IPAddress, IPInterface, IPNetwork
 
 MAIN_TABLE = 254
 
@@ -36,17 +29,6 @@ def _net_key(net: IPNetwork) -> tuple[int, int, int]:
 def sorted_networks(nets: object) -> tuple[IPNetwork, ...]:
     """Networks in a canonical order (v4 before v6, by address, then length)."""
     return tuple(sorted(set(nets), key=_net_key))  # type: ignore[call-overload]
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: IPAddress
-    port: int
-
-    def __str__(self) -> str:
-        if self.host.version == 6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
-from appliance.core.model import IPNetwork, sorted_networks
+from appliance.base.net import IPNetwork
+from appliance.core.model import sorted_networks
 
 # What counts as "the LAN" from an exit node: every private, link-local and
 # carrier-grade range, plus whatever is connected to this host. The mesh must

@@ -8,13 +8,13 @@ from __future__ import annotations
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 
-from appliance.core.keys import PrivateKey
+from appliance.base.keys import PrivateKey
+from appliance.base.net import IPNetwork
 from appliance.core.model import (
     MAIN_TABLE,
     Device,
     HostedDevice,
     HostFacts,
-    IPNetwork,
     NftRuleset,
     Peer,
     Route,

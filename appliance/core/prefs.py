@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.core.model import Endpoint, IPNetwork
+from appliance.base.net import Endpoint, IPNetwork
 from appliance.wire.fields import (
     Fields,
     int_range,

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import IPNetwork, sorted_networks
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import IPNetwork
+from appliance.core.model import sorted_networks
 from appliance.wire.netmap import EXIT_ROUTES, Mesh
 
 KEEPALIVE = 25  # the phone is behind NAT; the hub cannot reach it first

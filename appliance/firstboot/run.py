@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.files import atomic_write
+from appliance.base.files import atomic_write
 from appliance.core.prefs import Prefs, load_prefs
 from appliance.firstboot import plan
 from appliance.firstboot.config import FirstbootConfig, Mesh, Wifi, load_countries, parse_config
@@ -280,14 +280,21 @@ def _listen_port(paths: Paths) -> int:
 
 
 def _wait_for_agent(paths: Paths, timeout: float) -> bool:
-    from appliance.agent.statedir import StateDir
+    """Until the agent answers on its LocalAPI (what the meshpi commands use next)."""
+    from appliance.client.localapi import DEFAULT_SOCKET, LocalAPIError, LocalClient
 
-    state, deadline = StateDir(paths.state), time.monotonic() + timeout
-    while not state.agent_running():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
+    client, deadline = (
+        LocalClient(paths / str(DEFAULT_SOCKET).lstrip("/"), timeout=5.0),
+        time.monotonic() + timeout,
+    )
+    while True:
+        try:
+            client.get("/v1/status")
+            return True
+        except LocalAPIError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
 
 def live_lan() -> plan.Lan | None:

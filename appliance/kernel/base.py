@@ -14,17 +14,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Protocol
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import (
-    Connected,
-    Endpoint,
-    IPInterface,
-    NftRuleset,
-    Peer,
-    Route,
-    Rule,
-    Scope,
-)
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint, IPInterface
+from appliance.core.model import Connected, NftRuleset, Peer, Route, Rule, Scope
 
 
 class KernelError(Exception):

@@ -11,17 +11,9 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
-from appliance.core.keys import PublicKey
-from appliance.core.model import (
-    RULE_PRIORITIES,
-    Connected,
-    IPInterface,
-    NftRuleset,
-    Peer,
-    Route,
-    Rule,
-    Scope,
-)
+from appliance.base.keys import PublicKey
+from appliance.base.net import IPInterface
+from appliance.core.model import RULE_PRIORITIES, Connected, NftRuleset, Peer, Route, Rule, Scope
 from appliance.kernel.base import InterfaceNotFound, KernelError, WgDevice, WgUpdate
 from appliance.kernel.sysctl import SysctlNotFound, Sysctls
 from appliance.kernel.system import System

@@ -21,16 +21,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from appliance.core.model import (
-    MAIN_TABLE,
-    RULE_PRIORITIES,
-    Connected,
-    IPInterface,
-    IPNetwork,
-    Route,
-    Rule,
-    Scope,
-)
+from appliance.base.net import IPInterface, IPNetwork
+from appliance.core.model import MAIN_TABLE, RULE_PRIORITIES, Connected, Route, Rule, Scope
 from appliance.kernel.base import InterfaceNotFound, KernelError, PermissionDenied
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,9 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import Endpoint, IPNetwork, Peer, sorted_networks
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint, IPNetwork
+from appliance.core.model import Peer, sorted_networks
 from appliance.kernel.base import (
     InterfaceNotFound,
     KernelError,

@@ -24,8 +24,9 @@ from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import Endpoint, IPNetwork, Peer, sorted_networks
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint, IPNetwork
+from appliance.core.model import Peer, sorted_networks
 from appliance.kernel.base import (
     InterfaceNotFound,
     KernelError,

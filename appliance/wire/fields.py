@@ -14,8 +14,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
-from appliance.core.keys import PublicKey
-from appliance.core.model import Endpoint, IPAddress, IPNetwork
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint, IPAddress, IPNetwork
 
 T = TypeVar("T")
 

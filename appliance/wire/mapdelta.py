@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.core.keys import PublicKey
+from appliance.base.keys import PublicKey
 from appliance.wire.fields import ConfigError, Fields, parse_public_key
 from appliance.wire.netmap import Netmap, Node, parse_netmap
 

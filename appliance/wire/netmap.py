@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
-from appliance.core.keys import PublicKey
-from appliance.core.model import Endpoint, IPAddress, IPNetwork
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint, IPAddress, IPNetwork
 from appliance.wire.fields import (
     ConfigError,
     Fields,

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from appliance.agent.reconcile import Reconciler  # noqa: E402
+from appliance.base.keys import PrivateKey  # noqa: E402
 from appliance.core import planner as planner_module  # noqa: E402
-from appliance.core.keys import PrivateKey  # noqa: E402
 from appliance.core.model import Scope  # noqa: E402
 from appliance.core.planner import plan  # noqa: E402
 from appliance.core.prefs import Prefs  # noqa: E402

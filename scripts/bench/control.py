@@ -54,7 +54,7 @@ from nacl.public import Box
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from appliance.core.keys import PrivateKey  # noqa: E402
+from appliance.base.keys import PrivateKey  # noqa: E402
 from appliance.wire.mapdelta import apply_delta  # noqa: E402
 from appliance.wire.netmap import Netmap, parse_netmap  # noqa: E402
 from appliance.wire.seal import (  # noqa: E402

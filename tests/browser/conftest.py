@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from appliance.agent.localapi_client import LocalAPIError, LocalClient
+from appliance.client.localapi import LocalAPIError, LocalClient
 from tests.lab.host import REPO_ROOT, wait_for
 from tests.lab.topology import SERVER_V4, Lab
 

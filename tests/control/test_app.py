@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.agent.control_client import ControlClient, ControlRefused
+from appliance.base.keys import PrivateKey
 from appliance.control.app import create_app
 from appliance.control.cli import AdminError, admin_call
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.service import ControlService
 from appliance.control.store import open_store
-from appliance.core.keys import PrivateKey
 from appliance.wire.seal import ControlPublicKey, MachineKey, seal_request
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from appliance.base.keys import PrivateKey, PublicKey
 from appliance.control.service import ApiError, ControlService
 from appliance.control.store import open_store
 from appliance.control.store_records import utcnow
-from appliance.core.keys import PrivateKey, PublicKey
 from appliance.wire.mapdelta import apply_delta
 from appliance.wire.netmap import parse_netmap
 

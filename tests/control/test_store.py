@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint
 from appliance.control import migrations
 from appliance.control.store import (
     AuthKeyError,
@@ -33,8 +35,6 @@ from appliance.control.store import (
     open_store,
 )
 from appliance.control.store_sql import Tx
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import Endpoint
 from tests.control.conftest import PgCluster
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

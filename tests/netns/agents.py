@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.localapi_client import AgentNotRunning, LocalClient
+from appliance.client.localapi import AgentNotRunning, LocalClient
 from tests.lab.mesh import meshpi_binary
 from tests.netns.kernelstate import sh
 from tests.unit.meshes import KEYS

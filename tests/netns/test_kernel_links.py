@@ -16,7 +16,8 @@ from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip
 
 import pytest
 
-from appliance.core.model import Connected, IPInterface, Route, Rule, Scope
+from appliance.base.net import IPInterface
+from appliance.core.model import Connected, Route, Rule, Scope
 from appliance.kernel.base import InterfaceNotFound, KernelError
 from appliance.kernel.netlink import NetlinkLinks
 

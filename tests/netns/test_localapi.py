@@ -27,8 +27,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.agent.localapi import MAX_BODY
-from appliance.agent.localapi_client import AgentNotRunning, LocalAPIError, LocalClient
 from appliance.agent.logring import RING_SIZE
+from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
 from tests.lab import netns as ns
 from tests.lab.mesh import meshpi_binary
 from tests.netns.agents import RunningAgent, link_mtu, start_agent, state_dir, veth_pair, wait_status
@@ -251,7 +251,7 @@ def test_localapi_refuses_wrong_method_unknown_path_and_oversized_body(world: Wo
 
 
 def _as_nobody(group: str, socket_path: Path) -> subprocess.CompletedProcess[str]:
-    code = ("import sys; from appliance.agent.localapi_client import LocalClient, LocalAPIError\n"
+    code = ("import sys; from appliance.client.localapi import LocalClient, LocalAPIError\n"
             "try: print(LocalClient(sys.argv[1]).get('/v1/status')['agent'])\n"
             "except LocalAPIError as e: sys.exit(e.message)\n")  # fmt: skip
     cmd = ["setpriv", "--reuid", "nobody", "--regid", group, "--clear-groups",

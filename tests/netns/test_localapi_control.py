@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from appliance.agent.localapi_client import LocalAPIError
+from appliance.client.localapi import LocalAPIError
 from tests.lab import netns as ns
 from tests.lab.host import REPO_ROOT, wait_for
 from tests.netns.agents import RunningAgent, start_agent, state_dir, wait_status

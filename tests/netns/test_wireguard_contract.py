@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import Endpoint, Peer, sorted_networks
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint
+from appliance.core.model import Peer, sorted_networks
 from appliance.kernel.base import (
     InterfaceNotFound,
     KernelError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ipaddress import ip_network
 from typing import Any
 
-from appliance.core.keys import PrivateKey
+from appliance.base.keys import PrivateKey
 from appliance.core.model import Connected, HostFacts
 from appliance.wire.netmap import Netmap, parse_netmap
 

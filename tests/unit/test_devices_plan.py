@@ -8,7 +8,8 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from appliance.agent.handshakes import carried_endpoints, handshake_targets
-from appliance.core.model import Endpoint, HostedDevice, Route
+from appliance.base.net import Endpoint
+from appliance.core.model import HostedDevice, Route
 from appliance.core.planner import plan
 from appliance.core.prefs import Prefs
 from appliance.core.wgquick import ClientConfig, allowed_ips

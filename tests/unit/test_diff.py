@@ -1,6 +1,7 @@
 from dataclasses import replace
 from ipaddress import ip_network
 
+from appliance.base.net import Endpoint
 from appliance.core.changes import (
     AddPeer,
     AddRule,
@@ -17,7 +18,7 @@ from appliance.core.changes import (
     UpdatePeer,
 )
 from appliance.core.diff import diff
-from appliance.core.model import Endpoint, State
+from appliance.core.model import State
 from appliance.core.planner import plan
 from appliance.core.prefs import Prefs
 from tests.unit.meshes import KEYS, LAPTOP_FACTS, PI_FACTS, laptop_netmap, pi_netmap

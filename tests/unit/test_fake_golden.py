@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.agent.reconcile import Reconciler
-from appliance.core.keys import PrivateKey
+from appliance.base.keys import PrivateKey
 from appliance.core.model import HostFacts, Scope, State
 from appliance.core.planner import plan
 from appliance.core.prefs import Prefs

@@ -111,7 +111,7 @@ def test_inputs_prefs_round_trip(tmp_path: Path) -> None:
 
 
 def test_inputs_private_key_is_clamped_like_the_kernel_stores_it() -> None:
-    from appliance.core.keys import PrivateKey
+    from appliance.base.keys import PrivateKey
 
     loose = PrivateKey(bytes([0xFF]) * 32)
     assert loose.raw[0] == 0xF8 and loose.raw[31] == 0x7F

@@ -2,9 +2,9 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
+from appliance.base.keys import PrivateKey
 from appliance.control.mapper import delta, full_map
 from appliance.control.store_records import Changes, NodeRecord, NodeState, Tombstone, address_pair
-from appliance.core.keys import PrivateKey
 from appliance.wire.mapdelta import apply_delta
 from appliance.wire.netmap import Mesh, parse_netmap
 

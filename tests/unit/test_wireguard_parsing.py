@@ -22,8 +22,9 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from appliance.core.keys import PrivateKey, PublicKey
-from appliance.core.model import Endpoint, Peer, sorted_networks
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint
+from appliance.core.model import Peer, sorted_networks
 from appliance.kernel.base import (
     InterfaceNotFound,
     KernelError,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.localapi_client import LocalAPIError, LocalClient
+from appliance.client.localapi import LocalAPIError, LocalClient
 from tests.lab import netns as ns
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.localapi import DEFAULT_SOCKET
-
+DEFAULT_SOCKET = Path("/run/meshpi/local.sock")
 MAX_ANSWER = 16 << 20
 
 

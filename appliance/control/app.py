@@ -17,6 +17,7 @@ from nacl.public import PrivateKey as NaclPrivateKey
 from appliance.base.keys import PublicKey
 from appliance.control import admin
 from appliance.control.keys import load_admin_token, load_control_key
+from appliance.control.relay import Relay, add_relay
 from appliance.control.service import ApiError, ControlService
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
@@ -84,6 +85,7 @@ def create_app(service: ControlService, control_key: NaclPrivateKey, admin_token
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
     admin.add_routes(app)
+    add_relay(app, Relay(service, control_key, app[BOXES]))
 
     async def close(_app: web.Application) -> None:
         service.close()

@@ -48,7 +48,8 @@ c.close()
 
 
 def _cpu(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -61,7 +62,8 @@ def throughput(world: World, seconds: float) -> float:
     )  # fmt: skip
     assert receiver.stdout is not None
     assert receiver.stdout.readline().startswith("listening")
-    laptop.host.run([sys.executable, "-c", _SENDER, pi.address, str(PORT), str(seconds)], timeout=seconds + 30)
+    sender = [sys.executable, "-c", _SENDER, pi.address, str(PORT), str(seconds)]
+    laptop.host.run(sender, timeout=seconds + 30)
     out, _ = receiver.communicate(timeout=30)
     received, elapsed = out.split()
     return int(received) * 8 / float(elapsed) / 1e6
@@ -97,6 +99,7 @@ def main() -> int:
             wall = time.monotonic() - t0
             print(f"relayed: {relayed:8.1f} Mbit/s  (ratio {relayed / direct:.2f})")
             per_mbit = cpu / (relayed * wall) if relayed else float("nan")
+            # The default per-node byte limit is 32 Mbit/s (relay_limits.RelayLimits).
             print(f"relay CPU: {cpu:.2f} s over {wall:.1f} s = {per_mbit * 1000:.2f} ms CPU per Mbit")
         finally:
             for side in (pi, laptop):

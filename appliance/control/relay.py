@@ -92,6 +92,7 @@ class Relay:
         self._by_node: dict[int, _Conn] = {}
         self._log_once = LogOnce()
         self._watcher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[bool]] = set()
 
     # -- connections ------------------------------------------------------------------
 
@@ -189,7 +190,9 @@ class Relay:
         """Take a connection off the relay at once and close it in the background."""
         self._detach(conn)
         task = asyncio.get_running_loop().create_task(conn.ws.close(code=code, message=message.encode()))
-        task.add_done_callback(lambda _t: None)
+        # Held until done: the loop keeps only a weak reference to a task.
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # -- frames -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.agent import commands
-from appliance.agent.agentleds import AgentLeds
+from appliance.agent.leds import AgentLeds
 from appliance.agent.logring import LogRing
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import StateDir
@@ -30,7 +30,7 @@ from appliance.leds import LedFacts
 from appliance.wire.fields import ConfigError
 
 if TYPE_CHECKING:
-    from appliance.agent.controllink import ControlLink
+    from appliance.agent.control.link import ControlLink
     from appliance.agent.loop import Inputs
 
 log = logging.getLogger(__name__)

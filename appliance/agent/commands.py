@@ -79,8 +79,8 @@ def up(state: StateDir, prefs_path: Path, login_server: str, auth_key: str | Non
 def logout(state: StateDir) -> str:
     """Tell control this node leaves and forget the login. The agent then takes
     the data plane down. Raises ControlError when control cannot be told."""
-    from appliance.agent.control_client import ControlClient
-    from appliance.agent.controllink import Login
+    from appliance.agent.control.client import ControlClient
+    from appliance.agent.control.link import Login
     from appliance.wire.seal import parse_login_url
 
     login_path = state.path / "login.json"

@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.agent.agentleds import AgentLeds, LedOpener
 from appliance.agent.agentlocal import AgentLocal
-from appliance.agent.devices import DEVICES_FILE, load_devices
+from appliance.agent.devices.hosted import DEVICES_FILE, load_devices
 from appliance.agent.handshakes import carried_endpoints, handshake_targets, rotated_peers
+from appliance.agent.leds import AgentLeds, LedOpener
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.watch import Watcher
@@ -241,7 +241,7 @@ class Agent(AgentLocal):
         link = None
         watched = [self.netmap_path, self.prefs_path]
         if self.control:
-            from appliance.agent.controllink import ControlLink
+            from appliance.agent.control.link import ControlLink
 
             link = ControlLink(self.state, self.load_prefs, offers, self.netmap_path)
             watched += [link.login_path, self.devices_path]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory, MockPin
 
-from appliance.agent.agentleds import led_opener
+from appliance.agent.leds import led_opener
 from appliance.agent.loop import Agent
 from appliance.agent.statedir import StateDir
 from appliance.kernel.real import real_system

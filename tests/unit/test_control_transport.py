@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from appliance.agent.control_client import (
+from appliance.agent.control.client import (
     ControlBadResponse,
     ControlClient,
     ControlKeyChanged,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.control_client import (
+from appliance.agent.control.client import (
     ControlClient,
     ControlRefused,
     ControlUnreachable,

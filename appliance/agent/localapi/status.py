@@ -17,7 +17,7 @@ from appliance.leds import LedState
 from appliance.wire.netmap import Netmap
 
 if TYPE_CHECKING:
-    from appliance.agent.localcontrol import LocalControl
+    from appliance.agent.control.local import LocalControl
     from appliance.agent.loop import Agent
 
 # WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from appliance.agent import commands
-from appliance.agent.control_client import ControlError
-from appliance.agent.devices import DeviceError, Devices
-from appliance.agent.localapi import HTTPError, Request, Response, Router
-from appliance.agent.localcontrol import LocalControl, LocalControlError, check_url
-from appliance.agent.status import agent_status, lan_of, metrics_text
+from appliance.agent.control.client import ControlError
+from appliance.agent.control.local import LocalControl, LocalControlError, check_url
+from appliance.agent.devices.hosted import DeviceError, Devices
+from appliance.agent.localapi.server import HTTPError, Request, Response, Router
+from appliance.agent.localapi.status import agent_status, lan_of, metrics_text
 from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import parse_prefs
 from appliance.wire.fields import ConfigError, Fields, int_range, parse_str

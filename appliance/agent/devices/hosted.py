@@ -21,8 +21,8 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.agent.control_client import ControlError, ControlRefused
-from appliance.agent.status import detect_lan
+from appliance.agent.control.client import ControlError, ControlRefused
+from appliance.agent.localapi.status import detect_lan
 from appliance.base.files import atomic_write
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPAddress, IPNetwork

@@ -5,10 +5,10 @@ Every check that can reject the input happens here, before any kernel change.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 
-from appliance.base.keys import PrivateKey
+from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPNetwork
 from appliance.core.model import (
     MAIN_TABLE,
@@ -40,6 +40,16 @@ def host_prefix(address: object, mesh_range: IPNetwork) -> object:
     return ip_interface(f"{address}/{mesh_range.prefixlen}")
 
 
+@dataclass
+class PeerMemo:
+    """The Peer planned for each Node under the same settings, kept by the caller
+    from one plan to the next: a netmap in which one peer changed plans one peer.
+    Holds only the nodes of the last plan, so it never grows beyond the mesh."""
+
+    settings: tuple[object, ...] = ()
+    peers: dict[Node, Peer] = field(default_factory=dict)
+
+
 def plan(
     netmap: Netmap,
     prefs: Prefs,
@@ -47,6 +57,7 @@ def plan(
     facts: HostFacts,
     source: str = "netmap",
     devices: tuple[HostedDevice, ...] = (),
+    memo: PeerMemo | None = None,
 ) -> State:
     me = netmap.self_node
     if me.public_key != private_key.public_key():
@@ -61,13 +72,10 @@ def plan(
     dev = prefs.interface
 
     mesh = netmap.mesh
-    peers = {
-        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer, mesh)
-        for p in netmap.peers
-    }
+    peers = _peers(netmap, prefs, exit_peer, memo or PeerMemo())
     for i, d in enumerate(devices):
         if d.public_key in peers or d.public_key == me.public_key:
-            raise ConfigError("devices.json", f"[{i}].public_key", str(d.public_key), "is a node's key too")
+            raise ConfigError("devices", f"[{i}].public_key", str(d.public_key), "is a node's key too")
         peers[d.public_key] = Peer(d.public_key, sorted_networks(d.prefixes), name=d.name)
     addresses = frozenset(
         host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6) for a in me.addresses
@@ -113,9 +121,20 @@ def _in_mesh(net: IPNetwork, mesh: Mesh) -> bool:
     return net.subnet_of(mesh.ipv4) if net.version == 4 else net.subnet_of(mesh.ipv6)
 
 
-@lru_cache(maxsize=16384)
+def _peers(netmap: Netmap, prefs: Prefs, exit_peer: Node | None, memo: PeerMemo) -> dict[PublicKey, Peer]:
+    settings = (prefs.accept_routes, prefs.keepalive, exit_peer, netmap.mesh)
+    known = memo.peers if memo.settings == settings else {}
+    planned = {}
+    for node in netmap.peers:
+        peer = known.get(node)
+        if peer is None:
+            peer = _peer(node, prefs.accept_routes, prefs.keepalive, node is exit_peer, netmap.mesh)
+        planned[node] = peer
+    memo.settings, memo.peers = settings, planned
+    return {p.public_key: p for p in planned.values()}
+
+
 def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool, mesh: Mesh) -> Peer:
-    """Memoised: a netmap in which one peer changed re-plans one peer."""
     allowed: list[IPNetwork] = [
         IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128)) for a in node.addresses
     ]

@@ -154,8 +154,8 @@ class Agent(AgentLocal):
         """A peer behind NAT that rotated its key: its new peer starts from where
         the old one had roamed to (handshakes.py)."""
         assert self.system is not None
-        if before.netmap.peers == after.netmap.peers or not rotated_peers(before.netmap, after.netmap):
-            return desired
+        if not after.netmap.removed_since(before.netmap) or not rotated_peers(before.netmap, after.netmap):
+            return desired  # a rotation removes the old key: no removal, no rotation (O(1) for a delta)
         device = self.system.wireguard.read(after.scope.interface)
         learned = {k: s.endpoint for k, s in device.stats.items()} if device is not None else {}
         carried = carried_endpoints(before.netmap, after.netmap, learned)
@@ -169,8 +169,9 @@ class Agent(AgentLocal):
     def _start_handshakes(self, before: Inputs, after: Inputs) -> None:
         """After a rotation, start the handshakes WireGuard would otherwise delay."""
         assert self.system is not None
-        if before.netmap.self_node == after.netmap.self_node and before.netmap.peers == after.netmap.peers:
-            return
+        same_self = before.netmap.self_node == after.netmap.self_node
+        if same_self and not after.netmap.removed_since(before.netmap):
+            return  # nothing rotated (O(1) for a delta)
         handshakes: dict[PublicKey, float | None] = {}
         if before.netmap.self_node.public_key != after.netmap.self_node.public_key:
             device = self.system.wireguard.read(after.scope.interface)

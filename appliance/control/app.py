@@ -7,7 +7,6 @@ process carries them all, with the database on its own thread (service.py).
 
 from __future__ import annotations
 
-import base64
 import logging
 from pathlib import Path
 
@@ -105,7 +104,3 @@ def serve(state_dir: Path, listen: str, db: str | None, public_url: str | None) 
     log.info("meshpi control on %s; nodes log in with: %s", listen, login_url(shown, key.public_key))
     # Long-polls end at once on shutdown: agents simply poll again when it is back.
     web.run_app(app, host=host or None, port=int(port), print=None, access_log=None, shutdown_timeout=2)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()

@@ -5,6 +5,7 @@ Every check that can reject the input happens here, before any kernel change.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 
@@ -42,12 +43,18 @@ def host_prefix(address: object, mesh_range: IPNetwork) -> object:
 
 @dataclass
 class PeerMemo:
-    """The Peer planned for each Node under the same settings, kept by the caller
-    from one plan to the next: a netmap in which one peer changed plans one peer.
-    Holds only the nodes of the last plan, so it never grows beyond the mesh."""
+    """The last plan's peers, kept by the caller from one plan to the next. When
+    the next netmap was made from the last by a delta (Netmap.origin), only the
+    peers the delta touched are planned again, and the State says so
+    (State.derived), so that diff() compares those peers only: a one-peer change
+    costs one peer, however big the mesh. Holds the last plan only."""
 
     settings: tuple[object, ...] = ()
-    peers: dict[Node, Peer] = field(default_factory=dict)
+    netmap: Netmap | None = None
+    planned: dict[PublicKey, Peer] = field(default_factory=dict)
+    routed: dict[PublicKey, tuple[IPNetwork, ...]] = field(default_factory=dict)  # peers with subnet routes
+    devices: tuple[HostedDevice, ...] = ()
+    state: State | None = None
 
 
 def plan(
@@ -67,12 +74,15 @@ def plan(
             str(me.public_key),
             f"is not this node's key (this node is {private_key.public_key()})",
         )
-    _check_no_overlap_with_host(netmap, facts, source)
+    memo = memo if memo is not None else PeerMemo()
     exit_peer = _exit_peer(netmap, prefs)
     dev = prefs.interface
 
     mesh = netmap.mesh
-    peers = _peers(netmap, prefs, exit_peer, memo or PeerMemo())
+    peers, routed, touched = _peers(netmap, prefs, exit_peer, memo)
+    _check_no_overlap_with_host(netmap, routed, facts, source)
+    if devices != memo.devices:
+        touched = None
     for i, d in enumerate(devices):
         if d.public_key in peers or d.public_key == me.public_key:
             raise ConfigError("devices", f"[{i}].public_key", str(d.public_key), "is a node's key too")
@@ -85,9 +95,9 @@ def plan(
     # Routes inside the mesh (devices hosted by a peer) are covered by that prefix route too.
     routes = {
         Route(net, dev)
-        for node in netmap.peers
+        for nets in routed.values()
         if prefs.accept_routes
-        for net in node.subnet_routes
+        for net in nets
         if not _in_mesh(net, mesh)
     }
     rules: set[Rule] = set()
@@ -106,7 +116,8 @@ def plan(
         sysctls.update(FORWARDING_SYSCTLS)
         nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts, devices)))
 
-    return State(
+    previous = memo.state
+    state = State(
         device=Device(dev, private_key, prefs.listen_port, prefs.fwmark, prefs.mtu),
         peers=peers,
         addresses=frozenset(addresses),  # type: ignore[arg-type]
@@ -114,24 +125,45 @@ def plan(
         rules=frozenset(rules),
         sysctls=sysctls,
         nft=nft,
+        derived=None if previous is None or touched is None else (weakref.ref(previous), touched),
     )
+    memo.state, memo.devices = state, devices
+    return state
 
 
 def _in_mesh(net: IPNetwork, mesh: Mesh) -> bool:
     return net.subnet_of(mesh.ipv4) if net.version == 4 else net.subnet_of(mesh.ipv6)
 
 
-def _peers(netmap: Netmap, prefs: Prefs, exit_peer: Node | None, memo: PeerMemo) -> dict[PublicKey, Peer]:
+def _peers(
+    netmap: Netmap, prefs: Prefs, exit_peer: Node | None, memo: PeerMemo
+) -> tuple[dict[PublicKey, Peer], dict[PublicKey, tuple[IPNetwork, ...]], frozenset[PublicKey] | None]:
+    """Every peer's Peer, the peers with subnet routes, and which peers changed
+    since the memo's plan (None: unknown, treat all as changed)."""
     settings = (prefs.accept_routes, prefs.keepalive, exit_peer, netmap.mesh)
-    known = memo.peers if memo.settings == settings else {}
-    planned = {}
-    for node in netmap.peers:
-        peer = known.get(node)
-        if peer is None:
-            peer = _peer(node, prefs.accept_routes, prefs.keepalive, node is exit_peer, netmap.mesh)
-        planned[node] = peer
-    memo.settings, memo.peers = settings, planned
-    return {p.public_key: p for p in planned.values()}
+    origin = netmap.origin
+    if memo.settings == settings and origin is not None and origin[0]() is memo.netmap is not None:
+        planned, routed, touched = memo.planned.copy(), memo.routed.copy(), origin[1]
+        assert netmap.index is not None
+        for key in touched:
+            node = netmap.index.peers.get(key)
+            planned.pop(key, None)
+            routed.pop(key, None)
+            if node is not None:
+                planned[key] = _peer(
+                    node, prefs.accept_routes, prefs.keepalive, node is exit_peer, netmap.mesh
+                )
+                if node.subnet_routes:
+                    routed[key] = node.subnet_routes
+    else:
+        touched = None
+        planned = {
+            n.public_key: _peer(n, prefs.accept_routes, prefs.keepalive, n is exit_peer, netmap.mesh)
+            for n in netmap.peers
+        }
+        routed = {n.public_key: n.subnet_routes for n in netmap.peers if n.subnet_routes}
+    memo.settings, memo.netmap, memo.planned, memo.routed = settings, netmap, planned, routed
+    return planned.copy(), routed, touched
 
 
 def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool, mesh: Mesh) -> Peer:
@@ -214,9 +246,19 @@ def _firewall_plan(
     )
 
 
-def _check_no_overlap_with_host(netmap: Netmap, facts: HostFacts, source: str) -> None:
+def _check_no_overlap_with_host(
+    netmap: Netmap, routed: dict[PublicKey, tuple[IPNetwork, ...]], facts: HostFacts, source: str
+) -> None:
     """A mesh route over this host's own uplink or LAN would cut the host off
-    (the WireGuard endpoint itself may live there)."""
+    (the WireGuard endpoint itself may live there). Every node's addresses lie in
+    the mesh ranges (the parser checks), so unless a host network overlaps those,
+    only the peers with subnet routes (`routed`) need a look."""
+    mesh_ranges = (netmap.mesh.ipv4, netmap.mesh.ipv6)
+    if not any(
+        c.network.overlaps(m) for c in facts.connected for m in mesh_ranges if m.version == c.network.version
+    ):
+        _check_routes(netmap, routed, facts, source)
+        return
     for c in facts.connected:
         for j, addr in enumerate(netmap.self_node.addresses):
             if addr in c.network:
@@ -237,6 +279,22 @@ def _check_no_overlap_with_host(netmap: Netmap, facts: HostFacts, source: str) -
                     )
             for j, net in enumerate(peer.subnet_routes):
                 if net.version == c.network.version and net.overlaps(c.network):
+                    raise ConfigError(
+                        source,
+                        f"peers[{i}].routes[{j}]",
+                        str(net),
+                        f"overlaps {c.network} on this host's {c.dev}",
+                    )
+
+
+def _check_routes(
+    netmap: Netmap, routed: dict[PublicKey, tuple[IPNetwork, ...]], facts: HostFacts, source: str
+) -> None:
+    for key, nets in routed.items():
+        for j, net in enumerate(nets):
+            for c in facts.connected:
+                if net.version == c.network.version and net.overlaps(c.network):
+                    i = next(i for i, p in enumerate(netmap.peers) if p.public_key == key)
                     raise ConfigError(
                         source,
                         f"peers[{i}].routes[{j}]",

@@ -14,18 +14,19 @@ from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from appliance.base.errors import MeshpiError
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """Bad input: names the file, the field and the value."""
+class ConfigError(MeshpiError, ValueError):
+    """Bad input: names the file, the field and the value (status 400)."""
 
     def __init__(self, source: str, field: str, value: object, reason: str) -> None:
         self.source, self.field, self.value, self.reason = source, field, value, reason
-        super().__init__(f"{source}: {field}: {value!r} {reason}")
+        super().__init__(400, f"{source}: {field}: {value!r} {reason}")
 
 
 def load_json(path: Path) -> Any:

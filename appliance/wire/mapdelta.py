@@ -10,11 +10,12 @@ without re-parsing or re-rendering the nodes that did not change.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.keys import PublicKey
-from appliance.wire.fields import ConfigError, Fields, parse_public_key
+from appliance.wire.fields import Fields, parse_public_key
 from appliance.wire.netmap import (
     CAPVER,
     Mesh,
@@ -65,37 +66,23 @@ def parse_delta(obj: object, mesh: Mesh, source: str = "delta") -> MapDelta:
 
 
 def apply_delta(netmap: Netmap, delta: MapDelta, source: str = "delta") -> Netmap:
-    """The netmap with the delta applied. Peers keep their order; changed ones
-    replace in place, new ones go last. Raises ConfigError naming the field."""
+    """The netmap with the delta applied, in O(change). Peers keep their order;
+    changed ones replace in place, new ones go last. Raises ConfigError naming
+    the field (and then the netmap is as it was)."""
     assert netmap.index is not None
     index = netmap.index.copy()
-    me = netmap.self_node
+    touched: set[PublicKey] = set()
     for key in delta.removed:
-        if key != me.public_key:
+        if key in index.peers:
             index.remove(key)
+            touched.add(key)
     if delta.self_node is not None:
-        index.remove(me.public_key)
-        me = delta.self_node
-        index.add(source, "self", me)
+        index.set_me(source, delta.self_node)
     for i, node in enumerate(delta.changed):
-        if node.public_key == me.public_key:
-            raise ConfigError(
-                source, f"changed[{i}].public_key", str(node.public_key), "is this node's own key"
-            )
-        index.remove(node.public_key)
-        index.add(source, f"changed[{i}]", node)
-    peers = tuple(n for k, n in index.by_key.items() if k != me.public_key)
-    return Netmap(netmap.mesh, me, _in_order(netmap.peers, peers, index), index)
-
-
-def _in_order(before: tuple[Node, ...], after: tuple[Node, ...], index: Any) -> tuple[Node, ...]:
-    """`after` in the order of `before` (a changed peer keeps its place, new ones
-    go last): the index is a dict in insertion order, where a re-added key moved
-    to the end, so put back the survivors' order from `before`."""
-    by_key = index.by_key
-    kept = [by_key[p.public_key] for p in before if p.public_key in by_key]
-    seen = {p.public_key for p in kept}
-    return tuple(kept + [p for p in after if p.public_key not in seen])
+        index.put(source, f"changed[{i}]", node)
+        touched.add(node.public_key)
+    origin = (weakref.ref(netmap), frozenset(touched))
+    return Netmap(netmap.mesh, index.me, tuple(index.peers.values()), index, origin)
 
 
 def _list(value: object) -> list[Any]:

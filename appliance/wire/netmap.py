@@ -14,6 +14,7 @@ older map finds every field it needs (new fields are optional by rule).
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -77,43 +78,76 @@ class Node:
         return tuple(r for r in self.routes if r not in EXIT_ROUTES)
 
 
-@dataclass(frozen=True)
 class Index:
     """Who holds each key, name and address: built once per full map and
-    carried forward by deltas (mapdelta.py), so a delta is checked in O(change)."""
+    carried forward by deltas (mapdelta.py), so a delta is checked in O(change).
+    `peers` keeps the netmap's order: a replaced peer keeps its place."""
 
-    by_key: dict[PublicKey, Node]
-    owner_of: dict[object, PublicKey]  # name or address -> the key of the node holding it
+    def __init__(self, me: Node, peers: dict[PublicKey, Node], owner_of: dict[object, PublicKey]) -> None:
+        self.me, self.peers, self.owner_of = me, peers, owner_of
 
     @classmethod
-    def build(cls, source: str, nodes: tuple[tuple[str, Node], ...]) -> Index:
-        index = cls({}, {})
-        for path, node in nodes:
-            index.add(source, path, node)
+    def build(cls, source: str, me: Node, peers: tuple[Node, ...]) -> Index:
+        index = cls(me, {}, {})
+        index._claim(source, "self", me)
+        for i, node in enumerate(peers):
+            index.put(source, f"peers[{i}]", node, replace=False)
         return index
 
-    def add(self, source: str, path: str, node: Node) -> None:
+    def node(self, key: PublicKey) -> Node | None:
+        return self.me if key == self.me.public_key else self.peers.get(key)
+
+    def put(self, source: str, path: str, node: Node, replace: bool = True) -> None:
+        """Add a peer, or replace the one with its key (in place) if `replace`."""
+        key = node.public_key
+        old = self.peers.get(key)
+        if old is not None and not replace:
+            self._claim(source, path, node)  # names the clash: the name, else the key below
+            raise ConfigError(source, f"{path}.public_key", str(key), f"is already used by {old.name}")
+        if old is not None:
+            self._unclaim(old)
+        elif key == self.me.public_key:
+            raise ConfigError(source, f"{path}.public_key", str(key), f"is already used by {self.me.name}")
+        try:
+            self._claim(source, path, node)
+        except ConfigError:
+            if old is not None:
+                self._claim(source, path, old)
+            raise
+        self.peers[key] = node
+
+    def set_me(self, source: str, node: Node) -> None:
+        if node.public_key in self.peers:
+            other = self.peers[node.public_key].name
+            raise ConfigError(source, "self.public_key", str(node.public_key), f"is already used by {other}")
+        self._unclaim(self.me)
+        self._claim(source, "self", node)
+        self.me = node
+
+    def remove(self, key: PublicKey) -> None:
+        node = self.peers.pop(key, None)
+        if node is not None:
+            self._unclaim(node)
+
+    def copy(self) -> Index:
+        # .copy(), not dict(): it stays a fast clone after deletions.
+        return Index(self.me, self.peers.copy(), self.owner_of.copy())
+
+    def _claim(self, source: str, path: str, node: Node) -> None:
         for fieldname, value in _claims(node):
             holder = self.owner_of.get(value)
             if holder is not None:
-                other, shown = self.by_key[holder].name, node.name if fieldname == "name" else str(value)
-                raise ConfigError(source, f"{path}.{fieldname}", shown, f"is already used by {other}")
-        if node.public_key in self.by_key:
-            other = self.by_key[node.public_key].name
-            key = str(node.public_key)
-            raise ConfigError(source, f"{path}.public_key", key, f"is already used by {other}")
-        self.by_key[node.public_key] = node
+                other = self.node(holder)
+                shown = node.name if fieldname == "name" else str(value)
+                reason = f"is already used by {other.name if other else holder}"
+                raise ConfigError(source, f"{path}.{fieldname}", shown, reason)
         for _field, value in _claims(node):
             self.owner_of[value] = node.public_key
 
-    def remove(self, key: PublicKey) -> None:
-        node = self.by_key.pop(key, None)
-        if node is not None:
-            for _field, value in _claims(node):
-                self.owner_of.pop(value, None)
-
-    def copy(self) -> Index:
-        return Index(dict(self.by_key), dict(self.owner_of))
+    def _unclaim(self, node: Node) -> None:
+        for _field, value in _claims(node):
+            if self.owner_of.get(value) == node.public_key:
+                del self.owner_of[value]
 
 
 def _claims(node: Node) -> list[tuple[str, object]]:
@@ -126,11 +160,29 @@ class Netmap:
     self_node: Node
     peers: tuple[Node, ...]
     index: Index | None = field(default=None, compare=False, repr=False)
+    # Made from another netmap by a delta: (that netmap, weakly; the peer keys the
+    # delta touched). The planner then re-plans those peers only. Weak, so a
+    # long run of deltas does not keep every old netmap alive.
+    origin: tuple[weakref.ref[Netmap], frozenset[PublicKey]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if self.index is None:
-            everyone = (("self", self.self_node), *((f"peers[{i}]", p) for i, p in enumerate(self.peers)))
-            object.__setattr__(self, "index", Index.build("netmap", everyone))
+            object.__setattr__(self, "index", Index.build("netmap", self.self_node, self.peers))
+
+    def touched_since(self, other: Netmap) -> frozenset[PublicKey] | None:
+        """The peer keys a delta changed or removed, if this netmap was made from
+        `other` by one; None when unknown (any peer may differ)."""
+        if self.origin is not None and self.origin[0]() is other:
+            return self.origin[1]
+        return None
+
+    def removed_since(self, other: Netmap) -> bool:
+        """May a peer of `other` be gone here (removed, or rotated to a new key)?"""
+        touched = self.touched_since(other)
+        assert self.index is not None
+        return touched is None or any(k not in self.index.peers for k in touched)
 
     def find_peer(self, name_or_ip: str) -> Node | None:
         assert self.index is not None
@@ -140,9 +192,7 @@ class Netmap:
                 key = self.index.owner_of.get(parse_address(name_or_ip))
             except ValueError:
                 return None
-        if key is None or key == self.self_node.public_key:
-            return None
-        return self.index.by_key[key]
+        return None if key is None else self.index.peers.get(key)
 
 
 def _parse_v4(value: object) -> IPv4Network:
@@ -217,8 +267,7 @@ def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
         raise top.error("peers", raw_peers, "must be a list")
     peers = tuple(parse_node(source, f"peers[{i}]", p, mesh, optional) for i, p in enumerate(raw_peers))
     top.done(_UPGRADE)
-    everyone = (("self", self_node), *((f"peers[{i}]", p) for i, p in enumerate(peers)))
-    return Netmap(mesh, self_node, peers, Index.build(source, everyone))
+    return Netmap(mesh, self_node, peers, Index.build(source, self_node, peers))
 
 
 def load_netmap(path: Path) -> Netmap:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.wire.seal import (
     BadResponse,
@@ -52,12 +53,14 @@ class ControlBadResponse(ControlUnreachable):
     request. Treated as unreachable (retry later): it is not control's word."""
 
 
-class ControlRefused(ControlError):
+class ControlRefused(ControlError, MeshpiError):
     """Control answered with an error status (4xx, or 5xx if it is unwell)."""
 
     def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(f"control refused: {status} {message}")
+        MeshpiError.__init__(self, status, message)
+
+    def __str__(self) -> str:
+        return f"control refused: {self.status} {self.message}"
 
 
 class ControlKeyChanged(ControlError, ValueError):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.agent.control.client import ControlError, ControlRefused
 from appliance.agent.localapi.status import detect_lan
+from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPAddress, IPNetwork
@@ -54,12 +55,8 @@ MODES = ("all", "lan")
 _HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(?::(\d{1,5}))?$")
 
 
-class DeviceError(Exception):
+class DeviceError(MeshpiError):
     """A refusal the caller may see, with the HTTP status that fits it."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass(frozen=True)

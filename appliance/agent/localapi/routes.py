@@ -14,13 +14,13 @@ from urllib.parse import urlencode
 
 from appliance.agent import commands
 from appliance.agent.control.client import ControlError
-from appliance.agent.control.local import LocalControl, LocalControlError, check_url
-from appliance.agent.devices.hosted import DeviceError, DeviceHost, Devices
+from appliance.agent.control.local import LocalControl, check_url
+from appliance.agent.devices.hosted import DeviceHost, Devices
 from appliance.agent.localapi.server import HTTPError, Request, Response, Router
 from appliance.agent.localapi.status import StatusView, agent_status, lan_of, metrics_text
 from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import parse_prefs
-from appliance.wire.fields import ConfigError, Fields, int_range, parse_str
+from appliance.wire.fields import Fields, int_range, parse_str
 from appliance.wire.seal import LoginUrlError
 
 if TYPE_CHECKING:
@@ -69,17 +69,10 @@ def add_device_routes(router: Router, agent: DeviceHost) -> None:
     """/v1/devices: stock WireGuard clients (phones) this node hosts (devices.py)."""
     devices = Devices(agent)
 
-    def call(fn: Any, *args: Any) -> Response:
-        try:
-            return Response(fn(*args))
-        except DeviceError as e:
-            raise HTTPError(e.status, e.message) from None
-        except ConfigError as e:
-            raise HTTPError(400, str(e)) from None
-
-    router.add("GET", "/v1/devices", lambda _r: call(lambda: {"devices": devices.listing()}))
-    router.add("POST", "/v1/devices", lambda r: call(devices.add, r.body))
-    router.add("DELETE", "/v1/devices/(?P<id>[^/]+)", lambda r: call(devices.remove, r.params["id"]))
+    # DeviceError and ConfigError are MeshpiErrors: the server answers their status.
+    router.add("GET", "/v1/devices", lambda _r: Response({"devices": devices.listing()}))
+    router.add("POST", "/v1/devices", lambda r: Response(devices.add(r.body)))
+    router.add("DELETE", "/v1/devices/(?P<id>[^/]+)", lambda r: Response(devices.remove(r.params["id"])))
 
 
 class _Routes:
@@ -119,7 +112,7 @@ class _Routes:
         wait = f.get("timeout", int_range(1, 120), int(commands.UP_WAIT))
         f.done()
         with self._verbs:
-            try:
+            try:  # the URL's error is a ValueError, not a refusal of ours
                 answer = commands.up(
                     self.agent.state,
                     self._link(),
@@ -163,13 +156,10 @@ class _Routes:
         # Bad prefs are refused before control is started, not after.
         parse_prefs(self.agent.stored_prefs().to_json() | changes, "prefs")
         with self._verbs:
-            try:
-                self.local.start()
-                self.local.remember(public_url)
-                auth_key = self.local.new_auth_key()
-                login = self.local.own_login_url()
-            except LocalControlError as e:
-                raise HTTPError(e.status, e.message) from None
+            self.local.start()  # a LocalControlError is answered with its status
+            self.local.remember(public_url)
+            auth_key = self.local.new_auth_key()
+            login = self.local.own_login_url()
             log.info("created a mesh on the local control; logging in to %s", login)
             answer = commands.up(
                 self.agent.state, self._link(), self.agent.set_prefs, login, auth_key, changes, wait
@@ -184,10 +174,7 @@ class _Routes:
 
     def control(self, request: Request) -> Response:
         query = urlencode(request.query)
-        try:
-            status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
-        except LocalControlError as e:
-            raise HTTPError(e.status, e.message) from None
+        status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
         return Response(answer, status)
 
     def _link(self) -> ControlLink:

@@ -194,9 +194,7 @@ def parse_listen(text: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-async def start(
-    host: str, port: int = DEFAULT_PORT, limits: Limits | None = None
-) -> StunServer:
+async def start(host: str, port: int = DEFAULT_PORT, limits: Limits | None = None) -> StunServer:
     """Listen on host:port. 0.0.0.0 also listens on [::] where this host has IPv6."""
     loop = asyncio.get_running_loop()
     counters, limiter = Counters(), RateLimiter(limits or Limits())
@@ -217,9 +215,7 @@ async def start(
                 log.info("STUN: no IPv6 here (%s); IPv4 only", e.strerror)
                 continue
             raise OSError(e.errno, f"STUN: cannot listen on {h}:{port}: {e.strerror}") from e
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: StunProtocol(limiter, counters), sock=sock
-        )
+        transport, _ = await loop.create_datagram_endpoint(lambda: StunProtocol(limiter, counters), sock=sock)
         transports.append(transport)
     server = StunServer(transports, counters, limiter)
     log.info("STUN on %s", ", ".join(str(a) for a in server.addresses))

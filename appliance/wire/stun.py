@@ -43,11 +43,11 @@ ATTR_FINGERPRINT = 0x8028
 
 # Comprehension-required attributes (< 0x8000) we know: anything else of that range
 # makes a response unusable (RFC 5389 7.3.3); comprehension-optional ones are skipped.
+_CHANGE_REQUEST = 0x0003  # RFC 5780: clients send it; we never honour it
 _KNOWN_REQUIRED = frozenset(
-    {ATTR_MAPPED_ADDRESS, ATTR_USERNAME, ATTR_MESSAGE_INTEGRITY, ATTR_ERROR_CODE,
-     ATTR_UNKNOWN_ATTRIBUTES, ATTR_REALM, ATTR_NONCE, ATTR_XOR_MAPPED_ADDRESS, ATTR_PADDING,
-     0x0003}  # CHANGE-REQUEST (RFC 5780): clients send it, we never honour it  # fmt: skip
-)
+    {ATTR_MAPPED_ADDRESS, ATTR_USERNAME, ATTR_MESSAGE_INTEGRITY, ATTR_ERROR_CODE, ATTR_UNKNOWN_ATTRIBUTES,
+     ATTR_REALM, ATTR_NONCE, ATTR_XOR_MAPPED_ADDRESS, ATTR_PADDING, _CHANGE_REQUEST}
+)  # fmt: skip
 _FINGERPRINT_XOR = 0x5354554E
 _FINGERPRINT_LEN = 8  # the whole attribute: type, length, CRC
 MAX_SOFTWARE = 763  # bytes: RFC 5389 15.10 (fewer than 128 characters)
@@ -91,8 +91,8 @@ def looks_like_stun(data: bytes) -> bool:
     bits zero, the magic cookie, a length that is a multiple of 4. Not a full parse."""
     if len(data) < HEADER_LEN or data[0] & 0xC0:
         return False
-    _, length, cookie, _ = _HEADER.unpack_from(data)
-    return cookie == MAGIC_COOKIE and length % 4 == 0
+    length, cookie = struct.unpack_from("!HI", data, 2)
+    return bool(cookie == MAGIC_COOKIE and length % 4 == 0)
 
 
 # -- building --------------------------------------------------------------------

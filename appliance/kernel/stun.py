@@ -164,7 +164,8 @@ def _source_address(server: Endpoint, fwmark: int) -> Endpoint:
 
 
 @contextlib.contextmanager
-def _raw_socket(family: int, listen_port: int, fwmark: int, source: Endpoint) -> Iterator[socket.socket]:
+def stun_socket(family: int, listen_port: int, fwmark: int, source: Endpoint) -> Iterator[socket.socket]:
+    """A raw UDP socket that sends as `source` and reads only STUN to `listen_port`."""
     try:
         sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
     except PermissionError as e:
@@ -223,7 +224,7 @@ def probe(server: Endpoint, listen_port: int, fwmark: int, timeout: float = 2.0)
     datagram = udp_datagram(source, server, request)
     dest = (str(server.host), 0)
     rejected: list[str] = []
-    with _raw_socket(family, listen_port, fwmark, local) as sock:
+    with stun_socket(family, listen_port, fwmark, local) as sock:
         deadline = time.monotonic() + timeout
         rto, next_send = FIRST_RTO, 0.0
         while (now := time.monotonic()) < deadline:

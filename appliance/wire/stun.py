@@ -7,7 +7,7 @@ StunError has caught every way a datagram can be wrong.
 
 Only what endpoint discovery needs: Binding requests and answers, XOR-MAPPED-ADDRESS
 (MAPPED-ADDRESS from old servers as a fallback), SOFTWARE, FINGERPRINT (checked when
-present, never required), PADDING (RFC 5780) to size a request. No authentication,
+present, never required). No authentication,
 no TURN, no classic RFC 3489 messages (they lack the magic cookie and are refused).
 """
 
@@ -37,7 +37,7 @@ ATTR_UNKNOWN_ATTRIBUTES = 0x000A
 ATTR_REALM = 0x0014
 ATTR_NONCE = 0x0015
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
-ATTR_PADDING = 0x0026  # RFC 5780
+ATTR_PADDING = 0x0026  # RFC 5780: known, never sent (see binding_request)
 ATTR_SOFTWARE = 0x8022
 ATTR_FINGERPRINT = 0x8028
 
@@ -126,16 +126,16 @@ def encode(
 
 
 def binding_request(transaction_id: bytes, software: str | None = None, size: int = 0) -> bytes:
-    """A Binding request, padded (PADDING) to at least `size` bytes.
+    """A Binding request of at least `size` bytes, its SOFTWARE padded with spaces.
 
-    Padding lets a server that never answers with more than it was asked (ours)
-    afford a full answer."""
-    attrs: list[tuple[int, bytes]] = []
-    if software is not None:
-        attrs.append((ATTR_SOFTWARE, _software(software)))
-    plain = HEADER_LEN + sum(4 + len(v) + (-len(v) % 4) for _, v in attrs) + _FINGERPRINT_LEN
+    The size lets a server that never answers with more than it was asked (ours)
+    afford a full answer. Not RFC 5780's PADDING: servers that know it (coturn) pad
+    their answer to match, up to a whole MTU."""
+    text = software or ""
+    plain = HEADER_LEN + 4 + len(text.encode()) + _FINGERPRINT_LEN
     if size > plain:
-        attrs.append((ATTR_PADDING, b"\0" * max(0, size - plain - 4 + (-(size - plain) % 4))))
+        text += " " * (size - plain)
+    attrs = [(ATTR_SOFTWARE, _software(text))] if text else []
     return encode(BINDING_REQUEST, transaction_id, attrs)
 
 

@@ -54,7 +54,9 @@ def test_stun_request_round_trip_and_padding() -> None:
     req = stun.binding_request(TXID, software="meshpi", size=64)
     assert len(req) >= 64 and len(req) % 4 == 0
     msg = stun.parse_request(req)
-    assert (msg.type, msg.transaction_id, msg.fingerprint, msg.software) == (1, TXID, True, "meshpi")
+    assert (msg.type, msg.transaction_id, msg.fingerprint) == (1, TXID, True)
+    assert msg.software is not None and msg.software.rstrip() == "meshpi"
+    assert [t for t, _ in msg.attributes] == [stun.ATTR_SOFTWARE]  # no PADDING: coturn would echo it
     assert len(stun.binding_request(TXID)) == 28  # header + FINGERPRINT
 
 
@@ -62,7 +64,7 @@ def test_stun_request_round_trip_and_padding() -> None:
 def test_stun_request_padding_reaches_every_size(size: int) -> None:
     req = stun.binding_request(TXID, software="x", size=size)
     assert len(req) >= size
-    assert len(req) < max(size, 36) + 8  # never much more than asked
+    assert len(req) < max(size, 36) + 4  # never much more than asked
     stun.parse_request(req)
 
 

@@ -36,6 +36,7 @@ from tests.lab.topology import HOME_WAN_V4, LAPTOP_ROUTER_WAN_V4, PI_V6, SERVER_
 
 BIN = REPO_ROOT / ".venv" / "bin"
 COTURN_V4, COTURN_V6 = "203.0.113.11", "2001:db8:ff00::11"
+SILENT_V4 = "203.0.113.12"  # an address of "the internet" where no STUN server answers
 MESHPI_STUN = Endpoint(ip_address(SERVER_V4), 3478)
 COTURN = Endpoint(ip_address(COTURN_V4), 3478)
 COTURN6 = Endpoint(ip_address(COTURN_V6), 3478)
@@ -79,6 +80,7 @@ def world() -> Iterator[World]:
         inet = lab.internet
         inet.run(["ip", "addr", "add", f"{COTURN_V4}/32", "dev", "lo"])
         inet.run(["ip", "addr", "add", f"{COTURN_V6}/128", "dev", "lo", "nodad"])
+        inet.run(["ip", "addr", "add", f"{SILENT_V4}/32", "dev", "lo"])
         state, log = lab.scratch / "control", lab.scratch / "control.log"
         control = inet.popen([str(BIN / "meshpi-control"), "--state-dir", str(state), "serve",
                               "--listen", f"{SERVER_V4}:8443", "--stun-listen", f"{SERVER_V4}:3478"],
@@ -248,42 +250,66 @@ def test_stun_fwmark_keeps_probes_out_of_the_exit_node(world: World) -> None:
 
 
 def test_stun_flood_at_the_wireguard_port(world: World) -> None:
-    """20,000 hostile datagrams at the pi's WireGuard port (forged answers from the
+    """60,000 hostile datagrams at the pi's WireGuard port (forged answers from the
     STUN server's own address, cookie-shaped garbage, WireGuard-shaped garbage) while
-    the pi's discovery runs every 0.2 s and the laptop pings through the tunnel:
-    discovery never reports a forged address and keeps finding the real one,
-    wireguard-go and the tunnel keep working."""
+    the pi's discovery thread runs every 50 ms, this test probes in a loop, and the
+    laptop pings through the tunnel: no forged address is ever reported, the real one
+    keeps being found, wireguard-go and the tunnel keep working."""
     lab, pi = world.lab, world.mesh["pi"]
     port = Port(WIREGUARD_PORT, fwmark(lab.pi, pi.interface))
+    want = Endpoint(ip_address(HOME_WAN_V4), WIREGUARD_PORT)
     results: list[Discovery] = []
     with ns.entered(lab.pi.ns):  # the thread is born in the pi's namespace and stays there
-        disc = StunDiscovery(lambda: [MESHPI_STUN, COTURN], lambda: port, interval=0.2, timeout=2)
+        disc = StunDiscovery(lambda: [MESHPI_STUN, COTURN], lambda: port, interval=0.05, timeout=2)
         disc.subscribe(results.append)
         disc.start()
     try:
         assert disc.wait_round(0, 10) is not None
         pings = Pings(lab.laptop, PI_MESH, count=100, interval=0.05)
-        flood = subprocess.run(["ip", "netns", "exec", lab.internet.ns, sys.executable, "-m",
-                                "tests.netns.stunflood", f"{SERVER_V4}:3478", f"{HOME_WAN_V4}:{WIREGUARD_PORT}",
-                                "20000"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)  # fmt: skip
-        assert flood.returncode == 0, flood.stderr
+        flood = subprocess.Popen(["ip", "netns", "exec", lab.internet.ns, sys.executable, "-m",
+                                  "tests.netns.stunflood", f"{SERVER_V4}:3478", f"{HOME_WAN_V4}:{WIREGUARD_PORT}",
+                                  "60000"], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)  # fmt: skip
+        probes = 0
+        with ns.entered(lab.pi.ns):
+            while flood.poll() is None:
+                assert kstun.probe(MESHPI_STUN, WIREGUARD_PORT, port.fwmark, 3) == want
+                probes += 1
+        assert flood.wait(60) == 0
         during = pings.result()
         rounds = disc.round
         after = disc.wait_round(rounds, 10)
         assert after is not None
     finally:
         disc.close()
-    print(
-        f"flood: {flood.stdout.strip()}; pings during it {during[1]}/{during[0]}; discovery rounds {rounds}"
-    )
+    print(f"flood: {flood.stdout.read().strip() if flood.stdout else ''}; pings during it "
+          f"{during[1]}/{during[0]}; discovery rounds {rounds}, probes {probes}")  # fmt: skip
     assert all(d.v4 is None or d.v4.host != ip_address("6.6.6.6") for d in results)
-    assert after.v4 == Endpoint(ip_address(HOME_WAN_V4), WIREGUARD_PORT)
-    assert after.varies_by_destination is False
+    assert after.v4 == want and after.varies_by_destination is False
     assert not disc._thread.is_alive()
     assert pi.agent_running()
     sent, received = lab.laptop.ping(PI_MESH, count=10, interval=0.05)
     assert received == sent
-    assert during[1] >= during[0] * 0.9, during
+    # The flood itself (a Python sender and wireguard-go parsing garbage on 2 shared cores)
+    # may cost a few pings; after it, none may be lost.
+    assert during[1] >= during[0] * 0.8, during
+
+
+def test_stun_forged_answers_reach_the_prober_and_are_refused(world: World) -> None:
+    """A server that stays silent while someone else floods forged answers from its
+    address and port: they pass the filter (STUN, to the port), the prober refuses
+    each one (not our transaction id) and ends with a timeout that says so."""
+    lab, pi = world.lab, world.mesh["pi"]
+    silent = Endpoint(ip_address(SILENT_V4), 3478)
+    flood = lab.internet.popen([sys.executable, "-m", "tests.netns.stunflood", f"{silent}",
+                                f"{HOME_WAN_V4}:{WIREGUARD_PORT}", "400000"])  # fmt: skip
+    try:
+        with ns.entered(lab.pi.ns), pytest.raises(kstun.StunTimeout) as caught:
+            kstun.probe(silent, WIREGUARD_PORT, fwmark(lab.pi, pi.interface), 2.5)
+    finally:
+        lab.stop_process(flood)
+    print(caught.value)
+    assert re.search(r"ignored [1-9]\d* datagram", str(caught.value))
+    assert pi.agent_running() and lab.laptop.ping(PI_MESH, count=3, interval=0.05)[1] == 3
 
 
 def test_stun_control_survives_garbage_on_3478(world: World) -> None:

@@ -9,10 +9,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
 from appliance.base.net import Endpoint
+from appliance.control import cli
 from appliance.control import stun as server_mod
 from appliance.wire import stun
 
@@ -202,3 +204,11 @@ def test_stun_server_listen_parsing() -> None:
     for bad in ("3478", "host:3478", "1.2.3.4:0", "1.2.3.4:x", "1.2.3.4:70000"):
         with pytest.raises(ValueError, match="stun-listen|does not appear"):
             server_mod.parse_listen(bad)
+
+
+def test_stun_server_cli_refuses_a_bad_listen_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--state-dir", str(tmp_path), "serve", "--stun-listen", "nowhere"]) == 1
+    assert "--stun-listen 'nowhere': expected HOST:PORT or off" in capsys.readouterr().err
+    assert not (tmp_path / "control.key").exists()  # refused before anything was made

@@ -74,6 +74,7 @@ class PortMapState:
     lifetime: int = 0  # seconds granted; 0 with a mapping: until removed
     renewals: int = 0
     remaps: int = 0  # fresh mappings after a router reboot, a lost mapping or a WAN change
+    epoch: int | None = None  # the gateway's PCP/NAT-PMP epoch: seconds since its mappings began
     last_error: str | None = None
     updated: float = 0.0  # time.monotonic() of the last change
 
@@ -111,6 +112,7 @@ class PortMapper:
         self._backoff = retry_interval
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._mapped_once = False
 
     # -- the state, for status/LocalAPI/dashboard --
 
@@ -175,6 +177,8 @@ class PortMapper:
         self._lease, self._backoff = lease, self.retry_interval
         if lease.epoch is not None:
             self._epoch_seen = (now, lease.epoch)
+        remapped = fresh and self._mapped_once
+        self._mapped_once = True
         renew_in = lease.lifetime / 2 if lease.lifetime else UNMAPPED_RENEW
         self._next_renew = now + renew_in
         self._next_probe = now + self.probe_interval
@@ -184,12 +188,12 @@ class PortMapper:
                         f"{lease.lifetime} s" if lease.lifetime else "ever")  # fmt: skip
         changes: dict[str, object] = {
             "protocol": lease.protocol, "gateway": gateway, "internal": lease.internal,
-            "external": lease.external, "lifetime": lease.lifetime, "last_error": None,
+            "external": lease.external, "lifetime": lease.lifetime, "last_error": None, "epoch": lease.epoch,
         }  # fmt: skip
         state = self.state
         if not fresh:
             changes["renewals"] = state.renewals + 1
-        elif old is not None:
+        elif remapped:
             changes["remaps"] = state.remaps + 1
         self._set(**changes)
 
@@ -266,6 +270,7 @@ class PortMapper:
             self._lost(now, f"the WAN address changed to {seen.external_address}")
         elif seen.epoch is not None:
             self._epoch_seen = (now, seen.epoch)
+            self._set(epoch=seen.epoch)
 
     def _rebooted(self, now: float, epoch: int | None) -> bool:
         if epoch is None or self._epoch_seen is None:

@@ -159,8 +159,11 @@ def parse_response(data: bytes) -> Response:
     if len(data) < 2:
         raise PcpError("length", len(data), "is too short for any answer")
     if data[0] != VERSION:
-        # A NAT-PMP gateway answers [0][128+op][result:2]...: a version it does not speak.
-        raise PcpVersionMismatch("version", data[0], f"is not {VERSION}")
+        # A NAT-PMP-only gateway answers [0][128+op][result 1: unsupported version][epoch]
+        # (RFC 6886 3.5, RFC 6887 9); anything else with another version is just garbage.
+        if data[0] == 0 and len(data) >= 8 and data[1] & RESPONSE_BIT and data[2:4] == b"\x00\x01":
+            raise PcpVersionMismatch("version", data[0], "is NAT-PMP's: the gateway does not speak PCP")
+        raise PcpError("version", data[0], f"is not {VERSION}")
     if len(data) < _RESPONSE.size:
         raise PcpError("length", len(data), f"is shorter than the {_RESPONSE.size}-byte header")
     if len(data) > MAX_SIZE or len(data) % 4:

@@ -96,7 +96,7 @@ class PcpClient:
             try:
                 answer = pcp.parse_response(data)
             except pcp.PcpVersionMismatch as exc:
-                raise NotSpoken(f"PCP: {self.gateway} speaks version {exc.value} (NAT-PMP), not PCP") from exc
+                raise NotSpoken(f"PCP: {self.gateway} speaks NAT-PMP only") from exc
             except pcp.PcpError as exc:
                 logger.debug("PCP: ignored: %s", exc)
                 return None

@@ -166,3 +166,18 @@ def test_portmap_upnp_when_pcp_and_natpmp_are_off_carries_a_wireguard_handshake(
         assert upnpd.redirects() == []
         lab.pi.udp_echo_server(WIREGUARD_PORT)
         assert not reaches_pi(lab, WAN_V4, WIREGUARD_PORT, "after close")
+
+
+def test_portmap_maps_a_tcp_port_for_control(lab: PortmapLab) -> None:
+    Miniupnpd(lab).start()
+    lab.pi.whoami_server(8080)
+    with ns.entered(lab.pi.ns):
+        mapper = PortMapper(8080, transport="tcp", lifetime=60).start()
+    try:
+        state = mapped(mapper)
+        assert state.transport == "tcp" and state.external == Endpoint(IPv4Address(WAN_V4), 8080)
+        assert lab.internet.fetch(WAN_V4, "whoami", port=8080, timeout=3) == INET_V4
+    finally:
+        mapper.close()
+    with pytest.raises(LabError):
+        lab.internet.fetch(WAN_V4, "whoami", port=8080, timeout=1)

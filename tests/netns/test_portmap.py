@@ -78,6 +78,12 @@ def test_portmap_pcp_maps_renews_and_removes(lab: PortmapLab) -> None:
         assert upnpd.redirects(), "the mapping expired although it was renewed"
         assert reaches_pi(lab, WAN_V4, WIREGUARD_PORT, "still there")
 
+        # A reboot is mended by the next renewal at the latest (PCP's check is a renewal).
+        wait_for(lambda: (mapper.state.epoch or 0) >= 3, 10, "the gateway's epoch to reach 3 s")
+        upnpd.reboot()
+        wait_for(lambda: mapper.state.remaps >= 1 and upnpd.redirects(), 5, "a fresh PCP mapping")
+        assert reaches_pi(lab, WAN_V4, WIREGUARD_PORT, "after the reboot")
+
         mapper.close()
         assert mapper.state.external is None and mapper.state.protocol is None
         assert upnpd.redirects() == []
@@ -181,3 +187,22 @@ def test_portmap_maps_a_tcp_port_for_control(lab: PortmapLab) -> None:
         mapper.close()
     with pytest.raises(LabError):
         lab.internet.fetch(WAN_V4, "whoami", port=8080, timeout=1)
+
+
+@pytest.mark.parametrize("protocol", ["pcp", "nat-pmp", "upnp"])
+def test_portmap_takes_the_port_the_router_gives_when_its_own_is_taken(
+    lab: PortmapLab, protocol: str
+) -> None:
+    Miniupnpd(lab).start()
+    with ns.entered(lab.rogue.ns):  # another host of the LAN holds external port 51820 already
+        squatter = PortMapper(WIREGUARD_PORT, protocols=("nat-pmp",), lifetime=120).start()
+    try:
+        assert mapped(squatter).external == Endpoint(IPv4Address(WAN_V4), WIREGUARD_PORT)
+        lab.pi.udp_echo_server(WIREGUARD_PORT)
+        with mapper_on_pi(lab, protocols=(protocol,), lifetime=120) as mapper:
+            state = mapped(mapper)
+            assert state.protocol == protocol and state.external is not None
+            assert state.external.port != WIREGUARD_PORT and state.internal == Endpoint(PI, WIREGUARD_PORT)
+            assert reaches_pi(lab, WAN_V4, state.external.port, f"via {protocol}")
+    finally:
+        squatter.close()

@@ -243,12 +243,13 @@ class PortMapper:
         except PortMapError as exc:
             self._drop(now, f"renewal failed: {exc}")
             return
-        if self._rebooted(now, lease.epoch):
+        rebooted = self._rebooted(now, lease.epoch)
+        if rebooted:
             logger.warning("gateway %s restarted (epoch %s); the renewal mapped afresh",
                            self.state.gateway, lease.epoch)  # fmt: skip
         gateway = self.state.gateway
         assert gateway is not None
-        self._granted(now, lease, gateway, fresh=False)
+        self._granted(now, lease, gateway, fresh=rebooted)
 
     def _probe(self, now: float) -> None:
         assert self._client is not None and self._lease is not None

@@ -90,10 +90,12 @@ class UpnpClient:
         except PortMapError as exc:
             if "ConflictInMappingEntry" not in str(exc):
                 raise Refused(str(exc)) from exc
-            # Taken by another host: IGDv2 lets the router pick a free port.
-            args = (transport.upper(), str(self.local), internal_port, DESCRIPTION, "", lifetime)
+            # Taken by another host: IGDv2 lets the router pick a free port. miniupnpc's
+            # binding asks for no lease duration here (the lease is permanent): renewals
+            # then re-add it on the port given, with the lifetime asked for.
+            args = (transport.upper(), str(self.local), internal_port, DESCRIPTION, "")
             want = int(self._call("AddAnyPortMapping", "addanyportmapping", want, *args))
-            granted = lifetime
+            granted = 0
         internal = Endpoint(self.local, internal_port)
         return Lease("upnp", transport, internal, Endpoint(address, want), granted, None)
 

@@ -197,7 +197,7 @@ class PortMapper:
             changes["remaps"] = state.remaps + 1
         self._set(**changes)
 
-    def _lost(self, now: float, why: str, remap: bool = True) -> None:
+    def _lost(self, now: float, why: str) -> None:
         """The mapping is gone or stale: map again at once, with the same client."""
         if self._cancel.is_set():  # an exchange cut short by close(): keep the lease to remove it
             return
@@ -219,8 +219,8 @@ class PortMapper:
         if self._client is not None:
             self._client.close()
         self._client, self._lease, self._epoch_seen = None, None, None
-        self._next_attempt = now  # start over with discovery, maybe another protocol
         self._failed(now, error)
+        # Start over soon (discovery again, maybe another protocol), not after the back-off.
         self._next_attempt = now + min(self.retry_interval, 1.0)
 
     def _gateway_moved(self) -> str | None:

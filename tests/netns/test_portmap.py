@@ -48,7 +48,10 @@ def mapped(mapper: PortMapper, timeout: float = 15) -> PortMapState:
         state = mapper.state
         return state if state.external is not None else None
 
-    return wait_for(ready, timeout, f"a mapping (last error: {mapper.state.last_error})")  # type: ignore[return-value]
+    try:
+        return wait_for(ready, timeout, "a mapping")  # type: ignore[return-value]
+    except LabError as exc:
+        raise LabError(f"{exc} (the mapper's last error: {mapper.state.last_error})") from exc
 
 
 def reaches_pi(lab: PortmapLab, host: str, port: int, message: str) -> bool:

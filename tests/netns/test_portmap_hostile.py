@@ -1,6 +1,6 @@
 """Port mapping under hostile answers: garbage from the gateway, well-formed answers from
 another address of the LAN (with the request's own PCP nonce, the strongest spoof a
-LAN host can make), and no router at all.
+LAN host can make), an IGD that is not the gateway, and no router at all.
 
 A fake gateway (a thread started in the router namespace, miniupnpd not running)
 answers every request with a spoof from 192.168.77.254 and garbage from 192.168.77.1;
@@ -28,7 +28,7 @@ from appliance.base.net import Endpoint
 from appliance.wire import pcp
 from tests.lab import netns as ns
 from tests.lab.host import WIREGUARD_PORT, wait_for
-from tests.lab.portmap_lab import GATEWAY_ALT_V4, GATEWAY_V4, PI_V4, PortmapLab
+from tests.lab.portmap_lab import GATEWAY_ALT_V4, GATEWAY_V4, PI_V4, Miniupnpd, PortmapLab
 
 GATEWAY, PI = IPv4Address(GATEWAY_V4), IPv4Address(PI_V4)
 GARBAGE = [b"", b"\x00", b"\x02\x81" + bytes(10), b"\xff" * 60, b"\x00\x81\x00\x00" + b"\x00" * 3,
@@ -150,3 +150,19 @@ def test_portmap_stops_promptly_while_waiting_for_an_answer(fake: tuple[PortmapL
     assert time.monotonic() - started < 0.5
     with contextlib.suppress(AttributeError):
         assert not mapper._thread.is_alive()  # type: ignore[union-attr]
+
+
+def test_portmap_upnp_trusts_only_an_igd_on_the_gateway() -> None:
+    with PortmapLab() as lab:
+        upnpd = Miniupnpd(lab, natpmp=False).start()
+        # The pi's gateway is now the router's other address, so the IGD that answers
+        # discovery (at 192.168.77.1) is, as far as the pi can tell, some other LAN host.
+        lab.pi.run(["ip", "route", "replace", "default", "via", GATEWAY_ALT_V4])
+        with ns.entered(lab.pi.ns):
+            mapper = PortMapper(WIREGUARD_PORT, protocols=("upnp",), retry_interval=60).start()
+        try:
+            wait_for(lambda: mapper.state.last_error, 15, "the mapper to give up")
+            assert f"not on the gateway {GATEWAY_ALT_V4}" in (mapper.state.last_error or "")
+            assert mapper.state.external is None and upnpd.redirects() == []
+        finally:
+            mapper.close()

@@ -12,8 +12,9 @@ each lead to a fresh mapping. close() removes the mapping (`down`, `logout`).
 
 Either driven by tick(now) (tests, or a loop that owns the clock), or by its own
 thread (start()): the thread wakes at the next deadline, and close() ends it within
-about a second (an answer being waited for is abandoned), removing the mapping from
-that same thread, in the network namespace the mapper was started in.
+about a second (a PCP/NAT-PMP answer being waited for is abandoned; a UPnP call in
+miniupnpc, ~1 s for discovery, runs to its end), removing the mapping from that same
+thread, in the network namespace the mapper was started in.
 The state is a frozen PortMapState, for `meshpi status`, the LocalAPI and the dashboard.
 """
 

@@ -63,46 +63,47 @@ def test_nft_missing_binary_is_a_clear_error() -> None:
 
 # What `nft list table` prints for a ruleset core/nft.py renders (trimmed).
 LISTED = """table inet meshpi {
-	comment "meshpi:0631683f19fc8796/abc"
-	set lan_v4 {
-		type ipv4_addr
-		flags interval
-		auto-merge
-		elements = { 10.0.0.0/8, 100.64.0.0/10,
-			     192.168.0.0/16 }
-	}
+\tcomment "meshpi:0631683f19fc8796/abc"
+\tset lan_v4 {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\tauto-merge
+\t\telements = { 10.0.0.0/8, 100.64.0.0/10,
+\t\t\t     192.168.0.0/16 }
+\t}
 
-	chain forward {
-		type filter hook forward priority filter; policy accept;
-		iifname "meshpi0" jump from_mesh
-		counter packets 12 bytes 3400 drop comment "not mesh traffic"
-	}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy accept;
+\t\tiifname "meshpi0" jump from_mesh
+\t\tcounter packets 12 bytes 3400 drop comment "not mesh traffic"
+\t}
 
-	chain from_mesh {
-		ip daddr @lan_v4 counter packets 0 bytes 0 drop comment "the LAN is not shared"
-	}
+\tchain from_mesh {
+\t\tip daddr @lan_v4 counter packets 0 bytes 0 drop comment "the LAN is not shared"
+\t}
 }
 """
 RENDERED = """set lan_v4 {
-	type ipv4_addr
-	flags interval
-	auto-merge
-	elements = { 10.0.0.0/8, 100.64.0.0/10, 192.168.0.0/16 }
+\ttype ipv4_addr
+\tflags interval
+\tauto-merge
+\telements = { 10.0.0.0/8, 100.64.0.0/10, 192.168.0.0/16 }
 }
 chain forward {
-	type filter hook forward priority filter; policy accept;
-	iifname "meshpi0" jump from_mesh
-	counter drop comment "not mesh traffic"
+\ttype filter hook forward priority filter; policy accept;
+\tiifname "meshpi0" jump from_mesh
+\tcounter drop comment "not mesh traffic"
 }
 chain from_mesh {
-	ip daddr @lan_v4 counter drop comment "the LAN is not shared"
+\tip daddr @lan_v4 counter drop comment "the LAN is not shared"
 }
 """
 
 
 def test_nft_shape_of_the_listing_is_the_shape_of_the_ruleset() -> None:
     assert shape(LISTED) == shape(RENDERED)
-    assert shape(RENDERED).chains == (("forward", 2), ("from_mesh", 1)) and shape(RENDERED).sets == ("lan_v4",)
+    rendered = shape(RENDERED)
+    assert rendered.chains == (("forward", 2), ("from_mesh", 1)) and rendered.sets == ("lan_v4",)
     assert parse_comment(LISTED) == ("0631683f19fc8796", "abc")
 
 

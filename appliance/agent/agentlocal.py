@@ -32,6 +32,7 @@ from appliance.leds import LedFacts
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
+    from appliance.core.conflicts import RouteConflict
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class AgentLocal:
     wanted: Wanted
     bus: updates.Bus
     snapshot: Snapshot | None
+    conflicts: tuple[RouteConflict, ...]
 
     def _init_local(self, leds: AgentLeds) -> None:
         # The reconcile loop and the LocalAPI's threads take turns on the kernel.
@@ -95,6 +97,10 @@ class AgentLocal:
 
     def devices_changed(self, devices: tuple[HostedDevice, ...]) -> None:
         self.bus.put(updates.DevicesChanged(devices))
+
+    def route_conflicts(self) -> list[str]:
+        """Peers' routes this host's own networks win over (set aside, or narrowed)."""
+        return [str(c) for c in self.conflicts]
 
     def led_state(self) -> str:
         return self.leds.state.value

@@ -39,8 +39,9 @@ from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.static import StaticFiles
 from appliance.base.keys import PrivateKey, PublicKey
+from appliance.core.conflicts import RouteConflict
 from appliance.core.model import Scope, State
-from appliance.core.planner import PeerMemo, exit_node_problem, plan
+from appliance.core.planner import PeerMemo, exit_node_problem, make_plan
 from appliance.core.prefs import Prefs, load_prefs
 from appliance.kernel.base import KernelError
 from appliance.kernel.system import System
@@ -87,6 +88,7 @@ class Agent(AgentLocal):
         self.wanted = Wanted(None, Prefs())
         self.inputs: Inputs | None = None  # what was last applied
         self.exit_problem: str | None = None  # why the chosen exit node carries nothing
+        self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
         self.snapshot = Snapshot(state.netmap_file) if control else None
         self.memo = PeerMemo()
         self._init_local(AgentLeds(leds))
@@ -137,7 +139,14 @@ class Agent(AgentLocal):
         if ours - {inputs.scope.interface}:
             facts = replace(facts, connected=tuple(c for c in facts.connected if c.dev not in ours))
         key = self._key_for(inputs.netmap)
-        return plan(inputs.netmap, inputs.prefs, key, facts, str(self.netmap_path), inputs.devices, self.memo)
+        planned = make_plan(
+            inputs.netmap, inputs.prefs, key, facts, str(self.netmap_path), inputs.devices, self.memo
+        )
+        if planned.conflicts != self.conflicts:
+            for conflict in set(planned.conflicts) - set(self.conflicts):
+                log.warning("%s", conflict)
+            self.conflicts = planned.conflicts
+        return planned.state
 
     def _key_for(self, netmap: Netmap) -> PrivateKey:
         """The node key the netmap is for: after a rotation (control/link.py) that is

@@ -34,6 +34,7 @@ class StatusView(Protocol):
     def connected(self) -> tuple[Connected, ...]: ...
     def lan_address(self, dev: str, prefixes: list[str]) -> str | None: ...
     def firstboot_report(self) -> dict[str, Any] | None: ...
+    def route_conflicts(self) -> list[str]: ...
 
 
 # WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
@@ -72,6 +73,7 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
     devices = device_rows(inputs.devices if inputs is not None else (), stats, time.time())
     out["devices"] = devices
     out["led"] = agent.led_state()
+    out["route_conflicts"] = agent.route_conflicts()
     out["rx_bytes"] = sum(p["rx_bytes"] for p in [*peers, *devices])
     out["tx_bytes"] = sum(p["tx_bytes"] for p in [*peers, *devices])
     out["lan"] = lan_of(agent)
@@ -191,6 +193,8 @@ def format_status(st: Mapping[str, Any]) -> str:
         lines.append(f"this node: {me['name']} {' '.join(me['addresses'])} on {st.get('interface') or '-'}")
     if "error" in st:
         lines.append(f"error: {st['error']}")
+    for conflict in st.get("route_conflicts", []):
+        lines.append(f"local network wins: {conflict}")
     for p in st.get("peers", []):
         hs = p["last_handshake"]
         ago = f"{time.time() - hs:.0f}s ago" if hs else "never"

@@ -160,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="status LEDs on these GPIO pins (empty: none)")  # fmt: skip
         cmd.add_argument("--act-led", action=argparse.BooleanOptionalAction, default=None,
                          help="show the status on the board's ACT LED too")  # fmt: skip
+        cmd.add_argument("--port-mapping", action=argparse.BooleanOptionalAction, default=None,
+                         help="map the WireGuard port on the home router (PCP, NAT-PMP, UPnP)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 

@@ -32,6 +32,7 @@ from appliance.leds import LedFacts
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
+    from appliance.agent.reach.service import Reachability
     from appliance.core.conflicts import RouteConflict
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class AgentLocal:
     bus: updates.Bus
     snapshot: Snapshot | None
     conflicts: tuple[RouteConflict, ...]
+    reach: Reachability | None
 
     def _init_local(self, leds: AgentLeds) -> None:
         # The reconcile loop and the LocalAPI's threads take turns on the kernel.
@@ -97,6 +99,10 @@ class AgentLocal:
 
     def devices_changed(self, devices: tuple[HostedDevice, ...]) -> None:
         self.bus.put(updates.DevicesChanged(devices))
+
+    def reach_status(self) -> dict[str, Any] | None:
+        """Port mapping, STUN and the endpoints told to control (None in static mode)."""
+        return self.reach.status() if self.reach is not None else None
 
     def route_conflicts(self) -> list[str]:
         """Peers' routes this host's own networks win over (set aside, or narrowed)."""
@@ -181,6 +187,8 @@ class AgentLocal:
             self.link.login_changed()
             # Until the link hears it is out, a map answer may still be on its way.
             self.link.wait_for(before, LINK_GAVE_UP, LOGOUT_WAIT)
+        if self.reach is not None:
+            self.reach.release()
         with self.lock:
             self.take_down()
             self.wanted = self.wanted.patched(updates.NetmapGone())

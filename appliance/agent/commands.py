@@ -45,6 +45,7 @@ PREF_FLAGS = {
     "listen_port": "listen_port",
     "led_pins": "led_pins",
     "act_led": "act_led",
+    "port_mapping": "port_mapping",
 }
 
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from ipaddress import ip_address
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
@@ -39,6 +42,7 @@ from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.static import StaticFiles
 from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint
 from appliance.core.conflicts import RouteConflict
 from appliance.core.model import Scope, State
 from appliance.core.planner import PeerMemo, exit_node_problem, make_plan
@@ -48,10 +52,14 @@ from appliance.kernel.system import System
 from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import Netmap, load_netmap
 
+if TYPE_CHECKING:
+    from appliance.agent.reach.service import Reachability
+
 log = logging.getLogger(__name__)
 
 SystemFactory = Callable[[str], System]  # backend preference -> System
 LED_TICK = 2.0  # seconds between looks at control and the tunnel's byte counters
+STUN_PORT = 3478  # meshpi-control serves STUN here
 
 
 class Service(Protocol):
@@ -60,10 +68,11 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-def offers(prefs: Prefs) -> dict[str, Any]:
-    """What this node tells control it offers (protocol v1, `update`)."""
+def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
+    """What this node tells control it offers (protocol v1, `update`): `endpoints`
+    are its candidates (reach/service.py), else the owner's own."""
     return {
-        "endpoints": [str(e) for e in prefs.advertise_endpoints],
+        "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
         "advertise_routes": [str(r) for r in prefs.advertise_routes],
         "advertise_exit_node": prefs.advertise_exit_node,
     }
@@ -91,6 +100,7 @@ class Agent(AgentLocal):
         self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
         self.snapshot = Snapshot(state.netmap_file) if control else None
         self.memo = PeerMemo()
+        self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self._init_local(AgentLeds(leds))
 
     @classmethod
@@ -298,8 +308,13 @@ class Agent(AgentLocal):
         source: StaticFiles | None = None
         if self.control:
             from appliance.agent.control.link import ControlLink
+            from appliance.agent.reach.service import Reachability
 
-            self.link = ControlLink(self.state, lambda: self.wanted.prefs, offers, self.bus)
+            self.reach = Reachability(self.stun_servers, self._endpoints_changed)
+            self.bus.subscribe(self.reach.on_applied)
+            self.link = ControlLink(
+                self.state, lambda: self.wanted.prefs, lambda p: offers(p, self.reach_candidates()), self.bus
+            )
         else:
             source = StaticFiles(self.netmap_path, self.prefs_path, self.bus)
         old_handlers = {
@@ -324,6 +339,8 @@ class Agent(AgentLocal):
                 server.close()
             if self.link is not None:
                 self.link.stop()
+            if self.reach is not None:
+                self.reach.close()
             if source is not None:
                 source.stop()
             if self.snapshot is not None:
@@ -332,6 +349,29 @@ class Agent(AgentLocal):
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+
+    def reach_candidates(self) -> tuple[Endpoint, ...] | None:
+        return self.reach.candidates() if self.reach is not None else None
+
+    def _endpoints_changed(self) -> None:
+        if self.link is not None:
+            self.link.offers_changed(self.wanted.prefs)
+
+    def stun_servers(self) -> list[Endpoint]:
+        """Control's own STUN server (its host, port 3478) and the prefs' others."""
+        from appliance.agent.control.link import Login
+        from appliance.wire.seal import parse_login_url
+
+        found = list(self.wanted.prefs.stun_servers)
+        try:
+            login = Login.load(self.state.login_file)
+            if login is not None:
+                host = urlsplit(parse_login_url(login.server)[0]).hostname or ""
+                for info in socket.getaddrinfo(host, STUN_PORT, type=socket.SOCK_DGRAM):
+                    found.append(Endpoint(ip_address(info[4][0]), STUN_PORT))
+        except (OSError, ValueError, ConfigError) as e:
+            log.debug("no STUN server from the login: %s", e)
+        return list(dict.fromkeys(found))
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -360,6 +400,8 @@ class Agent(AgentLocal):
                     next_resync = time.monotonic() + resync
             if batch or time.monotonic() >= next_tick:
                 self.tick()
+                if self.reach is not None:
+                    self.reach.tick()
                 next_tick = time.monotonic() + LED_TICK
             if self.snapshot is not None:
                 self.snapshot.flush()

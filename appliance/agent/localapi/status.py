@@ -35,6 +35,7 @@ class StatusView(Protocol):
     def lan_address(self, dev: str, prefixes: list[str]) -> str | None: ...
     def firstboot_report(self) -> dict[str, Any] | None: ...
     def route_conflicts(self) -> list[str]: ...
+    def reach_status(self) -> dict[str, Any] | None: ...
 
 
 # WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
@@ -74,6 +75,7 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
     out["devices"] = devices
     out["led"] = agent.led_state()
     out["route_conflicts"] = agent.route_conflicts()
+    out["reach"] = agent.reach_status()
     out["rx_bytes"] = sum(p["rx_bytes"] for p in [*peers, *devices])
     out["tx_bytes"] = sum(p["tx_bytes"] for p in [*peers, *devices])
     out["lan"] = lan_of(agent)
@@ -193,6 +195,11 @@ def format_status(st: Mapping[str, Any]) -> str:
         lines.append(f"this node: {me['name']} {' '.join(me['addresses'])} on {st.get('interface') or '-'}")
     if "error" in st:
         lines.append(f"error: {st['error']}")
+    reach = st.get("reach")
+    if reach:
+        mapping = reach.get("port_mapping") or {}
+        via = f"{mapping.get('protocol')} {mapping.get('external')}" if mapping.get("external") else "none"
+        lines.append(f"endpoints: {', '.join(reach['endpoints']) or 'none known'} (port mapping: {via})")
     for conflict in st.get("route_conflicts", []):
         lines.append(f"local network wins: {conflict}")
     for p in st.get("peers", []):

@@ -7,15 +7,15 @@ process carries them all, with the database on its own thread (service.py).
 
 from __future__ import annotations
 
-import base64
 import logging
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 from nacl.public import PrivateKey as NaclPrivateKey
 
 from appliance.base.keys import PublicKey
-from appliance.control import admin
+from appliance.control import admin, stun
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.relay import Relay, add_relay
 from appliance.control.service import ApiError, ControlService
@@ -94,20 +94,41 @@ def create_app(service: ControlService, control_key: NaclPrivateKey, admin_token
     return app
 
 
-def serve(state_dir: Path, listen: str, db: str | None, public_url: str | None) -> None:
+def serve(
+    state_dir: Path, listen: str, db: str | None, public_url: str | None, stun_listen: str | None = "off"
+) -> None:
+    """stun_listen None: the default address, and a busy port there is a warning, not an end."""
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         raise ValueError(f"--listen {listen!r}: expected HOST:PORT")
+    stun_at = stun.parse_listen(stun_listen or stun.DEFAULT_LISTEN)
     key = load_control_key(state_dir)
     token = load_admin_token(state_dir)
     url = db or str(state_dir / "control.db")
     service = ControlService(lambda: open_store(url))
     app = create_app(service, key, token)
+    if stun_at is not None:
+        app.cleanup_ctx.append(_stun_ctx(*stun_at, required=stun_listen is not None))
     shown = public_url or f"http://{host if host not in ('', '0.0.0.0', '::') else '<this host>'}:{port}"
     log.info("meshpi control on %s; nodes log in with: %s", listen, login_url(shown, key.public_key))
     # Long-polls end at once on shutdown: agents simply poll again when it is back.
     web.run_app(app, host=host or None, port=int(port), print=None, access_log=None, shutdown_timeout=2)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def _stun_ctx(host: str, port: int, required: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The STUN server lives as long as the HTTP server, on the same event loop."""
+
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        try:
+            server = await stun.start(host, port)
+        except OSError as e:
+            if required:
+                raise
+            # A second control on one host (tests, a bench) must not fail for want of STUN.
+            log.warning("%s; serving without STUN (--stun-listen chooses another address)", e.strerror)
+            yield
+            return
+        yield
+        server.close()
+
+    return ctx

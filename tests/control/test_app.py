@@ -17,7 +17,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.agent.control_client import ControlClient, ControlRefused
+from appliance.agent.control.client import ControlClient, ControlRefused
 from appliance.base.keys import PrivateKey
 from appliance.control.app import create_app
 from appliance.control.cli import AdminError, admin_call

@@ -21,7 +21,7 @@ from aiohttp import web
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from appliance.agent.control_client import ControlClient
+from appliance.agent.control.client import ControlClient
 from appliance.agent.reach.relay import RelayClient
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.control import relay as relay_mod

@@ -26,7 +26,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from appliance.agent.control_client import ControlClient
+from appliance.agent.control.client import ControlClient
 from appliance.agent.reach.relay import RelayClient
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.wire.seal import ControlPublicKey, MachineKey, b64, seal_request

@@ -1,1 +1,1 @@
-"""Reachability: how a node reaches its peers (port mapping, STUN, hole punching, the relay)."""
+"""Reachability from afar: port mapping on the home router, STUN endpoint discovery, the relay."""

@@ -18,7 +18,7 @@ reconnects with backoff; "relay-proxy" waits on the proxy sockets (one selector)
 and sends. `websockets.sync` is the WebSocket (pure Python with an optional C
 speed-up, no asyncio HTTP stack on a 512 MB Pi). The connection carries the
 WireGuard fwmark, like every control request, so it never goes through an exit
-node (control_client._marked_connection).
+node (agent/control/client.py, _marked_connection).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from appliance.agent.control_client import _marked_connection
+from appliance.agent.control.client import _marked_connection
 from appliance.base.keys import KEY_LEN, PublicKey
 from appliance.base.net import Endpoint
 from appliance.wire.seal import (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -100,6 +101,7 @@ class Agent(AgentLocal):
         self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
         self.snapshot = Snapshot(state.netmap_file) if control else None
         self.memo = PeerMemo()
+        self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self._init_local(AgentLeds(leds))
 
@@ -247,6 +249,8 @@ class Agent(AgentLocal):
 
     def _applied(self, changes: int) -> None:
         assert self.inputs is not None
+        with self.applied_once:
+            self.applied_once.notify_all()
         if self.snapshot is not None:
             self.snapshot.mark(self.inputs.netmap)
         self.bus.publish(updates.Applied(self.inputs.netmap, self.inputs.prefs, changes))
@@ -349,6 +353,12 @@ class Agent(AgentLocal):
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+
+    def wait_applied(self, timeout: float) -> bool:
+        """Until a netmap is applied (after `up`: the data plane is there when it
+        answers); False after `timeout` seconds."""
+        with self.applied_once:
+            return self.applied_once.wait_for(lambda: self.inputs is not None, timeout)
 
     def reach_candidates(self) -> tuple[Endpoint, ...] | None:
         return self.reach.candidates() if self.reach is not None else None

@@ -39,6 +39,7 @@ class AgentApi(StatusView, DeviceHost, Protocol):
     state: StateDir
 
     def set_prefs(self, changes: dict[str, Any]) -> Prefs: ...
+    def wait_applied(self, timeout: float) -> bool: ...
     def logout(self) -> str: ...
 
 
@@ -124,7 +125,7 @@ class _Routes:
                 )
             except LoginUrlError as e:
                 raise HTTPError(400, str(e)) from None
-        return Response(answer)
+        return Response(self._once_applied(answer, wait))
 
     def logout(self, request: Request) -> Response:
         self._need_control()
@@ -164,6 +165,7 @@ class _Routes:
             answer = commands.up(
                 self.agent.state, self._link(), self.agent.set_prefs, login, auth_key, changes, wait
             )
+        answer = self._once_applied(answer, wait)
         return Response(answer | {"login_url": self.local.status(lan_of(self.agent))["login_url"]})
 
     def logs(self, request: Request) -> Response:
@@ -176,6 +178,12 @@ class _Routes:
         query = urlencode(request.query)
         status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
         return Response(answer, status)
+
+    def _once_applied(self, answer: dict[str, Any], wait: float) -> dict[str, Any]:
+        """`connected` means the data plane is up too: wait for the first netmap's apply."""
+        if answer.get("state") == "connected" and not self.agent.wait_applied(wait):
+            return answer | {"detail": f"{answer.get('detail', '')}; no netmap applied within {wait:g} s"}
+        return answer
 
     def _link(self) -> ControlLink:
         link = self.agent.link

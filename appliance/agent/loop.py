@@ -187,6 +187,24 @@ class Agent(AgentLocal):
             peers[key] = replace(peers[key], endpoint=endpoint)
         return replace(desired, peers=peers)
 
+    def _with_paths(self, before: Inputs, after: Inputs, desired: State) -> State:
+        """The endpoints reach/ chose (a working candidate, the relay's proxy)
+        instead of the netmap's first. The plan's O(change) hint stays right:
+        the peers whose chosen endpoint changed count as touched too."""
+        if not after.paths and not before.paths:
+            return desired
+        changed = {
+            k for k in set(before.paths) | set(after.paths) if before.paths.get(k) != after.paths.get(k)
+        }
+        peers = dict(desired.peers)
+        for key in set(after.paths) | changed:
+            if key in peers:
+                peers[key] = replace(peers[key], endpoint=after.paths.get(key, peers[key].endpoint))
+        derived = desired.derived
+        if derived is not None:
+            derived = (derived[0], derived[1] | frozenset(changed))
+        return replace(desired, peers=peers, derived=derived)
+
     def _start_handshakes(self, before: Inputs, after: Inputs) -> None:
         """After a rotation, start the handshakes WireGuard would otherwise delay."""
         assert self.system is not None
@@ -241,6 +259,8 @@ class Agent(AgentLocal):
             self.reconciler = Reconciler(self.system, inputs.scope)
         before, self.inputs = self.inputs, inputs
         desired = self._carry_endpoints(before, inputs, desired)
+        desired = self._with_paths(before, inputs, desired)
+        self.memo.state = desired  # the next plan is derived from what the kernel will hold
         applied = self._sync(self.reconciler, desired, reread=reread)
         if applied:
             log.info("applied %d change(s)", len(applied))

@@ -40,6 +40,7 @@ class AgentApi(StatusView, DeviceHost, Protocol):
 
     def set_prefs(self, changes: dict[str, Any]) -> Prefs: ...
     def wait_applied(self, timeout: float) -> bool: ...
+    def netcheck(self) -> dict[str, Any] | None: ...
     def logout(self) -> str: ...
 
 
@@ -59,6 +60,7 @@ def build_router(agent: AgentApi, local: LocalControl) -> Router:
     r.add("POST", "/v1/rotate-key", routes.rotate_key)
     r.add("POST", "/v1/mesh/create", routes.create_mesh)
     r.add("GET", "/v1/logs", routes.logs)
+    r.add("GET", "/v1/netcheck", routes.netcheck)
     for method in ("GET", "POST", "DELETE"):
         r.add(method, "/v1/control/(?P<path>[A-Za-z0-9_./-]+)", routes.control)
     r.add("GET", "/metrics", routes.metrics)
@@ -167,6 +169,13 @@ class _Routes:
             )
         answer = self._once_applied(answer, wait)
         return Response(answer | {"login_url": self.local.status(lan_of(self.agent))["login_url"]})
+
+    def netcheck(self, _request: Request) -> Response:
+        self._need_control()
+        report = self.agent.netcheck()
+        if report is None:
+            raise HTTPError(503, "reachability is not running yet (the agent is starting)")
+        return Response(report)
 
     def logs(self, request: Request) -> Response:
         after = request.query.get("after", "0")

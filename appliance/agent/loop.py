@@ -45,7 +45,7 @@ from appliance.agent.static import StaticFiles
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.core.conflicts import RouteConflict
-from appliance.core.model import Scope, State
+from appliance.core.model import HostFacts, Scope, State
 from appliance.core.planner import PeerMemo, exit_node_problem, make_plan
 from appliance.core.prefs import Prefs, load_prefs
 from appliance.kernel.base import KernelError
@@ -101,6 +101,8 @@ class Agent(AgentLocal):
         self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
         self.snapshot = Snapshot(state.netmap_file) if control else None
         self.memo = PeerMemo()
+        self._facts: tuple[Scope, HostFacts] | None = None
+        self.facts_stale = True  # re-read the host's networks before the next plan
         self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self._init_local(AgentLeds(leds))
@@ -138,7 +140,7 @@ class Agent(AgentLocal):
             elif self.exit_problem is not None and inputs.prefs.exit_node is not None:
                 log.info("exit node %r carries traffic again", inputs.prefs.exit_node)
             self.exit_problem = problem
-        facts = system.facts(inputs.scope)
+        facts = self._host_facts(inputs.scope, system)
         # Moving to another interface name: the old one is meshpi's, not the host's
         # network, though it still holds the mesh prefix until the move is done.
         # Before the first apply that is the one owned.json records (read once, at start).
@@ -159,6 +161,17 @@ class Agent(AgentLocal):
                 log.warning("%s", conflict)
             self.conflicts = planned.conflicts
         return planned.state
+
+    def _host_facts(self, scope: Scope, system: System) -> HostFacts:
+        """The host's networks, read again only when they may have changed: at a
+        resync or SIGHUP (`facts_stale`), for another interface, or after a
+        netlink event about the host's links, addresses or routes. A netmap
+        delta does not re-read them: a netlink dump costs ~10 ms on a Pi."""
+        cached = self._facts
+        if self.facts_stale or cached is None or cached[0] != scope:
+            self._facts = cached = (scope, system.facts(scope))
+            self.facts_stale = False
+        return cached[1]
 
     def _key_for(self, netmap: Netmap) -> PrivateKey:
         """The node key the netmap is for: after a rotation (control/link.py) that is
@@ -245,6 +258,8 @@ class Agent(AgentLocal):
 
     def update(self, reread: bool) -> None:
         """The wanted inputs changed or a resync is due: re-plan, apply what differs."""
+        if reread:
+            self.facts_stale = True
         inputs = self.wanted.inputs()
         if inputs is None:
             return

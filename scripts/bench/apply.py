@@ -214,7 +214,7 @@ def measure(bench: Bench, n_full: int, reps: int, change_ns: list[int], change_r
             sync.append(bench.wg("syncconf"))
         whole = {k: codec_counts[k] - counts_before.get(k, 0) for k in ("full_parse", "full_render")}
         out[f"one_peer_change_agent_ms_at_{n}"] = (
-            statistics.median(o - k for o, k in zip(ours, kernel)) * 1000
+            statistics.median(o - k for o, k in zip(ours, kernel, strict=True)) * 1000
         )
         out[f"whole_map_parses_during_changes_at_{n}"] = whole["full_parse"]
         out[f"whole_map_renders_during_changes_at_{n}"] = whole["full_render"]
@@ -229,7 +229,8 @@ def measure(bench: Bench, n_full: int, reps: int, change_ns: list[int], change_r
         print(
             f"one-peer change at {n} peers: meshpi {out[f'one_peer_change_ms_at_{n}']:.2f} ms, "
             f"wg syncconf {out[f'wg_syncconf_ms_at_{n}']:.2f} ms, ratio {ratio:.2f} "
-            f"(median of {change_reps}; the agent's own share {out[f'one_peer_change_agent_ms_at_{n}']:.2f} ms, "
+            f"(median of {change_reps}; the agent's own share {out[f'one_peer_change_agent_ms_at_{n}']:.2f} "
+            "ms, "
             f"the rest is the device applying it); whole-netmap parses {whole['full_parse']}, "
             f"renders {whole['full_render']} during the {change_reps} changes",
             flush=True,

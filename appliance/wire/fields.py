@@ -147,7 +147,7 @@ _IFNAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,14}")
 def parse_ifname(value: object) -> str:
     text = parse_str(value)
     if not _IFNAME.fullmatch(text) or text in (".", ".."):
-        raise ValueError("is not a valid interface name (1-15 of letters, digits, '_.-', not starting with '-')")
+        raise ValueError("is not a valid interface name (1-15 of letters, digits, '_.-'; no leading '-')")
     return text
 
 

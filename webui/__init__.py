@@ -90,6 +90,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.extensions["meshpi_setup_code"] = code
     if not passwords.is_set():
         _open_setup(code)
+    else:
+        code.remove()  # a password set on the console (meshpi-web passwd) closed setup
     app.extensions["meshpi_status"] = Coalescer()
     app.extensions["meshpi_throttle"] = security.LoginThrottle(
         per_address=app.config["LOGIN_FAILURES_PER_ADDRESS"],

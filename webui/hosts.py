@@ -4,7 +4,8 @@ A web page on the internet can point a name it owns at the Pi's LAN address (DNS
 rebinding); the browser then sends that page's requests to the Pi, as same-origin,
 with `Host: rebind.attacker.example`. Refusing every Host that is not one of ours
 (`<hostname>.local`, `meshpi.local`, `<hostname>`, `localhost`, an address of this
-machine, with or without a port) takes that away. It wraps the whole WSGI app, so it
+machine, with or without a port; avahi's `<name>-2.local` after a name conflict) takes
+that away. It wraps the whole WSGI app, so it
 holds for every route, static files and 404s included, before Flask sees anything.
 
 The addresses come from /proc/self/net (fib_trie's local /32s, if_inet6): the
@@ -101,6 +102,17 @@ class HostCheck:
         short = self._hostname().lower().split(".")[0]
         return {*FIXED_NAMES, short, f"{short}.local", *self._extra}
 
+    def _is_our_name(self, host: str) -> bool:
+        if host in self.names():
+            return True
+        # avahi renames on a conflict (a second meshpi on the LAN): meshpi-2.local.
+        base, dash, number = host.removesuffix(".local").rpartition("-")
+        short = self._hostname().lower().split(".")[0]
+        return (
+            host.endswith(".local") and bool(dash) and number.isdigit() and len(number) <= 3
+            and base in (short, "meshpi")
+        )  # fmt: skip
+
     def _is_ours(self, address: IPAddress) -> bool:
         with self._lock:
             if address in self._known:
@@ -121,7 +133,7 @@ class HostCheck:
             address = ipaddress.ip_address(host)
         except ValueError:
             host = host[:-1] if host.endswith(".") else host
-            return bool(_NAME.fullmatch(host)) and host in self.names()
+            return bool(_NAME.fullmatch(host)) and self._is_our_name(host)
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return self._is_ours(address)

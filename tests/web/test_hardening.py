@@ -24,7 +24,8 @@ from webui.passwords import PasswordFile
 from webui.sessions import LIFETIME
 
 FOREIGN = ["rebind.attacker.example", "rebind.attacker.example:80", "meshpi.local.attacker.example",
-           "127.0.0.2", "[::2]:80", "10.11.12.13", "", "localhost:http", "[::1", "a:b:c", "meshpi.locals"]  # fmt: skip
+           "127.0.0.2", "[::2]:80", "10.11.12.13", "", "localhost:http", "[::1", "a:b:c", "meshpi.locals",
+           "evil-2.local", "meshpi-x.local", "meshpi-2", "meshpi-2.local.evil.example", "meshpi-1234.local"]  # fmt: skip
 PATHS = ["/", "/setup", "/login", "/static/style.css", "/static/app.js", "/api/status", "/no/such/page",
          "/setup/mesh", "/settings"]  # fmt: skip
 
@@ -78,7 +79,7 @@ def test_web_host_own_names_and_addresses_are_served(tmp_path: Path) -> None:
     name = socket.gethostname().split(".")[0].lower()
     for host in ["localhost", "localhost:8080", "meshpi.local", "MESHPI.LOCAL.", "meshpi.local:80", name,
                  f"{name}.local", f"{name.upper()}.local:8000", "127.0.0.1", "127.0.0.1:80", "[::1]", "[::1]:8000",
-                 "pi.home.arpa", "pi.home.arpa:80"]:  # fmt: skip
+                 "pi.home.arpa", "pi.home.arpa:80", "meshpi-2.local", f"{name}-12.local:80"]:  # fmt: skip
         res = client.get("/setup", headers={"Host": host})
         assert res.status_code == 200, (host, res.status_code)
 

@@ -18,7 +18,10 @@ from flask import Flask
 
 from webui import errors, security
 from webui.agent import Coalescer
+from webui.hosts import HostCheck, HostGuard
 from webui.passwords import PasswordFile
+from webui.sessions import SessionStore
+from webui.setupcode import FILE_NAME, SetupCode, show
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,13 @@ DEFAULTS: dict[str, Any] = {
     # The dashboard is plain HTTP on the LAN (no certificate a browser would trust).
     "SESSION_COOKIE_SECURE": False,
     "MAX_CONTENT_LENGTH": 64 * 1024,
+    # Host names the dashboard answers to besides its own (<hostname>, <hostname>.local,
+    # meshpi.local, localhost, its addresses): e.g. a name the owner gave it in their DNS.
+    "ALLOWED_HOSTS": [],
+    # The first-run setup code; None: <STATE_DIR>/setup-code.
+    "SETUP_CODE_FILE": None,
+    # Wrong setup codes allowed per client address within LOGIN_WINDOW.
+    "SETUP_FAILURES_PER_ADDRESS": 10,
 }
 
 
@@ -71,11 +81,28 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     state_dir = Path(app.config["STATE_DIR"])
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = load_secret_key(state_dir)
-    app.extensions["meshpi_passwords"] = PasswordFile(state_dir)
+    passwords = PasswordFile(state_dir)
+    app.extensions["meshpi_passwords"] = passwords
+    app.extensions["meshpi_sessions"] = SessionStore(
+        state_dir, lifetime=app.config["PERMANENT_SESSION_LIFETIME"].total_seconds()
+    )
+    code = SetupCode(Path(app.config["SETUP_CODE_FILE"] or state_dir / FILE_NAME))
+    app.extensions["meshpi_setup_code"] = code
+    if not passwords.is_set():
+        _open_setup(code)
+    else:
+        code.remove()  # a password set on the console (meshpi-web passwd) closed setup
     app.extensions["meshpi_status"] = Coalescer()
     app.extensions["meshpi_throttle"] = security.LoginThrottle(
         per_address=app.config["LOGIN_FAILURES_PER_ADDRESS"],
         overall=app.config["LOGIN_FAILURES_OVERALL"],
+        window=float(app.config["LOGIN_WINDOW"]),
+    )
+    # The setup code has 60 bits: a per-address limit is enough, and a global one would
+    # let anyone keep the owner from setting up.
+    app.extensions["meshpi_setup_throttle"] = security.LoginThrottle(
+        per_address=app.config["SETUP_FAILURES_PER_ADDRESS"],
+        overall=1 << 62,
         window=float(app.config["LOGIN_WINDOW"]),
     )
 
@@ -87,4 +114,22 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     security.init_app(app)
     errors.init_app(app)
     init_filters(app)
+    # Outermost, so that it holds for every route, static files and 404s included.
+    app.wsgi_app = HostGuard(app.wsgi_app, HostCheck(app.config["ALLOWED_HOSTS"]))  # type: ignore[method-assign]
     return app
+
+
+def _open_setup(code: SetupCode) -> None:
+    """No password yet: first-run setup needs the setup code. On the image root made it
+    at boot (meshpi-setup-code.service); elsewhere the web service makes it, and says it
+    in its log, which only the machine's admin can read."""
+    try:
+        value, made = code.ensure()
+    except OSError as e:
+        log.error("first-run setup is shut: cannot make a setup code in %s: %s", code.path, e)
+        return
+    if made:
+        log.warning("first-run setup code: %s (also in %s; `sudo meshpi-web setup-code` prints it)",
+                    show(value), code.path)  # fmt: skip
+    else:
+        log.info("first-run setup is open; its code is in %s (`sudo meshpi-web setup-code`)", code.path)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import pwd
+import secrets
 from pathlib import Path
 
 from appliance.base.files import atomic_write
@@ -68,6 +69,10 @@ def check_new_password(password: str, confirm: str | None = None) -> None:
         raise PasswordError("the two passwords differ")
 
 
+class PasswordTaken(PasswordError):
+    """Someone else set the first password a moment earlier."""
+
+
 class PasswordFile:
     """<state dir>/password: the hash, mode 0600, owned by the web service's user."""
 
@@ -93,6 +98,32 @@ class PasswordFile:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(self.path, hash_password(password) + "\n", mode=0o600)
         _give_to_web_user(self.path)
+
+    def create(self, password: str) -> None:
+        """The first password, exclusively: of two setups at once, one wins and the other
+        gets PasswordTaken. Written in full to a temporary file, then hard-linked to its
+        name, which fails if the name exists: never a half-written file, never two winners."""
+        check_new_password(password)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".password.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(hash_password(password) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _give_to_web_user(tmp)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise PasswordTaken("the admin password was set a moment ago, from elsewhere") from None
+        finally:
+            tmp.unlink()
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _give_to_web_user(path: Path) -> None:

@@ -6,12 +6,15 @@
 - Every state change (POST, PATCH, PUT, DELETE) carries the session's CSRF token,
   in the form field `csrf_token` or the `X-CSRF-Token` header.
 - A session names the password it was opened with (a keyed digest of its hash), so
-  `meshpi-web passwd` ends every open session.
+  `meshpi-web passwd` ends every open session; and its id must be open in the
+  server-side SessionStore (webui.sessions), so logout ends it and it ends 12 h after
+  the login however much it is used.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
@@ -23,6 +26,7 @@ from flask import Flask, Response, abort, current_app, g, jsonify, redirect, req
 from werkzeug.wrappers import Response as BaseResponse
 
 from webui.passwords import PasswordFile
+from webui.sessions import SessionStore
 
 UNSAFE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
 OPEN_ENDPOINTS = frozenset({"static", "auth.login"})
@@ -50,16 +54,34 @@ def password_tag(stored_hash: str) -> str:
     return hmac.new(raw_key, stored_hash.encode(), "sha256").hexdigest()[:32]
 
 
+def sessions() -> SessionStore:
+    store: SessionStore = current_app.extensions["meshpi_sessions"]
+    return store
+
+
 def log_in(stored_hash: str) -> None:
+    old = session.get("sid")
     session.clear()  # a fresh session (and CSRF token) at every login
+    sessions().close(old)
     session.permanent = True
     session["auth"] = password_tag(stored_hash)
+    session["sid"] = sessions().open()
     csrf_token()
+
+
+def log_out() -> None:
+    sessions().close(session.get("sid"))
+    session.clear()
 
 
 def logged_in(passwords: PasswordFile) -> bool:
     tag, stored = session.get("auth"), passwords.read()
-    return isinstance(tag, str) and stored is not None and hmac.compare_digest(tag, password_tag(stored))
+    return (
+        isinstance(tag, str)
+        and stored is not None
+        and hmac.compare_digest(tag, password_tag(stored))
+        and sessions().valid(session.get("sid"))
+    )
 
 
 def wants_json() -> bool:
@@ -126,6 +148,20 @@ def init_app(app: Flask) -> None:
 # -- the login throttle ---------------------------------------------------------------
 
 
+def client_key(address: str | None) -> str:
+    """Whom the throttle counts: an IPv4 address, or an IPv6 /64 (one host owns a whole
+    /64 and could otherwise try from 2^64 addresses)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 @dataclass
 class LoginThrottle:
     """Failed logins in a sliding window, per client address and in total.
@@ -155,8 +191,10 @@ class LoginThrottle:
             if not times:
                 del self._by_address[address]
 
-    def retry_after(self, address: str) -> int:
-        """Seconds until this address may try again; 0 when it may now."""
+    def retry_after(self, address: str, trusted: bool = False) -> int:
+        """Seconds until this address may try again; 0 when it may now. A trusted client
+        (an open session, a remembered device) is not held by the global limit: failures
+        from many addresses must not lock the owner out."""
         with self._lock:
             now = self.clock()
             self._expire(now)
@@ -164,7 +202,7 @@ class LoginThrottle:
             times = self._by_address.get(address)
             if times is not None and len(times) >= self.per_address:
                 waits.append(times[-self.per_address] + self.window - now)
-            if len(self._all) >= self.overall:
+            if not trusted and len(self._all) >= self.overall:
                 waits.append(self._all[-self.overall] + self.window - now)
             return int(max(waits) + 0.999)
 

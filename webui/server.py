@@ -4,6 +4,9 @@ meshpi-web serve [--listen HOST:PORT]   systemd socket activation when LISTEN_FD
 meshpi-web passwd                        from the terminal (asked twice) or from stdin:
                                          printf %s "$pw" | meshpi-web passwd
 meshpi-web passwd --from-file F          reset from a file on the boot partition, then delete it
+meshpi-web setup-code [--boot-dir D]     print the first-run setup code (made if there is none;
+                                         with --boot-dir also written to D/meshpi-setup-code.txt);
+                                         once a password exists, remove both instead
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from webui import DEFAULTS, create_app
 from webui.passwords import PasswordError, PasswordFile, check_new_password
+from webui.setupcode import BOOT_FILE_NAME, FILE_NAME, SetupCode, show
 
 log = logging.getLogger("meshpi-web")
 
@@ -53,7 +57,9 @@ def activated_sockets(env: dict[str, str] | None = None) -> list[socket.socket]:
 def serve(args: argparse.Namespace) -> int:
     from waitress import serve as waitress_serve
 
-    app = create_app({"LOCALAPI_SOCKET": args.socket, "STATE_DIR": args.state_dir})
+    app = create_app(
+        {"LOCALAPI_SOCKET": args.socket, "STATE_DIR": args.state_dir, "ALLOWED_HOSTS": args.allow_host}
+    )
     sockets = activated_sockets()
     # ident="": the Server header names no software; threads: a /v1/up waits up to 20 s.
     options = {"threads": args.threads, "ident": "", "clear_untrusted_proxy_headers": True}
@@ -97,6 +103,38 @@ def passwd(args: argparse.Namespace) -> int:
     return 0
 
 
+def setup_code(args: argparse.Namespace) -> int:
+    """Root runs this at boot on the image (meshpi-setup-code.service): the code on the
+    console and in the journal, and on the boot partition, while setup is open."""
+    state = Path(args.state_dir)
+    code = SetupCode(state / FILE_NAME)
+    boot_copy = Path(args.boot_dir) / BOOT_FILE_NAME if args.boot_dir else None
+    if PasswordFile(state).is_set():
+        code.remove()
+        if boot_copy is not None and boot_copy.exists():
+            boot_copy.unlink()
+            print(f"meshpi-web: setup is done; removed {boot_copy}")
+        return 0
+    value, _made = code.ensure()
+    print(f"meshpi-web: first-run setup code: {show(value)}  (give it on http://<this Pi>/setup)")
+    if boot_copy is not None:
+        text = (
+            f"meshpi first-run setup code: {show(value)}\r\n"
+            "Give it on the setup page (http://meshpi.local/) to choose the admin password.\r\n"
+        )
+        if not boot_copy.exists() or boot_copy.read_bytes() != text.encode():
+            _write_on_fat(boot_copy, text)
+    return 0
+
+
+def _write_on_fat(path: Path, text: str) -> None:
+    # FAT has no atomic rename over a file; write, fsync, done (a torn copy is rewritten next boot).
+    with open(path, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", default=DEFAULTS["STATE_DIR"], help="session key and password hash")
@@ -108,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="0.0.0.0:80", help="HOST:PORT when not socket-activated")
     s.add_argument("--socket", default=DEFAULTS["LOCALAPI_SOCKET"], help="the agent's LocalAPI socket")
     s.add_argument("--threads", type=int, default=8)
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this Host name (repeatable)")  # fmt: skip
     pw = sub.add_parser(
         "passwd", parents=[common], help="set or reset the admin password (stdin when it is not a terminal)"
     )
@@ -116,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="take the first line of PATH (e.g. /boot/firmware/meshpi-password.txt) and delete the file",
     )
+    sc = sub.add_parser("setup-code", parents=[common], help="print the first-run setup code")
+    sc.add_argument("--boot-dir", metavar="DIR", help="also write DIR/meshpi-setup-code.txt (boot partition)")
     return p
 
 
@@ -124,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # "task queue depth" chatter
     try:
-        return serve(args) if args.command == "serve" else passwd(args)
+        commands = {"serve": serve, "passwd": passwd, "setup-code": setup_code}
+        return commands[args.command](args)
     except (UsageError, PasswordError, OSError) as e:
         print(f"meshpi-web: {e}", file=sys.stderr)
         return 2

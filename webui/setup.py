@@ -1,7 +1,10 @@
 """First run: the admin password, then a mesh (new or joined), then what to share.
 
 The password step is the only page open without a login, and only while no
-password exists; the later steps need the session it opens.
+password exists; the later steps need the session it opens. It asks for the
+one-time setup code (webui.setupcode), so that only the Pi's owner can take it, and
+creates the password file exclusively, so that of two setups at once one wins and
+the other is told so.
 """
 
 from __future__ import annotations
@@ -13,35 +16,62 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from werkzeug.wrappers import Response
 
 from webui.agent import LocalAPIError, agent, form_action, status
-from webui.passwords import PasswordError, PasswordFile, check_new_password
-from webui.security import log_in
+from webui.auth import remember_device
+from webui.passwords import PasswordError, PasswordFile, PasswordTaken, check_new_password
+from webui.security import LoginThrottle, client_key, log_in
+from webui.setupcode import SetupCode
 
 log = logging.getLogger(__name__)
 bp = Blueprint("setup", __name__, url_prefix="/setup")
 
+Answer = tuple[str, int, dict[str, str]]
 # Creating a mesh starts control (up to 30 s) and then logs in (up to 20 s).
 VERB_TIMEOUT = 90.0
 
 
 @bp.route("", methods=["GET", "POST"])
-def password() -> Response | str | tuple[str, int]:
+def password() -> Response | str | tuple[str, int] | Answer:
     passwords: PasswordFile = current_app.extensions["meshpi_passwords"]
     if passwords.is_set():
         return redirect(url_for("setup.mesh"))  # the gate let us in: logged in
+    code: SetupCode = current_app.extensions["meshpi_setup_code"]
     st = _status_or_empty()
+    ready = code.read() is not None
+
+    def again(error: str, status: int, headers: dict[str, str] | None = None) -> Answer:
+        page = render_template("setup_password.html", st=st, error=error, code_ready=ready)
+        return page, status, headers or {}
+
     if request.method == "GET":
-        return render_template("setup_password.html", st=st, error=None)
+        return render_template("setup_password.html", st=st, error=None, code_ready=ready)
+    throttle: LoginThrottle = current_app.extensions["meshpi_setup_throttle"]
+    who = client_key(request.remote_addr)
+    wait = throttle.retry_after(who)
+    if wait:
+        error = f"Too many wrong setup codes. Try again in {wait} seconds."
+        return again(error, 429, {"Retry-After": str(wait)})
+    if not code.check(request.form.get("setup_code", "")):
+        throttle.failed(who)
+        log.warning("first-run setup from %s refused: wrong setup code", request.remote_addr)
+        return again("Not set: that is not this Pi's setup code.", 403)
     new, confirm = request.form.get("password", ""), request.form.get("confirm", "")
     try:
         check_new_password(new, confirm)
-        passwords.set(new)
+        passwords.create(new)
+    except PasswordTaken:
+        log.warning("first-run setup from %s lost: the password was set just before", request.remote_addr)
+        message = "Someone set the admin password a moment ago, from another browser. Log in with it."
+        return render_template("error.html", title="Already set", status=409, message=message), 409
     except PasswordError as e:
-        return render_template("setup_password.html", st=st, error=f"Not set: {e}."), 400
+        return again(f"Not set: {e}.", 400)
     log.info("admin password set from %s", request.remote_addr)
+    code.remove()
     stored = passwords.read()
     assert stored is not None
     log_in(stored)
-    return redirect(url_for("setup.mesh"))
+    response = redirect(url_for("setup.mesh"))
+    remember_device(response)
+    return response
 
 
 def _status_or_empty() -> dict[str, Any]:

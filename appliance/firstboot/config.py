@@ -210,12 +210,13 @@ def _mesh(f: _Table) -> Mesh:
 
 # -- one parser per kind of value; each raises ValueError with the reason only ------------
 
-_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# fullmatch, never match + `$`: `$` also matches before a trailing newline.
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def parse_hostname(value: object) -> str:
     text = parse_str(value).lower()
-    if not _HOSTNAME.match(text):
+    if not _HOSTNAME.fullmatch(text):
         raise ValueError("is not a host name (letters, digits and '-', up to 63, no '-' at either end)")
     if text == "localhost":
         raise ValueError("is reserved")

@@ -133,24 +133,26 @@ def int_range(low: int, high: int) -> Callable[[object], int]:
     return parse
 
 
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# fullmatch, never match + `$`: `$` also matches before a trailing newline.
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def parse_name(value: object) -> str:
     """A node name: a DNS label, because nodes are known as <name>.<mesh-domain>."""
     text = parse_str(value)
-    if not _NAME.match(text):
+    if not _NAME.fullmatch(text):
         raise ValueError("is not a valid name (lowercase letters, digits and '-', up to 63)")
     return text
 
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# No leading '-': the name is an argument to wireguard-go and ip, where `-f` is an option.
+_IFNAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,14}")
 
 
 def parse_ifname(value: object) -> str:
     text = parse_str(value)
-    if not _IFNAME.match(text) or text in (".", ".."):
-        raise ValueError("is not a valid interface name (1-15 of letters, digits, '_.-')")
+    if not _IFNAME.fullmatch(text) or text in (".", ".."):
+        raise ValueError("is not a valid interface name (1-15 of letters, digits, '_.-'; no leading '-')")
     return text
 
 

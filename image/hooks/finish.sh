@@ -38,9 +38,9 @@ systemctl disable --quiet ssh.service sshd-keygen.service wpa_supplicant.service
     apt-daily.timer apt-daily-upgrade.timer
 systemctl enable --quiet meshpi-agent.service meshpi-firstboot.service meshpi-firstboot-mesh.service \
     meshpi-grow-rootfs.service meshpi-ssh-keygen.service meshpi-imgtest.service
-# The dashboard (socket-activated on port 80) and its password reset from the boot
-# partition, when the checkout has them.
-for unit in meshpi-web.socket meshpi-password-reset.service; do
+# The dashboard (socket-activated on port 80), its password reset from the boot
+# partition and its first-run setup code, when the checkout has them.
+for unit in meshpi-web.socket meshpi-password-reset.service meshpi-setup-code.service; do
     if [ -e "/etc/systemd/system/$unit" ] || [ -e "/usr/lib/systemd/system/$unit" ]; then
         systemctl enable --quiet "$unit"
     fi

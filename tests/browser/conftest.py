@@ -71,6 +71,15 @@ class Home:
     url: str  # the dashboard
     login: str  # the mesh's login URL
     control_state: Path
+    web_state: Path
+
+    def setup_code(self) -> str:
+        """What the owner reads off the Pi's console (meshpi-web made it at its start)."""
+        from webui.setupcode import SetupCode
+
+        code = SetupCode(self.web_state / "setup-code").read()
+        assert code, f"no setup code in {self.web_state}"
+        return code
 
     def auth_key(self) -> str:
         cmd = [str(BIN / "meshpi-control"), "--state-dir", str(self.control_state), "keys", "create",
@@ -122,7 +131,7 @@ def home() -> Iterator[Home]:
         lab.procs.append(web)
         wait_for(lambda: _port_open(port), 15, "meshpi-web")
         try:
-            yield Home(lab, agent, f"http://127.0.0.1:{port}", login, control_state)
+            yield Home(lab, agent, f"http://127.0.0.1:{port}", login, control_state, lab.scratch / "web")
         finally:
             lab.pi.run(
                 [str(BIN / "meshpi"), "down", "--state-dir", str(lab.scratch / "pi" / "agent")], check=False

@@ -49,6 +49,12 @@ def test_browser_first_run_setup_joins_the_mesh_and_offers_the_exit(tab: Tab, ho
     page = tab.page
     page.goto("/")
     assert page.url == f"{home.url}/setup"
+    page.fill("#setup_code", "WRONG-CODE-0000")
+    page.fill("#password", PASSWORD)
+    page.fill("#confirm", PASSWORD)
+    page.click("button[type=submit]")
+    assert "not this Pi's setup code" in page.inner_text("#setup-error")
+    page.fill("#setup_code", home.setup_code().lower())  # as typed off the screen
     page.fill("#password", PASSWORD)
     page.fill("#confirm", PASSWORD)
     page.click("button[type=submit]")

@@ -213,7 +213,8 @@ def test_image_runs_only_what_it_needs(first_boot: Boot) -> None:
                  "meshpi-grow-rootfs.service", "meshpi-ssh-keygen.service", "avahi-daemon.service",
                  "systemd-networkd.service", "systemd-timesyncd.service"):  # fmt: skip
         assert unit in enabled, sorted(enabled)
-    for unit in ("meshpi-web.socket", "meshpi-password-reset.service"):  # the web UI's, when it has them
+    web_units = ("meshpi-web.socket", "meshpi-password-reset.service", "meshpi-setup-code.service")
+    for unit in web_units:  # the web UI's, when it has them
         shipped = list((REPO / "image/overlay").rglob(unit))
         assert unit in enabled or not shipped, sorted(enabled)
     for unit in ("ssh.service", "meshpi-control.service", "wpa_supplicant.service", "sshd-keygen.service",

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from appliance.agent.localapi.server import MAX_BODY
 from appliance.agent.logring import RING_SIZE
 from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
+from tests import unprivileged
 from tests.lab import netns as ns
 from tests.lab.mesh import meshpi_binary
 from tests.netns.agents import RunningAgent, link_mtu, start_agent, state_dir, veth_pair, wait_status
@@ -254,17 +255,17 @@ def _as_nobody(group: str, socket_path: Path) -> subprocess.CompletedProcess[str
     code = ("import sys; from appliance.client.localapi import LocalClient, LocalAPIError\n"
             "try: print(LocalClient(sys.argv[1]).get('/v1/status')['agent'])\n"
             "except LocalAPIError as e: sys.exit(e.message)\n")  # fmt: skip
+    # A readable copy of the interpreter and packages: the clone may be in a 0700 home.
     cmd = ["setpriv", "--reuid", "nobody", "--regid", group, "--clear-groups",
-           str(meshpi_binary().parent / "python"), "-c", code, str(socket_path)]  # fmt: skip
+           str(unprivileged.python()), "-c", code, str(socket_path)]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd="/")
 
 
 def test_localapi_socket_mode_and_group_decide_who_may_connect(world: World) -> None:
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux) to try the socket as another user")
     probe = _as_nobody(SOCKET_GROUP, Path("/nonexistent"))
-    if "not running" not in probe.stderr:
-        pytest.skip(f"user nobody cannot run this checkout's python: {probe.stderr.strip()[-200:]}")
+    assert "not running" in probe.stderr, (
+        f"user nobody cannot run {unprivileged.python()}: {probe.stderr[-300:]}"
+    )
     st = os.stat(world.pi.socket)
     assert oct(st.st_mode & 0o777) == oct(0o660)
     assert st.st_gid == grp.getgrnam(SOCKET_GROUP).gr_gid

@@ -73,10 +73,20 @@ def csrf_of(html: str) -> str:
     return found.group(1)
 
 
+def setup_code_of(app: Flask) -> str:
+    """What the owner reads off the console or the boot partition."""
+    code = app.extensions["meshpi_setup_code"].read()
+    assert code, "no setup code"
+    return str(code)
+
+
 def set_password_and_log_in(client: FlaskClient, password: str = PASSWORD) -> str:
-    """First run through the setup page; returns the session's CSRF token."""
+    """First run through the setup page (with the setup code); returns the session's CSRF token."""
     token = csrf_of(client.get("/setup").get_data(as_text=True))
-    res = client.post("/setup", data={"csrf_token": token, "password": password, "confirm": password})
+    code = setup_code_of(client.application)
+    res = client.post(
+        "/setup", data={"csrf_token": token, "setup_code": code, "password": password, "confirm": password}
+    )
     assert res.status_code == 302 and res.headers["Location"].endswith("/setup/mesh"), res.get_data(
         as_text=True
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.web.conftest import PASSWORD, csrf_of, log_in, make_app, set_password_and_log_in
+from tests.web.conftest import PASSWORD, csrf_of, log_in, make_app, set_password_and_log_in, setup_code_of
 from tests.web.node import AgentNode
 from webui.passwords import PasswordFile, verify_password
 
@@ -51,13 +51,15 @@ def test_web_first_run_leads_every_page_to_setup(client: FlaskClient) -> None:
     assert page.status_code == 200 and b"Choose the admin password" in page.data
 
 
-def test_web_setup_password_rules(client: FlaskClient) -> None:
+def test_web_setup_password_rules(app: Flask, client: FlaskClient) -> None:
     token = csrf_of(client.get("/setup").get_data(as_text=True))
-    short = client.post("/setup", data={"csrf_token": token, "password": "short", "confirm": "short"})
-    assert short.status_code == 400 and b"at least 8 characters" in short.data
-    differ = client.post(
-        "/setup", data={"csrf_token": token, "password": "long enough 1", "confirm": "long enough 2"}
+    code = setup_code_of(app)
+    short = client.post(
+        "/setup", data={"csrf_token": token, "setup_code": code, "password": "short", "confirm": "short"}
     )
+    assert short.status_code == 400 and b"at least 8 characters" in short.data
+    differ = client.post("/setup", data={"csrf_token": token, "setup_code": code,
+                                         "password": "long enough 1", "confirm": "long enough 2"})  # fmt: skip
     assert differ.status_code == 400 and b"differ" in differ.data
     assert client.get("/").headers["Location"] == "/setup"  # still nothing set
 
@@ -70,9 +72,8 @@ def test_web_setup_closes_once_a_password_exists(app: Flask, client: FlaskClient
     stranger = app.test_client()
     assert stranger.get("/setup").headers["Location"] == "/login"
     token = csrf_of(stranger.get("/login").get_data(as_text=True))
-    res = stranger.post(
-        "/setup", data={"csrf_token": token, "password": "taken over!", "confirm": "taken over!"}
-    )
+    res = stranger.post("/setup", data={"csrf_token": token, "setup_code": "", "password": "taken over!",
+                                        "confirm": "taken over!"})  # fmt: skip
     assert res.status_code == 302 and res.headers["Location"] == "/login"
     assert PasswordFile(Path(app.config["STATE_DIR"])).check(PASSWORD)
 
@@ -178,10 +179,14 @@ def test_web_password_file_is_scrypt_0600(app: Flask, client: FlaskClient) -> No
     assert stat.S_IMODE((Path(app.config["STATE_DIR"]) / "secret_key").stat().st_mode) == 0o600
 
 
-def test_web_session_cookie_is_httponly_and_samesite_strict(client: FlaskClient) -> None:
+def test_web_session_cookie_is_httponly_and_samesite_strict(app: Flask, client: FlaskClient) -> None:
     token = csrf_of(client.get("/setup").get_data(as_text=True))
-    res = client.post("/setup", data={"csrf_token": token, "password": PASSWORD, "confirm": PASSWORD})
-    cookie = res.headers["Set-Cookie"]
+    res = client.post("/setup", data={"csrf_token": token, "setup_code": setup_code_of(app),
+                                      "password": PASSWORD, "confirm": PASSWORD})  # fmt: skip
+    cookies = res.headers.getlist("Set-Cookie")
+    cookie = next(c for c in cookies if c.startswith("meshpi_session="))
+    device = next(c for c in cookies if c.startswith("meshpi_device="))
+    assert "HttpOnly" in device and "SameSite=Strict" in device
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Expires=" in cookie
     page = client.get("/")
     assert "script-src 'self'" in page.headers["Content-Security-Policy"]

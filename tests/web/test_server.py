@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import unprivileged
 from tests.web.conftest import csrf_of
 from tests.web.node import BIN, AgentNode
 from webui.passwords import PasswordFile
+from webui.setupcode import SetupCode
 
 NOBODY = 65534
 
@@ -124,16 +126,17 @@ def _uids(pid: int) -> list[int]:
     raise AssertionError("no Uid line")
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_web_serve_runs_as_an_unprivileged_user(node: AgentNode, public_tmp: Path) -> None:
+    """From any clone (a 0700 home directory too): nobody runs a readable copy
+    (tests/unprivileged.py), never the checkout's own .venv."""
     state = public_tmp / "web"
     state.mkdir()
     os.chown(state, NOBODY, NOBODY)
     port = _free_port()
     cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
-           str(BIN / "meshpi-web"), "serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state),
-           "--socket", str(node.socket)]  # fmt: skip
-    with _running(cmd) as proc:
+           str(unprivileged.python()), "-m", "webui.server", "serve", "--listen", f"127.0.0.1:{port}",
+           "--state-dir", str(state), "--socket", str(node.socket)]  # fmt: skip
+    with _running(cmd, cwd="/") as proc:
         _wait_http(f"http://127.0.0.1:{port}/login", proc)
         assert _uids(proc.pid) == [NOBODY] * 4
         # It made its own files, as itself, private.
@@ -145,11 +148,16 @@ def test_web_serve_runs_as_an_unprivileged_user(node: AgentNode, public_tmp: Pat
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         base = f"http://127.0.0.1:{port}"
         token = csrf_of(opener.open(f"{base}/setup", timeout=5).read().decode())
-        form = urllib.parse.urlencode(
-            {"csrf_token": token, "password": "a fine password", "confirm": "a fine password"}
-        )
+        # The web service made the setup code itself (no root made one), private to it.
+        assert (state / "setup-code").stat().st_uid == NOBODY
+        assert (state / "setup-code").stat().st_mode & 0o007 == 0
+        code = SetupCode(state / "setup-code").read()
+        assert code
+        form = urllib.parse.urlencode({"csrf_token": token, "setup_code": code, "password": "a fine password",
+                                       "confirm": "a fine password"})  # fmt: skip
         opener.open(f"{base}/setup", data=form.encode(), timeout=30)
         assert (state / "password").stat().st_uid == NOBODY
+        assert not (state / "setup-code").exists()  # used once
         status = json.loads(opener.open(f"{base}/api/status", timeout=10).read())
         assert status["agent"] == "running"
 

@@ -162,6 +162,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="show the status on the board's ACT LED too")  # fmt: skip
         cmd.add_argument("--port-mapping", action=argparse.BooleanOptionalAction, default=None,
                          help="map the WireGuard port on the home router (PCP, NAT-PMP, UPnP)")  # fmt: skip
+        cmd.add_argument("--dashboard-from-mesh", action=argparse.BooleanOptionalAction, default=None,
+                         help="let mesh peers reach the dashboard (default: LAN only)")  # fmt: skip
+        cmd.add_argument("--dashboard-port", type=int, default=None, metavar="PORT",
+                         help="the dashboard's port here, LAN only (0: none)")  # fmt: skip
+        cmd.add_argument("--ssh-port", type=int, default=None, metavar="PORT",
+                         help="SSH's port, LAN and mesh only (0: left alone)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 

@@ -46,6 +46,9 @@ PREF_FLAGS = {
     "led_pins": "led_pins",
     "act_led": "act_led",
     "port_mapping": "port_mapping",
+    "dashboard_from_mesh": "dashboard_from_mesh",
+    "dashboard_port": "dashboard_port",
+    "ssh_port": "ssh_port",
 }
 
 

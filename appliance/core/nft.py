@@ -21,6 +21,8 @@ PRIVATE_V4 = tuple(
     for n in ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
 )
 PRIVATE_V6 = (IPv6Network("fc00::/7"), IPv6Network("fe80::/10"))
+# Link-local sources are on a wire of this host by definition (no router passes them).
+LINK_LOCAL = (IPv4Network("169.254.0.0/16"), IPv6Network("fe80::/10"))
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,14 @@ class FirewallPlan:
     lan: tuple[IPNetwork, ...]  # connected non-mesh prefixes of this host
     foreign_forwarding: bool  # the host routed for others before meshpi: leave that alone
     devices: tuple[IPNetwork, ...] = ()  # phones this node hosts: LAN and internet allowed
+    # Does this node route for the mesh? If not, the table holds the input policy only.
+    forwarding: bool = True
+    # The input policy for this host's own services (0: none here, the port is left
+    # alone). The dashboard answers the LAN, and the mesh only if the owner allows;
+    # SSH answers the LAN and the mesh. Everything else is accepted as before.
+    dashboard_port: int = 0
+    dashboard_from_mesh: bool = False
+    ssh_port: int = 0
 
 
 def _set(name: str, family: str, nets: Iterable[IPNetwork]) -> list[str]:
@@ -50,6 +60,55 @@ def _set(name: str, family: str, nets: Iterable[IPNetwork]) -> list[str]:
 
 def render(plan: FirewallPlan) -> str:
     """The body of table inet meshpi."""
+    if not plan.forwarding:
+        return _render_input(plan, [])
+    return _render_input(plan, _render_forwarding(plan))
+
+
+def _chains(lines: list[str], chains: Iterable[tuple[str, list[str]]]) -> list[str]:
+    for name, body in chains:
+        lines.append(f"chain {name} {{")
+        lines += [f"\t{line}" for line in body]
+        lines.append("}")
+    return lines
+
+
+def _render_input(plan: FirewallPlan, forwarding: list[str]) -> str:
+    """The input policy (when a guarded port is set), then the forwarding part.
+
+    `policy accept`, with drops for the guarded ports from the wrong sources only:
+    a host running meshpi is not firewalled by it beyond those ports."""
+    guarded = [(name, port, mesh) for name, port, mesh in (
+        ("dashboard", plan.dashboard_port, plan.dashboard_from_mesh),
+        ("ssh", plan.ssh_port, True),
+    ) if port]  # fmt: skip
+    if not guarded:
+        return "\n".join(forwarding) + "\n"
+    wg = f'"{plan.interface}"'
+    local = sorted_networks([*LINK_LOCAL, *plan.lan])
+    lines: list[str] = []
+    for fam, version in (("ipv4", 4), ("ipv6", 6)):
+        lines += _set(f"local_{fam[-2:]}", fam, [n for n in local if n.version == version])
+    lines += forwarding
+    input_chain = [
+        "type filter hook input priority filter; policy accept;",
+        'iifname "lo" accept',
+        *(f"tcp dport {port} jump {name}" for name, port, _ in guarded),
+    ]
+    chains = [("input", input_chain)]
+    for name, _, from_mesh in guarded:
+        chains.append((name, [
+            f'iifname {wg} counter accept comment "from the mesh"' if from_mesh
+            else f'iifname {wg} counter drop comment "from the mesh: not allowed by the owner"',
+            'ip saddr @local_v4 accept comment "from the LAN"',
+            'ip6 saddr @local_v6 accept comment "from the LAN"',
+            'counter drop comment "not from the LAN"',
+        ]))  # fmt: skip
+    return "\n".join(_chains(lines, chains)) + "\n"
+
+
+def _render_forwarding(plan: FirewallPlan) -> list[str]:
+    """Sets and chains for routing the mesh: forward, NAT, MSS clamping."""
     wg = f'"{plan.interface}"'
     lan = sorted_networks([*PRIVATE_V4, *PRIVATE_V6, *plan.lan])
     shared = sorted_networks(plan.shared_routes)
@@ -114,14 +173,10 @@ def render(plan: FirewallPlan) -> str:
         f"ip6 saddr {plan.mesh_v6} oifname != {wg} counter masquerade",
     ]
 
-    for name, body in (
+    return _chains(lines, (
         ("forward", forward),
         ("from_mesh", from_mesh),
         ("to_mesh", to_mesh),
         ("mss_clamp", clamp),
         ("postrouting", postrouting),
-    ):
-        lines.append(f"chain {name} {{")
-        lines += [f"\t{line}" for line in body]
-        lines.append("}")
-    return "\n".join(lines) + "\n"
+    ))  # fmt: skip

@@ -147,9 +147,13 @@ def make_plan(
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
 
     nft = None
-    if prefs.forwards or devices:
+    forwarding = prefs.forwards or bool(devices)
+    if forwarding:
         sysctls.update(FORWARDING_SYSCTLS)
-        nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts, devices)))
+    if forwarding or prefs.guards_ports:
+        # A node that only guards its ports (a dashboard, no routing) gets a table
+        # with the input policy alone: no forwarding sysctls, no forward chain.
+        nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts, devices, forwarding)))
 
     previous = memo.state
     state = State(
@@ -275,7 +279,7 @@ def _tunnel_rules(prefs: Prefs, facts: HostFacts, families: set[int]) -> set[Rul
 
 
 def _firewall_plan(
-    netmap: Netmap, prefs: Prefs, facts: HostFacts, devices: tuple[HostedDevice, ...]
+    netmap: Netmap, prefs: Prefs, facts: HostFacts, devices: tuple[HostedDevice, ...], forwarding: bool
 ) -> FirewallPlan:
     me = netmap.self_node
     # Offered by the owner (prefs) and approved by control (netmap): both are needed.
@@ -290,6 +294,10 @@ def _firewall_plan(
         lan=tuple(c.network for c in facts.connected),
         foreign_forwarding=facts.forwarding_preexisting,
         devices=tuple(net for d in devices for net in d.prefixes),
+        forwarding=forwarding,
+        dashboard_port=prefs.dashboard_port,
+        dashboard_from_mesh=prefs.dashboard_from_mesh,
+        ssh_port=prefs.ssh_port,
     )
 
 

@@ -70,6 +70,18 @@ class Prefs:
     # (PCP, NAT-PMP, UPnP-IGD); STUN servers beside control's own (host:3478).
     port_mapping: bool = True
     stun_servers: tuple[Endpoint, ...] = ()
+    # The input policy of table inet meshpi for this host's own services (the
+    # appliance image sets 80 and 22; 0: not on this host, the port is left alone).
+    # The dashboard answers the LAN only, and the mesh too when dashboard_from_mesh;
+    # SSH answers the LAN and the mesh, never the internet.
+    dashboard_port: int = 0
+    dashboard_from_mesh: bool = False
+    ssh_port: int = 0
+
+    @property
+    def guards_ports(self) -> bool:
+        """Does this node keep an input policy for its own services?"""
+        return bool(self.dashboard_port or self.ssh_port)
 
     @property
     def forwards(self) -> bool:
@@ -112,6 +124,9 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         act_led=f.get("act_led", parse_bool, d.act_led),
         port_mapping=f.get("port_mapping", parse_bool, d.port_mapping),
         stun_servers=f.get_list("stun_servers", parse_endpoint),
+        dashboard_port=f.get("dashboard_port", int_range(0, 65535), d.dashboard_port),
+        dashboard_from_mesh=f.get("dashboard_from_mesh", parse_bool, d.dashboard_from_mesh),
+        ssh_port=f.get("ssh_port", int_range(0, 65535), d.ssh_port),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")
@@ -122,6 +137,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
                 str(route),
                 "is a default route: use advertise_exit_node to offer an exit node",
             )
+    if prefs.ssh_port and prefs.ssh_port == prefs.dashboard_port:
+        raise f.error("ssh_port", prefs.ssh_port, "is the dashboard's port too")
     for i, pin in enumerate(prefs.led_pins):
         if pin in prefs.led_pins[:i]:
             raise f.error(f"led_pins[{i}]", pin, "is listed twice")

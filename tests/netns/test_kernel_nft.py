@@ -109,3 +109,28 @@ def test_nft_delete_and_already_gone(fw: NftFirewall) -> None:
     assert fw.digest() is None
     fw.delete()  # already gone: fine
     assert "table inet other" in nft("list", "tables")  # other tables are left alone
+
+
+@pytest.mark.parametrize("forwarding", [True, False], ids=["exit_node", "input_only"])
+def test_nft_appliance_input_policy_applies_and_reads_back_whole(
+    fw: NftFirewall, forwarding: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The planner's input chain as nft takes it: one transaction, listed with the
+    same shape (no "other shape" warning), so a restarted agent adopts it as it is."""
+    from ipaddress import IPv4Network, IPv6Network, ip_network
+
+    from appliance.core.nft import FirewallPlan, render
+
+    plan = FirewallPlan(
+        interface="meshpi0", mtu=1280, mesh_v4=IPv4Network("100.64.0.0/10"),
+        mesh_v6=IPv6Network("fd7a:6d70:6900::/48"), exit_node=True, shared_routes=(),
+        lan=(ip_network("192.168.1.0/24"), ip_network("2001:db8:1::/64")), foreign_forwarding=False,
+        forwarding=forwarding, dashboard_port=80, ssh_port=22,
+    )  # fmt: skip
+    ruleset = NftRuleset.from_text(render(plan))
+    fw.replace(ruleset)
+    assert "other shape" not in caplog.text
+    assert NftFirewall().digest() == ruleset.digest  # a new agent adopts it
+    listing = nft("list", "chain", "inet", "meshpi", "input")
+    assert "policy accept" in listing and "tcp dport 80 jump dashboard" in listing
+    assert ("chain forward" in nft("list", "table", "inet", "meshpi")) == forwarding

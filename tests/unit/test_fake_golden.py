@@ -105,3 +105,23 @@ def test_golden_one_log_line_per_change_and_no_secret(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[#]")]
     assert lines == [f"[#] {c}" for c in applied]
     assert KEYS["pi"].secret_base64() not in caplog.text
+
+
+def test_golden_appliance_input_policy(tmp_path: Path) -> None:
+    """The appliance guards its dashboard (LAN only, the mesh when allowed) and SSH
+    (LAN and mesh); a node that only guards its ports has a table without forwarding."""
+    appliance = Prefs(advertise_exit_node=True, dashboard_port=80, ssh_port=22)
+    _steps(
+        tmp_path,
+        KEYS["pi"],
+        PI_FACTS,
+        [
+            ("pi_5_appliance_input", pi_netmap(peers=("laptop", "phone")), appliance),
+            (
+                "pi_6_dashboard_from_mesh",
+                pi_netmap(peers=("laptop", "phone")),
+                appliance.with_changes(dashboard_from_mesh=True),
+            ),
+            ("pi_7_input_only", pi_netmap(peers=("laptop", "phone")), Prefs(dashboard_port=80)),
+        ],
+    )

@@ -21,8 +21,12 @@ PRIVATE_V4 = tuple(
     for n in ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
 )
 PRIVATE_V6 = (IPv6Network("fc00::/7"), IPv6Network("fe80::/10"))
-# Link-local sources are on a wire of this host by definition (no router passes them).
-LINK_LOCAL = (IPv4Network("169.254.0.0/16"), IPv6Network("fe80::/10"))
+# Who may use the host's own LAN services (the input policy): the connected
+# networks, and every private range, so a home with several subnets behind one
+# router still reaches its dashboard. Not 100.64.0.0/10: that is the mesh's range
+# and the carrier's NAT, neither of which is the LAN. The internet's sources,
+# through a port forward or over routed IPv6, are never in these.
+LAN_SOURCES = tuple(n for n in (*PRIVATE_V4, *PRIVATE_V6) if n != IPv4Network("100.64.0.0/10"))
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def _render_input(plan: FirewallPlan, forwarding: list[str]) -> str:
     if not guarded:
         return "\n".join(forwarding) + "\n"
     wg = f'"{plan.interface}"'
-    local = sorted_networks([*LINK_LOCAL, *plan.lan])
+    local = sorted_networks([*LAN_SOURCES, *plan.lan])
     lines: list[str] = []
     for fam, version in (("ipv4", 4), ("ipv6", 6)):
         lines += _set(f"local_{fam[-2:]}", fam, [n for n in local if n.version == version])

@@ -45,5 +45,13 @@ for unit in meshpi-web.socket meshpi-password-reset.service meshpi-setup-code.se
         systemctl enable --quiet "$unit"
     fi
 done
+# The agent's input policy (table inet meshpi): the dashboard on port 80 answers the
+# LAN only (`meshpi set --dashboard-from-mesh` opens it to the mesh), SSH the LAN
+# and the mesh; nothing else is filtered. Later `meshpi set`s merge into this file.
+install -d -m 0700 /var/lib/meshpi
+if [ ! -e /var/lib/meshpi/prefs.json ]; then
+    install -m 0600 /dev/null /var/lib/meshpi/prefs.json
+    printf '{"dashboard_port": 80, "ssh_port": 22}\n' > /var/lib/meshpi/prefs.json
+fi
 say "enabled: $(systemctl list-unit-files --state=enabled --no-legend | awk '{print $1}' | paste -sd' ')"
 say "done"

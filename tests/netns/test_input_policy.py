@@ -10,6 +10,7 @@ server on each of 80, 22 and 8080 (control's public port) stands in for the dash
 sshd and control. The LAN host reaches all three; the laptop, through the tunnel,
 reaches SSH and control but not the dashboard until the owner allows it; the internet
 (IPv6 routed to the pi, IPv4 through the home router's port forward) reaches control only.
+"The LAN" is the connected networks and the private ranges (not 100.64.0.0/10).
 """
 
 from __future__ import annotations

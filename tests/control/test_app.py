@@ -1,16 +1,18 @@
 """meshpi-control over real HTTP on loopback: the agent's client against the
-aiohttp app, the admin API, and hostile requests (always 4xx, never 5xx, and
-nothing changes)."""
+aiohttp app, the admin API (on its own listener), and hostile requests (always
+4xx, never 5xx, and nothing changes)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from appliance.agent.control_client import ControlClient, ControlRefused
 from appliance.base.keys import PrivateKey
-from appliance.control.app import create_app
+from appliance.control.app import create_admin_app, create_app
 from appliance.control.cli import AdminError, admin_call
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.service import ControlService
@@ -29,16 +31,17 @@ from appliance.wire.seal import ControlPublicKey, MachineKey, seal_request
 
 @dataclass
 class Server:
-    url: str
+    url: str  # the public listener: the node API
     control_pub: ControlPublicKey
     token: str
     service: ControlService
+    admin_url: str  # the loopback listener: admin API and /metrics
 
     def client(self, machine: MachineKey | None = None) -> ControlClient:
         return ControlClient(self.url, machine or MachineKey.generate(), self.control_pub, timeout=10)
 
     def admin(self, method: str, path: str, body: object = None) -> object:
-        return admin_call(self.url, self.token, method, path, body)
+        return admin_call(self.admin_url, self.token, method, path, body)
 
     def post(self, path: str, data: bytes) -> int:
         req = urllib.request.Request(self.url + path, data=data, method="POST")
@@ -49,40 +52,53 @@ class Server:
             return e.code
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@contextlib.contextmanager
+def running_server(tmp_path: Path, db: str | Path | None = None, **service_options: Any) -> Iterator[Server]:
+    """meshpi-control's two listeners on loopback ports, in a thread with its own loop."""
     key, token = load_control_key(tmp_path), load_admin_token(tmp_path)
     loop = asyncio.new_event_loop()
     started = threading.Event()
-    box: dict[str, object] = {}
+    box: dict[str, Any] = {}
+    url = db or tmp_path / "control.db"
+    options = {"map_timeout": 1, "batch": 0.02, **service_options}
 
-    async def start() -> web.AppRunner:
-        service = ControlService(lambda: open_store(tmp_path / "control.db"), map_timeout=1, batch=0.02)
-        runner = web.AppRunner(create_app(service, key, token), shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        box["port"] = runner.addresses[0][1]
+    async def start() -> list[web.AppRunner]:
+        service = ControlService(lambda: open_store(url), **options)
         box["service"] = service
-        return runner
+        runners = [web.AppRunner(create_app(service, key), shutdown_timeout=1),
+                   web.AppRunner(create_admin_app(service, token), shutdown_timeout=1)]  # fmt: skip
+        for runner in runners:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+        box["ports"] = [r.addresses[0][1] for r in runners]
+        return runners
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        box["runner"] = loop.run_until_complete(start())
-        started.set()
+        try:
+            box["runners"] = loop.run_until_complete(start())
+        finally:
+            started.set()
         loop.run_forever()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    assert started.wait(10)
+    assert started.wait(30) and "runners" in box, "the server did not start"
     pub = ControlPublicKey(bytes(key.public_key))
+    public, admin = box["ports"]
     try:
-        yield Server(f"http://127.0.0.1:{box['port']}", pub, token, box["service"])  # type: ignore[arg-type]
+        yield Server(f"http://127.0.0.1:{public}", pub, token, box["service"], f"http://127.0.0.1:{admin}")
     finally:
-        runner = box["runner"]
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)  # type: ignore[attr-defined]
+        for runner in reversed(box["runners"]):
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with running_server(tmp_path) as s:
+        yield s
 
 
 def _register(client: ControlClient, i: int, auth: str | None) -> dict[str, object]:
@@ -106,7 +122,7 @@ def test_app_join_map_and_admin_over_http(server: Server) -> None:
     server.admin("POST", f"/admin/v1/nodes/{pi_id}/routes", {"approved_routes": ["0.0.0.0/0", "::/0"]})
     delta = laptop.call("map", {"version": full["version"]})
     assert delta["delta"]["changed"][0]["routes"] == ["0.0.0.0/0", "::/0"]
-    metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    metrics = urllib.request.urlopen(server.admin_url + "/metrics").read().decode()
     assert 'meshpi_nodes{state="approved"} 2' in metrics and "meshpi_map_updates_sent_total 2" in metrics
 
 
@@ -123,7 +139,7 @@ def test_app_pending_node_is_refused_a_map_until_approved(server: Server) -> Non
 
 def test_app_admin_needs_the_token(server: Server) -> None:
     with pytest.raises(AdminError, match="401"):
-        admin_call(server.url, "wrong", "GET", "/admin/v1/nodes")
+        admin_call(server.admin_url, "wrong", "GET", "/admin/v1/nodes")
     with pytest.raises(AdminError, match="400"):
         server.admin("POST", "/admin/v1/keys", {"expires_in": "soon"})
 

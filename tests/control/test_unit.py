@@ -31,7 +31,9 @@ def test_unit_control_runs_unprivileged_with_admin_on_loopback() -> None:
     assert s["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
     assert "@system-service" in s["SystemCallFilter"]
     (exec_start,) = s["ExecStart"]
-    assert "--admin-listen 127.0.0.1:8081" in exec_start and "--state-dir /var/lib/meshpi-control" in exec_start
+    assert (
+        "--admin-listen 127.0.0.1:8081" in exec_start and "--state-dir /var/lib/meshpi-control" in exec_start
+    )
 
 
 def test_unit_control_systemd_analyze_security_score(capsys: pytest.CaptureFixture[str]) -> None:

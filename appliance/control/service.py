@@ -218,7 +218,10 @@ class ControlService:
                                     "a pending node cannot change its node key")  # fmt: skip
             if node.node_key != node_key:
                 # Announced by the machine key, so it is the node's own doing.
-                node = await self.changed(self.store.rotate_node_key, node.id, node_key)
+                try:
+                    node = await self.changed(self.store.rotate_node_key, node.id, node_key)
+                except NodeExists as e:  # another node's key: refused, not a 500
+                    raise ApiError(409, str(e)) from None
                 log.info("node %s rotated its node key to %s", node.name, node_key.short)
             return _registered(node, self.now())
         state, tags = NodeState.PENDING, _NO_TAGS

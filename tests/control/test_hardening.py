@@ -225,3 +225,13 @@ def test_hardening_serve_puts_admin_on_loopback_and_the_cli_finds_it(tmp_path: P
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0, (tmp_path / "control.log").read_text()
+
+
+def test_hardening_taking_another_nodes_key_is_409_not_500(server: Server) -> None:
+    """Node keys are public (every peer has them): registering or rotating to one
+    that another node holds is refused, and was a 500 before."""
+    a, _b, secret = _approved_pair(server)
+    e = _refused(lambda: _register(a, 2, secret))  # b's key
+    assert e.status == 409 and "already has key" in e.message
+    e = _refused(lambda: _register(server.client(), 1))  # a's key, anonymously
+    assert e.status == 409 and "already has this machine key or node key" in e.message

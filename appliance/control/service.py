@@ -250,20 +250,24 @@ class ControlService:
         return _registered(node, self.now())
 
     async def update(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        # Who first, then the counts, then parsing: a refused request costs no
+        # parsing of 40,000 routes.
+        node = await self._approved(machine, "update its endpoints or routes")
         f = _fields(body)
-        endpoints = f.get_list("endpoints", parse_endpoint)
-        routes = list(f.get_list("advertise_routes", parse_network))
-        exit_node = f.get("advertise_exit_node", parse_bool, False)
-        f.done()
         try:
-            limits.check_count("endpoints", endpoints, limits.MAX_ENDPOINTS)
-            limits.check_count("advertise_routes", routes, limits.MAX_ROUTES)
+            for field, cap in (("endpoints", limits.MAX_ENDPOINTS), ("advertise_routes", limits.MAX_ROUTES)):
+                items = body.get(field) if isinstance(body, dict) else None
+                if isinstance(items, list):
+                    limits.check_count(field, items, cap)
+            endpoints = f.get_list("endpoints", parse_endpoint)
+            routes = list(f.get_list("advertise_routes", parse_network))
+            exit_node = f.get("advertise_exit_node", parse_bool, False)
+            f.done()
             limits.check_routes(self.store.mesh, routes)
         except limits.LimitError as e:
             raise ApiError(400, str(e)) from None
         if exit_node:
             routes += [r for r in EXIT_ROUTES if r not in routes]
-        node = await self._approved(machine, "update its endpoints or routes")
         await self.changed(self.store.set_endpoints, node.id, endpoints)
         await self.changed(self.store.set_advertised_routes, node.id, routes)
         return {}

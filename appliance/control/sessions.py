@@ -20,7 +20,8 @@ A flood of hellos must not push out the sessions of the mesh's own nodes, so:
   own oldest one (a node needs one, two while a long-poll and an update overlap);
 - a session the server `trust`s (its machine is an approved node: app.py says so
   after a request such a node made) is evicted only when no untrusted one is left.
-  Making machine keys is cheap, but approved nodes are not.
+  Making machine keys is cheap, but approved nodes are not. Untrusted sessions
+  are also capped on their own (MAX_UNTRUSTED), so such a flood takes ~1 MB.
 
 Not thread-safe, and need not be: the server calls it from its one asyncio thread.
 """
@@ -43,6 +44,9 @@ IDLE = 3600.0
 MAX_REQUESTS = 100_000
 MAX_SESSIONS = 65_536
 MAX_PER_MACHINE = 8
+# Sessions not (yet) trusted: a new machine needs one only to register, so a few
+# thousand are plenty, and a flood of fresh keys costs at most ~1 MB.
+MAX_UNTRUSTED = 4096
 WINDOW = 1024  # how far behind the newest request an older one may still arrive
 SESSION_BYTES = 16
 
@@ -93,10 +97,11 @@ class Sessions:
         max_requests: int = MAX_REQUESTS,
         max_sessions: int = MAX_SESSIONS,
         max_per_machine: int = MAX_PER_MACHINE,
+        max_untrusted: int = MAX_UNTRUSTED,
     ) -> None:
         self.clock, self.idle = clock, idle
         self.max_requests, self.max_sessions = max_requests, max_sessions
-        self.max_per_machine = max_per_machine
+        self.max_per_machine, self.max_untrusted = max_per_machine, max_untrusted
         # Least recently used first: eviction and idle expiry both take from the front.
         # Two tables: untrusted sessions go first when the cap is reached.
         self._table: OrderedDict[str, _Session] = OrderedDict()
@@ -148,6 +153,9 @@ class Sessions:
         # A node that was trusted stays trusted across its own new hellos.
         (self._trusted if trusted else self._table)[session_id] = _Session(machine, now, trusted=trusted)
         mine.append(session_id)
+        while len(self._table) > self.max_untrusted:
+            evicted = self._drop(self._table, next(iter(self._table)))
+            log.debug("untrusted sessions full: evicted the least recently used (%s)", evicted.machine)
         while len(self) > self.max_sessions:
             table = self._table if self._table else self._trusted
             evicted = self._drop(table, next(iter(table)))

@@ -154,3 +154,26 @@ def test_mesh_removed_node_is_dropped_by_peers_within_2s(world: World) -> None:
     world.admin("nodes", "remove", str(world.node_id("laptop2")))
     took = _within(2.0, "the pi to drop laptop2", lambda: key not in pi.peers_in_kernel())
     assert took <= 2.0
+
+
+def test_mesh_node_without_auth_key_waits_with_no_address_then_joins_when_approved(world: World) -> None:
+    """Runs after laptop2 was removed: it logs in again with no pre-auth key, waits
+    pending (no mesh address taken, nobody woken), and joins once the admin approves."""
+    pi, laptop2 = world.nodes["pi"], world.nodes["laptop2"]
+    # Its data plane goes first, so the new address lands on a fresh interface. (Changing
+    # the IPv4 address of a running interface is the agent's own matter: removing the
+    # old /10 primary makes Linux drop the new secondary with it, unless
+    # promote_secondaries is set.)
+    laptop2.meshpi("logout", check=False)
+    wait_for(lambda: laptop2.status().get("interface") is None, 10, "laptop2's interface to go")
+    res = laptop2.meshpi("up", "--login-server", world.login, "--hostname", "laptop2", "--backend", "userspace",
+                         "--interface", laptop2.interface, "--listen-port", "51822")  # fmt: skip
+    assert res.stdout.startswith("pending"), res.stdout + res.stderr
+    listed = [line.split() for line in world.admin("nodes", "list").splitlines()[1:]]
+    (row,) = [fields for fields in listed if fields[1] == "laptop2"]
+    assert row[2] == "pending" and len(row) == 4  # id, name, state, online: no addresses yet
+    world.admin("nodes", "approve", row[0])
+    wait_for(lambda: laptop2.status()["control"]["state"] == "connected", 20, "laptop2 to connect")  # type: ignore[index]
+    # The next address of the counter: 100.64.0.1-3 went to the first three registrations.
+    assert laptop2.mesh_v4() == "100.64.0.4"
+    wait_for(lambda: laptop2.host.ping(pi.mesh_v4(), count=1)[1] == 1, 15, "laptop2 -> pi")

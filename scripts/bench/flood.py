@@ -95,6 +95,7 @@ class Flood:
         self.counting = False
         self.heard: dict[int, float] = {}  # node -> when it heard the final change
         self.expect = ""
+        self.rss_series: list[float] = []  # RSS growth every 10 s of the flood, MiB
 
 
 async def long_poll(flood: Flood, i: int, node: Node, version: int) -> None:
@@ -162,7 +163,11 @@ async def window(
     """Run for `seconds`; returns (RSS growth MiB, deltas heard)."""
     rss0, _ = rss_mb(pid)
     flood.deltas, flood.counting = 0, True
-    await asyncio.sleep(seconds)
+    start = time.monotonic()
+    while (left := seconds - (time.monotonic() - start)) > 0:
+        await asyncio.sleep(min(10.0, left))
+        if tasks:  # RSS over the flood: growing without bound, or levelling off at the caps?
+            flood.rss_series.append(round(rss_mb(pid)[0] - rss0, 1))
     flood.counting = False
     flood.stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -236,11 +241,17 @@ async def measure(args: argparse.Namespace, pid: int, url: str, state: Path) -> 
         sessions = [aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
                     for ip in SOURCES]  # fmt: skip
         try:
-            tasks = [asyncio.create_task(registrations(flood, url, control, sessions[i:] + sessions[:i]))
-                     for i in range(args.concurrency)]  # fmt: skip
-            tasks += [asyncio.create_task(hellos(flood, url, control, http)) for _ in range(4)]
-            tasks += [asyncio.create_task(oversized(flood, url, http)) for _ in range(2)]
-            tasks.append(asyncio.create_task(pending_abuse(flood, pending)))
+            kinds = set(args.kinds.split(","))
+            tasks = []
+            if "register" in kinds:
+                tasks += [asyncio.create_task(registrations(flood, url, control, sessions[i:] + sessions[:i]))
+                          for i in range(args.concurrency)]  # fmt: skip
+            if "hello" in kinds:
+                tasks += [asyncio.create_task(hellos(flood, url, control, http)) for _ in range(4)]
+            if "oversized" in kinds:
+                tasks += [asyncio.create_task(oversized(flood, url, http)) for _ in range(2)]
+            if "pending" in kinds:
+                tasks.append(asyncio.create_task(pending_abuse(flood, pending)))
             print(f"flood: {args.seconds:g} s, {len(tasks)} flooding coroutines ...", flush=True)
             t0 = time.monotonic()
             flood_rss, flood_deltas = await window(flood, pid, args.seconds, tasks)
@@ -287,6 +298,7 @@ async def measure(args: argparse.Namespace, pid: int, url: str, state: Path) -> 
     print(f"  RSS growth, MiB   {quiet_rss:>18.1f} {flood_rss:>10.1f}")
     print(f"  deltas to nodes   {quiet_deltas:>18} {flood_deltas:>10}")
     print(f"  addresses used    {0:>18} {addresses:>10}")
+    print(f"  RSS growth every 10 s of the flood, MiB: {flood.rss_series}")
     print(
         f"after the flood, one approved route reached {len(flood.heard)}/{args.nodes} nodes "
         f"in {heard_s:.3f} s"
@@ -298,6 +310,7 @@ async def measure(args: argparse.Namespace, pid: int, url: str, state: Path) -> 
         "answers": by_kind,
         "rss_growth_mb": round(flood_rss, 1),
         "rss_growth_quiet_mb": round(quiet_rss, 1),
+        "rss_growth_series_mb": flood.rss_series,
         "deltas_to_approved_nodes": flood_deltas,
         "deltas_quiet": quiet_deltas,
         "addresses_consumed": addresses,
@@ -311,6 +324,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="flood duration (default 60)")
     ap.add_argument("--quiet", type=float, default=10.0, help="quiet reference window (default 10)")
     ap.add_argument("--nodes", type=int, default=5, help="approved nodes long-polling (default 5)")
+    ap.add_argument("--kinds", default="register,hello,oversized,pending", help="what floods (default: all)")
     ap.add_argument("--concurrency", type=int, default=16, help="registration flooders (default 16)")
     args = ap.parse_args()
     print(f"meshpi-control flood benchmark: {os.cpu_count()} CPUs, loopback only")

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.control_client import ControlError
-from appliance.agent.localapi import SOCKET_GROUP, SocketError
-from appliance.agent.localcontrol import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
+from appliance.agent.control.client import ControlError
+from appliance.agent.control.local import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
+from appliance.agent.localapi.server import SOCKET_GROUP, SocketError
 from appliance.agent.statedir import DEFAULT_STATE_DIR, StateDir, StateDirError
 from appliance.client.localapi import DEFAULT_SOCKET
 from appliance.kernel.base import KernelError
@@ -160,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="status LEDs on these GPIO pins (empty: none)")  # fmt: skip
         cmd.add_argument("--act-led", action=argparse.BooleanOptionalAction, default=None,
                          help="show the status on the board's ACT LED too")  # fmt: skip
+        cmd.add_argument("--port-mapping", action=argparse.BooleanOptionalAction, default=None,
+                         help="map the WireGuard port on the home router (PCP, NAT-PMP, UPnP)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 
@@ -246,7 +248,7 @@ def _make_system(state: StateDir):  # type: ignore[no-untyped-def]
 
 
 def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
-    from appliance.agent.localcontrol import LocalControl, LocalControlOptions
+    from appliance.agent.control.local import LocalControl, LocalControlOptions
     from appliance.agent.loop import Agent
 
     if (args.netmap is None) != (args.prefs is None):
@@ -264,8 +266,8 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
         agent = Agent(args.netmap, args.prefs, state, _make_system(state))
 
     def serve(agent: Agent) -> Any:
-        from appliance.agent.localapi import serve
-        from appliance.agent.localapi_routes import build_router
+        from appliance.agent.localapi.routes import build_router
+        from appliance.agent.localapi.server import serve
 
         return serve(Path(args.local_api), build_router(agent, local), args.local_api_group)
 
@@ -300,7 +302,7 @@ def _client_verb(args: argparse.Namespace, state: StateDir) -> int:
 
 def _ask(args: Any, client: Any) -> int:
     if args.command == "status":
-        from appliance.agent.status import format_status
+        from appliance.agent.localapi.status import format_status
 
         st = client.get("/v1/status")
         print(json.dumps(st, indent=2) if args.json else format_status(st))

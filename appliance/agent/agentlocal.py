@@ -2,12 +2,13 @@
 kernel under the agent's lock, the control link's status, the LEDs' tick, and
 `logout` (the data plane goes, the agent stays and waits for a new login).
 
-A mixin of `Agent`: it uses the agent's state (inputs, system, reconciler).
+A mixin of `Agent`: it uses the agent's state (inputs, system, reconciler). The
+LocalAPI's handlers do not see it whole: each declares the narrow read-only view
+it needs as a Protocol (localapi/status.py, localapi/routes.py, devices/hosted.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -15,23 +16,24 @@ from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from appliance.agent import bus as updates
 from appliance.agent import commands
-from appliance.agent.agentleds import AgentLeds
+from appliance.agent.leds import AgentLeds
 from appliance.agent.logring import LogRing
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import StateDir
-from appliance.base.files import atomic_write
 from appliance.core.changes import Change
-from appliance.core.model import Connected, State
+from appliance.core.model import Connected, HostedDevice, State
 from appliance.core.prefs import Prefs
 from appliance.kernel.base import KernelError, WgDevice
 from appliance.kernel.system import ApplyError, System
 from appliance.leds import LedFacts
-from appliance.wire.fields import ConfigError
 
 if TYPE_CHECKING:
-    from appliance.agent.controllink import ControlLink
-    from appliance.agent.loop import Inputs
+    from appliance.agent.control.link import ControlLink
+    from appliance.agent.inputs import Inputs, Snapshot, Wanted
+    from appliance.agent.reach.service import Reachability
+    from appliance.core.conflicts import RouteConflict
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class AgentLocal:
     system: System | None
     reconciler: Reconciler | None
     inputs: Inputs | None
+    wanted: Wanted
+    bus: updates.Bus
+    snapshot: Snapshot | None
+    conflicts: tuple[RouteConflict, ...]
+    reach: Reachability | None
 
     def _init_local(self, leds: AgentLeds) -> None:
         # The reconcile loop and the LocalAPI's threads take turns on the kernel.
@@ -59,19 +66,6 @@ class AgentLocal:
         self.last_error: str | None = None  # the last apply or input failure, until one succeeds
         self.changes_applied = 0
         self._reader: System | None = None
-
-    @property
-    def status_path(self) -> Path:
-        return self.state.path / "control-status.json"
-
-    @property
-    def login_path(self) -> Path:
-        return self.state.path / "login.json"
-
-    def may_start(self) -> bool:
-        """Is there a netmap to apply? In control mode only while logged in: a
-        netmap that arrives after a logout must not bring the data plane back."""
-        return self.netmap_path.exists() and (not self.control or self.login_path.exists())
 
     def _sync(self, reconciler: Reconciler, desired: State, reread: bool = False) -> list[Change]:
         try:
@@ -87,20 +81,39 @@ class AgentLocal:
     def control_status(self) -> dict[str, Any]:
         if not self.control:
             return {"state": "static", "detail": f"netmap from {self.netmap_path}"}
-        status = commands.read_json(self.status_path)
-        return status or {"state": "connecting", "detail": "the control link is starting"}
-
-    def mark_connecting(self) -> None:
-        """A status file left by the previous run says nothing about this one."""
-        doc = {"state": "connecting", "detail": "the agent started; reaching control"}
-        atomic_write(self.status_path, json.dumps(doc) + "\n")
+        if self.link is None:
+            return {"state": "connecting", "detail": "the control link is starting"}
+        return self.link.status.to_json()
 
     def stored_prefs(self) -> Prefs:
-        """The prefs as stored (what PATCH /v1/prefs changes), else the applied ones."""
-        try:
-            return commands.current_prefs(self.prefs_path)
-        except ConfigError:
-            return self.inputs.prefs if self.inputs is not None else Prefs()
+        """The prefs the owner chose last (what PATCH /v1/prefs changes)."""
+        return self.wanted.prefs
+
+    def applied(self) -> Inputs | None:
+        """The inputs the kernel holds now (None before the first apply)."""
+        return self.inputs
+
+    @property
+    def devices_file(self) -> Path:
+        return self.state.devices_file
+
+    def devices_changed(self, devices: tuple[HostedDevice, ...]) -> None:
+        self.bus.put(updates.DevicesChanged(devices))
+
+    def reach_status(self) -> dict[str, Any] | None:
+        """Port mapping, STUN and the endpoints told to control (None in static mode)."""
+        return self.reach.status() if self.reach is not None else None
+
+    def route_conflicts(self) -> list[str]:
+        """Peers' routes this host's own networks win over (set aside, or narrowed)."""
+        return [str(c) for c in self.conflicts]
+
+    def led_state(self) -> str:
+        return self.leds.state.value
+
+    def firstboot_report(self) -> dict[str, Any] | None:
+        path = self.state.firstboot_file
+        return commands.read_json(path) if path.exists() else None
 
     def read_device(self) -> WgDevice | None:
         with self.lock:
@@ -144,10 +157,9 @@ class AgentLocal:
             self._tick()
 
     def _tick(self) -> None:
-        prefs = self.inputs.prefs if self.inputs is not None else self._prefs_or_none()
-        if prefs is not None:
-            self.leds.configure(prefs.led_pins, prefs.act_led)
-        offers_exit = prefs is not None and prefs.advertise_exit_node
+        prefs = self.inputs.prefs if self.inputs is not None else self.wanted.prefs
+        self.leds.configure(prefs.led_pins, prefs.act_led)
+        offers_exit = prefs.advertise_exit_node
         total = None
         if offers_exit:
             try:
@@ -165,25 +177,23 @@ class AgentLocal:
             last_error=self.last_error,
         ))  # fmt: skip
 
-    def _prefs_or_none(self) -> Prefs | None:
-        try:
-            return commands.current_prefs(self.prefs_path)
-        except ConfigError:
-            return None
-
     # -- leaving the mesh ----------------------------------------------------------
 
     def logout(self) -> str:
         """Tell control, take the data plane down, and wait for a new login."""
-        before = commands.mtime(self.status_path)
+        before = self.link.status.seq if self.link is not None else 0
         detail = commands.logout(self.state)  # raises ControlError: then nothing changed
         if self.link is not None:
             self.link.login_changed()
-        # Until the link hears it is out, a map answer may still rewrite the netmap.
-        commands.wait_for_status(self.status_path, before, LINK_GAVE_UP, LOGOUT_WAIT)
+            # Until the link hears it is out, a map answer may still be on its way.
+            self.link.wait_for(before, LINK_GAVE_UP, LOGOUT_WAIT)
+        if self.reach is not None:
+            self.reach.release()
         with self.lock:
             self.take_down()
-        self.netmap_path.unlink(missing_ok=True)
+            self.wanted = self.wanted.patched(updates.NetmapGone())
+            if self.snapshot is not None:
+                self.snapshot.mark(None)
         self.tick()
         return detail
 

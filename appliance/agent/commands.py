@@ -5,28 +5,31 @@ UI are its clients); `meshpi set` also runs `set_prefs` itself when no agent
 runs, so prefs can be chosen before the first start. There is one
 implementation of each verb, here.
 
-They write what the owner chose (prefs.json, login.json) atomically; the agent's
-loop watches those files and its control link acts on them. Prefs are checked
-with the agent's own parser before anything is written, so a bad value changes
-nothing.
+They store what the owner chose (prefs.json, login.json) atomically, for the
+next start, and the running agent hears of it in memory: prefs go to the loop
+on the bus, a login wakes the control link, and `up` waits on the link's status.
+Prefs are checked with the agent's own parser before anything is written, so a
+bad value changes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.agent.statedir import StateDir
 from appliance.base.files import atomic_write
 from appliance.core.prefs import Prefs, dump_prefs, load_prefs, parse_prefs
 
+if TYPE_CHECKING:
+    from appliance.agent.control.link import ControlLink
+
 log = logging.getLogger(__name__)
 
 UP_WAIT = 20.0  # seconds `up` waits for control's answer
-ANSWERED = ("connected", "pending", "error")  # control-status.json states that answer an `up`
+ANSWERED = ("connected", "pending", "error")  # link states that answer an `up`
 
 # CLI flag -> prefs field; a flag left out leaves its pref as it was.
 PREF_FLAGS = {
@@ -42,6 +45,7 @@ PREF_FLAGS = {
     "listen_port": "listen_port",
     "led_pins": "led_pins",
     "act_led": "act_led",
+    "port_mapping": "port_mapping",
 }
 
 
@@ -58,60 +62,39 @@ def set_prefs(path: Path, changes: dict[str, Any]) -> Prefs:
     return prefs
 
 
-def up(state: StateDir, prefs_path: Path, login_server: str, auth_key: str | None,
+def up(state: StateDir, link: ControlLink, set_prefs: Any, login_server: str, auth_key: str | None,
        changes: dict[str, Any], wait: float = UP_WAIT) -> dict[str, Any]:  # fmt: skip
-    """Store the login and the prefs, then wait for the control link's answer."""
+    """Store the login and the prefs, wake the link, and wait for control's answer.
+    `set_prefs(changes) -> Prefs` is the agent's own (it reaches the loop too)."""
     from appliance.wire.seal import parse_login_url
 
     parse_login_url(login_server)  # a bad URL is refused here, not in the agent's log
-    prefs = set_prefs(prefs_path, changes)
-    status_path = state.path / "control-status.json"
-    before = mtime(status_path)
+    prefs = set_prefs(changes)
+    before = link.status.seq
     login = {"server": login_server, "auth_key": auth_key}
-    atomic_write(state.path / "login.json", json.dumps(login) + "\n", mode=0o600)
-    answer = wait_for_status(status_path, before, ANSWERED, wait)
+    atomic_write(state.login_file, json.dumps(login) + "\n", mode=0o600)
+    link.login_changed()
+    answer = link.wait_for(before, ANSWERED, wait)
     if answer is None:
         return {"state": "timeout", "detail": f"no answer from control within {wait:g} s",
                 "prefs": prefs.to_json()}  # fmt: skip
-    return answer
+    return answer.to_json()
 
 
 def logout(state: StateDir) -> str:
     """Tell control this node leaves and forget the login. The agent then takes
     the data plane down. Raises ControlError when control cannot be told."""
-    from appliance.agent.control_client import ControlClient
-    from appliance.agent.controllink import Login
+    from appliance.agent.control.client import ControlClient
+    from appliance.agent.control.link import Login
     from appliance.wire.seal import parse_login_url
 
-    login_path = state.path / "login.json"
-    login = Login.load(login_path)
+    login = Login.load(state.login_file)
     if login is None:
         return "not logged in"
     base, control_pub = parse_login_url(login.server)
     ControlClient(base, state.machine_key(), control_pub, timeout=10).call("logout", {})
-    login_path.unlink(missing_ok=True)
+    state.login_file.unlink(missing_ok=True)
     return f"logged out of {base}"
-
-
-def wait_for_status(path: Path, before: int | None, states: tuple[str, ...],
-                    wait: float) -> dict[str, Any] | None:  # fmt: skip
-    """The control link's status once it was rewritten (mtime not `before`) with
-    one of `states`; None if that did not happen within `wait` seconds."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if mtime(path) != before:
-            status = read_json(path)
-            if status.get("state") in states:
-                return status
-        time.sleep(0.1)
-    return None
-
-
-def mtime(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,49 +1,65 @@
-"""The agent's main loop: reconcile the kernel toward a netmap and prefs, again
-whenever either file changes, and every `resync` seconds from a fresh read.
+"""The agent's main loop: reconcile the kernel toward the wanted inputs, again
+whenever an update arrives on the bus (bus.py), and every `resync` seconds
+from a fresh read of the kernel.
 
 Two sources of netmap, one loop:
-- static mode: a netmap file someone else writes (`meshpi agent --netmap F --prefs F`);
 - control mode (`meshpi agent`): the ControlLink thread long-polls control and
-  writes `<state>/netmap.json`; prefs live in `<state>/prefs.json` (`meshpi up/set`).
+  hands each full map or delta to the bus, parsed once; prefs and devices come
+  from the LocalAPI the same way;
+- static mode: a netmap file someone else writes (`meshpi agent --netmap F
+  --prefs F`), read by the StaticFiles thread (static.py).
 
 Bad input never reaches the kernel: at start it ends the agent with the error
 (exit 2); later it is logged and the last good state stays in place.
 
 The loop also ticks the status LEDs every LED_TICK seconds, and the LocalAPI
-(localapi.py) serves from threads of its own: kernel reads and applies from
-either side hold `Agent.lock` (agentlocal.py).
+(localapi/) serves from threads of its own: kernel reads and applies from
+either side hold `Agent.lock` (agentlocal.py). Subsystems that need run-time
+state subscribe to the bus (`Applied`, after each apply).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, Protocol
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
-from appliance.agent.agentleds import AgentLeds, LedOpener
+from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
-from appliance.agent.devices import DEVICES_FILE, load_devices
+from appliance.agent.devices.hosted import load_devices
 from appliance.agent.handshakes import carried_endpoints, handshake_targets, rotated_peers
+from appliance.agent.inputs import Inputs, Snapshot, Wanted
+from appliance.agent.leds import AgentLeds, LedOpener
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
-from appliance.agent.watch import Watcher
+from appliance.agent.static import StaticFiles
 from appliance.base.keys import PrivateKey, PublicKey
-from appliance.core.model import HostedDevice, Scope, State
-from appliance.core.planner import exit_node_problem, plan
+from appliance.base.net import Endpoint
+from appliance.core.conflicts import RouteConflict
+from appliance.core.model import Scope, State
+from appliance.core.planner import PeerMemo, exit_node_problem, make_plan
 from appliance.core.prefs import Prefs, load_prefs
 from appliance.kernel.base import KernelError
 from appliance.kernel.system import System
 from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import Netmap, load_netmap
 
+if TYPE_CHECKING:
+    from appliance.agent.reach.service import Reachability
+
 log = logging.getLogger(__name__)
 
 SystemFactory = Callable[[str], System]  # backend preference -> System
 LED_TICK = 2.0  # seconds between looks at control and the tunnel's byte counters
+STUN_PORT = 3478  # meshpi-control serves STUN here
 
 
 class Service(Protocol):
@@ -52,21 +68,11 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Inputs:
-    netmap: Netmap
-    prefs: Prefs
-    devices: tuple[HostedDevice, ...] = ()  # phones this node hosts (devices.py)
-
-    @property
-    def scope(self) -> Scope:
-        return Scope(self.prefs.interface, self.prefs.table, self.prefs.fwmark)
-
-
-def offers(prefs: Prefs) -> dict[str, Any]:
-    """What this node tells control it offers (protocol v1, `update`)."""
+def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
+    """What this node tells control it offers (protocol v1, `update`): `endpoints`
+    are its candidates (reach/service.py), else the owner's own."""
     return {
-        "endpoints": [str(e) for e in prefs.advertise_endpoints],
+        "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
         "advertise_routes": [str(r) for r in prefs.advertise_routes],
         "advertise_exit_node": prefs.advertise_exit_node,
     }
@@ -85,28 +91,42 @@ class Agent(AgentLocal):
         self.netmap_path, self.prefs_path = netmap_path, prefs_path
         self.state, self.make_system, self.control = state, make_system, control
         self.key = state.node_key()
+        self.bus = updates.Bus()
         self.system: System | None = None
         self.reconciler: Reconciler | None = None
-        self.inputs: Inputs | None = None
+        self.wanted = Wanted(None, Prefs())
+        self.inputs: Inputs | None = None  # what was last applied
         self.exit_problem: str | None = None  # why the chosen exit node carries nothing
+        self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
+        self.snapshot = Snapshot(state.netmap_file) if control else None
+        self.memo = PeerMemo()
+        self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self._init_local(AgentLeds(leds))
 
     @classmethod
     def for_control(cls, state: StateDir, make_system: SystemFactory, leds: LedOpener | None = None) -> Agent:
-        return cls(state.path / "netmap.json", state.path / "prefs.json", state, make_system, True, leds)
+        return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds)
 
     def load_prefs(self) -> Prefs:
         if self.control and not self.prefs_path.exists():
             return Prefs()  # nobody ran `meshpi up/set` yet
         return load_prefs(self.prefs_path)
 
-    @property
-    def devices_path(self) -> Path:
-        return self.state.path / DEVICES_FILE
-
-    def load(self) -> Inputs:
-        devices = tuple(d.hosted() for d in load_devices(self.devices_path)) if self.control else ()
-        return Inputs(load_netmap(self.netmap_path), self.load_prefs(), devices)
+    def load(self) -> Wanted:
+        """The inputs from the state directory (control) or the files (static),
+        at start and on SIGHUP; raises ConfigError naming file, field and value."""
+        prefs = self.load_prefs()
+        if not self.control:
+            return Wanted(load_netmap(self.netmap_path), prefs)
+        devices = tuple(d.hosted() for d in load_devices(self.state.devices_file))
+        netmap = None
+        if self.netmap_path.exists() and self.state.login_file.exists():
+            try:
+                netmap = load_netmap(self.netmap_path)  # the snapshot: control sends a full map soon
+            except ConfigError as e:
+                # Only a snapshot: never a reason to stop (control sends a full map).
+                log.warning("%s; starting without it, waiting for control's netmap", e)
+        return Wanted(netmap, prefs, devices)
 
     def desired(self, inputs: Inputs, system: System) -> State:
         problem = exit_node_problem(inputs.netmap, inputs.prefs)
@@ -129,10 +149,17 @@ class Agent(AgentLocal):
         if ours - {inputs.scope.interface}:
             facts = replace(facts, connected=tuple(c for c in facts.connected if c.dev not in ours))
         key = self._key_for(inputs.netmap)
-        return plan(inputs.netmap, inputs.prefs, key, facts, str(self.netmap_path), inputs.devices)
+        planned = make_plan(
+            inputs.netmap, inputs.prefs, key, facts, str(self.netmap_path), inputs.devices, self.memo
+        )
+        if planned.conflicts != self.conflicts:
+            for conflict in set(planned.conflicts) - set(self.conflicts):
+                log.warning("%s", conflict)
+            self.conflicts = planned.conflicts
+        return planned.state
 
     def _key_for(self, netmap: Netmap) -> PrivateKey:
-        """The node key the netmap is for: after a rotation (controllink.py) that is
+        """The node key the netmap is for: after a rotation (control/link.py) that is
         the new key, whichever of node.key and node.key.next holds it right now."""
         wanted = netmap.self_node.public_key
         if self.key.public_key() != wanted:
@@ -146,8 +173,8 @@ class Agent(AgentLocal):
         """A peer behind NAT that rotated its key: its new peer starts from where
         the old one had roamed to (handshakes.py)."""
         assert self.system is not None
-        if before.netmap.peers == after.netmap.peers or not rotated_peers(before.netmap, after.netmap):
-            return desired
+        if not after.netmap.removed_since(before.netmap) or not rotated_peers(before.netmap, after.netmap):
+            return desired  # a rotation removes the old key: no removal, no rotation (O(1) for a delta)
         device = self.system.wireguard.read(after.scope.interface)
         learned = {k: s.endpoint for k, s in device.stats.items()} if device is not None else {}
         carried = carried_endpoints(before.netmap, after.netmap, learned)
@@ -161,8 +188,9 @@ class Agent(AgentLocal):
     def _start_handshakes(self, before: Inputs, after: Inputs) -> None:
         """After a rotation, start the handshakes WireGuard would otherwise delay."""
         assert self.system is not None
-        if before.netmap.self_node == after.netmap.self_node and before.netmap.peers == after.netmap.peers:
-            return
+        same_self = before.netmap.self_node == after.netmap.self_node
+        if same_self and not after.netmap.removed_since(before.netmap):
+            return  # nothing rotated (O(1) for a delta)
         handshakes: dict[PublicKey, float | None] = {}
         if before.netmap.self_node.public_key != after.netmap.self_node.public_key:
             device = self.system.wireguard.read(after.scope.interface)
@@ -174,10 +202,9 @@ class Agent(AgentLocal):
             except KernelError as e:
                 log.warning("could not start a handshake with %s: %s", address, e)
 
-    def start(self) -> None:
-        """Load, check and apply once. Raises ConfigError before any kernel change."""
-        inputs = self.load()
-        self.system = self.make_system(inputs.prefs.backend)
+    def start(self, inputs: Inputs) -> None:
+        """Check and apply once. Raises ConfigError before any kernel change."""
+        self.system = self.system or self.make_system(inputs.prefs.backend)
         desired = self.desired(inputs, self.system)
         previous = self.state.owned()
         if previous is not None and previous.scope != inputs.scope:
@@ -194,21 +221,18 @@ class Agent(AgentLocal):
         else:
             log.info("took over %s: the kernel already matches, no changes", inputs.scope.interface)
         self.inputs = inputs
+        self._applied(len(applied))
 
     def update(self, reread: bool) -> None:
-        """Files changed or a resync is due: re-plan and apply what differs."""
+        """The wanted inputs changed or a resync is due: re-plan, apply what differs."""
+        inputs = self.wanted.inputs()
+        if inputs is None:
+            return
         if self.inputs is None:
-            if self.may_start():
-                self.start()
+            self.start(inputs)
             return
         assert self.system is not None and self.reconciler is not None
-        try:
-            inputs = self.load()
-            desired = self.desired(inputs, self.system)
-        except ConfigError as e:
-            log.error("%s; keeping the last good state", e)
-            self.last_error = str(e)
-            return
+        desired = self.desired(inputs, self.system)  # a ConfigError leaves everything as it was
         if inputs.scope != self.inputs.scope:
             self._sync(Reconciler(self.system, self.inputs.scope), State())
             self.state.record_owned(Owned(inputs.scope, self.system.wireguard.name))
@@ -219,6 +243,39 @@ class Agent(AgentLocal):
         if applied:
             log.info("applied %d change(s)", len(applied))
             self._start_handshakes(before, inputs)
+        self._applied(len(applied))
+
+    def _applied(self, changes: int) -> None:
+        assert self.inputs is not None
+        if self.snapshot is not None:
+            self.snapshot.mark(self.inputs.netmap)
+        self.bus.publish(updates.Applied(self.inputs.netmap, self.inputs.prefs, changes))
+
+    def receive(self, batch: list[updates.Update]) -> bool:
+        """Patch the wanted inputs with a batch of updates; True if any changed them."""
+        changed = False
+        for update in batch:
+            if isinstance(update, updates.BadInput):
+                log.error("%s; keeping the last good state", update.message)
+                self.last_error = update.message
+                continue
+            is_map = isinstance(update, updates.NetmapFull | updates.NetmapDelta)
+            if self.control and is_map and not self.state.login_file.exists():
+                continue  # a map that arrives after a logout must not bring the data plane back
+            before = self.wanted
+            try:
+                self.wanted = self.wanted.patched(update)
+            except ConfigError as e:
+                log.error("%s; keeping the last good state", e)
+                self.last_error = str(e)
+                continue
+            new_offers = isinstance(update, updates.PrefsChanged) and offers(before.prefs) != offers(
+                update.prefs
+            )
+            if new_offers and self.link is not None:
+                self.link.offers_changed(self.wanted.prefs)
+            changed = changed or self.wanted != before
+        return changed
 
     def refresh(self, reread: bool) -> None:
         """update() under the kernel lock; a failure is logged, shown on the
@@ -228,76 +285,141 @@ class Agent(AgentLocal):
             try:
                 self.update(reread)
             except ConfigError as e:
-                log.error("%s; waiting for a good one", e)
+                log.error("%s; keeping the last good state", e)
                 self.last_error = str(e)
             except KernelError as e:
                 log.error("%s; will retry at the next resync", e)
                 self.last_error = str(e)
 
+    def set_prefs(self, changes: dict[str, Any]) -> Prefs:
+        """The owner's change (LocalAPI): checked, stored for the next start, and
+        handed to the loop. Raises ConfigError naming the field, changing nothing."""
+        from appliance.agent.commands import set_prefs
+
+        prefs = set_prefs(self.prefs_path, changes)
+        self.bus.put(updates.PrefsChanged(prefs))
+        return prefs
+
     def run(self, resync: float = 30.0, serve: Callable[[Agent], Service] | None = None) -> int:
         """Serve until SIGTERM/SIGINT. `serve` starts the LocalAPI, once this
         agent holds the state directory's lock (never another agent's socket)."""
         self.state.lock()
-        link = None
-        watched = [self.netmap_path, self.prefs_path]
+        self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
+        source: StaticFiles | None = None
         if self.control:
-            from appliance.agent.controllink import ControlLink
+            from appliance.agent.control.link import ControlLink
+            from appliance.agent.reach.service import Reachability
 
-            link = ControlLink(self.state, self.load_prefs, offers, self.netmap_path)
-            watched += [link.login_path, self.devices_path]
-            self.link = link
-            self.mark_connecting()
-        signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-        watcher = Watcher(watched, signals=signals)
+            self.reach = Reachability(self.stun_servers, self._endpoints_changed)
+            self.bus.subscribe(self.reach.on_applied)
+            self.link = ControlLink(
+                self.state, lambda: self.wanted.prefs, lambda p: offers(p, self.reach_candidates()), self.bus
+            )
+        else:
+            source = StaticFiles(self.netmap_path, self.prefs_path, self.bus)
+        old_handlers = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         logging.getLogger().addHandler(self.logs)
         server = None
         try:
             server = serve(self) if serve is not None else None
             self.tick()
             with self.lock:
-                if self.may_start() or not self.control:
-                    self.start()
+                if self.wanted.inputs() is not None:
+                    self.update(reread=True)
                 else:
                     log.info("no netmap yet: waiting for control")
-            if link is not None:
-                link.start()
-            return self._loop(watcher, link, resync)
+            for thread in (self.link, source):
+                if thread is not None:
+                    thread.start()
+            return self._loop(source, resync)
         finally:
             if server is not None:
                 server.close()
-            if link is not None:
-                link.stop()
-            watcher.close()
+            if self.link is not None:
+                self.link.stop()
+            if self.reach is not None:
+                self.reach.close()
+            if source is not None:
+                source.stop()
+            if self.snapshot is not None:
+                self.snapshot.flush(force=True)
             self.leds.close()
             logging.getLogger().removeHandler(self.logs)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
 
-    def _loop(self, watcher: Watcher, link: Any, resync: float) -> int:
+    def reach_candidates(self) -> tuple[Endpoint, ...] | None:
+        return self.reach.candidates() if self.reach is not None else None
+
+    def _endpoints_changed(self) -> None:
+        if self.link is not None:
+            self.link.offers_changed(self.wanted.prefs)
+
+    def stun_servers(self) -> list[Endpoint]:
+        """Control's own STUN server (its host, port 3478) and the prefs' others."""
+        from appliance.agent.control.link import Login
+        from appliance.wire.seal import parse_login_url
+
+        found = list(self.wanted.prefs.stun_servers)
+        try:
+            login = Login.load(self.state.login_file)
+            if login is not None:
+                host = urlsplit(parse_login_url(login.server)[0]).hostname or ""
+                for info in socket.getaddrinfo(host, STUN_PORT, type=socket.SOCK_DGRAM):
+                    found.append(Endpoint(ip_address(info[4][0]), STUN_PORT))
+        except (OSError, ValueError, ConfigError) as e:
+            log.debug("no STUN server from the login: %s", e)
+        return list(dict.fromkeys(found))
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        self.bus.put(updates.Reload(name) if signum == signal.SIGHUP else updates.Stop(name))
+
+    def _loop(self, source: StaticFiles | None, resync: float) -> int:
         next_resync = time.monotonic() + resync
         next_tick = time.monotonic()
         while True:
-            changed = watcher.wait(min(next_resync, next_tick) - time.monotonic())
-            stop = {signal.SIGTERM, signal.SIGINT} & set(watcher.signals)
-            if stop:
+            wake = min(next_resync, next_tick, self.snapshot.due if self.snapshot else float("inf"))
+            batch = self.bus.take(wake - time.monotonic())
+            stop = next((u for u in batch if isinstance(u, updates.Stop)), None)
+            if stop is not None:
                 # The interface and the table stay up: a restarted agent takes them over.
-                log.info("stopping on %s; the data plane stays up", signal.Signals(stop.pop()).name)
+                log.info("stopping on %s; the data plane stays up", stop.why)
                 return 0
-            hup = signal.SIGHUP in watcher.signals
-            watcher.signals.clear()
+            hup = any(isinstance(u, updates.Reload) for u in batch)
+            if hup:
+                self._reload(source)
             due = time.monotonic() >= next_resync
-            if link is not None:
-                if self.prefs_path in changed:
-                    link.offers_changed()
-                if link.login_path in changed:
-                    link.login_changed()
+            with self.lock:
+                changed = self.receive(batch)
             if changed or hup or due:
-                if changed:
-                    log.info("%s changed", ", ".join(sorted(p.name for p in changed)))
                 self.refresh(reread=due or hup)
                 if due:
                     next_resync = time.monotonic() + resync
-            if changed or hup or time.monotonic() >= next_tick:
+            if batch or time.monotonic() >= next_tick:
                 self.tick()
+                if self.reach is not None:
+                    self.reach.tick()
                 next_tick = time.monotonic() + LED_TICK
+            if self.snapshot is not None:
+                self.snapshot.flush()
+
+    def _reload(self, source: StaticFiles | None) -> None:
+        """SIGHUP: the files again (hand edits), then a full resync."""
+        log.info("reloading the state files and re-reading the kernel")
+        if source is not None:
+            source.reload()
+            return
+        try:
+            fresh = self.load()
+        except ConfigError as e:
+            log.error("%s; keeping the last good state", e)
+            self.last_error = str(e)
+            return
+        self.bus.put(updates.PrefsChanged(fresh.prefs))
+        self.bus.put(updates.DevicesChanged(fresh.devices))
 
 
 def down(state: StateDir, make_system: SystemFactory) -> int:

@@ -1,11 +1,20 @@
-"""The agent's state directory (/var/lib/meshpi): keys, ownership record, lock.
+"""The agent's state directory (/var/lib/meshpi): the one place that names its files.
 
-- node.key      WireGuard private key, mode 0600, made here and never sent anywhere
-- node.key.next the key a rotation moves to, until control has accepted it
-- machine.key   X25519 key that seals control requests, mode 0600, never sent anywhere
-- owned.json    which interface/table/fwmark/backend meshpi took, so `meshpi down`
-                removes exactly that even after prefs changed or the agent crashed
-- agent.pid     the running agent, held under an exclusive lock
+- node.key       WireGuard private key, mode 0600, made here and never sent anywhere
+- node.key.next  the key a rotation moves to, until control has accepted it
+- machine.key    X25519 key that seals control requests, mode 0600, never sent anywhere
+- owned.json     which interface/table/fwmark/backend meshpi took, so `meshpi down`
+                 removes exactly that even after prefs changed or the agent crashed
+- agent.pid      the running agent, held under an exclusive lock
+- prefs.json     what the owner chose (`meshpi up/set`, the dashboard)
+- login.json     the control server's login URL (and a pre-auth key until used), 0600
+- control.json   control's pinned public key (trust on first use)
+- netmap.json    the last netmap, a snapshot for the next start (written coalesced)
+- devices.json   the phones this node hosts (public keys only)
+- firstboot.json what first boot did with meshpi.toml (written by meshpi-firstboot)
+
+Everything here is a snapshot for the next start; at run time the agent's
+threads hand each other typed updates in memory (bus.py).
 """
 
 from __future__ import annotations
@@ -52,6 +61,30 @@ class StateDir:
 
     def ensure(self) -> None:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @property
+    def prefs_file(self) -> Path:
+        return self.path / "prefs.json"
+
+    @property
+    def login_file(self) -> Path:
+        return self.path / "login.json"
+
+    @property
+    def control_pin_file(self) -> Path:
+        return self.path / "control.json"
+
+    @property
+    def netmap_file(self) -> Path:
+        return self.path / "netmap.json"
+
+    @property
+    def devices_file(self) -> Path:
+        return self.path / "devices.json"
+
+    @property
+    def firstboot_file(self) -> Path:
+        return self.path / "firstboot.json"
 
     # -- the node key ----------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Wait for files to change (inotify) or for a signal, without polling.
+"""Wait for files to change (inotify), without polling.
 
 Watches the directories, not the files: editors and our own atomic writes
 replace a file by renaming over it, which a watch on the old inode would miss.
@@ -10,11 +10,9 @@ import ctypes
 import errno
 import os
 import select
-import signal
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from types import FrameType
 
 _IN_MODIFY = 0x002
 _IN_CLOSE_WRITE = 0x008
@@ -28,10 +26,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Watcher:
-    """`wait(timeout)` returns the set of watched names that changed, or the
-    signals that arrived; an empty result means the timeout passed."""
+    """`wait(timeout)` returns the set of watched names that changed; an empty
+    result means the timeout passed or `wake()` was called (from any thread)."""
 
-    def __init__(self, files: Iterable[Path], signals: Iterable[int] = ()) -> None:
+    def __init__(self, files: Iterable[Path]) -> None:
         self.files = {p.resolve() for p in files}
         self.fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if self.fd < 0:
@@ -44,19 +42,17 @@ class Watcher:
             if wd < 0:
                 raise OSError(ctypes.get_errno(), f"inotify_add_watch {d}")
             self.dirs[wd] = d
-        # Signals wake the same select() through a pipe (PEP 475-style self-pipe).
+        # wake() interrupts the same select() through a pipe (self-pipe).
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.signals: list[int] = []
-        for sig in signals:
-            signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.signals.append(signum)
-        os.write(self._sig_w, b"!")
+    def wake(self) -> None:
+        try:
+            os.write(self._sig_w, b"!")
+        except OSError as e:  # closed already, or the pipe is full: either way it wakes
+            if e.errno not in (errno.EBADF, errno.EAGAIN):
+                raise
 
     def wait(self, timeout: float) -> set[Path]:
-        if self.signals:
-            return set()
         ready, _, _ = select.select([self.fd, self._sig_r], [], [], max(timeout, 0))
         changed: set[Path] = set()
         if self._sig_r in ready:

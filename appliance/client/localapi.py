@@ -19,14 +19,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from appliance.base.errors import MeshpiError
+
 DEFAULT_SOCKET = Path("/run/meshpi/local.sock")
 MAX_ANSWER = 16 << 20
 
 
-class LocalAPIError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(message)
+class LocalAPIError(MeshpiError):
+    """The agent refused (its status and message), or could not be asked."""
 
 
 class AgentNotRunning(LocalAPIError):

@@ -28,6 +28,8 @@ from appliance.wire.fields import (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SERVICE: web.AppKey[ControlService] = web.AppKey("service", ControlService)
 TOKEN: web.AppKey[str] = web.AppKey("admin_token", str)
+# More /metrics lines, from parts of the server that keep their own counters (the relay).
+METRIC_SOURCES: web.AppKey[list[Callable[[], list[str]]]] = web.AppKey("metric_sources", list)
 
 
 def node_json(node: NodeRecord, online: bool) -> dict[str, Any]:
@@ -183,6 +185,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP meshpi_mesh_version The mesh's change counter.",
         "# TYPE meshpi_mesh_version gauge",
         f"meshpi_mesh_version {s.watch.version}",
+        *(line for source in request.app.get(METRIC_SOURCES, ()) for line in source()),
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

@@ -12,10 +12,9 @@ process carries them all, with the database on its own thread (service.py).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from ipaddress import ip_address
 from pathlib import Path
@@ -26,8 +25,9 @@ from nacl.public import PrivateKey as NaclPrivateKey
 
 from appliance.base.files import atomic_write
 from appliance.base.keys import PublicKey
-from appliance.control import admin
+from appliance.control import admin, stun
 from appliance.control.keys import load_admin_token, load_control_key
+from appliance.control.relay import Relay, add_relay
 from appliance.control.service import ApiError, ControlService
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
@@ -106,6 +106,7 @@ def create_app(service: ControlService, control_key: NaclPrivateKey) -> web.Appl
     app[BOXES] = Boxes(control_key)
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
+    add_relay(app, Relay(service, control_key, app[BOXES]))
 
     async def start(_app: web.Application) -> None:
         service.start()
@@ -118,11 +119,16 @@ def create_app(service: ControlService, control_key: NaclPrivateKey) -> web.Appl
     return app
 
 
-def create_admin_app(service: ControlService, admin_token: str) -> web.Application:
-    """The admin listener's application: admin API and /metrics (loopback only)."""
+def create_admin_app(
+    service: ControlService, admin_token: str, public: web.Application | None = None
+) -> web.Application:
+    """The admin listener's application: admin API and /metrics (loopback only), with
+    the counters that parts of the `public` app keep (the relay's)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[admin.admin_auth])
     app[admin.SERVICE] = service
     app[admin.TOKEN] = admin_token
+    if public is not None:
+        app[admin.METRIC_SOURCES] = public.setdefault(admin.METRIC_SOURCES, [])
     admin.add_routes(app)
     return app
 
@@ -143,17 +149,29 @@ def parse_listen(option: str, value: str, loopback: bool = False) -> tuple[str, 
     return host, int(port)
 
 
-def serve(state_dir: Path, listen: str, db: str | None, public_url: str | None, admin_listen: str) -> None:
+def serve(
+    state_dir: Path,
+    listen: str,
+    db: str | None,
+    public_url: str | None,
+    admin_listen: str,
+    stun_listen: str | None = "off",
+) -> None:
+    """stun_listen None: the default address, and a busy port there is a warning, not an end."""
     host, port = parse_listen("--listen", listen)
     admin_host, admin_port = parse_listen("--admin-listen", admin_listen, loopback=True)
+    stun_at = stun.parse_listen(stun_listen or stun.DEFAULT_LISTEN)
     key = load_control_key(state_dir)
     token = load_admin_token(state_dir)
     url = db or str(state_dir / "control.db")
     service = ControlService(lambda: open_store(url))
+    app = create_app(service, key)
+    if stun_at is not None:
+        app.cleanup_ctx.append(_stun_ctx(*stun_at, required=stun_listen is not None))
     shown = public_url or f"http://{host if host not in ('', '0.0.0.0', '::') else '<this host>'}:{port}"
     log.info("meshpi control on %s; nodes log in with: %s", listen, login_url(shown, key.public_key))
-    asyncio.run(_serve(state_dir, create_app(service, key), (host, port),
-                       create_admin_app(service, token), (admin_host, admin_port)))  # fmt: skip
+    admin_app = create_admin_app(service, token, app)
+    asyncio.run(_serve(state_dir, app, (host, port), admin_app, (admin_host, admin_port)))
 
 
 async def _serve(
@@ -186,5 +204,20 @@ async def _serve(
             await runner.cleanup()
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def _stun_ctx(host: str, port: int, required: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The STUN server lives as long as the HTTP server, on the same event loop."""
+
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        try:
+            server = await stun.start(host, port)
+        except OSError as e:
+            if required:
+                raise
+            # A second control on one host (tests, a bench) must not fail for want of STUN.
+            log.warning("%s; serving without STUN (--stun-listen chooses another address)", e.strerror)
+            yield
+            return
+        yield
+        server.close()
+
+    return ctx

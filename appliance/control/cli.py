@@ -1,6 +1,7 @@
 """`meshpi-control`: run the coordination server, and administer it.
 
-    meshpi-control serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--db URL] [--state-dir D]
+    meshpi-control serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--stun-listen HOST:PORT|off]
+                         [--db URL] [--state-dir D]
     meshpi-control nodes list|approve ID|remove ID|expire ID
     meshpi-control routes list|approve ID CIDR...
     meshpi-control keys create [--reusable] [--expires SECONDS] [--tag T]...|list|revoke ID
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         "--admin-listen",
         default=DEFAULT_ADMIN_LISTEN,
         help=f"loopback HOST:PORT of the admin API and /metrics (default {DEFAULT_ADMIN_LISTEN})",
+    )
+    serve.add_argument(
+        "--stun-listen",
+        help="UDP HOST:PORT of the STUN server, or off (default 0.0.0.0:3478, and [::]:3478 where "
+        "the host has IPv6; if that port is taken, control runs without STUN and says so)",
     )
     serve.add_argument("--db", help="sqlite path or postgresql://… URL (default STATE_DIR/control.db)")
     serve.add_argument("--public-url", help="the URL nodes use, for the login URL it prints")
@@ -175,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from appliance.control.app import serve
 
-            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen)
+            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen)
             return 0
         return _admin(args)
-    except (AdminError, ControlKeyError, ValueError) as e:
+    except (AdminError, ControlKeyError) as e:
         print(f"meshpi-control: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a bad --listen, --admin-listen or --stun-listen
         print(f"meshpi-control: {e}", file=sys.stderr)
         return 1
 

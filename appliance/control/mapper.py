@@ -13,8 +13,8 @@ from typing import Any
 
 from appliance.base.keys import PublicKey
 from appliance.control.store_records import Changes, NodeRecord, NodeState
-from appliance.wire.mapdelta import delta_json, netmap_json
-from appliance.wire.netmap import Mesh, Netmap, Node
+from appliance.wire.mapdelta import delta_json
+from appliance.wire.netmap import Mesh, Netmap, Node, netmap_json
 
 
 def visible(record: NodeRecord, now: datetime) -> bool:
@@ -29,15 +29,19 @@ def wire_node(record: NodeRecord) -> Node:
         # The best candidate first; NAT traversal will choose among them later.
         endpoint=record.endpoints[0] if record.endpoints else None,
         routes=record.served_routes,
+        endpoints=record.endpoints,
     )
 
 
-def full_map(mesh: Mesh, viewer: NodeRecord, records: Iterable[NodeRecord], now: datetime) -> dict[str, Any]:
+def full_map(
+    mesh: Mesh, viewer: NodeRecord, records: Iterable[NodeRecord], now: datetime, capver: int
+) -> dict[str, Any]:
+    """In the capability version the viewer asked for (netmap.py's CAPVER)."""
     peers = tuple(wire_node(r) for r in records if r.id != viewer.id and visible(r, now))
-    return netmap_json(Netmap(mesh, wire_node(viewer), peers))
+    return netmap_json(Netmap(mesh, wire_node(viewer), peers), capver)
 
 
-def delta(viewer: NodeRecord, changes: Changes, now: datetime) -> dict[str, Any]:
+def delta(viewer: NodeRecord, changes: Changes, now: datetime, capver: int) -> dict[str, Any]:
     changed: list[Node] = []
     removed: list[PublicKey] = [t.public_key for t in changes.tombstones]
     self_node = None
@@ -48,4 +52,4 @@ def delta(viewer: NodeRecord, changes: Changes, now: datetime) -> dict[str, Any]
             changed.append(wire_node(record))
         else:
             removed.append(record.node_key)  # pending again, or its key expired
-    return delta_json(changed, removed, self_node)
+    return delta_json(changed, removed, self_node, capver)

@@ -36,6 +36,7 @@ from appliance.control.store_records import (
 from appliance.wire.fields import (
     ConfigError,
     Fields,
+    int_range,
     parse_bool,
     parse_endpoint,
     parse_network,
@@ -275,6 +276,8 @@ class ControlService:
     async def map(self, machine: PublicKey, body: object) -> dict[str, Any]:
         f = _fields(body)
         version = f.get("version", _optional_version, None)
+        # What the agent can read (wire/netmap.py); an agent from before versioning sends none.
+        capver = f.get("capver", int_range(1, 1 << 30), 1)
         f.done()
         node = await self._approved(machine, "get a map")
         if node.key_expired(self.now()):
@@ -285,13 +288,13 @@ class ControlService:
             self._seen[node.id] = self.now()
             if self._flusher is None:
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_seen())
-            return await self._map(node, version)
+            return await self._map(node, version, capver)
         finally:
             online[node.id] -= 1
             if not online[node.id]:
                 del online[node.id]
 
-    async def _map(self, node: NodeRecord, version: int | None) -> dict[str, Any]:
+    async def _map(self, node: NodeRecord, version: int | None, capver: int) -> dict[str, Any]:
         if version is not None:
             current = await self.watch.wait(version, self.map_timeout)
             if current <= version:
@@ -308,7 +311,7 @@ class ControlService:
                 self._sent(changes.version)
                 return {
                     "version": changes.version,
-                    "delta": mapper.delta(node, changes, self.now()),
+                    "delta": mapper.delta(node, changes, self.now(), capver),
                 }
         current, records = self._nodes_version, list(self._nodes.values())
         me = next((r for r in records if r.id == node.id), None)
@@ -317,7 +320,7 @@ class ControlService:
         self._sent(current)
         return {
             "version": current,
-            "full": mapper.full_map(self.store.mesh, me, records, self.now()),
+            "full": mapper.full_map(self.store.mesh, me, records, self.now(), capver),
         }
 
     def _sent(self, version: int) -> None:

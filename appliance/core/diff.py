@@ -8,6 +8,9 @@ Nothing changed → no changes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from appliance.base.keys import PublicKey
 from appliance.base.net import IPInterface
 from appliance.core.changes import (
     AddAddress,
@@ -62,17 +65,26 @@ def diff(current: State, desired: State) -> list[Change]:
         if fresh or cur is None or _device_settings(cur) != _device_settings(want):
             assert want.private_key is not None, "a desired device always has a key"
             adds.append(ConfigureDevice(want.name, want.private_key, want.listen_port, want.fwmark))
-        live_peers = {} if fresh else current.peers
+        live_peers: Mapping[PublicKey, Peer] = {} if fresh else current.peers
         live_addresses = frozenset() if fresh else current.addresses
         adds += [AddAddress(want.name, a) for a in _sorted(desired.addresses - live_addresses)]
-        # Find what differs first, sort only that: a thousand unchanged peers
-        # cost a dict lookup and a comparison each.
-        new = [p for k, p in desired.peers.items() if k not in live_peers]
-        changed = [p for k, p in desired.peers.items() if k in live_peers and _peer_differs(live_peers[k], p)]
+        # Find what differs first, sort only that. A State planned from `current`
+        # by a delta says which peers it touched: only those are compared.
+        touched = None if fresh else desired.changed_peers_since(current)
+        wanted = (
+            desired.peers if touched is None else {k: desired.peers[k] for k in touched if k in desired.peers}
+        )
+        new = [p for k, p in wanted.items() if k not in live_peers]
+        changed = [p for k, p in wanted.items() if k in live_peers and _peer_differs(live_peers[k], p)]
         adds += [AddPeer(want.name, p) for p in sorted(new, key=_by_key)]
         adds += [UpdatePeer(want.name, p) for p in sorted(changed, key=_by_key)]
         if not fresh:
-            gone = [p for k, p in current.peers.items() if k not in desired.peers]
+            was = (
+                current.peers
+                if touched is None
+                else {k: current.peers[k] for k in touched if k in current.peers}
+            )
+            gone = [p for k, p in was.items() if k not in desired.peers]
             deletes += [RemovePeer(want.name, p.public_key, p.name) for p in sorted(gone, key=_by_key)]
             deletes += [RemoveAddress(want.name, a) for a in _sorted(current.addresses - desired.addresses)]
 

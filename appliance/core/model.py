@@ -8,6 +8,7 @@ compares the two, so every field here is something the kernel can report back.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import (
@@ -148,10 +149,23 @@ class State:
     # Only sysctls meshpi manages: key (dotted, e.g. net.ipv4.ip_forward) -> value.
     sysctls: Mapping[str, str] = field(default_factory=dict)
     nft: NftRuleset | None = None
+    # Planned from a previous State (weakly) by changing only these peers: diff()
+    # then compares those peers only (planner.PeerMemo). Not part of equality.
+    derived: tuple[weakref.ref[State], frozenset[PublicKey]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sysctls", _frozen(self.sysctls))
-        object.__setattr__(self, "peers", MappingProxyType(dict(self.peers)))
+        peers = self.peers.copy() if type(self.peers) is dict else dict(self.peers)  # a fast clone
+        object.__setattr__(self, "peers", MappingProxyType(peers))
+
+    def changed_peers_since(self, other: State) -> frozenset[PublicKey] | None:
+        """The peers that may differ from `other`, if this State was planned from
+        it; None when unknown (compare them all)."""
+        if self.derived is not None and self.derived[0]() is other:
+            return self.derived[1]
+        return None
 
     @property
     def empty(self) -> bool:

@@ -5,11 +5,13 @@ Every check that can reject the input happens here, before any kernel change.
 
 from __future__ import annotations
 
-from functools import lru_cache
+import weakref
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 
-from appliance.base.keys import PrivateKey
+from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPNetwork
+from appliance.core.conflicts import RouteConflict, in_mesh, route_conflicts
 from appliance.core.model import (
     MAIN_TABLE,
     Device,
@@ -40,6 +42,36 @@ def host_prefix(address: object, mesh_range: IPNetwork) -> object:
     return ip_interface(f"{address}/{mesh_range.prefixlen}")
 
 
+@dataclass
+class PeerMemo:
+    """The last plan's peers, kept by the caller from one plan to the next. When
+    the next netmap was made from the last by a delta (Netmap.origin), only the
+    peers the delta touched are planned again, and the State says so
+    (State.derived), so that diff() compares those peers only: a one-peer change
+    costs one peer, however big the mesh. Holds the last plan only."""
+
+    settings: tuple[object, ...] = ()
+    netmap: Netmap | None = None
+    planned: dict[PublicKey, Peer] = field(default_factory=dict)
+    routed: dict[PublicKey, Node] = field(default_factory=dict)  # the peers with subnet routes
+    devices: tuple[HostedDevice, ...] = ()
+    state: State | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's whole answer: the state to reach, and what it left out and why."""
+
+    state: State
+    # Peers' routes that collide with this host's networks or the mesh range
+    # (conflicts.py); those with .set_aside are neither routed nor allowed.
+    conflicts: tuple[RouteConflict, ...] = ()
+
+    @property
+    def set_aside(self) -> tuple[RouteConflict, ...]:
+        return tuple(c for c in self.conflicts if c.set_aside)
+
+
 def plan(
     netmap: Netmap,
     prefs: Prefs,
@@ -47,7 +79,21 @@ def plan(
     facts: HostFacts,
     source: str = "netmap",
     devices: tuple[HostedDevice, ...] = (),
+    memo: PeerMemo | None = None,
 ) -> State:
+    """The desired state alone (see make_plan for what was set aside)."""
+    return make_plan(netmap, prefs, private_key, facts, source, devices, memo).state
+
+
+def make_plan(
+    netmap: Netmap,
+    prefs: Prefs,
+    private_key: PrivateKey,
+    facts: HostFacts,
+    source: str = "netmap",
+    devices: tuple[HostedDevice, ...] = (),
+    memo: PeerMemo | None = None,
+) -> Plan:
     me = netmap.self_node
     if me.public_key != private_key.public_key():
         raise ConfigError(
@@ -56,15 +102,19 @@ def plan(
             str(me.public_key),
             f"is not this node's key (this node is {private_key.public_key()})",
         )
-    _check_no_overlap_with_host(netmap, facts, source)
+    memo = memo if memo is not None else PeerMemo()
+    _check_mesh_addresses_off_host_networks(netmap, facts, source)
     exit_peer = _exit_peer(netmap, prefs)
     dev = prefs.interface
 
     mesh = netmap.mesh
-    peers = {
-        p.public_key: _peer(p, prefs.accept_routes, prefs.keepalive, p is exit_peer, mesh)
-        for p in netmap.peers
-    }
+    peers, routed, touched = _peers(netmap, prefs, exit_peer, facts, memo)
+    # Routes not accepted are not used, so they conflict with nothing. Only peers
+    # with subnet routes can conflict (O(those), not O(mesh)).
+    conflicts = route_conflicts(routed.values(), mesh, facts.connected) if prefs.accept_routes else ()
+    aside = frozenset((c.peer, c.route) for c in conflicts if c.set_aside)
+    if devices != memo.devices:
+        touched = None
     for i, d in enumerate(devices):
         if d.public_key in peers or d.public_key == me.public_key:
             raise ConfigError("devices.json", f"[{i}].public_key", str(d.public_key), "is a node's key too")
@@ -72,24 +122,27 @@ def plan(
     addresses = frozenset(
         host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6) for a in me.addresses
     )
-    # Mesh addresses are reached through the prefix route of our own address;
-    # only subnet routes need routes of their own.
-    # Routes inside the mesh (devices hosted by a peer) are covered by that prefix route too.
+    # Mesh addresses are reached through the prefix route of our own address, in
+    # main; routes inside the mesh (devices hosted by a peer, phones) are covered by
+    # it too. Every other route through the tunnel lives in meshpi's own table,
+    # behind `not fwmark`, as Tailscale's table 52 does: WireGuard's own packets
+    # (fwmark) keep using main, so a peer whose endpoint lies inside one of its
+    # own subnet routes is still reached directly, not through itself.
     routes = {
-        Route(net, dev)
-        for node in netmap.peers
+        Route(net, dev, prefs.table)
+        for node in routed.values()
         if prefs.accept_routes
         for net in node.subnet_routes
-        if not _in_mesh(net, mesh)
+        if not in_mesh(net, mesh) and (node.name, net) not in aside
     }
-    rules: set[Rule] = set()
-    sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
     if prefs.exit_node is not None:
         # Even while the chosen exit node is gone (removed, offline in control's
         # eyes, route unapproved) its routes stay: into the tunnel, where no peer
         # takes 0/0, so WireGuard drops it. Fail closed: nothing leaks out direct.
         routes |= {Route(r, dev, prefs.table) for r in EXIT_ROUTES}
-        rules = _exit_client_rules(prefs, facts)
+    rules = _tunnel_rules(prefs, facts, {r.dst.version for r in routes})
+    sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
+    if rules:
         # Replies to marked packets must pass the reverse-path check (wg-quick does the same).
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"
 
@@ -98,7 +151,8 @@ def plan(
         sysctls.update(FORWARDING_SYSCTLS)
         nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts, devices)))
 
-    return State(
+    previous = memo.state
+    state = State(
         device=Device(dev, private_key, prefs.listen_port, prefs.fwmark, prefs.mtu),
         peers=peers,
         addresses=frozenset(addresses),  # type: ignore[arg-type]
@@ -106,21 +160,60 @@ def plan(
         rules=frozenset(rules),
         sysctls=sysctls,
         nft=nft,
+        derived=None if previous is None or touched is None else (weakref.ref(previous), touched),
     )
+    memo.state, memo.devices = state, devices
+    return Plan(state, conflicts)
 
 
-def _in_mesh(net: IPNetwork, mesh: Mesh) -> bool:
-    return net.subnet_of(mesh.ipv4) if net.version == 4 else net.subnet_of(mesh.ipv6)
+def _peers(
+    netmap: Netmap, prefs: Prefs, exit_peer: Node | None, facts: HostFacts, memo: PeerMemo
+) -> tuple[dict[PublicKey, Peer], dict[PublicKey, Node], frozenset[PublicKey] | None]:
+    """Every peer's Peer, the peers with subnet routes, and which peers changed
+    since the memo's plan (None: unknown, treat all as changed). Set-aside routes
+    depend on the host's networks: those are part of the settings."""
+    settings = (prefs.accept_routes, prefs.keepalive, exit_peer, netmap.mesh, facts.connected)
+    origin = netmap.origin
+    accept, keepalive, mesh, connected = prefs.accept_routes, prefs.keepalive, netmap.mesh, facts.connected
+
+    def one(node: Node) -> Peer:
+        aside = frozenset(c.route for c in route_conflicts((node,), mesh, connected) if c.set_aside)
+        return _peer(node, accept, keepalive, node is exit_peer, mesh, aside if accept else frozenset())
+
+    if memo.settings == settings and origin is not None and origin[0]() is memo.netmap is not None:
+        planned, routed, touched = memo.planned.copy(), memo.routed.copy(), origin[1]
+        assert netmap.index is not None
+        for key in touched:
+            node = netmap.index.peers.get(key)
+            planned.pop(key, None)
+            routed.pop(key, None)
+            if node is not None:
+                planned[key] = one(node)
+                if node.subnet_routes:
+                    routed[key] = node
+    else:
+        touched = None
+        planned = {n.public_key: one(n) for n in netmap.peers}
+        routed = {n.public_key: n for n in netmap.peers if n.subnet_routes}
+    memo.settings, memo.netmap, memo.planned, memo.routed = settings, netmap, planned, routed
+    return planned.copy(), routed, touched
 
 
-@lru_cache(maxsize=16384)
-def _peer(node: Node, accept_routes: bool, keepalive: int, is_exit: bool, mesh: Mesh) -> Peer:
-    """Memoised: a netmap in which one peer changed re-plans one peer."""
+def _peer(
+    node: Node,
+    accept_routes: bool,
+    keepalive: int,
+    is_exit: bool,
+    mesh: Mesh,
+    set_aside: frozenset[IPNetwork] = frozenset(),
+) -> Peer:
     allowed: list[IPNetwork] = [
         IPv4Network((int(a), 32)) if a.version == 4 else IPv6Network((int(a), 128)) for a in node.addresses
     ]
-    # Mesh addresses behind the peer (devices it hosts) always; LAN routes if accepted.
-    allowed += [r for r in node.subnet_routes if accept_routes or _in_mesh(r, mesh)]
+    # Mesh addresses behind the peer (devices it hosts) always; LAN routes if
+    # accepted and not set aside (a set-aside route is not taken from the peer
+    # either: it would let the tunnel speak for addresses of the local network).
+    allowed += [r for r in node.subnet_routes if (accept_routes or in_mesh(r, mesh)) and r not in set_aside]
     if is_exit:
         allowed += [r for r in node.routes if r in EXIT_ROUTES]
     return Peer(
@@ -159,15 +252,20 @@ def exit_node_unavailable(netmap: Netmap, name_or_ip: str) -> str | None:
     return f"exit node {name_or_ip!r} is not a peer offering an approved exit node (offering one: {offering})"
 
 
-def _exit_client_rules(prefs: Prefs, facts: HostFacts) -> set[Rule]:
-    rules = set()
-    for family in (4, 6):
+def _tunnel_rules(prefs: Prefs, facts: HostFacts, families: set[int]) -> set[Rule]:
+    """wg-quick's policy routing, for each family with a route in meshpi's table:
+    marked (WireGuard's own) packets use main; main's routes win over the table
+    except its default route (so the local networks stay local); the rest
+    looks in the table. Without LAN access an exit node's user sends the LAN
+    into the tunnel too."""
+    rules: set[Rule] = set()
+    for family in sorted(families):
         rules |= {
             Rule(PRIO_MARKED, family, MAIN_TABLE, fwmark=prefs.fwmark),
             Rule(PRIO_SUPPRESS, family, MAIN_TABLE, suppress_prefixlength=0),
             Rule(PRIO_TUNNEL, family, prefs.table, fwmark=prefs.fwmark, invert=True),
         }
-        if not prefs.exit_node_allow_lan_access:
+        if prefs.exit_node is not None and not prefs.exit_node_allow_lan_access:
             rules |= {
                 Rule(PRIO_LAN_TO_TUNNEL, family, prefs.table, dst=c.network)
                 for c in facts.connected
@@ -195,32 +293,24 @@ def _firewall_plan(
     )
 
 
-def _check_no_overlap_with_host(netmap: Netmap, facts: HostFacts, source: str) -> None:
-    """A mesh route over this host's own uplink or LAN would cut the host off
-    (the WireGuard endpoint itself may live there)."""
+def _check_mesh_addresses_off_host_networks(netmap: Netmap, facts: HostFacts, source: str) -> None:
+    """A mesh address on this host's own uplink or LAN (a CGNAT uplink in
+    100.64.0.0/10) makes the mesh itself ambiguous here: nothing can be set
+    aside for that, so the netmap is refused. Peers' subnet routes are
+    conflicts.py's concern."""
+    ranges = (netmap.mesh.ipv4, netmap.mesh.ipv6)
+    if not any(
+        c.network.overlaps(m) for c in facts.connected for m in ranges if m.version == c.network.version
+    ):
+        return  # every node's address lies in the mesh ranges (the parser checks): none here
+    nodes = [("self", netmap.self_node)] + [(f"peers[{i}]", p) for i, p in enumerate(netmap.peers)]
     for c in facts.connected:
-        for j, addr in enumerate(netmap.self_node.addresses):
-            if addr in c.network:
-                raise ConfigError(
-                    source,
-                    f"self.addresses[{j}]",
-                    str(addr),
-                    f"lies in {c.network} on this host's {c.dev}",
-                )
-        for i, peer in enumerate(netmap.peers):
-            for j, addr in enumerate(peer.addresses):
+        for path, node in nodes:
+            for j, addr in enumerate(node.addresses):
                 if addr in c.network:
                     raise ConfigError(
                         source,
-                        f"peers[{i}].addresses[{j}]",
+                        f"{path}.addresses[{j}]",
                         str(addr),
                         f"lies in {c.network} on this host's {c.dev}",
-                    )
-            for j, net in enumerate(peer.subnet_routes):
-                if net.version == c.network.version and net.overlaps(c.network):
-                    raise ConfigError(
-                        source,
-                        f"peers[{i}].routes[{j}]",
-                        str(net),
-                        f"overlaps {c.network} on this host's {c.dev}",
                     )

@@ -66,6 +66,10 @@ class Prefs:
     # (or led0) LED under /sys/class/leds when there is one.
     led_pins: tuple[int, ...] = ()
     act_led: bool = True
+    # Reachability: ask the home router for a mapping of the WireGuard port
+    # (PCP, NAT-PMP, UPnP-IGD); STUN servers beside control's own (host:3478).
+    port_mapping: bool = True
+    stun_servers: tuple[Endpoint, ...] = ()
 
     @property
     def forwards(self) -> bool:
@@ -80,6 +84,7 @@ class Prefs:
         out["advertise_routes"] = [str(r) for r in self.advertise_routes]
         out["advertise_endpoints"] = [str(e) for e in self.advertise_endpoints]
         out["led_pins"] = list(self.led_pins)
+        out["stun_servers"] = [str(e) for e in self.stun_servers]
         return out
 
 
@@ -105,6 +110,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         advertise_endpoints=f.get_list("advertise_endpoints", parse_endpoint),
         led_pins=f.get_list("led_pins", int_range(0, GPIO_PINS)),
         act_led=f.get("act_led", parse_bool, d.act_led),
+        port_mapping=f.get("port_mapping", parse_bool, d.port_mapping),
+        stun_servers=f.get_list("stun_servers", parse_endpoint),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

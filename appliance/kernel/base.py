@@ -128,8 +128,9 @@ class Firewall(Protocol):
     """Table `inet meshpi`, always replaced whole, in one nft transaction."""
 
     def digest(self) -> str | None:
-        """The digest in the table's comment; None if there is no table ("" if
-        the table exists but carries no meshpi digest)."""
+        """The digest in the table's comment; None if there is no table; "" if
+        the table exists but carries no meshpi digest, or no longer holds that
+        ruleset whole (a rule, chain or set changed by hand: the diff replaces it)."""
 
     def replace(self, ruleset: NftRuleset) -> None: ...
 

@@ -2,8 +2,9 @@
 
 The table is always replaced whole, in one `nft -f` transaction: either the new
 table is in place, or (on any error) the old one is untouched. The ruleset's
-digest is kept in the table's comment, so checking whether the live table is
-the wanted one costs one `nft list`.
+digest is kept in the table's comment, with the ruleset's shape (nftdrift.py),
+so checking whether the live table is the wanted one, and still whole, costs
+one `nft list`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 
 from appliance.core.model import NftRuleset
 from appliance.kernel.base import KernelError, PermissionDenied
+from appliance.kernel.nftdrift import Shape, normalise, shape
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,18 @@ def render(ruleset: NftRuleset) -> str:
     if not _DIGEST.fullmatch(ruleset.digest):
         raise ValueError(f"nft ruleset digest {ruleset.digest!r}: expected [0-9A-Za-z_.-]+")
     body = ruleset.text if ruleset.text.endswith("\n") or not ruleset.text else ruleset.text + "\n"
-    return f'{_DELETE}table {_QUALIFIED} {{\n    comment "{COMMENT_PREFIX}{ruleset.digest}"\n{body}}}\n'
+    comment = f"{COMMENT_PREFIX}{ruleset.digest}/{shape(body).fingerprint}"
+    return f'{_DELETE}table {_QUALIFIED} {{\n    comment "{comment}"\n{body}}}\n'
 
 
 def parse_digest(listing: str) -> str:
-    """The digest in the comment of the table `nft list table` printed ("" if none).
+    """The digest in the comment of the table `nft list table` printed ("" if none)."""
+    return parse_comment(listing)[0]
+
+
+def parse_comment(listing: str) -> tuple[str, str]:
+    """(digest, shape fingerprint) in the comment of the table `nft list table`
+    printed; "" for what is not there.
 
     nft prints a table's own `flags` and `comment` right after its header line,
     before any chain, set or flowtable (whose comments must not be mistaken for it)."""
@@ -57,10 +66,13 @@ def parse_digest(listing: str) -> str:
         match = _COMMENT.fullmatch(stripped)
         if match:
             text = match["text"]
-            return text[len(COMMENT_PREFIX) :] if text.startswith(COMMENT_PREFIX) else ""
+            if not text.startswith(COMMENT_PREFIX):
+                return "", ""
+            digest, _, fingerprint = text[len(COMMENT_PREFIX) :].partition("/")
+            return digest, fingerprint
         if not stripped.startswith("flags "):
             break
-    return ""
+    return "", ""
 
 
 class NftFirewall:
@@ -69,6 +81,9 @@ class NftFirewall:
     def __init__(self, nft: str = "nft", timeout: float = 30.0) -> None:
         self._nft = nft
         self._timeout = timeout
+        # The last table this process applied (or adopted): digest, its shape,
+        # and its listing without counters. Anything else now is drift.
+        self._applied: tuple[str, Shape, str] | None = None
 
     def _run(self, what: str, args: list[str], stdin: str | None = None) -> tuple[int, str, str]:
         try:
@@ -98,21 +113,62 @@ class NftFirewall:
             raise _error(what, stderr)
         log.debug("%s: done", what)
 
-    def digest(self) -> str | None:
+    def _list(self) -> str | None:
         what = f"read table {_QUALIFIED}"
-        # -t (terse): leave out set elements, which can be many and are not needed.
-        code, stdout, stderr = self._run(what, ["-t", "list", "table", FAMILY, TABLE])
+        code, stdout, stderr = self._run(what, ["list", "table", FAMILY, TABLE])
         if code != 0:
             if "No such file or directory" in stderr:
                 return None
             raise _error(what, stderr)
-        return parse_digest(stdout)
+        return stdout
+
+    def digest(self) -> str | None:
+        """The digest of the ruleset in the table, "" if the table no longer
+        holds that ruleset whole (changed by hand: the caller replaces it)."""
+        listing = self._list()
+        if listing is None:
+            return None
+        digest, fingerprint = parse_comment(listing)
+        if not digest:
+            return ""
+        now = shape(listing)
+        if self._applied is not None and self._applied[0] == digest:
+            _, then, applied_listing = self._applied
+            if now != then:
+                return _drift(now.difference(then))
+            if normalise(listing) != applied_listing:
+                return _drift("rules or set elements differ")
+            return digest
+        # Applied by an earlier agent: its shape, kept in the comment, is the check.
+        if not fingerprint:
+            return _drift("applied by an older meshpi, without the ruleset's shape")
+        if fingerprint != now.fingerprint:
+            return _drift("its chains, rules or sets differ from the ruleset's")
+        self._applied = (digest, now, normalise(listing))
+        return digest
 
     def replace(self, ruleset: NftRuleset) -> None:
+        self._applied = None
         self._apply(f"replace table {_QUALIFIED} (digest {ruleset.digest})", render(ruleset))
+        listing = self._list()
+        if listing is None:
+            return
+        listed = shape(listing)
+        if listed != shape(ruleset.text):
+            # The comment's shape will not match what nft lists: after a restart
+            # this table is replaced once. Worth knowing, not worth failing.
+            log.warning("table %s as nft lists it has another shape than ruleset %s (%s)",
+                        _QUALIFIED, ruleset.digest, listed.difference(shape(ruleset.text)))  # fmt: skip
+        self._applied = (ruleset.digest, listed, normalise(listing))
 
     def delete(self) -> None:
+        self._applied = None
         self._apply(f"delete table {_QUALIFIED}", _DELETE)
+
+
+def _drift(why: str) -> str:
+    log.warning("table %s was changed outside meshpi (%s): it will be replaced", _QUALIFIED, why)
+    return ""
 
 
 def _error(what: str, stderr: str) -> KernelError:

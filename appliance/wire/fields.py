@@ -14,18 +14,19 @@ from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
+from appliance.base.errors import MeshpiError
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """Bad input: names the file, the field and the value."""
+class ConfigError(MeshpiError, ValueError):
+    """Bad input: names the file, the field and the value (status 400)."""
 
     def __init__(self, source: str, field: str, value: object, reason: str) -> None:
         self.source, self.field, self.value, self.reason = source, field, value, reason
-        super().__init__(f"{source}: {field}: {value!r} {reason}")
+        super().__init__(400, f"{source}: {field}: {value!r} {reason}")
 
 
 def load_json(path: Path) -> Any:
@@ -48,8 +49,10 @@ def load_json(path: Path) -> Any:
 class Fields:
     """Reads one JSON object, field by field, and rejects fields nobody asked for."""
 
-    def __init__(self, source: str, path: str, obj: object) -> None:
-        self.source, self.path = source, path
+    def __init__(self, source: str, path: str, obj: object, optional: frozenset[str] = frozenset()) -> None:
+        """`optional`: fields the sender marked as safe to ignore (a newer
+        protocol version's additions); unknown ones outside it are refused."""
+        self.source, self.path, self.optional = source, path, optional
         if not isinstance(obj, Mapping):
             raise ConfigError(source, path or "(top level)", obj, "must be an object")
         self.obj = obj
@@ -92,13 +95,15 @@ class Fields:
 
     def sub(self, key: str) -> Fields:
         self._seen.add(key)
-        return Fields(self.source, self.where(key), self.obj.get(key))
+        return Fields(self.source, self.where(key), self.obj.get(key), self.optional)
 
-    def done(self) -> None:
-        unknown = sorted(set(self.obj) - self._seen)
+    def done(self, hint: str = "") -> None:
+        """Refuse fields nobody asked for; `hint` says what to do about one."""
+        unknown = sorted(set(self.obj) - self._seen - self.optional)
         if unknown:
             known = ", ".join(sorted(self._seen))
-            raise self.error(unknown[0], self.obj[unknown[0]], f"is an unknown field (known: {known})")
+            reason = f"is an unknown field (known: {known}){hint}"
+            raise self.error(unknown[0], self.obj[unknown[0]], reason)
 
 
 # -- one parser per kind of value. Each raises ValueError with the reason only;

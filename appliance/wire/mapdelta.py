@@ -1,71 +1,88 @@
-"""Netmaps on the wire: serialising them, and patching one with a delta.
+"""Netmap deltas: what changed since the version a node has (protocol v1, `map`).
 
-Control sends a node its full netmap once, then only what changed (protocol v1,
-`map`): `{"changed": [peer…], "removed": [public key…], "self": node?}`. The agent
-patches its netmap with `apply_delta`, which checks the result as strictly as a
-full netmap (parse_netmap), so a bad delta never reaches the planner.
+`{"changed": [node…], "removed": [public key…], "self": node?}`, plus the
+`capver`/`optional` fields of netmap.py from capability version 2. The agent
+parses a delta into a typed `MapDelta` (O(change): only the nodes in it) and
+patches its typed netmap with `apply_delta`, which checks every changed node as
+strictly as a full netmap (unique keys, names and addresses; inside the mesh) —
+without re-parsing or re-rendering the nodes that did not change.
 """
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.keys import PublicKey
-from appliance.wire.fields import ConfigError, Fields, parse_public_key
-from appliance.wire.netmap import Netmap, Node, parse_netmap
+from appliance.wire.fields import Fields, parse_public_key
+from appliance.wire.netmap import (
+    CAPVER,
+    Mesh,
+    Netmap,
+    Node,
+    node_json,
+    parse_node,
+    read_version,
+    version_fields,
+)
 
 
-def node_json(node: Node) -> dict[str, Any]:
-    return {
-        "name": node.name,
-        "public_key": str(node.public_key),
-        "addresses": [str(a) for a in node.addresses],
-        "endpoint": None if node.endpoint is None else str(node.endpoint),
-        "routes": [str(r) for r in node.routes],
-    }
+@dataclass(frozen=True)
+class MapDelta:
+    changed: tuple[Node, ...] = ()
+    removed: tuple[PublicKey, ...] = ()
+    self_node: Node | None = None
 
-
-def netmap_json(netmap: Netmap) -> dict[str, Any]:
-    return {
-        "mesh": {"ipv4": str(netmap.mesh.ipv4), "ipv6": str(netmap.mesh.ipv6)},
-        "self": node_json(netmap.self_node),
-        "peers": [node_json(p) for p in netmap.peers],
-    }
+    @property
+    def empty(self) -> bool:
+        return not self.changed and not self.removed and self.self_node is None
 
 
 def delta_json(
-    changed: list[Node], removed: list[PublicKey], self_node: Node | None = None
+    changed: list[Node], removed: list[PublicKey], self_node: Node | None = None, capver: int = CAPVER
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "changed": [node_json(n) for n in changed],
+        **version_fields(capver),
+        "changed": [node_json(n, capver) for n in changed],
         "removed": [str(k) for k in removed],
     }
     if self_node is not None:
-        out["self"] = node_json(self_node)
+        out["self"] = node_json(self_node, capver)
     return out
 
 
-def apply_delta(netmap: Netmap, delta: object, source: str = "delta") -> Netmap:
-    """The netmap with the delta applied; raises ConfigError naming the bad field."""
-    f = Fields(source, "", delta)
-    changed: list[Any] = f.get("changed", _list, [])
-    removed = set(f.get_list("removed", parse_public_key))
-    self_entry = f.get("self", _any, None)
+def parse_delta(obj: object, mesh: Mesh, source: str = "delta") -> MapDelta:
+    """A typed delta; raises ConfigError naming the bad field."""
+    f = Fields(source, "", obj)
+    optional = f.optional = read_version(f)
+    raw_changed: list[Any] = f.get("changed", _list, [])
+    changed = tuple(parse_node(source, f"changed[{i}]", n, mesh, optional) for i, n in enumerate(raw_changed))
+    removed = f.get_list("removed", parse_public_key)
+    raw_self = f.get("self", _any, None)
+    self_node = None if raw_self is None else parse_node(source, "self", raw_self, mesh, optional)
     f.done()
-    # Peers keep their order; changed ones replace in place, new ones go last.
-    peers: dict[str, Any] = {
-        str(p.public_key): node_json(p) for p in netmap.peers if p.public_key not in removed
-    }
-    for i, entry in enumerate(changed):
-        key = entry.get("public_key") if isinstance(entry, dict) else None
-        if not isinstance(key, str):
-            raise ConfigError(source, f"changed[{i}].public_key", key, "is required")
-        peers[key] = entry
-    doc = netmap_json(netmap)
-    doc["peers"] = list(peers.values())
-    if self_entry is not None:
-        doc["self"] = self_entry
-    return parse_netmap(doc, source)
+    return MapDelta(changed, removed, self_node)
+
+
+def apply_delta(netmap: Netmap, delta: MapDelta, source: str = "delta") -> Netmap:
+    """The netmap with the delta applied, in O(change). Peers keep their order;
+    changed ones replace in place, new ones go last. Raises ConfigError naming
+    the field (and then the netmap is as it was)."""
+    assert netmap.index is not None
+    index = netmap.index.copy()
+    touched: set[PublicKey] = set()
+    for key in delta.removed:
+        if key in index.peers:
+            index.remove(key)
+            touched.add(key)
+    if delta.self_node is not None:
+        index.set_me(source, delta.self_node)
+    for i, node in enumerate(delta.changed):
+        index.put(source, f"changed[{i}]", node)
+        touched.add(node.public_key)
+    origin = (weakref.ref(netmap), frozenset(touched))
+    return Netmap(netmap.mesh, index.me, tuple(index.peers.values()), index, origin)
 
 
 def _list(value: object) -> list[Any]:
@@ -76,3 +93,8 @@ def _list(value: object) -> list[Any]:
 
 def _any(value: object) -> object:
     return value
+
+
+def patched(netmap: Netmap, obj: object, source: str = "delta") -> Netmap:
+    """Parse a delta as it came on the wire and apply it (a simulated agent's step)."""
+    return apply_delta(netmap, parse_delta(obj, netmap.mesh, source), source)

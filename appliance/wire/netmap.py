@@ -1,21 +1,32 @@
 """The network map: this node and its peers, as control (or a static file) states it.
 
-Schema v1. A netmap never carries a private key: keys are made on the device
-and stay there.
+A netmap never carries a private key: keys are made on the device and stay there.
+
+Capability versions (CAPVER). Every map answer says which version it is written
+in and which fields a reader may ignore (`"capver"`, `"optional"`); control
+writes to each agent in the version that agent sent (protocol v1, `map`), so an
+older agent never sees a field it does not know, and a newer agent reading an
+older map finds every field it needs (new fields are optional by rule).
+  1  the first netmap (no capver field: a map without one is version 1)
+  2  `capver` and `optional` themselves; `endpoints` per node: every candidate
+     endpoint (local, mapped, reflexive), best first; `endpoint` stays the first
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
+from typing import Any
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
 from appliance.wire.fields import (
     ConfigError,
     Fields,
+    int_range,
     load_json,
     parse_address,
     parse_endpoint,
@@ -24,7 +35,15 @@ from appliance.wire.fields import (
     parse_public_key,
 )
 
+CAPVER = 2
+# The fields each version added: what a reader of an older version must not be sent.
+ADDED_IN: dict[str, int] = {"endpoints": 2}
 EXIT_ROUTES: tuple[IPNetwork, ...] = (IPv4Network("0.0.0.0/0"), IPv6Network("::/0"))
+MAX_ENDPOINTS = 16
+
+# How often a whole netmap was parsed or rendered: the in-memory path from
+# control to the kernel does neither for a delta (scripts/bench/apply shows it).
+codec_counts: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -38,12 +57,13 @@ class Node:
     name: str
     public_key: PublicKey
     addresses: tuple[IPAddress, ...]
-    endpoint: Endpoint | None = None
+    endpoint: Endpoint | None = None  # the best candidate, what WireGuard is given
     routes: tuple[IPNetwork, ...] = ()  # approved routes: exit (0/0, ::/0) and subnets
+    endpoints: tuple[Endpoint, ...] = ()  # every candidate, best first (capver 2)
 
     def __post_init__(self) -> None:
         # Nodes are looked up by value on every re-plan: hash once, not per lookup.
-        fields = (self.name, self.public_key, self.addresses, self.endpoint, self.routes)
+        fields = (self.name, self.public_key, self.addresses, self.endpoint, self.routes, self.endpoints)
         object.__setattr__(self, "_hash", hash(fields))
 
     def __hash__(self) -> int:
@@ -58,17 +78,121 @@ class Node:
         return tuple(r for r in self.routes if r not in EXIT_ROUTES)
 
 
+class Index:
+    """Who holds each key, name and address: built once per full map and
+    carried forward by deltas (mapdelta.py), so a delta is checked in O(change).
+    `peers` keeps the netmap's order: a replaced peer keeps its place."""
+
+    def __init__(self, me: Node, peers: dict[PublicKey, Node], owner_of: dict[object, PublicKey]) -> None:
+        self.me, self.peers, self.owner_of = me, peers, owner_of
+
+    @classmethod
+    def build(cls, source: str, me: Node, peers: tuple[Node, ...]) -> Index:
+        index = cls(me, {}, {})
+        index._claim(source, "self", me)
+        for i, node in enumerate(peers):
+            index.put(source, f"peers[{i}]", node, replace=False)
+        return index
+
+    def node(self, key: PublicKey) -> Node | None:
+        return self.me if key == self.me.public_key else self.peers.get(key)
+
+    def put(self, source: str, path: str, node: Node, replace: bool = True) -> None:
+        """Add a peer, or replace the one with its key (in place) if `replace`."""
+        key = node.public_key
+        old = self.peers.get(key)
+        if old is not None and not replace:
+            self._claim(source, path, node)  # names the clash: the name, else the key below
+            raise ConfigError(source, f"{path}.public_key", str(key), f"is already used by {old.name}")
+        if old is not None:
+            self._unclaim(old)
+        elif key == self.me.public_key:
+            raise ConfigError(source, f"{path}.public_key", str(key), f"is already used by {self.me.name}")
+        try:
+            self._claim(source, path, node)
+        except ConfigError:
+            if old is not None:
+                self._claim(source, path, old)
+            raise
+        self.peers[key] = node
+
+    def set_me(self, source: str, node: Node) -> None:
+        if node.public_key in self.peers:
+            other = self.peers[node.public_key].name
+            raise ConfigError(source, "self.public_key", str(node.public_key), f"is already used by {other}")
+        self._unclaim(self.me)
+        self._claim(source, "self", node)
+        self.me = node
+
+    def remove(self, key: PublicKey) -> None:
+        node = self.peers.pop(key, None)
+        if node is not None:
+            self._unclaim(node)
+
+    def copy(self) -> Index:
+        # .copy(), not dict(): it stays a fast clone after deletions.
+        return Index(self.me, self.peers.copy(), self.owner_of.copy())
+
+    def _claim(self, source: str, path: str, node: Node) -> None:
+        for fieldname, value in _claims(node):
+            holder = self.owner_of.get(value)
+            if holder is not None:
+                other = self.node(holder)
+                shown = node.name if fieldname == "name" else str(value)
+                reason = f"is already used by {other.name if other else holder}"
+                raise ConfigError(source, f"{path}.{fieldname}", shown, reason)
+        for _field, value in _claims(node):
+            self.owner_of[value] = node.public_key
+
+    def _unclaim(self, node: Node) -> None:
+        for _field, value in _claims(node):
+            if self.owner_of.get(value) == node.public_key:
+                del self.owner_of[value]
+
+
+def _claims(node: Node) -> list[tuple[str, object]]:
+    return [("name", ("name", node.name))] + [(f"addresses[{i}]", a) for i, a in enumerate(node.addresses)]
+
+
 @dataclass(frozen=True)
 class Netmap:
     mesh: Mesh
     self_node: Node
     peers: tuple[Node, ...]
+    index: Index | None = field(default=None, compare=False, repr=False)
+    # Made from another netmap by a delta: (that netmap, weakly; the peer keys the
+    # delta touched). The planner then re-plans those peers only. Weak, so a
+    # long run of deltas does not keep every old netmap alive.
+    origin: tuple[weakref.ref[Netmap], frozenset[PublicKey]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            object.__setattr__(self, "index", Index.build("netmap", self.self_node, self.peers))
+
+    def touched_since(self, other: Netmap) -> frozenset[PublicKey] | None:
+        """The peer keys a delta changed or removed, if this netmap was made from
+        `other` by one; None when unknown (any peer may differ)."""
+        if self.origin is not None and self.origin[0]() is other:
+            return self.origin[1]
+        return None
+
+    def removed_since(self, other: Netmap) -> bool:
+        """May a peer of `other` be gone here (removed, or rotated to a new key)?"""
+        touched = self.touched_since(other)
+        assert self.index is not None
+        return touched is None or any(k not in self.index.peers for k in touched)
 
     def find_peer(self, name_or_ip: str) -> Node | None:
-        for peer in self.peers:
-            if peer.name == name_or_ip or name_or_ip in map(str, peer.addresses):
-                return peer
-        return None
+        assert self.index is not None
+        key = self.index.owner_of.get(("name", name_or_ip))
+        if key is None:
+            try:
+                key = self.index.owner_of.get(parse_address(name_or_ip))
+            except ValueError:
+                return None
+        return None if key is None else self.index.peers.get(key)
 
 
 def _parse_v4(value: object) -> IPv4Network:
@@ -89,8 +213,10 @@ def _parse_optional_endpoint(value: object) -> Endpoint | None:
     return None if value is None else parse_endpoint(value)
 
 
-def _parse_node(source: str, path: str, obj: object, mesh: Mesh) -> Node:
-    f = Fields(source, path, obj)
+def parse_node(
+    source: str, path: str, obj: object, mesh: Mesh, optional: frozenset[str] = frozenset()
+) -> Node:
+    f = Fields(source, path, obj, optional)
     name = f.require("name", parse_name)
     key = f.require("public_key", parse_public_key)
     addresses = f.get_list("addresses", parse_address)
@@ -102,78 +228,80 @@ def _parse_node(source: str, path: str, obj: object, mesh: Mesh) -> Node:
             raise f.error(f"addresses[{i}]", str(addr), f"is outside the mesh range {rng}")
     endpoint = f.get("endpoint", _parse_optional_endpoint, None)
     routes = f.get_list("routes", parse_network)
-    f.done()
-    return Node(name, key, addresses, endpoint, routes)
+    endpoints = f.get_list("endpoints", parse_endpoint)
+    if len(endpoints) > MAX_ENDPOINTS:
+        raise f.error("endpoints", len(endpoints), f"is more candidates than {MAX_ENDPOINTS}")
+    f.done(_UPGRADE)
+    return Node(name, key, addresses, endpoint, routes, endpoints)
+
+
+_UPGRADE = f"; this agent reads netmaps up to capability version {CAPVER}: upgrade meshpi"
 
 
 def _any(value: object) -> object:
     return value
 
 
-class _NodeCache:
-    """Parsed nodes by their exact JSON text, so re-reading a netmap in which one
-    peer changed costs one peer's parse, not a thousand. Only valid nodes enter;
-    a new mesh range starts afresh (addresses are checked against it)."""
-
-    def __init__(self, size: int = 16384) -> None:
-        self.size = size
-        self.mesh: Mesh | None = None
-        self.nodes: dict[str, Node] = {}
-
-    def parser(self, source: str, mesh: Mesh) -> Callable[[str, object], Node]:
-        if mesh != self.mesh or len(self.nodes) >= self.size:
-            self.mesh, self.nodes = mesh, {}
-        nodes = self.nodes
-
-        def parse(path: str, obj: object) -> Node:
-            key = repr(obj)
-            node = nodes.get(key)
-            if node is None:
-                node = nodes[key] = _parse_node(source, path, obj, mesh)
-            return node
-
-        return parse
+def _optional_names(value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of field names")
+    return frozenset(value)
 
 
-_cache = _NodeCache()
+def read_version(top: Fields) -> frozenset[str]:
+    """The `capver` and `optional` of a map answer; returns the optional names."""
+    top.get("capver", int_range(1, 1 << 30), 1)
+    return top.get("optional", _optional_names, frozenset())
 
 
 def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
+    codec_counts["full_parse"] += 1
     top = Fields(source, "", obj)
+    optional = top.optional = read_version(top)
     m = top.sub("mesh")
     mesh = Mesh(m.require("ipv4", _parse_v4), m.require("ipv6", _parse_v6))
-    m.done()
-    parse_node = _cache.parser(source, mesh)
-    self_node = parse_node("self", top.require("self", _any))
+    m.done(_UPGRADE)
+    self_node = parse_node(source, "self", top.require("self", _any), mesh, optional)
     raw_peers = top.get("peers", _any, None) or []
     if not isinstance(raw_peers, list):
         raise top.error("peers", raw_peers, "must be a list")
-    peers = tuple(parse_node(f"peers[{i}]", p) for i, p in enumerate(raw_peers))
-    top.done()
-    netmap = Netmap(mesh, self_node, peers)
-    _check_unique(source, netmap)
-    return netmap
-
-
-def _check_unique(source: str, netmap: Netmap) -> None:
-    """Two nodes with one name, key or address would make routing ambiguous."""
-    everyone = (netmap.self_node, *netmap.peers)
-    names = {n.name for n in everyone}
-    keys = {n.public_key.raw for n in everyone}
-    addresses = {(a.version, int(a)) for n in everyone for a in n.addresses}
-    if len(names) == len(keys) == len(everyone) and len(addresses) == sum(len(n.addresses) for n in everyone):
-        return  # the common case, checked with C-speed sets; below finds the culprit
-    seen: dict[object, str] = {}
-    nodes = [("self", netmap.self_node)] + [(f"peers[{i}]", p) for i, p in enumerate(netmap.peers)]
-    for path, node in nodes:
-        facts: list[tuple[str, object]] = [("name", node.name), ("public_key", node.public_key)]
-        facts += [(f"addresses[{i}]", a) for i, a in enumerate(node.addresses)]
-        for field, value in facts:
-            if value in seen:
-                shown = str(value)
-                raise ConfigError(source, f"{path}.{field}", shown, f"is already used by {seen[value]}")
-            seen[value] = path
+    peers = tuple(parse_node(source, f"peers[{i}]", p, mesh, optional) for i, p in enumerate(raw_peers))
+    top.done(_UPGRADE)
+    return Netmap(mesh, self_node, peers, Index.build(source, self_node, peers))
 
 
 def load_netmap(path: Path) -> Netmap:
     return parse_netmap(load_json(path), str(path))
+
+
+# -- rendering, in the version the reader understands --------------------------------
+
+
+def version_fields(capver: int) -> dict[str, Any]:
+    """The top-level fields that say which version a map answer is written in."""
+    if capver < 2:
+        return {}
+    return {"capver": min(capver, CAPVER), "optional": sorted(f for f, v in ADDED_IN.items() if v > 1)}
+
+
+def node_json(node: Node, capver: int = CAPVER) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": node.name,
+        "public_key": str(node.public_key),
+        "addresses": [str(a) for a in node.addresses],
+        "endpoint": None if node.endpoint is None else str(node.endpoint),
+        "routes": [str(r) for r in node.routes],
+    }
+    if capver >= ADDED_IN["endpoints"]:
+        out["endpoints"] = [str(e) for e in node.endpoints]
+    return out
+
+
+def netmap_json(netmap: Netmap, capver: int = CAPVER) -> dict[str, Any]:
+    codec_counts["full_render"] += 1
+    return {
+        **version_fields(capver),
+        "mesh": {"ipv4": str(netmap.mesh.ipv4), "ipv6": str(netmap.mesh.ipv6)},
+        "self": node_json(netmap.self_node, capver),
+        "peers": [node_json(p, capver) for p in netmap.peers],
+    }

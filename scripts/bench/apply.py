@@ -1,10 +1,14 @@
 """Benchmark: apply a 1,000-peer netmap to a wireguard-go device, then one changed
-peer, against `wg setconf` / `wg syncconf` on the same kind of device, same run.
+peer at 100, 1,000 and 5,000 peers, against `wg setconf` / `wg syncconf` on the
+same kind of device, same run.
 
-What "our apply" covers is what the agent does: load the netmap file, plan,
-diff against the kernel, apply (WireGuard config, addresses, sysctl). Device
-creation (starting wireguard-go) is outside the timing for both sides.
-The last line of output is one JSON object with the figures.
+What "our apply" covers is what the agent does. Full apply: parse the netmap as
+control sends it, plan, diff against the kernel, apply (WireGuard config,
+addresses, sysctl). One-peer change: the agent's in-memory path in control mode
+(bus.py): parse the one-peer delta, patch the typed netmap, plan (one peer, the
+rest remembered), diff, apply. The output counts whole-netmap parses and renders
+during the changes: there must be none. Device creation (starting wireguard-go)
+is outside the timing for both sides. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,15 +29,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from appliance.agent.bus import NetmapDelta  # noqa: E402
+from appliance.agent.inputs import Wanted  # noqa: E402
 from appliance.agent.reconcile import Reconciler  # noqa: E402
 from appliance.base.keys import PrivateKey  # noqa: E402
-from appliance.core import planner as planner_module  # noqa: E402
 from appliance.core.model import Scope  # noqa: E402
-from appliance.core.planner import plan  # noqa: E402
+from appliance.core.planner import PeerMemo, plan  # noqa: E402
 from appliance.core.prefs import Prefs  # noqa: E402
 from appliance.kernel.real import real_system  # noqa: E402
-from appliance.wire import netmap as netmap_module  # noqa: E402
-from appliance.wire.netmap import load_netmap  # noqa: E402
+from appliance.wire.mapdelta import parse_delta  # noqa: E402
+from appliance.wire.netmap import codec_counts, parse_netmap  # noqa: E402
 from tests.lab import netns  # noqa: E402
 
 OURS, THEIRS = "mpbench0", "mpbench1"
@@ -104,9 +109,9 @@ class Bench:
         self.conf_path = tmp / "wg.conf"
 
     def fresh_devices(self) -> None:
-        """New, empty devices, and an agent that has parsed nothing yet (cold caches)."""
-        netmap_module._cache.mesh = None
-        planner_module._peer.cache_clear()
+        """New, empty devices, and an agent that has planned nothing yet."""
+        self.memo = PeerMemo()
+        self.wanted: Wanted | None = None
         for dev in (OURS, THEIRS):
             self.system.links.delete_link(dev)
             self.system.wireguard.create(dev)
@@ -118,11 +123,28 @@ class Bench:
         self.conf_path.write_text(wg_conf(plist, self.prefs))
 
     def ours(self, reread: bool) -> float:
+        """A full map, as the control link gets it: bytes -> parse -> plan -> apply."""
         t0 = time.perf_counter()
-        netmap = load_netmap(self.netmap_path)
-        desired = plan(netmap, self.prefs, SELF, self.system.facts(self.scope))
-        self.reconciler.sync(desired, reread=reread)
+        netmap = parse_netmap(json.loads(self.netmap_path.read_bytes()), "bench")
+        self.wanted = Wanted(netmap, self.prefs)
+        self._apply(reread)
         return time.perf_counter() - t0
+
+    def ours_delta(self, peer: dict[str, object]) -> float:
+        """One changed peer, as the agent's in-memory path takes a control delta."""
+        assert self.wanted is not None and self.wanted.netmap is not None
+        wire = json.dumps({"changed": [peer], "removed": []}).encode()
+        t0 = time.perf_counter()
+        delta = parse_delta(json.loads(wire), self.wanted.netmap.mesh, "bench delta")
+        self.wanted = self.wanted.patched(NetmapDelta(delta))
+        self._apply(False)
+        return time.perf_counter() - t0
+
+    def _apply(self, reread: bool) -> None:
+        assert self.wanted is not None and self.wanted.netmap is not None
+        facts = self.system.facts(self.scope)
+        desired = plan(self.wanted.netmap, self.prefs, SELF, facts, memo=self.memo)
+        self.reconciler.sync(desired, reread=reread)
 
     def wg(self, verb: str) -> float:
         t0 = time.perf_counter()
@@ -175,11 +197,15 @@ def measure(bench: Bench, n_full: int, reps: int, change_ns: list[int], change_r
         bench.ours(reread=True)
         bench.wg("setconf")
         ours, sync = [], []
+        counts_before = dict(codec_counts)
         for rep in range(change_reps):
             plist[n // 2]["endpoint"] = f"203.0.113.{rep % 250 + 1}:{50000 + rep}"
-            bench.write(plist)
-            ours.append(bench.ours(reread=False))
+            ours.append(bench.ours_delta(plist[n // 2]))
+            bench.conf_path.write_text(wg_conf(plist, bench.prefs))
             sync.append(bench.wg("syncconf"))
+        whole = {k: codec_counts[k] - counts_before.get(k, 0) for k in ("full_parse", "full_render")}
+        out[f"whole_map_parses_during_changes_at_{n}"] = whole["full_parse"]
+        out[f"whole_map_renders_during_changes_at_{n}"] = whole["full_render"]
         dev = bench.system.wireguard.read(OURS)
         assert dev is not None and any(
             str(p.endpoint) == plist[n // 2]["endpoint"] for p in dev.peers.values()
@@ -191,7 +217,8 @@ def measure(bench: Bench, n_full: int, reps: int, change_ns: list[int], change_r
         print(
             f"one-peer change at {n} peers: meshpi {out[f'one_peer_change_ms_at_{n}']:.2f} ms, "
             f"wg syncconf {out[f'wg_syncconf_ms_at_{n}']:.2f} ms, ratio {ratio:.2f} "
-            f"(median of {change_reps})",
+            f"(median of {change_reps}); whole-netmap parses {whole['full_parse']}, "
+            f"renders {whole['full_render']} during the {change_reps} changes",
             flush=True,
         )
     return out
@@ -211,9 +238,13 @@ def main() -> int:
     netns.create(name)
     try:
         with netns.entered(name):
-            figures = run(args.peers, args.reps, [100, args.peers], args.change_reps)
+            figures = run(args.peers, args.reps, [100, args.peers, 5 * args.peers], args.change_reps)
     finally:
         netns.delete(name)
+    n, big = args.peers, 5 * args.peers
+    growth = figures[f"one_peer_change_ms_at_{big}"] / figures[f"one_peer_change_ms_at_{n}"]
+    figures[f"one_peer_change_growth_{n}_to_{big}"] = growth
+    print(f"one-peer change at {big} vs {n} peers: x{growth:.2f} (flat is 1.0)", flush=True)
     print(json.dumps({k: round(v, 6) for k, v in figures.items()}))
     return 0
 

@@ -4,7 +4,7 @@ The server runs as its own process (so its RSS is its own). One asyncio process
 simulates every node: each says hello, registers with a reusable pre-auth key,
 syncs, then long-polls `map` with its version, as the agent does. No node touches
 a kernel: they only read the deltas (a sample of them patches its netmap with
-`wire/mapdelta.apply_delta`, to prove the deltas apply).
+`wire/mapdelta.patched`, to prove the deltas apply).
 
 The change measured: an admin approves one more route on node 0 via the admin API
 (node 0 advertised the routes before the sync). t0 is taken just before the admin
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from appliance.base.keys import PrivateKey  # noqa: E402
-from appliance.wire.mapdelta import apply_delta  # noqa: E402
+from appliance.wire.mapdelta import patched  # noqa: E402
 from appliance.wire.netmap import Netmap, parse_netmap  # noqa: E402
 from appliance.wire.seal import (  # noqa: E402
     VERSION,
@@ -230,7 +230,7 @@ class Sim:
     def apply_deferred(self) -> None:
         for node, delta in self.deferred:
             if node.netmap is not None:
-                node.netmap = apply_delta(node.netmap, delta)
+                node.netmap = patched(node.netmap, delta)
                 self.applied += 1
         self.deferred.clear()
 
@@ -537,12 +537,12 @@ async def _measure(
           f"{(rss_now - rss_idle) * 1024 / n:.1f} KiB per node")  # fmt: skip
     print(f"  server's own latency metric: sum {metrics.get('meshpi_map_update_latency_seconds_sum')} / "
           f"count {metrics.get('meshpi_map_update_latency_seconds_count')}")  # fmt: skip
-    print(f"  apply_delta: {sim.applied} deltas applied by {len(checked)} sample nodes, "
+    print(f"  patched: {sim.applied} deltas applied by {len(checked)} sample nodes, "
           f"route present in all: {applied_ok}; client errors: {len(sim.errors)}")  # fmt: skip
     for err in sim.errors[:5]:
         print(f"    {err}")
     if not applied_ok:
-        raise RuntimeError("a sample node's netmap lacks the change after apply_delta")
+        raise RuntimeError("a sample node's netmap lacks the change after patched")
     return result
 
 

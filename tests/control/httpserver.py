@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.agent.control_client import ControlClient
+from appliance.agent.control.client import ControlClient
 from appliance.control.app import create_admin_app, create_app
 from appliance.control.cli import admin_call
 from appliance.control.keys import load_admin_token, load_control_key
@@ -60,8 +60,9 @@ def running_server(tmp_path: Path, db: str | Path | None = None, **service_optio
     async def start() -> list[web.AppRunner]:
         service = ControlService(lambda: open_store(url), **options)
         box["service"] = service
-        runners = [web.AppRunner(create_app(service, key), shutdown_timeout=1),
-                   web.AppRunner(create_admin_app(service, token), shutdown_timeout=1)]  # fmt: skip
+        public = create_app(service, key)
+        runners = [web.AppRunner(public, shutdown_timeout=1),
+                   web.AppRunner(create_admin_app(service, token, public), shutdown_timeout=1)]  # fmt: skip
         for runner in runners:
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", 0).start()

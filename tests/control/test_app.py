@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.agent.control_client import ControlClient, ControlRefused
+from appliance.agent.control.client import ControlClient, ControlRefused
 from appliance.base.keys import PrivateKey
 from appliance.control.cli import AdminError, admin_call
 from appliance.wire.seal import ControlPublicKey, MachineKey, seal_request

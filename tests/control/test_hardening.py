@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from appliance.agent.control_client import ControlClient, ControlRefused
+from appliance.agent.control.client import ControlClient, ControlRefused
 from appliance.base.keys import PrivateKey
 from appliance.control.limits import MAX_ENDPOINTS, MAX_ROUTES, PENDING_PER_SOURCE
 from tests.control.httpserver import Server, running_server

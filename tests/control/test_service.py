@@ -16,7 +16,7 @@ from appliance.base.keys import PrivateKey, PublicKey
 from appliance.control.service import ApiError, ControlService
 from appliance.control.store import open_store
 from appliance.control.store_records import utcnow
-from appliance.wire.mapdelta import apply_delta
+from appliance.wire.mapdelta import patched
 from appliance.wire.netmap import parse_netmap
 
 
@@ -86,7 +86,7 @@ def test_service_long_poll_gets_a_delta_for_a_change(tmp_path: Path) -> None:
         await s.changed(s.store.approve_routes, pi_id, [ip_network("0.0.0.0/0"), ip_network("::/0")])
         answer = await asyncio.wait_for(poll, 2)
         assert "delta" in answer and answer["version"] > first["version"]
-        netmap = apply_delta(netmap, answer["delta"])
+        netmap = patched(netmap, answer["delta"])
         pi = netmap.peers[0]
         assert str(pi.endpoint) == "198.51.100.1:51820"
         # The LAN route is advertised but not approved: not served.
@@ -122,11 +122,11 @@ def test_service_rotation_and_removal_reach_peers(tmp_path: Path) -> None:
         # The laptop rotates its node key: same machine, new node key.
         await s.register(machine(2), {"node_key": str(nodekey(9)), "hostname": "laptop"})
         answer = await s.map(machine(1), {"version": first["version"]})
-        netmap = apply_delta(netmap, answer["delta"])
+        netmap = patched(netmap, answer["delta"])
         assert [p.public_key for p in netmap.peers] == [nodekey(9)]
         await s.logout(machine(2), {})
         answer2 = await s.map(machine(1), {"version": answer["version"]})
-        assert apply_delta(netmap, answer2["delta"]).peers == ()
+        assert patched(netmap, answer2["delta"]).peers == ()
         with pytest.raises(ApiError) as e:
             await s.map(machine(2), {"version": None})
         assert e.value.status == 403

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from gpiozero.pins.mock import MockFactory, MockPin
 
-from appliance.agent.agentleds import led_opener
+from appliance.agent.bus import PrefsChanged
+from appliance.agent.leds import led_opener
 from appliance.agent.loop import Agent
 from appliance.agent.statedir import StateDir
+from appliance.core.prefs import load_prefs
 from appliance.kernel.real import real_system
 from appliance.leds import LedState
 from tests.netns.kernelstate import sh
@@ -94,6 +96,12 @@ def _prefs(tmp_path: Path, **changes: Any) -> None:
     os.replace(tmp, tmp_path / "prefs.json")
 
 
+def _hand_over(a: Agent, tmp_path: Path) -> None:
+    """What the LocalAPI does with new prefs: hand them to the loop, which applies."""
+    a.receive([PrefsChanged(load_prefs(tmp_path / "prefs.json"))])
+    a.refresh(reread=False)
+
+
 def _steady(pin: WatchedPin) -> bool:
     return not pin.edges_within(1, 0.4)  # the fastest blink would flip it within 0.15 s
 
@@ -103,13 +111,13 @@ def test_agent_leds_follow_the_agent(agent: tuple[Agent, MockFactory], tmp_path:
     pin = factory.pin(17)
     act = sysfs / "ACT"
 
+    a.wanted = a.load()  # as run() does first
     a.tick()  # the agent's first tick comes before its first apply
     assert a.leds.state is LedState.BOOTING
     assert pin.edges_within(2, 2.5)  # slow blink: an edge a second
     assert (act / "trigger").read_text() == "none"
 
-    with a.lock:
-        a.start()
+    a.refresh(reread=True)
     a.tick()
     assert a.leds.state is LedState.READY
     assert pin.state is True and _steady(pin)
@@ -119,21 +127,21 @@ def test_agent_leds_follow_the_agent(agent: tuple[Agent, MockFactory], tmp_path:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("0.0.0.0", 0))
         _prefs(tmp_path, led_pins=[17], listen_port=taken.getsockname()[1])
-        a.refresh(reread=False)
+        _hand_over(a, tmp_path)
     assert a.last_error is not None and "in use" in a.last_error, a.last_error
     a.tick()
     assert a.leds.state is LedState.ERROR
     assert pin.edges_within(6, 2.5)  # three short blinks, then a pause
 
     _prefs(tmp_path, led_pins=[17])
-    a.refresh(reread=False)
+    _hand_over(a, tmp_path)
     assert a.last_error is None, a.last_error
     a.tick()
     assert a.leds.state is LedState.READY and pin.state is True and _steady(pin)
 
     # Pins move live: 17 is handed back, 27 takes over; the ACT LED is let go.
     _prefs(tmp_path, led_pins=[27], act_led=False)
-    a.refresh(reread=False)
+    _hand_over(a, tmp_path)
     a.tick()
     assert pin.state is False and pin.function == "input"
     assert factory.pin(27).state is True

@@ -58,7 +58,7 @@ def test_nft_replace_creates_table_with_digest(fw: NftFirewall) -> None:
     fw.replace(EXIT_NODE)
     assert fw.digest() == EXIT_NODE.digest
     listing = nft("list", "table", "inet", "meshpi")
-    assert f'comment "meshpi:{EXIT_NODE.digest}"' in listing
+    assert f'comment "meshpi:{EXIT_NODE.digest}/' in listing
     assert 'ip saddr @mesh4 oifname != "meshpi0" masquerade' in listing
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.agent.localapi import MAX_BODY
+from appliance.agent.localapi.server import MAX_BODY
 from appliance.agent.logring import RING_SIZE
 from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
 from tests.lab import netns as ns

@@ -87,7 +87,9 @@ def test_system_exit_client_round_trips_and_tears_down(system: System) -> None:
     assert "5250:\tfrom all lookup main suppress_prefixlength 0" in rules
     assert "5230:\tfrom all to 10.77.0.0/24 lookup 51820" in rules
     assert f"default dev {IFACE}" in sh("ip", "route", "show", "table", "51820")
-    assert f"192.168.77.0/24 dev {IFACE} proto static" in sh("ip", "route", "show")
+    # The pi's subnet route lives in meshpi's table too, behind the fwmark rules.
+    assert f"192.168.77.0/24 dev {IFACE} proto static" in sh("ip", "route", "show", "table", "51820")
+    assert f"192.168.77.0/24 dev {IFACE}" not in sh("ip", "route", "show")
 
     # Allowing LAN access drops only the LAN rules.
     allow = prefs.with_changes(exit_node_allow_lan_access=True)

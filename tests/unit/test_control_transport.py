@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from appliance.agent.control_client import (
+from appliance.agent.control.client import (
     ControlBadResponse,
     ControlClient,
     ControlKeyChanged,
@@ -254,17 +254,17 @@ def test_transport_threads_share_one_session(control: Control) -> None:
 
 def test_transport_pin_first_use_then_same_key(tmp_path: Path) -> None:
     key = ControlKey.generate().public_key()
-    pin_control_key(tmp_path, "http://a:1", key)
-    pin_control_key(tmp_path, "http://b:2", key)  # the server moved: fine
+    pin_control_key(tmp_path / "control.json", "http://a:1", key)
+    pin_control_key(tmp_path / "control.json", "http://b:2", key)  # the server moved: fine
     doc = json.loads((tmp_path / "control.json").read_text())
     assert doc == {"server": "http://b:2", "control_key": str(key)}
 
 
 def test_transport_pin_refuses_another_key_naming_both(tmp_path: Path) -> None:
     old, new = ControlKey.generate().public_key(), ControlKey.generate().public_key()
-    pin_control_key(tmp_path, "http://a:1", old)
+    pin_control_key(tmp_path / "control.json", "http://a:1", old)
     with pytest.raises(ControlKeyChanged) as e:
-        pin_control_key(tmp_path, "http://a:1", new)
+        pin_control_key(tmp_path / "control.json", "http://a:1", new)
     for part in (str(old), str(new), str(tmp_path / "control.json")):
         assert part in str(e.value)
 
@@ -272,7 +272,7 @@ def test_transport_pin_refuses_another_key_naming_both(tmp_path: Path) -> None:
 def test_transport_pin_refuses_a_corrupt_file(tmp_path: Path) -> None:
     (tmp_path / "control.json").write_text("{garbage")
     with pytest.raises(ControlPinError, match="not a control key pin"):
-        pin_control_key(tmp_path, "http://a:1", ControlKey.generate().public_key())
+        pin_control_key(tmp_path / "control.json", "http://a:1", ControlKey.generate().public_key())
 
 
 def test_transport_machine_key_made_once_0600(tmp_path: Path) -> None:

@@ -56,7 +56,11 @@ def test_peers_reach_devices_behind_a_hub_without_accepting_routes() -> None:
     assert {"100.64.0.9/32", "fd7a:6d70:6900::9/128"} <= allowed and "192.168.77.0/24" not in allowed
     # Inside the mesh prefix: no route of its own, the prefix route covers it.
     accepting = plan(netmap, Prefs(interface="meshpi1"), KEYS["laptop"], LAPTOP_FACTS)
-    assert accepting.routes == {Route(ip_network("192.168.77.0/24"), "meshpi1")}
+    assert accepting.routes == {Route(ip_network("192.168.77.0/24"), "meshpi1", 51820)}
+    # Phones' addresses need neither a route nor the fwmark rules: with routes
+    # accepted off, nothing goes through meshpi's table, so no rule is planned.
+    assert state.routes == frozenset() and state.rules == frozenset()
+    assert "net.ipv4.conf.all.src_valid_mark" not in state.sysctls
 
 
 def test_the_client_config_is_what_wg_quick_reads() -> None:

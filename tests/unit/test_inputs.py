@@ -28,7 +28,7 @@ def test_inputs_netmap_duplicate_address() -> None:
     peer = node("laptop") | {"addresses": ["100.64.0.1"]}
     e = _err(netmap_json("pi", [peer]))
     assert e.field == "peers[0].addresses[0]" and e.value == "100.64.0.1"
-    assert "already used by self" in str(e)
+    assert "already used by pi" in str(e)
 
 
 def test_inputs_netmap_duplicate_key_and_name() -> None:

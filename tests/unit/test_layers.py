@@ -99,10 +99,22 @@ def test_layers_no_import_breaks_the_rules() -> None:
 @pytest.mark.parametrize(
     ("layer_file", "source", "expected"),
     [
-        ("appliance/wire/x.py", "from appliance.core.model import State\n", "wire imports appliance.core.model"),
-        ("appliance/core/x.py", "def f():\n    import appliance.kernel.nft\n", "core imports appliance.kernel.nft"),
+        (
+            "appliance/wire/x.py",
+            "from appliance.core.model import State\n",
+            "wire imports appliance.core.model",
+        ),
+        (
+            "appliance/core/x.py",
+            "def f():\n    import appliance.kernel.nft\n",
+            "core imports appliance.kernel.nft",
+        ),
         ("appliance/control/x.py", "from appliance.agent import loop\n", "control imports appliance.agent"),
-        ("webui/x.py", "from appliance.agent.localapi import X\n", "webui imports appliance.agent.localapi"),
+        (
+            "webui/x.py",
+            "from appliance.agent.localapi.server import X\n",
+            "webui imports appliance.agent.localapi.server",
+        ),
         ("appliance/base/x.py", "from appliance.wire import fields\n", "base imports appliance.wire"),
     ],
 )

@@ -9,9 +9,9 @@ from ipaddress import ip_network
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.agent.localapi import HTTPError, Request, Response, Router
+from appliance.agent.localapi.server import HTTPError, Request, Response, Router
+from appliance.agent.localapi.status import detect_lan, metrics_text
 from appliance.agent.logring import LogRing
-from appliance.agent.status import detect_lan, metrics_text
 from appliance.core.model import Connected
 
 

@@ -1,8 +1,8 @@
 import pytest
 
 from appliance.wire.fields import ConfigError
-from appliance.wire.mapdelta import apply_delta, delta_json, netmap_json
-from appliance.wire.netmap import parse_netmap
+from appliance.wire.mapdelta import delta_json, patched
+from appliance.wire.netmap import netmap_json, parse_netmap
 from tests.unit.meshes import KEYS, node
 from tests.unit.meshes import netmap_json as raw_netmap
 
@@ -23,7 +23,7 @@ def test_mapdelta_changed_removed_and_added() -> None:
     ).peers[0]
     office = parse_netmap(raw_netmap("pi", [node("office")])).peers[0]
     delta = delta_json([moved, office], [KEYS["phone"].public_key()])
-    after = apply_delta(netmap, delta)  # type: ignore[arg-type]
+    after = patched(netmap, delta)  # type: ignore[arg-type]
     assert [p.name for p in after.peers] == ["laptop", "office"]
     assert str(after.peers[0].endpoint) == "192.0.2.1:4242"
     assert after.self_node == netmap.self_node  # type: ignore[attr-defined]
@@ -31,19 +31,19 @@ def test_mapdelta_changed_removed_and_added() -> None:
 
 def test_mapdelta_empty_delta_changes_nothing() -> None:
     netmap = _pi_view()
-    assert apply_delta(netmap, {"changed": [], "removed": []}) == netmap  # type: ignore[arg-type]
+    assert patched(netmap, {"changed": [], "removed": []}) == netmap  # type: ignore[arg-type]
 
 
 def test_mapdelta_bad_delta_is_refused_with_the_field() -> None:
     netmap = _pi_view()
     with pytest.raises(ConfigError) as e:
-        apply_delta(netmap, {"changed": [node("office") | {"addresses": ["1.2.3.4"]}]})  # type: ignore[arg-type]
+        patched(netmap, {"changed": [node("office") | {"addresses": ["1.2.3.4"]}]})  # type: ignore[arg-type]
     assert "outside the mesh range" in str(e.value)
     with pytest.raises(ConfigError) as e:
         # A changed peer may not take an address another peer holds.
-        apply_delta(netmap, {"changed": [node("office") | {"addresses": ["100.64.0.2"]}]})  # type: ignore[arg-type]
+        patched(netmap, {"changed": [node("office") | {"addresses": ["100.64.0.2"]}]})  # type: ignore[arg-type]
     assert "already used by" in str(e.value)
     with pytest.raises(ConfigError):
-        apply_delta(netmap, {"removed": ["junk"]})  # type: ignore[arg-type]
+        patched(netmap, {"removed": ["junk"]})  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
-        apply_delta(netmap, {"changed": [], "surprise": 1})  # type: ignore[arg-type]
+        patched(netmap, {"changed": [], "surprise": 1})  # type: ignore[arg-type]

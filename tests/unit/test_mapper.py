@@ -5,7 +5,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_network
 from appliance.base.keys import PrivateKey
 from appliance.control.mapper import delta, full_map
 from appliance.control.store_records import Changes, NodeRecord, NodeState, Tombstone, address_pair
-from appliance.wire.mapdelta import apply_delta
+from appliance.wire.mapdelta import patched
 from appliance.wire.netmap import Mesh, parse_netmap
 
 MESH = Mesh(IPv4Network("100.64.0.0/10"), IPv6Network("fd7a:6d70:6900::/48"))
@@ -31,7 +31,7 @@ def test_mapper_full_map_shows_visible_peers_and_served_routes_only() -> None:
     pending = record(3, "stranger", state=NodeState.PENDING)
     expired = record(4, "old", key_expiry=NOW - timedelta(days=1))
     exempt = record(5, "appliance", key_expiry=NOW - timedelta(days=1), expiry_exempt=True)
-    netmap = parse_netmap(full_map(MESH, laptop, [pi, laptop, pending, expired, exempt], NOW))
+    netmap = parse_netmap(full_map(MESH, laptop, [pi, laptop, pending, expired, exempt], NOW, 2))
     assert netmap.self_node.name == "laptop"
     assert [p.name for p in netmap.peers] == ["pi", "appliance"]
     # Advertised but not approved: the exit route is not served.
@@ -40,20 +40,20 @@ def test_mapper_full_map_shows_visible_peers_and_served_routes_only() -> None:
 
 def test_mapper_delta_patches_to_the_same_map_as_a_full_one() -> None:
     pi, laptop, phone = record(1, "pi"), record(2, "laptop"), record(3, "phone")
-    before = parse_netmap(full_map(MESH, laptop, [pi, laptop, phone], NOW))
+    before = parse_netmap(full_map(MESH, laptop, [pi, laptop, phone], NOW, 2))
     lan = ip_network("192.168.77.0/24")
     pi2 = replace(pi, advertised_routes=(lan,), approved_routes=(lan,), version=10)
     rotated = replace(phone, node_key=PrivateKey(bytes([33]) * 32).public_key(), version=11)
     changes = Changes(11, (pi2, rotated), (Tombstone(phone.node_key, 11),))
-    after = apply_delta(before, delta(laptop, changes, NOW))
-    assert after == parse_netmap(full_map(MESH, laptop, [pi2, laptop, rotated], NOW))
+    after = patched(before, delta(laptop, changes, NOW, 2))
+    assert after == parse_netmap(full_map(MESH, laptop, [pi2, laptop, rotated], NOW, 2))
 
 
 def test_mapper_delta_removes_a_peer_that_is_no_longer_visible() -> None:
     pi, laptop = record(1, "pi"), record(2, "laptop")
-    before = parse_netmap(full_map(MESH, laptop, [pi, laptop], NOW))
+    before = parse_netmap(full_map(MESH, laptop, [pi, laptop], NOW, 2))
     gone = replace(pi, state=NodeState.PENDING, version=5)
-    after = apply_delta(before, delta(laptop, Changes(5, (gone,), ()), NOW))
+    after = patched(before, delta(laptop, Changes(5, (gone,), ()), NOW, 2))
     assert after.peers == ()
 
 
@@ -61,5 +61,5 @@ def test_mapper_delta_carries_own_changes_as_self() -> None:
     _pi, laptop = record(1, "pi"), record(2, "laptop")
     lan = ip_network("10.9.0.0/16")
     me = replace(laptop, advertised_routes=(lan,), approved_routes=(lan,), version=7)
-    d = delta(laptop, Changes(7, (me,), ()), NOW)
+    d = delta(laptop, Changes(7, (me,), ()), NOW, 2)
     assert d["self"]["routes"] == ["10.9.0.0/16"] and d["changed"] == []

@@ -66,7 +66,15 @@ def test_planner_plain_node_has_no_firewall_and_no_forwarding() -> None:
         "fd7a:6d70:6900::1/128",
     ]
     assert pi.persistent_keepalive == 25 and str(pi.endpoint) == "198.51.100.1:51820"
-    assert state.routes == {Route(LAN, "meshpi1")}
+    # The subnet route lives in meshpi's table, behind the fwmark rules (v4 only:
+    # the table has no v6 route), so WireGuard's own packets never follow it.
+    assert state.routes == {Route(LAN, "meshpi1", 51820)}
+    assert state.rules == {
+        Rule(5210, 4, MAIN_TABLE, fwmark=51820),
+        Rule(5250, 4, MAIN_TABLE, suppress_prefixlength=0),
+        Rule(5270, 4, 51820, fwmark=51820, invert=True),
+    }
+    assert state.sysctls["net.ipv4.conf.all.src_valid_mark"] == "1"
 
 
 def test_planner_exit_client_policy_routing_wg_quick_style() -> None:
@@ -124,14 +132,6 @@ def test_planner_rejects_a_netmap_for_another_node() -> None:
     assert str(KEYS["laptop"].public_key()) in str(e.value)
 
 
-def test_planner_rejects_peer_route_over_the_uplink() -> None:
-    facts = HostFacts((Connected("eth0", ip_network("192.168.77.0/26")),))
-    with pytest.raises(ConfigError) as e:
-        plan(laptop_netmap(), Prefs(interface="meshpi1"), KEYS["laptop"], facts)
-    assert e.value.field == "peers[0].routes[0]" and e.value.value == "192.168.77.0/24"
-    assert "eth0" in str(e.value)
-
-
 def test_planner_rejects_mesh_address_on_the_lan() -> None:
     facts = HostFacts((Connected("wan", ip_network("100.64.0.0/24")),))  # a CGNAT uplink
     with pytest.raises(ConfigError) as e:
@@ -157,6 +157,6 @@ def test_planner_hub_peers_get_each_others_routes() -> None:
     office = node("office", routes=["10.20.0.0/16"])
     netmap = parse_netmap(netmap_json("laptop", [office]))
     state = plan(netmap, Prefs(), KEYS["laptop"], LAPTOP_FACTS)
-    assert Route(ip_network("10.20.0.0/16"), "meshpi0") in state.routes
+    assert Route(ip_network("10.20.0.0/16"), "meshpi0", 51820) in state.routes
     no_accept = plan(netmap, Prefs(accept_routes=False), KEYS["laptop"], LAPTOP_FACTS)
-    assert no_accept.routes == frozenset()
+    assert no_accept.routes == frozenset() and no_accept.rules == frozenset()

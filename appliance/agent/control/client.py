@@ -8,7 +8,7 @@ calls a minute, and a fresh connection never inherits a half-dead one.
 The client is shared by the link's thread and the short-lived threads that send
 `update`, so the session and its request counter sit under a lock.
 
-Also here: pinning the control key (`<state>/control.json`), trust on first use,
+Also here: pinning the control key (StateDir.control_pin_file), trust on first use,
 as the login URL is the only place the key comes from.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.wire.seal import (
     BadResponse,
@@ -52,12 +53,14 @@ class ControlBadResponse(ControlUnreachable):
     request. Treated as unreachable (retry later): it is not control's word."""
 
 
-class ControlRefused(ControlError):
+class ControlRefused(ControlError, MeshpiError):
     """Control answered with an error status (4xx, or 5xx if it is unwell)."""
 
     def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(f"control refused: {status} {message}")
+        MeshpiError.__init__(self, status, message)
+
+    def __str__(self) -> str:
+        return f"control refused: {self.status} {self.message}"
 
 
 class ControlKeyChanged(ControlError, ValueError):
@@ -193,17 +196,16 @@ def _marked_connection(mark: int) -> Callable[..., socket.socket]:
 # -- the pinned control key ---------------------------------------------------------
 
 
-def pin_control_key(state_dir: Path, base_url: str, control_pub: ControlPublicKey) -> None:
+def pin_control_key(path: Path, base_url: str, control_pub: ControlPublicKey) -> None:
     """Trust on first use: remember control's key; refuse a different one later.
 
     The server's URL may change (a new address) and is updated; its key may not,
     because the key is the only thing that says it is the same server."""
-    path = state_dir / "control.json"
     record = {"server": base_url, "control_key": str(control_pub)}
     try:
         text = path.read_text()
     except FileNotFoundError:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(path, json.dumps(record) + "\n")
         log.info("pinned control key %s for %s in %s", control_pub, base_url, path)
         return

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.base.keys import PublicKey
 from appliance.core.model import Connected, HostedDevice
@@ -17,8 +17,26 @@ from appliance.leds import LedState
 from appliance.wire.netmap import Netmap
 
 if TYPE_CHECKING:
-    from appliance.agent.localcontrol import LocalControl
-    from appliance.agent.loop import Agent
+    from appliance.agent.control.local import LocalControl
+    from appliance.agent.inputs import Inputs
+    from appliance.core.prefs import Prefs
+    from appliance.kernel.base import WgDevice
+
+
+class StatusView(Protocol):
+    """What status needs of the agent: reads only (the agent is one)."""
+
+    def control_status(self) -> dict[str, Any]: ...
+    def applied(self) -> Inputs | None: ...
+    def read_device(self) -> WgDevice | None: ...
+    def stored_prefs(self) -> Prefs: ...
+    def led_state(self) -> str: ...
+    def connected(self) -> tuple[Connected, ...]: ...
+    def lan_address(self, dev: str, prefixes: list[str]) -> str | None: ...
+    def firstboot_report(self) -> dict[str, Any] | None: ...
+    def route_conflicts(self) -> list[str]: ...
+    def reach_status(self) -> dict[str, Any] | None: ...
+
 
 # WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
 # 3 minutes means the peer is there.
@@ -33,9 +51,9 @@ def meshpi_version() -> str:
         return "unknown"
 
 
-def agent_status(agent: Agent, local: LocalControl | None) -> dict[str, Any]:
+def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any]:
     out: dict[str, Any] = {"agent": "running", "version": meshpi_version(), "control": agent.control_status()}
-    inputs = agent.inputs
+    inputs = agent.applied()
     stats: Mapping[PublicKey, PeerStats] = {}
     out["interface"] = None
     try:
@@ -55,22 +73,22 @@ def agent_status(agent: Agent, local: LocalControl | None) -> dict[str, Any]:
     out["peers"] = peers
     devices = device_rows(inputs.devices if inputs is not None else (), stats, time.time())
     out["devices"] = devices
-    out["led"] = agent.leds.state.value
+    out["led"] = agent.led_state()
+    out["route_conflicts"] = agent.route_conflicts()
+    out["reach"] = agent.reach_status()
     out["rx_bytes"] = sum(p["rx_bytes"] for p in [*peers, *devices])
     out["tx_bytes"] = sum(p["tx_bytes"] for p in [*peers, *devices])
     out["lan"] = lan_of(agent)
     out["local_control"] = (
         local.status(out["lan"]) if local is not None else {"running": False, "login_url": None}
     )
-    firstboot = agent.state.path / "firstboot.json"
-    if firstboot.exists():
-        from appliance.agent.commands import read_json
-
-        out["firstboot"] = read_json(firstboot)
+    firstboot = agent.firstboot_report()
+    if firstboot is not None:
+        out["firstboot"] = firstboot
     return out
 
 
-def lan_of(agent: Agent) -> dict[str, Any] | None:
+def lan_of(agent: StatusView) -> dict[str, Any] | None:
     lan = detect_lan(agent.connected())
     if lan is not None:
         lan["address"] = agent.lan_address(lan["interface"], lan["prefixes"])
@@ -177,6 +195,13 @@ def format_status(st: Mapping[str, Any]) -> str:
         lines.append(f"this node: {me['name']} {' '.join(me['addresses'])} on {st.get('interface') or '-'}")
     if "error" in st:
         lines.append(f"error: {st['error']}")
+    reach = st.get("reach")
+    if reach:
+        mapping = reach.get("port_mapping") or {}
+        via = f"{mapping.get('protocol')} {mapping.get('external')}" if mapping.get("external") else "none"
+        lines.append(f"endpoints: {', '.join(reach['endpoints']) or 'none known'} (port mapping: {via})")
+    for conflict in st.get("route_conflicts", []):
+        lines.append(f"local network wins: {conflict}")
     for p in st.get("peers", []):
         hs = p["last_handshake"]
         ago = f"{time.time() - hs:.0f}s ago" if hs else "never"

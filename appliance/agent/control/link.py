@@ -1,10 +1,15 @@
-"""The agent's link to control: register, say what this node offers, and keep
-`<state>/netmap.json` in step with the mesh by long-polling.
+"""The agent's link to control: register, say what this node offers, and keep the
+loop's netmap in step with the mesh by long-polling.
 
-It runs in a thread of its own and touches no kernel state: it only writes the
-netmap file, which the reconcile loop already watches. So a control outage
-changes nothing on the data plane (the last netmap stays), and a restart without
-control comes up from the last netmap on disk.
+It runs in a thread of its own and touches no kernel state: each answer is
+parsed once (a delta costs what it holds, O(change)) and handed to the loop as
+a typed update on the bus (bus.py). A control outage changes nothing on the
+data plane (the loop keeps the last netmap), and a restart without control
+comes up from the loop's snapshot (netmap.json).
+
+Its status (connecting, connected, pending, …) lives in memory: `status` is an
+immutable value replaced on each change, and `wait_for` lets `meshpi up` wait
+for control's answer without polling a file.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.control_client import (
+from appliance.agent.bus import Bus, KeyRotated, NetmapDelta, NetmapFull
+from appliance.agent.control.client import (
     ControlClient,
     ControlRefused,
     ControlUnreachable,
@@ -29,8 +36,8 @@ from appliance.base.files import atomic_write
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError, load_json
-from appliance.wire.mapdelta import apply_delta, netmap_json
-from appliance.wire.netmap import Netmap, parse_netmap
+from appliance.wire.mapdelta import parse_delta
+from appliance.wire.netmap import CAPVER, Mesh, parse_netmap
 from appliance.wire.seal import parse_login_url
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,19 @@ log = logging.getLogger(__name__)
 MAP_TIMEOUT = 70.0  # the server answers within 50 s, keepalive or not
 PENDING_RETRY = 5.0
 DEVICE_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    """What the link knows of control now; `seq` grows with every change."""
+
+    state: str  # connecting, needs-login, pending, connected, unreachable, error, static
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "detail": self.detail, **self.extra}
 
 
 class Backoff:
@@ -75,13 +95,11 @@ class ControlLink(threading.Thread):
         state: StateDir,
         prefs: Callable[[], Prefs],
         offers: Callable[[Prefs], dict[str, Any]],
-        netmap_path: Path,
+        bus: Bus,
     ) -> None:
         super().__init__(name="meshpi-control-link", daemon=True)
-        self.state, self.prefs, self.offers = state, prefs, offers
-        self.netmap_path = netmap_path
-        self.login_path = state.path / "login.json"
-        self.status_path = state.path / "control-status.json"
+        self.state, self.prefs, self.offers, self.bus = state, prefs, offers, bus
+        self.login_path = state.login_file
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self._client: ControlClient | None = None
@@ -89,8 +107,10 @@ class ControlLink(threading.Thread):
         # A rotation (from the link's thread or a caller's) and a reconnect's
         # register never interleave, or control could be told the old key last.
         self._register_lock = threading.Lock()
-        self._netmap_lock = threading.Lock()
-        self._netmap: Netmap | None = None
+        self._changed = threading.Condition()
+        self.status = LinkStatus("connecting", "the agent started; reaching control")
+        self._mesh: Mesh | None = None  # of the last full map: deltas are checked against it
+        self._capver = CAPVER
 
     def stop(self) -> None:
         self.stopping.set()
@@ -99,12 +119,12 @@ class ControlLink(threading.Thread):
     def login_changed(self) -> None:
         self.wake.set()
 
-    def offers_changed(self) -> None:
-        """Prefs changed: tell control now, not after the current long-poll."""
+    def offers_changed(self, prefs: Prefs) -> None:
+        """Prefs changed what this node offers: tell control now, not after the
+        current long-poll."""
         client = self._client
         if client is None:
             return
-        prefs = self.prefs()
 
         def send() -> None:
             try:
@@ -115,8 +135,23 @@ class ControlLink(threading.Thread):
         threading.Thread(target=send, name="meshpi-control-update", daemon=True).start()
 
     def _status(self, state: str, detail: str = "", **extra: Any) -> None:
-        doc = {"state": state, "detail": detail, **extra}
-        atomic_write(self.status_path, json.dumps(doc) + "\n")
+        with self._changed:
+            self.status = LinkStatus(state, detail, extra, self.status.seq + 1)
+            self._changed.notify_all()
+
+    def wait_for(self, after: int, states: tuple[str, ...], timeout: float) -> LinkStatus | None:
+        """The first status newer than `after` (a seq) in one of `states`, or None
+        after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                status = self.status
+                if status.seq > after and status.state in states:
+                    return status
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(left)
 
     def run(self) -> None:
         backoff = Backoff()
@@ -165,20 +200,13 @@ class ControlLink(threading.Thread):
         old, new = self.state.node_key().public_key(), self.state.next_node_key()
         self._register(client, new, None)
         self.state.commit_node_key()
-        with self._netmap_lock:
-            if self._netmap is not None:
-                me = replace(self._netmap.self_node, public_key=new.public_key())
-                self._write_netmap(replace(self._netmap, self_node=me))
+        self.bus.put(KeyRotated(new.public_key()))
         log.info("rotated the node key from %s to %s", old, new.public_key())
         return new.public_key()
 
-    def _write_netmap(self, netmap: Netmap) -> None:
-        self._netmap = netmap
-        atomic_write(self.netmap_path, json.dumps(netmap_json(netmap)) + "\n")
-
     def _serve(self, login: Login, backoff: Backoff) -> None:
         base, control_pub = parse_login_url(login.server)
-        pin_control_key(self.state.path, base, control_pub)
+        pin_control_key(self.state.control_pin_file, base, control_pub)
         prefs = self.prefs()
         client = ControlClient(base, self.state.machine_key(), control_pub, MAP_TIMEOUT, prefs.fwmark)
         self._hostname = prefs.hostname or _hostname()
@@ -207,21 +235,34 @@ class ControlLink(threading.Thread):
         log.info("connected to control at %s as %s", base, reg["name"])
         backoff.reset()
         version: int | None = None
-        with self._netmap_lock:
-            self._netmap = None
         while not self.stopping.is_set():
-            answer = client.call("map", {"version": version}, timeout=MAP_TIMEOUT)
+            answer = self._map(client, version)
             version = int(answer["version"])
             if "keepalive" in answer:
                 continue
-            with self._netmap_lock:
-                if "full" in answer:
-                    netmap = parse_netmap(answer["full"], "control (full map)")
-                elif "delta" in answer and self._netmap is not None:
-                    netmap = apply_delta(self._netmap, answer["delta"], "control (delta)")
-                else:
-                    raise ValueError(f"control sent a map answer without a map or delta: {sorted(answer)}")
-                self._write_netmap(netmap)
+            if "full" in answer:
+                netmap = parse_netmap(answer["full"], "control (full map)")
+                self._mesh = netmap.mesh
+                self.bus.put(NetmapFull(netmap))
+            elif "delta" in answer and self._mesh is not None:
+                self.bus.put(NetmapDelta(parse_delta(answer["delta"], self._mesh, "control (delta)")))
+            else:
+                raise ValueError(f"control sent a map answer without a map or delta: {sorted(answer)}")
+
+    def _map(self, client: ControlClient, version: int | None) -> dict[str, Any]:
+        """One long-poll, in the newest netmap version both sides know. A control
+        from before versioning refuses the `capver` field: then speak version 1."""
+        body: dict[str, Any] = {"version": version}
+        if self._capver > 1:
+            body["capver"] = self._capver
+        try:
+            return client.call("map", body, timeout=MAP_TIMEOUT)
+        except ControlRefused as e:
+            if e.status != 400 or "capver" not in e.message or self._capver == 1:
+                raise
+            log.info("control does not know netmap versions (%s): using version 1", e.message)
+            self._capver = 1
+            return client.call("map", {"version": version}, timeout=MAP_TIMEOUT)
 
 
 def _hostname() -> str:

@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass
 from ipaddress import ip_network
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance.agent.control_client import ControlError, ControlRefused
-from appliance.agent.status import detect_lan
+from appliance.agent.control.client import ControlError, ControlRefused
+from appliance.agent.localapi.status import detect_lan
+from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPAddress, IPNetwork
@@ -31,21 +32,31 @@ from appliance.core.wgquick import ClientConfig, allowed_ips
 from appliance.wire.fields import ConfigError, Fields, load_json, parse_address, parse_public_key, parse_str
 
 if TYPE_CHECKING:
-    from appliance.agent.loop import Agent
+    from appliance.agent.control.link import ControlLink
+    from appliance.agent.inputs import Inputs
+    from appliance.core.model import Connected
+
+
+class DeviceHost(Protocol):
+    """What hosting devices needs of the agent (the agent is one)."""
+
+    @property
+    def link(self) -> ControlLink | None: ...
+    @property
+    def devices_file(self) -> Path: ...
+    def applied(self) -> Inputs | None: ...
+    def connected(self) -> tuple[Connected, ...]: ...
+    def devices_changed(self, devices: tuple[HostedDevice, ...]) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
-DEVICES_FILE = "devices.json"
 MODES = ("all", "lan")
 _HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(?::(\d{1,5}))?$")
 
 
-class DeviceError(Exception):
+class DeviceError(MeshpiError):
     """A refusal the caller may see, with the HTTP status that fits it."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,9 @@ def endpoint_text(value: str, default_port: int) -> str:
 class Devices:
     """The LocalAPI's /v1/devices, on top of the agent and its control link."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: DeviceHost) -> None:
         self.agent = agent
-        self.path = agent.state.path / DEVICES_FILE
+        self.path = agent.devices_file
         self._lock = threading.Lock()
 
     def listing(self) -> list[dict[str, Any]]:
@@ -125,7 +136,7 @@ class Devices:
 
     def add(self, body: object) -> dict[str, Any]:
         agent, link = self.agent, self.agent.link
-        inputs = agent.inputs
+        inputs = agent.applied()
         if link is None or inputs is None:
             raise DeviceError(409, "devices need a mesh: log in to control first (meshpi up or create-mesh)")
         f = Fields("request", "", body)
@@ -186,8 +197,9 @@ class Devices:
         return {"detail": f"device {entry.name} removed; its key no longer works"}
 
     def _save(self, entries: list[DeviceEntry]) -> None:
-        # The agent watches this file: the kernel follows (peer added or removed).
+        """Stored for the next start, and handed to the loop: the kernel follows."""
         atomic_write(self.path, json.dumps([d.to_json() for d in entries], indent=1) + "\n")
+        self.agent.devices_changed(tuple(d.hosted() for d in entries))
 
     @staticmethod
     def _control(link: Any, body: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +219,7 @@ def _device_name(value: object) -> str:
     return name
 
 
-def _lan_prefixes(agent: Agent) -> list[IPNetwork]:
+def _lan_prefixes(agent: DeviceHost) -> list[IPNetwork]:
     lan = detect_lan(agent.connected())
     return [ip_network(p) for p in lan["prefixes"]] if lan else []
 

@@ -9,29 +9,45 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode
 
 from appliance.agent import commands
-from appliance.agent.control_client import ControlError
-from appliance.agent.devices import DeviceError, Devices
-from appliance.agent.localapi import HTTPError, Request, Response, Router
-from appliance.agent.localcontrol import LocalControl, LocalControlError, check_url
-from appliance.agent.status import agent_status, lan_of, metrics_text
+from appliance.agent.control.client import ControlError
+from appliance.agent.control.local import LocalControl, check_url
+from appliance.agent.devices.hosted import DeviceHost, Devices
+from appliance.agent.localapi.server import HTTPError, Request, Response, Router
+from appliance.agent.localapi.status import StatusView, agent_status, lan_of, metrics_text
 from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import parse_prefs
-from appliance.wire.fields import ConfigError, Fields, int_range, parse_str
+from appliance.wire.fields import Fields, int_range, parse_str
 from appliance.wire.seal import LoginUrlError
 
 if TYPE_CHECKING:
-    from appliance.agent.loop import Agent
+    from appliance.agent.control.link import ControlLink
+    from appliance.agent.logring import LogRing
+    from appliance.agent.statedir import StateDir
+    from appliance.core.prefs import Prefs
+
+
+class AgentApi(StatusView, DeviceHost, Protocol):
+    """What the LocalAPI may do with the agent: reads, and the owner's verbs."""
+
+    control: bool
+    changes_applied: int
+    logs: LogRing
+    state: StateDir
+
+    def set_prefs(self, changes: dict[str, Any]) -> Prefs: ...
+    def logout(self) -> str: ...
+
 
 log = logging.getLogger(__name__)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def build_router(agent: Agent, local: LocalControl) -> Router:
+def build_router(agent: AgentApi, local: LocalControl) -> Router:
     routes = _Routes(agent, local)
     r = Router()
     r.add("GET", "/v1/status", routes.status)
@@ -49,25 +65,18 @@ def build_router(agent: Agent, local: LocalControl) -> Router:
     return r
 
 
-def add_device_routes(router: Router, agent: Agent) -> None:
+def add_device_routes(router: Router, agent: DeviceHost) -> None:
     """/v1/devices: stock WireGuard clients (phones) this node hosts (devices.py)."""
     devices = Devices(agent)
 
-    def call(fn: Any, *args: Any) -> Response:
-        try:
-            return Response(fn(*args))
-        except DeviceError as e:
-            raise HTTPError(e.status, e.message) from None
-        except ConfigError as e:
-            raise HTTPError(400, str(e)) from None
-
-    router.add("GET", "/v1/devices", lambda _r: call(lambda: {"devices": devices.listing()}))
-    router.add("POST", "/v1/devices", lambda r: call(devices.add, r.body))
-    router.add("DELETE", "/v1/devices/(?P<id>[^/]+)", lambda r: call(devices.remove, r.params["id"]))
+    # DeviceError and ConfigError are MeshpiErrors: the server answers their status.
+    router.add("GET", "/v1/devices", lambda _r: Response({"devices": devices.listing()}))
+    router.add("POST", "/v1/devices", lambda r: Response(devices.add(r.body)))
+    router.add("DELETE", "/v1/devices/(?P<id>[^/]+)", lambda r: Response(devices.remove(r.params["id"])))
 
 
 class _Routes:
-    def __init__(self, agent: Agent, local: LocalControl) -> None:
+    def __init__(self, agent: AgentApi, local: LocalControl) -> None:
         self.agent, self.local = agent, local
         # One login change at a time: two `up`s at once would wait on each other's answer.
         self._verbs = threading.Lock()
@@ -80,14 +89,11 @@ class _Routes:
         return Response(text, content_type=PROMETHEUS_TEXT)
 
     def get_prefs(self, _request: Request) -> Response:
-        try:
-            return Response(commands.current_prefs(self.agent.prefs_path).to_json())
-        except ConfigError as e:
-            raise HTTPError(409, f"{e}; fix the file or PATCH good prefs over it") from None
+        return Response(self.agent.stored_prefs().to_json())
 
     def patch_prefs(self, request: Request) -> Response:
         changes = _object(request.body, "the body")
-        inputs = self.agent.inputs
+        inputs = self.agent.applied()
         chosen = changes.get("exit_node")
         if isinstance(chosen, str) and inputs is not None:
             # A typo would block all internet traffic (an exit node that is not
@@ -95,7 +101,7 @@ class _Routes:
             unavailable = exit_node_unavailable(inputs.netmap, chosen)
             if unavailable is not None:
                 raise HTTPError(400, f"prefs: exit_node: {unavailable}")
-        return Response(commands.set_prefs(self.agent.prefs_path, changes).to_json())
+        return Response(self.agent.set_prefs(changes).to_json())
 
     def up(self, request: Request) -> Response:
         self._need_control()
@@ -106,9 +112,15 @@ class _Routes:
         wait = f.get("timeout", int_range(1, 120), int(commands.UP_WAIT))
         f.done()
         with self._verbs:
-            try:
+            try:  # the URL's error is a ValueError, not a refusal of ours
                 answer = commands.up(
-                    self.agent.state, self.agent.prefs_path, login_server, auth_key, changes, wait
+                    self.agent.state,
+                    self._link(),
+                    self.agent.set_prefs,
+                    login_server,
+                    auth_key,
+                    changes,
+                    wait,
                 )
             except LoginUrlError as e:
                 raise HTTPError(400, str(e)) from None
@@ -127,11 +139,9 @@ class _Routes:
     def rotate_key(self, request: Request) -> Response:
         self._need_control()
         _fields(request.body or {}).done()
-        link = self.agent.link
-        assert link is not None
         with self._verbs:
             try:
-                public_key = link.rotate_key()
+                public_key = self._link().rotate_key()
             except ControlError as e:
                 raise HTTPError(503, f"the key was not rotated: {e}") from None
         return Response({"public_key": str(public_key)})
@@ -144,17 +154,16 @@ class _Routes:
         wait = f.get("timeout", int_range(1, 120), int(commands.UP_WAIT))
         f.done()
         # Bad prefs are refused before control is started, not after.
-        parse_prefs(commands.current_prefs(self.agent.prefs_path).to_json() | changes, "prefs")
+        parse_prefs(self.agent.stored_prefs().to_json() | changes, "prefs")
         with self._verbs:
-            try:
-                self.local.start()
-                self.local.remember(public_url)
-                auth_key = self.local.new_auth_key()
-                login = self.local.own_login_url()
-            except LocalControlError as e:
-                raise HTTPError(e.status, e.message) from None
+            self.local.start()  # a LocalControlError is answered with its status
+            self.local.remember(public_url)
+            auth_key = self.local.new_auth_key()
+            login = self.local.own_login_url()
             log.info("created a mesh on the local control; logging in to %s", login)
-            answer = commands.up(self.agent.state, self.agent.prefs_path, login, auth_key, changes, wait)
+            answer = commands.up(
+                self.agent.state, self._link(), self.agent.set_prefs, login, auth_key, changes, wait
+            )
         return Response(answer | {"login_url": self.local.status(lan_of(self.agent))["login_url"]})
 
     def logs(self, request: Request) -> Response:
@@ -165,11 +174,14 @@ class _Routes:
 
     def control(self, request: Request) -> Response:
         query = urlencode(request.query)
-        try:
-            status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
-        except LocalControlError as e:
-            raise HTTPError(e.status, e.message) from None
+        status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
         return Response(answer, status)
+
+    def _link(self) -> ControlLink:
+        link = self.agent.link
+        if link is None:
+            raise HTTPError(503, "the control link is starting; try again in a moment")
+        return link
 
     def _need_control(self) -> None:
         if not self.agent.control:

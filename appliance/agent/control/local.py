@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.wire.seal import ControlPublicKey, login_url
 
@@ -35,12 +36,8 @@ START_WAIT = 30.0
 MAX_ANSWER = 8 << 20
 
 
-class LocalControlError(Exception):
+class LocalControlError(MeshpiError):
     """Says what went wrong with the local control; `status` is the LocalAPI's answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(message)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from appliance.wire.fields import ConfigError
+from appliance.base.errors import MeshpiError
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,8 @@ DRAIN_MAX = 16 * MAX_BODY  # a refused body up to this size is read away, not cu
 IDLE_TIMEOUT = 60.0  # seconds a kept-alive connection may sit idle
 
 
-class HTTPError(Exception):
-    """Answer `status` with `{"error": message}`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
-        super().__init__(f"{status} {message}")
+class HTTPError(MeshpiError):
+    """Answer `status` with `{"error": message}` (any MeshpiError is answered so)."""
 
 
 class SocketError(Exception):
@@ -107,10 +103,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             request = self._request()
             handler, params = self.server.router.resolve(request.method, request.path)
             response = handler(Request(request.method, request.path, request.query, params, request.body))
-        except HTTPError as e:
+        except MeshpiError as e:  # a refusal from anywhere below: bad input, control, devices …
             response = Response({"error": e.message}, e.status)
-        except ConfigError as e:
-            response = Response({"error": str(e)}, 400)
         except Exception as e:  # a bug must not kill the thread silently or show a traceback
             log.exception("LocalAPI %s %s failed", self.command, self.path)
             response = Response({"error": f"internal error: {type(e).__name__}: {e}"}, 500)

@@ -1,0 +1,144 @@
+"""The agent's one path in memory: sources hand typed updates to the reconcile loop.
+
+    control link ──NetmapFull/NetmapDelta/KeyRotated──┐
+    LocalAPI ──────PrefsChanged/DevicesChanged────────┼──▶ Bus ──▶ loop: patch the wanted
+    static files ──NetmapFull/PrefsChanged/BadInput───┤            inputs, plan, apply
+    signals ───────Stop/Reload────────────────────────┘              │
+                                                                     ▼ Applied
+                                                      subscribers (reachability, DNS, …)
+
+Updates travel as objects, never through files: a delta for one peer is parsed
+once (O(change)) by the link and patched into the typed netmap by the loop.
+Files in the state directory are snapshots written for the next start.
+
+`put` may be called from any thread and from a signal handler (SimpleQueue's put
+is reentrant). `take` blocks for the first update and then drains whatever else
+is queued, so a burst of changes is planned and applied once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from appliance.base.keys import PublicKey
+from appliance.core.model import HostedDevice
+from appliance.core.prefs import Prefs
+from appliance.wire.mapdelta import MapDelta
+from appliance.wire.netmap import Netmap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NetmapFull:
+    netmap: Netmap
+
+
+@dataclass(frozen=True)
+class NetmapDelta:
+    delta: MapDelta
+    source: str = "control (delta)"
+
+
+@dataclass(frozen=True)
+class KeyRotated:
+    """This node now has another node key (control accepted it)."""
+
+    public_key: PublicKey
+
+
+@dataclass(frozen=True)
+class PrefsChanged:
+    prefs: Prefs
+
+
+@dataclass(frozen=True)
+class DevicesChanged:
+    devices: tuple[HostedDevice, ...]
+
+
+@dataclass(frozen=True)
+class NetmapGone:
+    """Logged out: the netmap no longer holds, nothing is to be applied."""
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A source could not read its input (a static file): the last good state stays."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Reload:
+    """SIGHUP, or a resync: read the kernel (and the static files) afresh."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    why: str
+
+
+Update = (
+    NetmapFull
+    | NetmapDelta
+    | KeyRotated
+    | PrefsChanged
+    | DevicesChanged
+    | NetmapGone
+    | BadInput
+    | Reload
+    | Stop
+)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Told to subscribers after each apply: what the kernel now holds, from which inputs."""
+
+    netmap: Netmap | None
+    prefs: Prefs
+    changes: int
+
+
+class Bus:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Update] = queue.SimpleQueue()
+        self._subscribers: list[Callable[[Applied], None]] = []
+        self._lock = threading.Lock()
+
+    def put(self, update: Update) -> None:
+        self._queue.put(update)
+
+    def take(self, timeout: float) -> list[Update]:
+        """The updates that arrived: waits up to `timeout` for the first one."""
+        try:
+            first = self._queue.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return []
+        updates = [first]
+        while True:
+            try:
+                updates.append(self._queue.get_nowait())
+            except queue.Empty:
+                return updates
+
+    def subscribe(self, callback: Callable[[Applied], None]) -> None:
+        """`callback` runs on the loop's thread after each apply: keep it quick."""
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def publish(self, event: Applied) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:  # a subscriber's bug must not stop the data plane
+                log.exception("a subscriber of the agent's updates failed")

@@ -1,0 +1,1 @@
+"""Stock WireGuard clients (phones) this node hosts."""

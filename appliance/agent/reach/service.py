@@ -1,0 +1,135 @@
+"""Reachability, run by the agent beside its loop: port mapping on the home router
+(portmap.py) and STUN from the WireGuard port (stun.py) give this node's candidate
+endpoints, which go to control with what the node offers, and from there to peers.
+
+It subscribes to the loop's `Applied` (bus.py): the WireGuard port and fwmark, and
+the prefs, are what the kernel holds now. The loop's tick calls `tick()`, which
+notices a new mapping or a new public address and has the link tell control.
+
+Candidates, best first (a peer tries them in this order; the first is the one a
+peer without meshpi, a phone, is given):
+  1. what the owner says (prefs `advertise_endpoints`: a port forward, a DNS name's address);
+  2. the mapped address (PCP, NAT-PMP or UPnP-IGD on the home router): reachable by anyone;
+  3. the reflexive addresses STUN saw (IPv4 unless the NAT maps per destination, IPv6).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from appliance.agent.bus import Applied
+from appliance.agent.reach.portmap import PortMapper
+from appliance.agent.reach.stun import Port, StunDiscovery
+from appliance.base.net import Endpoint
+from appliance.core.prefs import Prefs
+
+log = logging.getLogger(__name__)
+
+MapperFactory = Callable[[int], PortMapper]
+
+
+def candidates(prefs: Prefs | None, mapped: Endpoint | None, stun: Any) -> tuple[Endpoint, ...]:
+    """This node's candidate endpoints, best first, without repeats."""
+    found: list[Endpoint] = list(prefs.advertise_endpoints) if prefs is not None else []
+    if mapped is not None:
+        found.append(mapped)
+    if stun is not None:
+        if stun.v4 is not None and not stun.varies_by_destination:
+            found.append(stun.v4)
+        if stun.v6 is not None:
+            found.append(stun.v6)
+    return tuple(dict.fromkeys(found))
+
+
+class Reachability:
+    def __init__(
+        self,
+        servers: Callable[[], Sequence[Endpoint]],
+        announce: Callable[[], None],
+        mapper: MapperFactory = lambda port: PortMapper(port).start(),
+        stun: Callable[[Callable[[], Port | None]], StunDiscovery] | None = None,
+    ) -> None:
+        """`announce()` is called (on the caller's thread of `tick`) when the
+        candidates changed: the agent tells control then."""
+        self._announce, self._make_mapper = announce, mapper
+        self._lock = threading.Lock()
+        self._port: Port | None = None
+        self._prefs: Prefs | None = None
+        self._mapper: PortMapper | None = None
+        self._announced: tuple[Endpoint, ...] = ()
+        self.stun = (stun or (lambda port: StunDiscovery(servers, port)))(lambda: self._port)
+        self._started = False
+
+    def on_applied(self, event: Applied) -> None:
+        """Subscriber of the bus: the kernel now holds this port, fwmark and prefs."""
+        prefs = event.prefs
+        port = Port(prefs.listen_port, prefs.fwmark)
+        with self._lock:
+            self._prefs = prefs
+            moved = port != self._port
+            self._port = port
+            if self._mapper is not None and (moved or not prefs.port_mapping):
+                self._close_mapper()
+            if self._mapper is None and prefs.port_mapping:
+                self._mapper = self._make_mapper(prefs.listen_port)
+            if not self._started:
+                self.stun.start()
+                self._started = True
+        if moved:
+            self.stun.probe_now()
+
+    def candidates(self) -> tuple[Endpoint, ...]:
+        with self._lock:
+            mapper, prefs = self._mapper, self._prefs
+        mapped = mapper.state.external if mapper is not None else None
+        return candidates(prefs, mapped, self.stun.last)
+
+    def tick(self) -> None:
+        """Tell control when the candidates changed (a mapping came or went, the
+        public address moved): within one tick of the loop."""
+        now = self.candidates()
+        if now != self._announced:
+            log.info("this node's endpoints: %s", ", ".join(map(str, now)) or "none known")
+            self._announced = now
+            self._announce()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            mapper = self._mapper
+        stun = self.stun.last
+        portmap = mapper.state if mapper is not None else None
+        return {
+            "endpoints": [str(e) for e in self.candidates()],
+            "port_mapping": None if portmap is None else {
+                "protocol": portmap.protocol,
+                "external": str(portmap.external) if portmap.external else None,
+                "lifetime": portmap.lifetime,
+                "error": portmap.last_error,
+            },
+            "stun": None if stun is None else {
+                "ipv4": str(stun.v4) if stun.v4 else None,
+                "ipv6": str(stun.v6) if stun.v6 else None,
+                "varies_by_destination": stun.varies_by_destination,
+                "errors": list(stun.errors),
+            },
+        }  # fmt: skip
+
+    def release(self) -> None:
+        """Remove the router's mapping (logout); the next apply maps again."""
+        with self._lock:
+            self._close_mapper()
+
+    def close(self) -> None:
+        """Stop probing and remove the router's mapping (the agent stops or logs out)."""
+        with self._lock:
+            self._close_mapper()
+        if self._started:
+            self.stun.close()
+
+    def _close_mapper(self) -> None:
+        if self._mapper is not None:
+            self._mapper.close()
+            self._mapper = None

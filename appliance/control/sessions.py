@@ -127,6 +127,11 @@ class Sessions:
                 return table, session
         return None
 
+    def trusts(self, machine_raw: bytes) -> bool:
+        """Does this machine hold a trusted session (is it an approved node)?"""
+        ids = self._by_machine.get(MachinePublicKey(machine_raw), ())
+        return any(session_id in self._trusted for session_id in ids)
+
     def trust(self, session_id: object) -> None:
         """The session's machine is an approved node: keep it over anonymous ones."""
         if not isinstance(session_id, str):

@@ -49,6 +49,7 @@ from scripts.bench.control import free_port, raise_nofile, rss_mb  # noqa: E402
 Http = aiohttp.ClientSession
 SOURCES = [f"127.0.0.{i}" for i in range(2, 66)]
 OVERSIZED = 2 << 20
+SETTLE = 2.0
 
 
 class Node:
@@ -158,9 +159,10 @@ def address_counter(db: Path) -> int:
 
 
 async def window(
-    flood: Flood, pid: int, seconds: float, tasks: list[asyncio.Task[None]]
+    flood: Flood, pid: int, seconds: float, tasks: list[asyncio.Task[None]], clients: list[Http]
 ) -> tuple[float, int]:
-    """Run for `seconds`; returns (RSS growth MiB, deltas heard)."""
+    """Run for `seconds`, then close the flood's connections and give the server
+    SETTLE seconds to see them go; returns (RSS growth MiB, deltas heard)."""
     rss0, _ = rss_mb(pid)
     flood.deltas, flood.counting = 0, True
     start = time.monotonic()
@@ -172,6 +174,12 @@ async def window(
     flood.stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     flood.stop.clear()
+    for client in clients:
+        await client.close()
+    if clients:
+        # Open keep-alive connections cost the server memory while they last (~5 KB
+        # each); what must not grow is what stays once they are gone.
+        await asyncio.sleep(SETTLE)
     return rss_mb(pid)[0] - rss0, flood.deltas
 
 
@@ -233,10 +241,11 @@ async def measure(args: argparse.Namespace, pid: int, url: str, state: Path) -> 
 
         print(f"server pid {pid} on {url}, admin {admin_url}; {args.nodes} approved nodes long-polling")
         print(f"quiet reference: {args.quiet:g} s with no flood ...", flush=True)
-        quiet_rss, quiet_deltas = await window(flood, pid, args.quiet, [])
+        quiet_rss, quiet_deltas = await window(flood, pid, args.quiet, [], [])
         index0, rss_before = address_counter(state / "control.db"), rss_mb(pid)[0]
 
-        pending = Node(url, control, http)
+        attacker = aiohttp.ClientSession(timeout=timeout)
+        pending = Node(url, control, attacker)
         await pending.call("register", {"node_key": str(PrivateKey.generate().public_key()), "hostname": "p"})
         sessions = [aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(local_addr=(ip, 0)))
                     for ip in SOURCES]  # fmt: skip
@@ -247,17 +256,17 @@ async def measure(args: argparse.Namespace, pid: int, url: str, state: Path) -> 
                 tasks += [asyncio.create_task(registrations(flood, url, control, sessions[i:] + sessions[:i]))
                           for i in range(args.concurrency)]  # fmt: skip
             if "hello" in kinds:
-                tasks += [asyncio.create_task(hellos(flood, url, control, http)) for _ in range(4)]
+                tasks += [asyncio.create_task(hellos(flood, url, control, attacker)) for _ in range(4)]
             if "oversized" in kinds:
-                tasks += [asyncio.create_task(oversized(flood, url, http)) for _ in range(2)]
+                tasks += [asyncio.create_task(oversized(flood, url, attacker)) for _ in range(2)]
             if "pending" in kinds:
                 tasks.append(asyncio.create_task(pending_abuse(flood, pending)))
             print(f"flood: {args.seconds:g} s, {len(tasks)} flooding coroutines ...", flush=True)
             t0 = time.monotonic()
-            flood_rss, flood_deltas = await window(flood, pid, args.seconds, tasks)
-            elapsed = time.monotonic() - t0
+            flood_rss, flood_deltas = await window(flood, pid, args.seconds, tasks, [*sessions, attacker])
+            elapsed = time.monotonic() - t0 - SETTLE
         finally:
-            for s in sessions:
+            for s in [*sessions, attacker]:
                 await s.close()
         addresses = address_counter(state / "control.db") - index0
         rss_after, peak = rss_mb(pid)

@@ -192,3 +192,14 @@ def test_sessions_flood_of_new_machine_keys_keeps_trusted_sessions(clock: FakeCl
     for _ in range(500):
         sessions.hello(MachineKey.generate().public_key())
     sessions.check(sids[-1], B, make_nonce(1))
+
+
+def test_sessions_trusts_only_machines_with_a_trusted_session(clock: FakeClock) -> None:
+    """What TrustedBoxes asks (app.py): only approved nodes' Boxes are cached, so a
+    flood of fresh machine keys leaves no cache behind."""
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    sessions.hello(B)
+    assert not sessions.trusts(bytes(A)) and not sessions.trusts(bytes(B))
+    sessions.trust(sid)
+    assert sessions.trusts(bytes(A)) and not sessions.trusts(bytes(B))

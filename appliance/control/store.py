@@ -27,7 +27,7 @@ from typing import Any
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPNetwork
-from appliance.control import store_devices, store_preauth
+from appliance.control import store_devices, store_pending, store_preauth
 from appliance.control.migrations import ensure_mesh, migrate, random_ula
 from appliance.control.store_records import (
     NODE_COLUMNS,
@@ -54,7 +54,6 @@ from appliance.control.store_records import (
     dump_endpoints,
     dump_routes,
     dump_tags,
-    last_index,
     name_base,
     node_from_row,
     pick_name,
@@ -193,11 +192,11 @@ class Store:
                     return node, False
                 raise NodeExists(f"node {node.name} already has this machine key or node key")
             if pending and pending_caps is not None:
-                _check_pending_caps(tx, source, *pending_caps)
+                store_pending.check_caps(tx, source, *pending_caps)
             if pending:
                 version, address = 0, None
             else:
-                address = _take_address(tx, self.mesh)
+                address = store_pending.take_address(tx, self.mesh)
                 version = _one(tx, _BUMP)[0]
             # Names are few per base; LIKE's pattern is bound, and a base is only
             # [a-z0-9-], so it holds no wildcard.
@@ -279,24 +278,16 @@ class Store:
         def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
             if node.address_index is not None:
                 return {"state": NodeState.APPROVED.value}
-            return {"state": NodeState.APPROVED.value, "address_index": _take_address(tx, self.mesh)}
+            return {
+                "state": NodeState.APPROVED.value,
+                "address_index": store_pending.take_address(tx, self.mesh),
+            }
 
         return self._change(node_id, values)
 
-    def count_pending(self, source: str | None = None) -> int:
-        """Registrations waiting for approval (from `source`, or in all)."""
-        where, params = ("state = 'pending'", ()) if source is None else (
-            "state = 'pending' AND source = ?", (source,))  # fmt: skip
-        return self.db.run(lambda tx: int(_one(tx, f"SELECT COUNT(*) FROM nodes WHERE {where}", *params)[0]),
-                           write=False)  # fmt: skip
-
     def prune_pending(self, created_before: datetime) -> int:
-        """Forget registrations still pending that were made before `created_before`
-        (no peer ever saw them: no version, no tombstone). How many were dropped."""
-        when = to_epoch(created_before)
-        return self.db.run(
-            lambda tx: tx.run("DELETE FROM nodes WHERE state = 'pending' AND created < ?", when)
-        )
+        """Forget registrations nobody approved before `created_before`; how many."""
+        return store_pending.prune(self.db, created_before)
 
     def set_endpoints(self, node_id: int, endpoints: Iterable[Endpoint]) -> NodeRecord:
         text = dump_endpoints(endpoints)
@@ -427,27 +418,6 @@ def _one(tx: Tx, sql: str, *params: Any) -> Row:
 
 def _mesh_version(tx: Tx) -> int:
     return int(_one(tx, "SELECT mesh_version FROM meta WHERE id = 1")[0])
-
-
-def _take_address(tx: Tx, mesh: Mesh) -> int:
-    """The next address index, counted as handed out (never again)."""
-    (index,) = _one(tx, "SELECT next_address_index FROM meta WHERE id = 1")
-    if index > last_index(mesh):
-        raise MeshFull(f"all {index - 1} addresses of {mesh.ipv4} were handed out")
-    tx.run("UPDATE meta SET next_address_index = ? WHERE id = 1", index + 1)
-    return int(index)
-
-
-def _check_pending_caps(tx: Tx, source: str | None, per_source: int, total: int) -> None:
-    (all_pending,) = _one(tx, "SELECT COUNT(*) FROM nodes WHERE state = 'pending'")
-    if all_pending >= total:
-        raise TooManyPending(f"{all_pending} registrations already wait for approval (at most {total})")
-    if source is not None:
-        (mine,) = _one(tx, "SELECT COUNT(*) FROM nodes WHERE state = 'pending' AND source = ?", source)
-        if mine >= per_source:
-            raise TooManyPending(
-                f"{mine} registrations from {source} already wait for approval (at most {per_source})"
-            )
 
 
 def _bury(tx: Tx, key: PublicKey, version: int) -> Tombstone:

@@ -193,6 +193,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="the LocalAPI's /v1/status as it is")
     state_dir(status)
     local_api(status)
+    netcheck = sub.add_parser(
+        "netcheck",
+        help="what this node's network allows: UDP, public addresses, NAT kind, port mapping, reachability",
+        description="Asks the running agent to probe now (STUN from the WireGuard port) and says whether "
+        "the internet (a phone, a laptop away) can reach this node, and why not.",
+    )
+    netcheck.add_argument("--json", action="store_true", help="the LocalAPI's /v1/netcheck as it is")
+    state_dir(netcheck)
+    local_api(netcheck)
     logout = sub.add_parser(
         "logout", help="leave the mesh: tell control, remove the data plane; the agent waits for a new login"
     )
@@ -307,6 +316,12 @@ def _ask(args: Any, client: Any) -> int:
         st = client.get("/v1/status")
         print(json.dumps(st, indent=2) if args.json else format_status(st))
         return EXIT_OK
+    if args.command == "netcheck":
+        from appliance.agent.reach.netcheck import format_report
+
+        r = client.get("/v1/netcheck")
+        print(json.dumps(r, indent=2) if args.json else format_report(r))
+        return EXIT_OK if r["reachable"] else EXIT_FAILED
     if args.command == "set":
         print(json.dumps(client.patch("/v1/prefs", _pref_changes(args)), indent=2))
         return EXIT_OK

@@ -100,6 +100,9 @@ class AgentLocal:
     def devices_changed(self, devices: tuple[HostedDevice, ...]) -> None:
         self.bus.put(updates.DevicesChanged(devices))
 
+    def netcheck(self) -> dict[str, Any] | None:
+        return self.reach.netcheck() if self.reach is not None else None
+
     def reach_status(self) -> dict[str, Any] | None:
         """Port mapping, STUN and the endpoints told to control (None in static mode)."""
         return self.reach.status() if self.reach is not None else None

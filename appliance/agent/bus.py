@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint
 from appliance.core.model import HostedDevice
 from appliance.core.prefs import Prefs
 from appliance.wire.mapdelta import MapDelta
@@ -49,6 +50,15 @@ class KeyRotated:
     """This node now has another node key (control accepted it)."""
 
     public_key: PublicKey
+
+
+@dataclass(frozen=True)
+class PathsChosen:
+    """The endpoint to use for some peers instead of the netmap's first candidate
+    (a candidate that completed a handshake, or the relay's local proxy): the
+    whole set each time; a peer left out goes back to the netmap's endpoint."""
+
+    endpoints: Mapping[PublicKey, Endpoint]
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,7 @@ class Stop:
 Update = (
     NetmapFull
     | NetmapDelta
+    | PathsChosen
     | KeyRotated
     | PrefsChanged
     | DevicesChanged

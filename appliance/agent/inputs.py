@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from appliance.agent.bus import (
@@ -22,10 +23,13 @@ from appliance.agent.bus import (
     NetmapDelta,
     NetmapFull,
     NetmapGone,
+    PathsChosen,
     PrefsChanged,
     Update,
 )
 from appliance.base.files import atomic_write
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint
 from appliance.core.model import HostedDevice, Scope
 from appliance.core.prefs import Prefs
 from appliance.wire.mapdelta import MapDelta, apply_delta
@@ -41,6 +45,7 @@ class Inputs:
     netmap: Netmap
     prefs: Prefs
     devices: tuple[HostedDevice, ...] = ()  # phones this node hosts (devices/)
+    paths: Mapping[PublicKey, Endpoint] = field(default_factory=dict)  # chosen endpoints (reach/)
 
     @property
     def scope(self) -> Scope:
@@ -52,9 +57,10 @@ class Wanted:
     netmap: Netmap | None
     prefs: Prefs
     devices: tuple[HostedDevice, ...] = ()
+    paths: Mapping[PublicKey, Endpoint] = field(default_factory=dict)  # reach/: chosen endpoints
 
     def inputs(self) -> Inputs | None:
-        return None if self.netmap is None else Inputs(self.netmap, self.prefs, self.devices)
+        return None if self.netmap is None else Inputs(self.netmap, self.prefs, self.devices, self.paths)
 
     def patched(self, update: Update) -> Wanted:
         """This value with one update applied. Raises ConfigError for a delta
@@ -75,6 +81,8 @@ class Wanted:
             return replace(self, prefs=update.prefs)
         if isinstance(update, DevicesChanged):
             return replace(self, devices=update.devices)
+        if isinstance(update, PathsChosen):
+            return replace(self, paths=dict(update.endpoints))
         if isinstance(update, NetmapGone):
             return replace(self, netmap=None)
         return self

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -44,7 +45,7 @@ from appliance.agent.static import StaticFiles
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.core.conflicts import RouteConflict
-from appliance.core.model import Scope, State
+from appliance.core.model import HostFacts, Scope, State
 from appliance.core.planner import PeerMemo, exit_node_problem, make_plan
 from appliance.core.prefs import Prefs, load_prefs
 from appliance.kernel.base import KernelError
@@ -100,6 +101,9 @@ class Agent(AgentLocal):
         self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
         self.snapshot = Snapshot(state.netmap_file) if control else None
         self.memo = PeerMemo()
+        self._facts: tuple[Scope, HostFacts] | None = None
+        self.facts_stale = True  # re-read the host's networks before the next plan
+        self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self._init_local(AgentLeds(leds))
 
@@ -136,7 +140,7 @@ class Agent(AgentLocal):
             elif self.exit_problem is not None and inputs.prefs.exit_node is not None:
                 log.info("exit node %r carries traffic again", inputs.prefs.exit_node)
             self.exit_problem = problem
-        facts = system.facts(inputs.scope)
+        facts = self._host_facts(inputs.scope, system)
         # Moving to another interface name: the old one is meshpi's, not the host's
         # network, though it still holds the mesh prefix until the move is done.
         # Before the first apply that is the one owned.json records (read once, at start).
@@ -157,6 +161,17 @@ class Agent(AgentLocal):
                 log.warning("%s", conflict)
             self.conflicts = planned.conflicts
         return planned.state
+
+    def _host_facts(self, scope: Scope, system: System) -> HostFacts:
+        """The host's networks, read again only when they may have changed: at a
+        resync or SIGHUP (`facts_stale`), for another interface, or after a
+        netlink event about the host's links, addresses or routes. A netmap
+        delta does not re-read them: a netlink dump costs ~10 ms on a Pi."""
+        cached = self._facts
+        if self.facts_stale or cached is None or cached[0] != scope:
+            self._facts = cached = (scope, system.facts(scope))
+            self.facts_stale = False
+        return cached[1]
 
     def _key_for(self, netmap: Netmap) -> PrivateKey:
         """The node key the netmap is for: after a rotation (control/link.py) that is
@@ -184,6 +199,24 @@ class Agent(AgentLocal):
         for key, endpoint in carried.items():
             peers[key] = replace(peers[key], endpoint=endpoint)
         return replace(desired, peers=peers)
+
+    def _with_paths(self, before: Inputs, after: Inputs, desired: State) -> State:
+        """The endpoints reach/ chose (a working candidate, the relay's proxy)
+        instead of the netmap's first. The plan's O(change) hint stays right:
+        the peers whose chosen endpoint changed count as touched too."""
+        if not after.paths and not before.paths:
+            return desired
+        changed = {
+            k for k in set(before.paths) | set(after.paths) if before.paths.get(k) != after.paths.get(k)
+        }
+        peers = dict(desired.peers)
+        for key in set(after.paths) | changed:
+            if key in peers:
+                peers[key] = replace(peers[key], endpoint=after.paths.get(key, peers[key].endpoint))
+        derived = desired.derived
+        if derived is not None:
+            derived = (derived[0], derived[1] | frozenset(changed))
+        return replace(desired, peers=peers, derived=derived)
 
     def _start_handshakes(self, before: Inputs, after: Inputs) -> None:
         """After a rotation, start the handshakes WireGuard would otherwise delay."""
@@ -225,6 +258,8 @@ class Agent(AgentLocal):
 
     def update(self, reread: bool) -> None:
         """The wanted inputs changed or a resync is due: re-plan, apply what differs."""
+        if reread:
+            self.facts_stale = True
         inputs = self.wanted.inputs()
         if inputs is None:
             return
@@ -239,6 +274,8 @@ class Agent(AgentLocal):
             self.reconciler = Reconciler(self.system, inputs.scope)
         before, self.inputs = self.inputs, inputs
         desired = self._carry_endpoints(before, inputs, desired)
+        desired = self._with_paths(before, inputs, desired)
+        self.memo.state = desired  # the next plan is derived from what the kernel will hold
         applied = self._sync(self.reconciler, desired, reread=reread)
         if applied:
             log.info("applied %d change(s)", len(applied))
@@ -247,6 +284,8 @@ class Agent(AgentLocal):
 
     def _applied(self, changes: int) -> None:
         assert self.inputs is not None
+        with self.applied_once:
+            self.applied_once.notify_all()
         if self.snapshot is not None:
             self.snapshot.mark(self.inputs.netmap)
         self.bus.publish(updates.Applied(self.inputs.netmap, self.inputs.prefs, changes))
@@ -349,6 +388,12 @@ class Agent(AgentLocal):
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+
+    def wait_applied(self, timeout: float) -> bool:
+        """Until a netmap is applied (after `up`: the data plane is there when it
+        answers); False after `timeout` seconds."""
+        with self.applied_once:
+            return self.applied_once.wait_for(lambda: self.inputs is not None, timeout)
 
     def reach_candidates(self) -> tuple[Endpoint, ...] | None:
         return self.reach.candidates() if self.reach is not None else None

@@ -108,7 +108,7 @@ def iter_update(update: WgUpdate) -> Iterator[bytes]:
             lines.append("endpoint=" + format_endpoint(peer.endpoint))
         lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive}")
         lines.append("replace_allowed_ips=true")
-        lines.extend("allowed_ip=" + str(net) for net in peer.allowed_ips)
+        lines.extend("allowed_ip=" + _net_text(net) for net in peer.allowed_ips)
         if i % _PEERS_PER_CHUNK == 0:
             yield ("\n".join(lines) + "\n").encode()
             lines = []
@@ -117,6 +117,13 @@ def iter_update(update: WgUpdate) -> Iterator[bytes]:
         lines.append("remove=true")
     lines.append("\n")  # the empty line that ends the transaction
     yield "\n".join(lines).encode()
+
+
+def _net_text(net: IPNetwork) -> str:
+    """str(net), through the C formatter: ipaddress's own is the slowest step of
+    rendering a thousand peers."""
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, net.network_address.packed)}/{net.prefixlen}"
 
 
 def render_update(update: WgUpdate) -> bytes:

@@ -112,6 +112,10 @@ def test_reach_pi_behind_nat_without_port_forward_is_reached_through_its_mapping
     wait_for(lambda: laptop.host.ping(pi_mesh, count=1)[1] == 1, 20, "laptop -> pi through the mapping")
     assert "local network wins" not in pi.meshpi("status").stdout
     assert f"endpoints: {mapped}" in pi.meshpi("status").stdout
+    check = json.loads(pi.meshpi("netcheck", "--json").stdout)
+    assert check["reachable"] and check["mapped"] == mapped and check["udp"], check
+    assert check["ipv4"].startswith(WAN_V4) and not check["cgnat"], check
+    assert "reachable from outside: yes" in pi.meshpi("netcheck").stdout
 
     # Logging out removes the mapping from the router.
     pi.meshpi("logout")

@@ -39,6 +39,8 @@ class AgentApi(StatusView, DeviceHost, Protocol):
     state: StateDir
 
     def set_prefs(self, changes: dict[str, Any]) -> Prefs: ...
+    def wait_applied(self, timeout: float) -> bool: ...
+    def netcheck(self) -> dict[str, Any] | None: ...
     def logout(self) -> str: ...
 
 
@@ -58,6 +60,7 @@ def build_router(agent: AgentApi, local: LocalControl) -> Router:
     r.add("POST", "/v1/rotate-key", routes.rotate_key)
     r.add("POST", "/v1/mesh/create", routes.create_mesh)
     r.add("GET", "/v1/logs", routes.logs)
+    r.add("GET", "/v1/netcheck", routes.netcheck)
     for method in ("GET", "POST", "DELETE"):
         r.add(method, "/v1/control/(?P<path>[A-Za-z0-9_./-]+)", routes.control)
     r.add("GET", "/metrics", routes.metrics)
@@ -124,7 +127,7 @@ class _Routes:
                 )
             except LoginUrlError as e:
                 raise HTTPError(400, str(e)) from None
-        return Response(answer)
+        return Response(self._once_applied(answer, wait))
 
     def logout(self, request: Request) -> Response:
         self._need_control()
@@ -164,7 +167,15 @@ class _Routes:
             answer = commands.up(
                 self.agent.state, self._link(), self.agent.set_prefs, login, auth_key, changes, wait
             )
+        answer = self._once_applied(answer, wait)
         return Response(answer | {"login_url": self.local.status(lan_of(self.agent))["login_url"]})
+
+    def netcheck(self, _request: Request) -> Response:
+        self._need_control()
+        report = self.agent.netcheck()
+        if report is None:
+            raise HTTPError(503, "reachability is not running yet (the agent is starting)")
+        return Response(report)
 
     def logs(self, request: Request) -> Response:
         after = request.query.get("after", "0")
@@ -176,6 +187,12 @@ class _Routes:
         query = urlencode(request.query)
         status, answer = self.local.admin(request.method, request.params["path"], request.body, query)
         return Response(answer, status)
+
+    def _once_applied(self, answer: dict[str, Any], wait: float) -> dict[str, Any]:
+        """`connected` means the data plane is up too: wait for the first netmap's apply."""
+        if answer.get("state") == "connected" and not self.agent.wait_applied(wait):
+            return answer | {"detail": f"{answer.get('detail', '')}; no netmap applied within {wait:g} s"}
+        return answer
 
     def _link(self) -> ControlLink:
         link = self.agent.link

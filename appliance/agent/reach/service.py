@@ -117,6 +117,18 @@ class Reachability:
             },
         }  # fmt: skip
 
+    def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
+        """A STUN round now, then the report (netcheck.py)."""
+        from appliance.agent.reach.netcheck import report
+
+        self.stun.probe_now()
+        stun = self.stun.wait_round(self.stun.round, timeout) or self.stun.last
+        with self._lock:
+            mapper, prefs = self._mapper, self._prefs
+        return report(
+            prefs or Prefs(), mapper.state if mapper else None, stun, [str(e) for e in self.candidates()]
+        )
+
     def release(self) -> None:
         """Remove the router's mapping (logout); the next apply maps again."""
         with self._lock:

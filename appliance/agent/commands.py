@@ -87,7 +87,7 @@ def up(state: StateDir, link: ControlLink, set_prefs: Any, login_server: str, au
 def logout(state: StateDir) -> str:
     """Tell control this node leaves and forget the login. The agent then takes
     the data plane down. Raises ControlError when control cannot be told."""
-    from appliance.agent.control.client import ControlClient
+    from appliance.agent.control.client import ControlClient, ControlRefused
     from appliance.agent.control.link import Login
     from appliance.wire.seal import parse_login_url
 
@@ -95,7 +95,14 @@ def logout(state: StateDir) -> str:
     if login is None:
         return "not logged in"
     base, control_pub = parse_login_url(login.server)
-    ControlClient(base, state.machine_key(), control_pub, timeout=10).call("logout", {})
+    try:
+        ControlClient(base, state.machine_key(), control_pub, timeout=10).call("logout", {})
+    except ControlRefused as e:
+        if e.status not in (403, 404):
+            raise
+        # Control no longer knows this node (removed by the admin): nothing to tell it.
+        state.login_file.unlink(missing_ok=True)
+        return f"logged out here; control at {base} no longer knew this node ({e.message})"
     state.login_file.unlink(missing_ok=True)
     return f"logged out of {base}"
 

@@ -1,5 +1,9 @@
-"""The coordination server over HTTP: sealed node ops under /v1/, the admin API
-under /admin/v1/, /metrics, and `serve()` for `meshpi-control serve`.
+"""The coordination server over HTTP: sealed node ops under /v1/ on the public
+listener; the admin API under /admin/v1/ and /metrics on a second, loopback-only
+listener (admin.py); and `serve()` for `meshpi-control serve`.
+
+Two applications, not one with a check: the public listener has no admin route at
+all (a 404 for /admin/ and /metrics), so no bug in a check can expose it.
 
 aiohttp, because thousands of nodes each hold a map long-poll open: one asyncio
 process carries them all, with the database on its own thread (service.py).
@@ -7,13 +11,21 @@ process carries them all, with the database on its own thread (service.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from ipaddress import ip_address
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from nacl.public import Box
 from nacl.public import PrivateKey as NaclPrivateKey
+from nacl.public import PublicKey as NaclPublicKey
 
+from appliance.base.files import atomic_write
 from appliance.base.keys import PublicKey
 from appliance.control import admin, stun
 from appliance.control.keys import load_admin_token, load_control_key
@@ -27,6 +39,9 @@ from appliance.wire.seal import Boxes, SealError, login_url, open_request
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+ADMIN_URL_FILE = "admin.url"
+# Ops only an approved node can make succeed (service._approved).
+TRUSTING_OPS = frozenset({"map", "update", "device"})
 CONTROL_KEY: web.AppKey[NaclPrivateKey] = web.AppKey("control_key", NaclPrivateKey)
 SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 BOXES: web.AppKey[Boxes] = web.AppKey("boxes", Boxes)
@@ -36,6 +51,10 @@ async def node_op(request: web.Request) -> web.Response:
     op = request.match_info["op"]
     service, key = request.app[admin.SERVICE], request.app[CONTROL_KEY]
     sessions = request.app[SESSIONS]
+    if (request.content_length or 0) > MAX_BODY:
+        # Refused before a byte of it is read (aiohttp would buffer up to its limit).
+        return web.Response(status=413, text=f"request of {request.content_length} bytes is over the "
+                                             f"{MAX_BODY}-byte limit")  # fmt: skip
     try:
         opened = open_request(key, await request.read(), op, request.app[BOXES])
     except SealError as e:
@@ -47,13 +66,14 @@ async def node_op(request: web.Request) -> web.Response:
         sessions.check(opened.plaintext.get("session"), opened.machine, opened.nonce)
     except SessionError as e:
         return web.Response(status=e.status, text=e.message)
-    handler = {
-        "register": service.register,
+    handlers: dict[str, Callable[[PublicKey, object], Awaitable[dict[str, Any]]]] = {
+        "register": partial(service.register, source=request.remote),
         "update": service.update,
         "map": service.map,
         "device": service.device,
         "logout": service.logout,
-    }.get(op)
+    }
+    handler = handlers.get(op)
     if handler is None:
         return web.Response(status=404, text=f"no op {op!r}")
     machine = PublicKey(bytes(opened.machine))
@@ -63,7 +83,25 @@ async def node_op(request: web.Request) -> web.Response:
         return web.Response(status=e.status, text=e.message)
     except ConfigError as e:
         return web.Response(status=400, text=str(e))
+    if op in TRUSTING_OPS or (op == "register" and body.get("state") == "approved"):
+        # Only an approved node gets here with these: its session outlives hello floods.
+        sessions.trust(opened.plaintext.get("session"))
     return _sealed(opened.reply(body))
+
+
+class TrustedBoxes(Boxes):
+    """Boxes kept only for machines the session table trusts (approved nodes). A
+    flood of fresh machine keys pays its own X25519 per request and leaves nothing
+    cached behind; the mesh's nodes keep theirs."""
+
+    def __init__(self, control_key: NaclPrivateKey, sessions: Sessions) -> None:
+        super().__init__(control_key)
+        cached = self.get
+
+        def get(raw: bytes) -> Box:
+            return cached(raw) if sessions.trusts(raw) else Box(control_key, NaclPublicKey(raw))
+
+        self.get = get  # type: ignore[assignment]  # a plain function where the base keeps its cache
 
 
 def _sealed(data: bytes) -> web.Response:
@@ -75,44 +113,112 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=f"meshpi control\nlogin URL: {login_url(str(request.url.origin()), key)}\n")
 
 
-def create_app(service: ControlService, control_key: NaclPrivateKey, admin_token: str) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY + 4096, middlewares=[admin.admin_auth])
+def create_app(service: ControlService, control_key: NaclPrivateKey) -> web.Application:
+    """The public listener's application: the node API only. It owns the service
+    (starts its pruning, closes it on cleanup)."""
+    app = web.Application(client_max_size=MAX_BODY + 4096)
     app[admin.SERVICE] = service
-    app[admin.TOKEN] = admin_token
     app[CONTROL_KEY] = control_key
     app[SESSIONS] = Sessions()
-    app[BOXES] = Boxes(control_key)
+    app[BOXES] = TrustedBoxes(control_key, app[SESSIONS])
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
-    admin.add_routes(app)
     add_relay(app, Relay(service, control_key, app[BOXES]))
+
+    async def start(_app: web.Application) -> None:
+        service.start()
 
     async def close(_app: web.Application) -> None:
         service.close()
 
+    app.on_startup.append(start)
     app.on_cleanup.append(close)
     return app
 
 
+def create_admin_app(
+    service: ControlService, admin_token: str, public: web.Application | None = None
+) -> web.Application:
+    """The admin listener's application: admin API and /metrics (loopback only), with
+    the counters that parts of the `public` app keep (the relay's)."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[admin.admin_auth])
+    app[admin.SERVICE] = service
+    app[admin.TOKEN] = admin_token
+    if public is not None:
+        app[admin.METRIC_SOURCES] = public.setdefault(admin.METRIC_SOURCES, [])
+    admin.add_routes(app)
+    return app
+
+
+def parse_listen(option: str, value: str, loopback: bool = False) -> tuple[str, int]:
+    """HOST:PORT (HOST may be [v6]); with `loopback`, HOST must be a loopback address."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{option} {value!r}: expected HOST:PORT")
+    if loopback:
+        try:
+            ok = host == "localhost" or ip_address(host).is_loopback
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{option} {value!r}: the admin API listens on loopback only (127.0.0.1, ::1)")
+    return host, int(port)
+
+
 def serve(
-    state_dir: Path, listen: str, db: str | None, public_url: str | None, stun_listen: str | None = "off"
+    state_dir: Path,
+    listen: str,
+    db: str | None,
+    public_url: str | None,
+    admin_listen: str,
+    stun_listen: str | None = "off",
 ) -> None:
     """stun_listen None: the default address, and a busy port there is a warning, not an end."""
-    host, _, port = listen.rpartition(":")
-    if not port.isdigit():
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT")
+    host, port = parse_listen("--listen", listen)
+    admin_host, admin_port = parse_listen("--admin-listen", admin_listen, loopback=True)
     stun_at = stun.parse_listen(stun_listen or stun.DEFAULT_LISTEN)
     key = load_control_key(state_dir)
     token = load_admin_token(state_dir)
     url = db or str(state_dir / "control.db")
     service = ControlService(lambda: open_store(url))
-    app = create_app(service, key, token)
+    app = create_app(service, key)
     if stun_at is not None:
         app.cleanup_ctx.append(_stun_ctx(*stun_at, required=stun_listen is not None))
     shown = public_url or f"http://{host if host not in ('', '0.0.0.0', '::') else '<this host>'}:{port}"
     log.info("meshpi control on %s; nodes log in with: %s", listen, login_url(shown, key.public_key))
+    admin_app = create_admin_app(service, token, app)
+    asyncio.run(_serve(state_dir, app, (host, port), admin_app, (admin_host, admin_port)))
+
+
+async def _serve(
+    state_dir: Path,
+    public: web.Application,
+    public_at: tuple[str, int],
+    admin_app: web.Application,
+    admin_at: tuple[str, int],
+) -> None:
     # Long-polls end at once on shutdown: agents simply poll again when it is back.
-    web.run_app(app, host=host or None, port=int(port), print=None, access_log=None, shutdown_timeout=2)
+    runners = [web.AppRunner(public, access_log=None, shutdown_timeout=2),
+               web.AppRunner(admin_app, access_log=None, shutdown_timeout=2)]  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for runner, (host, port) in zip(runners, (public_at, admin_at), strict=True):
+            await runner.setup()
+            await web.TCPSite(runner, host or None, port).start()
+        admin_host, admin_port = runners[1].addresses[0][:2]
+        shown = f"[{admin_host}]" if ":" in admin_host else admin_host
+        # Where the admin API is, beside the token: `meshpi-control nodes …` and the
+        # agent's proxy read it, so a non-default --admin-listen needs no flag there.
+        atomic_write(state_dir / ADMIN_URL_FILE, f"http://{shown}:{admin_port}\n", mode=0o644)
+        log.info("admin API and /metrics on http://%s:%d (loopback only)", shown, admin_port)
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
 
 
 def _stun_ctx(host: str, port: int, required: bool) -> Callable[[web.Application], AsyncIterator[None]]:

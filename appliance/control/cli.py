@@ -1,12 +1,15 @@
 """`meshpi-control`: run the coordination server, and administer it.
 
-    meshpi-control serve [--listen HOST:PORT] [--stun-listen HOST:PORT|off] [--db URL] [--state-dir D]
+    meshpi-control serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--stun-listen HOST:PORT|off]
+                         [--db URL] [--state-dir D]
     meshpi-control nodes list|approve ID|remove ID|expire ID
     meshpi-control routes list|approve ID CIDR...
     meshpi-control keys create [--reusable] [--expires SECONDS] [--tag T]...|list|revoke ID
 
 The admin verbs talk to the running server's admin API with the token from the
-state directory, so every change reaches the nodes at once.
+state directory, so every change reaches the nodes at once. The admin API listens
+on loopback only (--admin-listen, default 127.0.0.1:8081), never on the public
+listener; the server writes its URL to STATE_DIR/admin.url, where the verbs find it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from appliance.control.keys import ControlKeyError
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshpi-control")
 DEFAULT_LISTEN = "0.0.0.0:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     serve.add_argument(
+        "--admin-listen",
+        default=DEFAULT_ADMIN_LISTEN,
+        help=f"loopback HOST:PORT of the admin API and /metrics (default {DEFAULT_ADMIN_LISTEN})",
+    )
+    serve.add_argument(
         "--stun-listen",
         help="UDP HOST:PORT of the STUN server, or off (default 0.0.0.0:3478, and [::]:3478 where "
         "the host has IPv6; if that port is taken, control runs without STUN and says so)",
@@ -49,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-url", help="the URL nodes use, for the login URL it prints")
 
     server_opt = argparse.ArgumentParser(add_help=False)
-    server_opt.add_argument("--server", default="http://127.0.0.1:8080", help="the server's URL")
+    server_opt.add_argument(
+        "--server",
+        help="the admin API's URL (default: STATE_DIR/admin.url, else http://" + DEFAULT_ADMIN_LISTEN + ")",
+    )
 
     nodes = sub.add_parser("nodes", help="list, approve, remove nodes, expire node keys")
     nodes_sub = nodes.add_subparsers(dest="verb", required=True)
@@ -101,13 +113,23 @@ def admin_call(server: str, token: str, method: str, path: str, body: object = N
         raise AdminError(f"cannot reach the server at {server}: {e}") from None
 
 
+def admin_url(state_dir: Path) -> str:
+    """Where the running server's admin API is: it says so in STATE_DIR/admin.url."""
+    try:
+        text = (state_dir / "admin.url").read_text().strip()
+    except OSError:
+        text = ""
+    return text or f"http://{DEFAULT_ADMIN_LISTEN}"
+
+
 def _admin(args: argparse.Namespace) -> int:
     from appliance.control.keys import read_admin_token
 
     token = read_admin_token(args.state_dir)
+    server = args.server or admin_url(args.state_dir)
 
     def call(method: str, path: str, body: object = None) -> Any:
-        return admin_call(args.server, token, method, path, body)
+        return admin_call(server, token, method, path, body)
 
     match args.command, args.verb:
         case "nodes", "list":
@@ -159,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from appliance.control.app import serve
 
-            serve(args.state_dir, args.listen, args.db, args.public_url, args.stun_listen)
+            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen)
             return 0
         return _admin(args)
     except (AdminError, ControlKeyError) as e:
         print(f"meshpi-control: {e}", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as e:  # ValueError: a bad --listen or --stun-listen
+    except (OSError, ValueError) as e:  # ValueError: a bad --listen, --admin-listen or --stun-listen
         print(f"meshpi-control: {e}", file=sys.stderr)
         return 1
 

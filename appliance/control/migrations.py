@@ -132,17 +132,64 @@ _POSTGRES_V1 = (
     )""",
 )
 
+_V3_COLUMNS = (
+    "id, machine_key, node_key, name, address_index, state, tags, advertised_routes, approved_routes, "
+    "endpoints, created, last_seen, key_expiry, expiry_exempt, version, devices"
+)
+
 # Stock WireGuard clients (phones) a node hosts: JSON text, like the other lists.
 _V2 = ("ALTER TABLE nodes ADD COLUMN devices TEXT NOT NULL DEFAULT '[]'",)
+
+# A pending machine has no address until an admin approves it (an anonymous caller
+# must not use up the mesh's range), and remembers where it registered from (the
+# caps on pending registrations count per source). SQLite cannot drop NOT NULL, so
+# the table is rebuilt; AUTOINCREMENT's counter is carried over, so ids of removed
+# nodes are still never handed out again.
+_SQLITE_V3 = (
+    """CREATE TABLE nodes_v3 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_key BLOB NOT NULL UNIQUE,
+        node_key BLOB NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE,
+        address_index INTEGER UNIQUE,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'approved')),
+        tags TEXT NOT NULL,
+        advertised_routes TEXT NOT NULL,
+        approved_routes TEXT NOT NULL,
+        endpoints TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        last_seen INTEGER,
+        key_expiry INTEGER,
+        expiry_exempt INTEGER NOT NULL DEFAULT 0,
+        version INTEGER NOT NULL,
+        devices TEXT NOT NULL DEFAULT '[]',
+        source TEXT
+    ) STRICT""",
+    f"INSERT INTO nodes_v3 ({_V3_COLUMNS}) SELECT {_V3_COLUMNS} FROM nodes",
+    "DELETE FROM sqlite_sequence WHERE name = 'nodes_v3'",
+    "INSERT INTO sqlite_sequence (name, seq) "
+    "SELECT 'nodes_v3', seq FROM sqlite_sequence WHERE name = 'nodes'",
+    "DROP TABLE nodes",
+    "ALTER TABLE nodes_v3 RENAME TO nodes",
+    "CREATE INDEX nodes_version ON nodes (version)",
+    "CREATE INDEX nodes_pending ON nodes (state, source)",
+)
+_POSTGRES_V3 = (
+    "ALTER TABLE nodes ALTER COLUMN address_index DROP NOT NULL",
+    "ALTER TABLE nodes ADD COLUMN source TEXT",
+    "CREATE INDEX nodes_pending ON nodes (state, source)",
+)
 
 MIGRATIONS: dict[Dialect, tuple[Migration, ...]] = {
     "sqlite": (
         Migration(1, "meta, nodes, tombstones, preauth_keys", _SQLITE_V1),
         Migration(2, "nodes.devices", _V2),
+        Migration(3, "pending nodes have no address; nodes.source", _SQLITE_V3),
     ),
     "postgresql": (
         Migration(1, "meta, nodes, tombstones, preauth_keys", _POSTGRES_V1),
         Migration(2, "nodes.devices", _V2),
+        Migration(3, "pending nodes have no address; nodes.source", _POSTGRES_V3),
     ),
 }
 

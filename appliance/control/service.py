@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from appliance.base.keys import PublicKey
-from appliance.control import mapper, store_devices
+from appliance.control import limits, mapper, store_devices
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
@@ -30,6 +30,7 @@ from appliance.control.store_records import (
     NodeRecord,
     NodeState,
     NotFound,
+    TooManyPending,
     utcnow,
 )
 from appliance.wire.fields import (
@@ -50,6 +51,10 @@ T = TypeVar("T")
 _NO_TAGS: tuple[str, ...] = ()
 MAP_TIMEOUT = 50.0  # long-poll; under the usual 60 s proxy idle timeout
 SEEN_FLUSH = 10.0  # seconds between batched last_seen writes
+MAINTENANCE_EVERY = 300.0  # seconds between rounds of pruning
+# Tombstones live this long (seconds): a node away longer gets a full map, so the
+# table stays bounded however often keys rotate or nodes leave.
+TOMBSTONE_KEEP = 3600.0
 
 
 class ApiError(Exception):
@@ -75,6 +80,9 @@ class ControlService:
         map_timeout: float = MAP_TIMEOUT,
         batch: float = 0.1,
         now: Callable[[], datetime] = utcnow,
+        maintenance_every: float = MAINTENANCE_EVERY,
+        tombstone_keep: float = TOMBSTONE_KEEP,
+        pending_caps: tuple[int, int] = (limits.PENDING_PER_SOURCE, limits.PENDING_TOTAL),
     ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshpi-db")
         self.store: Store = self._executor.submit(open_db).result()
@@ -94,6 +102,13 @@ class ControlService:
         self._nodes = {r.machine_key.raw: r for r in self.store.list_nodes()}
         # The changes since version v, shared by every poll that held v.
         self._deltas: dict[int, asyncio.Future[Changes]] = {}
+        self.maintenance_every, self.tombstone_keep = maintenance_every, tombstone_keep
+        self.pending_caps = pending_caps
+        # (monotonic time, mesh version) at each maintenance round: tombstones up to
+        # the version of TOMBSTONE_KEEP ago go.
+        self._version_at: list[tuple[float, int]] = []
+        self._maintainer: asyncio.Task[None] | None = None
+        self.maintenance_rounds = 0
 
     async def db(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -129,7 +144,38 @@ class ControlService:
             self._deltas.clear()
         return version
 
+    def start(self) -> None:
+        """Start the scheduled pruning (from a running event loop)."""
+        if self._maintainer is None:
+            self._maintainer = asyncio.get_running_loop().create_task(self._maintain_forever())
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.maintenance_every)
+            try:
+                await self.maintain()
+            except Exception:  # a failed round must not end the schedule; the next one retries
+                log.exception("pruning failed")
+
+    async def maintain(self) -> None:
+        """One round: forget pending registrations nobody approved within PENDING_TTL,
+        and tombstones older than `tombstone_keep` (their nodes get full maps)."""
+        dropped = await self.db(self.store.prune_pending, self.now() - limits.PENDING_TTL)
+        if dropped:
+            log.info("forgot %d registrations nobody approved within %s", dropped, limits.PENDING_TTL)
+        now = time.monotonic()
+        self._version_at.append((now, self.watch.version))
+        old = [v for t, v in self._version_at if now - t >= self.tombstone_keep]
+        if old:
+            pruned = await self.db(self.store.prune_tombstones, old[-1])
+            self._version_at = [(t, v) for t, v in self._version_at if v > old[-1]]
+            if pruned:
+                log.info("pruned %d tombstones up to version %d", pruned, old[-1])
+        self.maintenance_rounds += 1
+
     def close(self) -> None:
+        if self._maintainer is not None:
+            self._maintainer.cancel()
         if self._flusher is not None:
             self._flusher.cancel()
         seen, self._seen = self._seen, {}
@@ -146,12 +192,21 @@ class ControlService:
     async def _node(self, machine: PublicKey) -> NodeRecord:
         node = self._nodes.get(machine.raw)
         if node is None:
-            raise ApiError(403, "this machine is not registered: register first")
+            # Pending registrations are not in the copy (no version carried them).
+            node = await self.db(self.store.get_node_by_machine_key, machine)
+            if node is None:
+                raise ApiError(403, "this machine is not registered: register first")
+        return node
+
+    async def _approved(self, machine: PublicKey, what: str) -> NodeRecord:
+        node = await self._node(machine)
+        if node.state is not NodeState.APPROVED:
+            raise ApiError(403, f"waiting for an admin to approve this node: a pending node cannot {what}")
         return node
 
     # --- ops ------------------------------------------------------------------------
 
-    async def register(self, machine: PublicKey, body: object) -> dict[str, Any]:
+    async def register(self, machine: PublicKey, body: object, source: str | None = None) -> dict[str, Any]:
         f = _fields(body)
         node_key = f.require("node_key", parse_public_key)
         hostname = f.require("hostname", parse_str)
@@ -159,9 +214,15 @@ class ControlService:
         f.done()
         node = await self.db(self.store.get_node_by_machine_key, machine)
         if node is not None:
+            if node.node_key != node_key and node.state is not NodeState.APPROVED:
+                raise ApiError(403, "waiting for an admin to approve this node: "
+                                    "a pending node cannot change its node key")  # fmt: skip
             if node.node_key != node_key:
                 # Announced by the machine key, so it is the node's own doing.
-                node = await self.changed(self.store.rotate_node_key, node.id, node_key)
+                try:
+                    node = await self.changed(self.store.rotate_node_key, node.id, node_key)
+                except NodeExists as e:  # another node's key: refused, not a 500
+                    raise ApiError(409, str(e)) from None
                 log.info("node %s rotated its node key to %s", node.name, node_key.short)
             return _registered(node, self.now())
         state, tags = NodeState.PENDING, _NO_TAGS
@@ -171,21 +232,43 @@ class ControlService:
             except AuthKeyError as e:
                 raise ApiError(403, f"auth key refused: {e}") from None
             state, tags = NodeState.APPROVED, key.tags
-        node = await self.changed(
-            self.store.register_node, machine, node_key, hostname, state, tags, now=self.now()
-        )
-        log.info("registered %s (%s, %s) as %s", node.name, node.ipv4, node.ipv6, node.state.value)
+        try:
+            if state is NodeState.APPROVED:
+                node = await self.changed(
+                    self.store.register_node, machine, node_key, hostname, state, tags, now=self.now()
+                )
+            else:
+                # No address, no version, nobody woken: that waits for approval.
+                node = await self.db(
+                    self.store.register_node, machine, node_key, hostname, state, tags, now=self.now(),
+                    source=limits.source_key(source), pending_caps=self.pending_caps,
+                )  # fmt: skip
+        except TooManyPending as e:
+            raise ApiError(429, f"{e}: try again later, or register with a pre-auth key") from None
+        except (NodeExists, MeshFull) as e:
+            raise ApiError(409, str(e)) from None
+        log.info("registered %s %s as %s", node.name, node.addresses or "(no address yet)", node.state.value)
         return _registered(node, self.now())
 
     async def update(self, machine: PublicKey, body: object) -> dict[str, Any]:
+        # Who first, then the counts, then parsing: a refused request costs no
+        # parsing of 40,000 routes.
+        node = await self._approved(machine, "update its endpoints or routes")
         f = _fields(body)
-        endpoints = f.get_list("endpoints", parse_endpoint)
-        routes = list(f.get_list("advertise_routes", parse_network))
-        exit_node = f.get("advertise_exit_node", parse_bool, False)
-        f.done()
+        try:
+            for field, cap in (("endpoints", limits.MAX_ENDPOINTS), ("advertise_routes", limits.MAX_ROUTES)):
+                items = body.get(field) if isinstance(body, dict) else None
+                if isinstance(items, list):
+                    limits.check_count(field, items, cap)
+            endpoints = f.get_list("endpoints", parse_endpoint)
+            routes = list(f.get_list("advertise_routes", parse_network))
+            exit_node = f.get("advertise_exit_node", parse_bool, False)
+            f.done()
+            limits.check_routes(self.store.mesh, routes)
+        except limits.LimitError as e:
+            raise ApiError(400, str(e)) from None
         if exit_node:
             routes += [r for r in EXIT_ROUTES if r not in routes]
-        node = await self._node(machine)
         await self.changed(self.store.set_endpoints, node.id, endpoints)
         await self.changed(self.store.set_advertised_routes, node.id, routes)
         return {}
@@ -196,9 +279,7 @@ class ControlService:
         # What the agent can read (wire/netmap.py); an agent from before versioning sends none.
         capver = f.get("capver", int_range(1, 1 << 30), 1)
         f.done()
-        node = await self._node(machine)
-        if node.state is not NodeState.APPROVED:
-            raise ApiError(403, "waiting for an admin to approve this node")
+        node = await self._approved(machine, "get a map")
         if node.key_expired(self.now()):
             raise ApiError(403, "this node's key has expired: log in again")
         online = self.metrics.online
@@ -259,9 +340,7 @@ class ControlService:
         public_key = f.require("public_key", parse_public_key)
         name = f.get("name", _device_name, None)
         f.done()
-        node = await self._node(machine)
-        if node.state is not NodeState.APPROVED:
-            raise ApiError(403, "waiting for an admin to approve this node")
+        node = await self._approved(machine, "host devices")
         try:
             if action == "add":
                 if name is None:
@@ -294,7 +373,7 @@ def _registered(node: NodeRecord, now: datetime) -> dict[str, Any]:
         "name": node.name,
         # Sealed, so the node can trust it: a node whose key expired rotates it.
         "key_expired": node.key_expired(now),
-        "addresses": [str(node.ipv4), str(node.ipv6)],
+        "addresses": [str(a) for a in node.addresses],  # none while pending
     }
 
 

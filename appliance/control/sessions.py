@@ -15,6 +15,14 @@ hello (a new machine must, to register), so the cap is what bounds the memory a
 stream of hellos can take: about 65,536 x 300 bytes = 20 MB. An evicted node's
 next request gets `401 session` and its client says hello again.
 
+A flood of hellos must not push out the sessions of the mesh's own nodes, so:
+- one machine key holds at most MAX_PER_MACHINE sessions; its next hello ends its
+  own oldest one (a node needs one, two while a long-poll and an update overlap);
+- a session the server `trust`s (its machine is an approved node: app.py says so
+  after a request such a node made) is evicted only when no untrusted one is left.
+  Making machine keys is cheap, but approved nodes are not. Untrusted sessions
+  are also capped on their own (MAX_UNTRUSTED), so such a flood takes ~1 MB.
+
 Not thread-safe, and need not be: the server calls it from its one asyncio thread.
 """
 
@@ -35,6 +43,10 @@ log = logging.getLogger(__name__)
 IDLE = 3600.0
 MAX_REQUESTS = 100_000
 MAX_SESSIONS = 65_536
+MAX_PER_MACHINE = 8
+# Sessions not (yet) trusted: a new machine needs one only to register, so a few
+# thousand are plenty, and a flood of fresh keys costs at most ~1 MB.
+MAX_UNTRUSTED = 4096
 WINDOW = 1024  # how far behind the newest request an older one may still arrive
 SESSION_BYTES = 16
 
@@ -74,6 +86,7 @@ class _Session:
     requests: int = 0
     highest: int = 0  # the highest request number accepted
     seen: int = 0  # bit i: request number highest - i was accepted
+    trusted: bool = False
 
 
 class Sessions:
@@ -83,23 +96,74 @@ class Sessions:
         idle: float = IDLE,
         max_requests: int = MAX_REQUESTS,
         max_sessions: int = MAX_SESSIONS,
+        max_per_machine: int = MAX_PER_MACHINE,
+        max_untrusted: int = MAX_UNTRUSTED,
     ) -> None:
         self.clock, self.idle = clock, idle
         self.max_requests, self.max_sessions = max_requests, max_sessions
+        self.max_per_machine, self.max_untrusted = max_per_machine, max_untrusted
         # Least recently used first: eviction and idle expiry both take from the front.
+        # Two tables: untrusted sessions go first when the cap is reached.
         self._table: OrderedDict[str, _Session] = OrderedDict()
+        self._trusted: OrderedDict[str, _Session] = OrderedDict()
+        # Each machine's session ids, oldest first (at most max_per_machine).
+        self._by_machine: dict[MachinePublicKey, list[str]] = {}
 
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._table) + len(self._trusted)
+
+    def _drop(self, table: OrderedDict[str, _Session], session_id: str) -> _Session:
+        session = table.pop(session_id)
+        ids = self._by_machine[session.machine]
+        ids.remove(session_id)
+        if not ids:
+            del self._by_machine[session.machine]
+        return session
+
+    def _find(self, session_id: str) -> tuple[OrderedDict[str, _Session], _Session] | None:
+        for table in (self._trusted, self._table):
+            session = table.get(session_id)
+            if session is not None:
+                return table, session
+        return None
+
+    def trusts(self, machine_raw: bytes) -> bool:
+        """Does this machine hold a trusted session (is it an approved node)?"""
+        ids = self._by_machine.get(MachinePublicKey(machine_raw), ())
+        return any(session_id in self._trusted for session_id in ids)
+
+    def trust(self, session_id: object) -> None:
+        """The session's machine is an approved node: keep it over anonymous ones."""
+        if not isinstance(session_id, str):
+            return
+        session = self._table.pop(session_id, None)
+        if session is not None:
+            session.trusted = True
+            self._trusted[session_id] = session
 
     def hello(self, machine: MachinePublicKey) -> str:
         """Make a session for this machine key; returns its id (base64 of 16 random bytes)."""
         now = self.clock()
         self._expire(now)
         session_id = b64(secrets.token_bytes(SESSION_BYTES))
-        self._table[session_id] = _Session(machine, now)
-        while len(self._table) > self.max_sessions:
-            _, evicted = self._table.popitem(last=False)
+        mine = self._by_machine.setdefault(machine, [])
+        trusted = False
+        while len(mine) >= self.max_per_machine:
+            # The machine's own oldest session ends, nobody else's.
+            found = self._find(mine[0])
+            assert found is not None
+            trusted = trusted or found[1].trusted
+            self._drop(found[0], mine[0])
+            mine = self._by_machine.setdefault(machine, [])
+        # A node that was trusted stays trusted across its own new hellos.
+        (self._trusted if trusted else self._table)[session_id] = _Session(machine, now, trusted=trusted)
+        mine.append(session_id)
+        while len(self._table) > self.max_untrusted:
+            evicted = self._drop(self._table, next(iter(self._table)))
+            log.debug("untrusted sessions full: evicted the least recently used (%s)", evicted.machine)
+        while len(self) > self.max_sessions:
+            table = self._table if self._table else self._trusted
+            evicted = self._drop(table, next(iter(table)))
             log.debug("session table full: evicted the least recently used (%s)", evicted.machine)
         return session_id
 
@@ -109,9 +173,10 @@ class Sessions:
             raise SessionMalformed(f"request has no session (got {session_id!r}): say hello first")
         now = self.clock()
         self._expire(now)
-        session = self._table.get(session_id)
-        if session is None:
+        found = self._find(session_id)
+        if found is None:
             raise SessionUnknown("session unknown or expired: say hello again")
+        table, session = found
         if session.machine != machine:
             # Not the owner's fault: leave the session as it is for its owner.
             raise WrongMachine("session belongs to another machine key: say hello")
@@ -135,16 +200,17 @@ class Sessions:
         session.last_used = now
         if session.requests >= self.max_requests:
             # This request counts; the next one gets `401 session`.
-            del self._table[session_id]
+            self._drop(table, session_id)
             log.debug("session of %s ended after %d requests", machine, session.requests)
         else:
-            self._table.move_to_end(session_id)
+            table.move_to_end(session_id)
 
     def _expire(self, now: float) -> None:
         """Drop idle sessions. The front is the least recently used, so this stops at
         the first live one: amortised O(1) per call."""
-        while self._table:
-            session = next(iter(self._table.values()))
-            if now - session.last_used < self.idle:
-                return
-            self._table.popitem(last=False)
+        for table in (self._table, self._trusted):
+            while table:
+                session_id, session = next(iter(table.items()))
+                if now - session.last_used < self.idle:
+                    break
+                self._drop(table, session_id)

@@ -27,7 +27,7 @@ from typing import Any
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPNetwork
-from appliance.control import store_devices, store_preauth
+from appliance.control import store_devices, store_pending, store_preauth
 from appliance.control.migrations import ensure_mesh, migrate, random_ula
 from appliance.control.store_records import (
     NODE_COLUMNS,
@@ -50,10 +50,10 @@ from appliance.control.store_records import (
     StoreError,
     StoreUnavailable,
     Tombstone,
+    TooManyPending,
     dump_endpoints,
     dump_routes,
     dump_tags,
-    last_index,
     name_base,
     node_from_row,
     pick_name,
@@ -162,13 +162,22 @@ class Store:
         key_expiry: datetime | None = None,
         *,
         now: datetime | None = None,
+        source: str | None = None,
+        pending_caps: tuple[int, int] | None = None,
     ) -> NodeRecord:
-        """A new node with the next addresses and a unique name made from `hostname`.
+        """A new node with a unique name made from `hostname`.
+
+        An approved node takes the next addresses and a new mesh version. A pending
+        one takes neither (version 0: no delta ever carries it, nobody is woken):
+        anonymous callers must not use up the range or wake the mesh; approve_node
+        gives it both. `source` is where a pending registration came from;
+        `pending_caps` (per source, in all) raise TooManyPending beyond them.
 
         Idempotent: the same machine and node key get the existing record back.
         A known machine with another node key, or a node key some other machine
         has, raises NodeExists (a rotation is rotate_node_key)."""
         created = to_epoch(now or utcnow())
+        pending = NodeState(state) is NodeState.PENDING
         expiry = None if key_expiry is None else to_epoch(key_expiry)
         base = name_base(hostname)
 
@@ -182,43 +191,42 @@ class Store:
                 if node.machine_key == machine_key and node.node_key == node_key:
                     return node, False
                 raise NodeExists(f"node {node.name} already has this machine key or node key")
-            version, index = _one(tx, "SELECT mesh_version, next_address_index FROM meta")
-            if index > last_index(self.mesh):
-                raise MeshFull(f"all {index - 1} addresses of {self.mesh.ipv4} were handed out")
+            if pending and pending_caps is not None:
+                store_pending.check_caps(tx, source, *pending_caps)
+            if pending:
+                version, address = 0, None
+            else:
+                address = store_pending.take_address(tx, self.mesh)
+                version = _one(tx, _BUMP)[0]
             # Names are few per base; LIKE's pattern is bound, and a base is only
             # [a-z0-9-], so it holds no wildcard.
             taken = tx.all("SELECT name FROM nodes WHERE name = ? OR name LIKE ?", base, base + "-%")
             name = pick_name(base, (row[0] for row in taken))
-            version += 1
-            tx.run(
-                "UPDATE meta SET mesh_version = ?, next_address_index = ? WHERE id = 1",
-                version,
-                index + 1,
-            )
             # The key is back: its old tombstone would tell peers to drop it again.
             tx.run("DELETE FROM tombstones WHERE public_key = ?", node_key.raw)
             row = tx.one(
                 "INSERT INTO nodes (machine_key, node_key, name, address_index, state, tags, "
                 "advertised_routes, approved_routes, endpoints, created, last_seen, key_expiry, "
-                "expiry_exempt, version) VALUES (?, ?, ?, ?, ?, ?, '[]', '[]', '[]', ?, NULL, ?, "
-                f"?, ?) RETURNING {NODE_COLUMNS}",
+                "expiry_exempt, version, source) VALUES (?, ?, ?, ?, ?, ?, '[]', '[]', '[]', ?, NULL, "
+                f"?, ?, ?, ?) RETURNING {NODE_COLUMNS}",
                 machine_key.raw,
                 node_key.raw,
                 name,
-                index,
+                address,
                 NodeState(state).value,
                 dump_tags(tags),
                 created,
                 expiry,
                 False,
                 version,
+                source if pending else None,
             )
             assert row is not None
             return node_from_row(self.mesh, row), True
 
         node, new = self.db.run(work, lock_meta=True)
         if new:
-            log.debug("node %s registered (%s), %s %s", node.name, node.state, *node.addresses)
+            log.debug("node %s registered (%s), %s", node.name, node.state, node.addresses)
         return node
 
     def _change(
@@ -265,7 +273,21 @@ class Store:
         return self._change(node_id, store_devices.removing(public_key))
 
     def approve_node(self, node_id: int) -> NodeRecord:
-        return self._change(node_id, lambda _tx, _node: {"state": NodeState.APPROVED.value})
+        """Approve the node; a node that registered pending gets its addresses now."""
+
+        def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
+            if node.address_index is not None:
+                return {"state": NodeState.APPROVED.value}
+            return {
+                "state": NodeState.APPROVED.value,
+                "address_index": store_pending.take_address(tx, self.mesh),
+            }
+
+        return self._change(node_id, values)
+
+    def prune_pending(self, created_before: datetime) -> int:
+        """Forget registrations nobody approved before `created_before`; how many."""
+        return store_pending.prune(self.db, created_before)
 
     def set_endpoints(self, node_id: int, endpoints: Iterable[Endpoint]) -> NodeRecord:
         text = dump_endpoints(endpoints)
@@ -313,9 +335,14 @@ class Store:
         """The node is gone; its addresses are never handed out again."""
 
         def work(tx: Tx) -> tuple[str, Tombstone]:
-            row = tx.one(f"SELECT name, node_key FROM nodes WHERE id = ?{tx.for_update}", node_id)
+            row = tx.one(f"SELECT name, node_key, version FROM nodes WHERE id = ?{tx.for_update}", node_id)
             if row is None:
                 raise NotFound(f"no node with id {node_id}")
+            if row[2] == 0:
+                # Pending since it registered: no peer ever heard of it, so nobody
+                # needs a tombstone or a wake-up.
+                tx.run("DELETE FROM nodes WHERE id = ?", node_id)
+                return row[0], Tombstone(PublicKey(bytes(row[1])), 0)
             (version,) = _one(tx, _BUMP)
             tomb = _bury(tx, PublicKey(bytes(row[1])), version)
             tx.run("DELETE FROM nodes WHERE id = ?", node_id)
@@ -424,6 +451,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "Tombstone",
+    "TooManyPending",
     "open_store",
     "random_ula",
 ]

@@ -53,6 +53,10 @@ class NodeExists(StoreError):
     """The machine key or node key already belongs to a node."""
 
 
+class TooManyPending(StoreError):
+    """Registrations waiting for approval are at their cap (from this source, or in all)."""
+
+
 class DeltaUnavailable(StoreError):
     """Tombstones before this version were pruned: the caller must send a full map."""
 
@@ -91,9 +95,9 @@ class NodeRecord:
     machine_key: PublicKey
     node_key: PublicKey
     name: str
-    address_index: int
-    ipv4: IPv4Address
-    ipv6: IPv6Address
+    address_index: int | None  # None while pending: addresses come with approval
+    ipv4: IPv4Address | None
+    ipv6: IPv6Address | None
     state: NodeState
     tags: tuple[str, ...]
     advertised_routes: tuple[IPNetwork, ...]  # what the node offers
@@ -107,8 +111,9 @@ class NodeRecord:
     devices: tuple[DeviceRecord, ...] = ()  # stock WireGuard clients it hosts
 
     @property
-    def addresses(self) -> tuple[IPAddress, IPAddress]:
-        return (self.ipv4, self.ipv6)
+    def addresses(self) -> tuple[IPAddress, ...]:
+        """Both mesh addresses, or none for a node still pending."""
+        return () if self.ipv4 is None or self.ipv6 is None else (self.ipv4, self.ipv6)
 
     @property
     def served_routes(self) -> tuple[IPNetwork, ...]:
@@ -283,7 +288,7 @@ def node_from_row(mesh: Mesh, row: Row) -> NodeRecord:
     """A nodes row, selected as NODE_COLUMNS, as a record."""
     (id_, machine_key, node_key, name, index, state, tags, advertised, approved, endpoints,
      created, last_seen, key_expiry, exempt, version, devices) = row  # fmt: skip
-    ipv4, ipv6 = address_pair(mesh, index)
+    ipv4, ipv6 = (None, None) if index is None else address_pair(mesh, index)
     return NodeRecord(
         id=id_,
         machine_key=PublicKey(bytes(machine_key)),

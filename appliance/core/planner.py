@@ -141,7 +141,12 @@ def make_plan(
         # takes 0/0, so WireGuard drops it. Fail closed: nothing leaks out direct.
         routes |= {Route(r, dev, prefs.table) for r in EXIT_ROUTES}
     rules = _tunnel_rules(prefs, facts, {r.dst.version for r in routes})
-    sysctls: dict[str, str] = {f"net.ipv4.conf.{dev}.rp_filter": "2"}
+    sysctls: dict[str, str] = {
+        f"net.ipv4.conf.{dev}.rp_filter": "2",
+        # A new mesh address is added before the old one goes (add before delete);
+        # without this, deleting the old primary would take the new one with it.
+        f"net.ipv4.conf.{dev}.promote_secondaries": "1",
+    }
     if rules:
         # Replies to marked packets must pass the reverse-path check (wg-quick does the same).
         sysctls["net.ipv4.conf.all.src_valid_mark"] = "1"

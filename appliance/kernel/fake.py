@@ -19,9 +19,9 @@ from appliance.kernel.sysctl import SysctlNotFound, Sysctls
 from appliance.kernel.system import System
 
 
-def _rp_filter(ifname: str) -> str:
+def _per_link(ifname: str) -> dict[str, str]:
     # The kernel makes per-interface sysctls with the interface, and drops them with it.
-    return f"net.ipv4.conf.{ifname}.rp_filter"
+    return {f"net.ipv4.conf.{ifname}.rp_filter": "0", f"net.ipv4.conf.{ifname}.promote_secondaries": "0"}
 
 
 @dataclass
@@ -80,7 +80,7 @@ class FakeWireGuard:
     def create(self, ifname: str) -> None:
         if ifname not in self.k.links:
             self.k.links[ifname] = _Link()
-            self.k.proc[_rp_filter(ifname)] = "0"
+            self.k.proc.update(_per_link(ifname))
         link = self.k.links[ifname]
         if link.wg is None:
             link.wg = WgDevice(None, 0, 0, {})
@@ -128,7 +128,8 @@ class FakeLinks:
     def delete_link(self, ifname: str) -> None:
         if self.k.links.pop(ifname, None) is not None:
             self.k.routes = {r for r in self.k.routes if r.dev != ifname}
-            self.k.proc.pop(_rp_filter(ifname), None)
+            for key in _per_link(ifname):
+                self.k.proc.pop(key, None)
 
     def addresses(self, ifname: str) -> frozenset[IPInterface]:
         link = self.k.links.get(ifname)

@@ -159,8 +159,9 @@ class SimNode:
 
 
 class Sim:
-    def __init__(self, url: str, token: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, url: str, token: str, http: aiohttp.ClientSession, admin_url: str = "") -> None:
         self.url, self.token, self.http = url, token, http
+        self.admin_url = admin_url or url  # the admin API and /metrics listen on loopback apart
         self.received: dict[int, tuple[float, int]] = {}  # node -> (arrival, response bytes)
         self.expect: str | None = None  # the route the current change adds
         self.changer_pub = ""
@@ -172,7 +173,7 @@ class Sim:
 
     async def admin(self, method: str, path: str, body: object = None) -> Any:
         headers = {"Authorization": f"Bearer {self.token}"}
-        async with self.http.request(method, self.url + path, json=body, headers=headers) as resp:
+        async with self.http.request(method, self.admin_url + path, json=body, headers=headers) as resp:
             if resp.status >= 300:
                 raise Refused(resp.status, await resp.text())
             return await resp.json()
@@ -311,6 +312,8 @@ def start_server(state: Path, port: int) -> subprocess.Popen[bytes]:
             "serve",
             "--listen",
             f"127.0.0.1:{port}",
+            "--admin-listen",
+            "127.0.0.1:0",
         ],  # fmt: skip
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -329,7 +332,7 @@ async def wait_up(url: str, proc: subprocess.Popen[bytes], state: Path) -> str:
                 )
             try:
                 async with http.get(url + "/") as resp:
-                    if resp.status == 200:
+                    if resp.status == 200 and (state / "admin.url").exists():
                         return (state / "admin.token").read_text().strip()
             except aiohttp.ClientError:
                 pass
@@ -349,7 +352,8 @@ async def run_size(n: int, changes: int, full_sync: int, timeout: float, concurr
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
         timeout_cfg = aiohttp.ClientTimeout(total=120, connect=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout_cfg) as http:
-            return await _measure(Sim(url, token, http), n, control, proc.pid, changes, full_sync, timeout,
+            sim = Sim(url, token, http, (state / "admin.url").read_text().strip())
+            return await _measure(sim, n, control, proc.pid, changes, full_sync, timeout,
                                   concurrency)  # fmt: skip
     finally:
         if proc.poll() is None:
@@ -543,7 +547,7 @@ async def _measure(
 
 
 async def _metrics(sim: Sim) -> dict[str, float]:
-    async with sim.http.get(sim.url + "/metrics") as resp:
+    async with sim.http.get(sim.admin_url + "/metrics") as resp:
         text = await resp.text()
     out: dict[str, float] = {}
     for line in text.splitlines():

@@ -1,88 +1,29 @@
 """meshpi-control over real HTTP on loopback: the agent's client against the
-aiohttp app, the admin API, and hostile requests (always 4xx, never 5xx, and
-nothing changes)."""
+aiohttp app, the admin API (on its own listener), and hostile requests (always
+4xx, never 5xx, and nothing changes)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.agent.control.client import ControlClient, ControlRefused
 from appliance.base.keys import PrivateKey
-from appliance.control.app import create_app
 from appliance.control.cli import AdminError, admin_call
-from appliance.control.keys import load_admin_token, load_control_key
-from appliance.control.service import ControlService
-from appliance.control.store import open_store
 from appliance.wire.seal import ControlPublicKey, MachineKey, seal_request
-
-
-@dataclass
-class Server:
-    url: str
-    control_pub: ControlPublicKey
-    token: str
-    service: ControlService
-
-    def client(self, machine: MachineKey | None = None) -> ControlClient:
-        return ControlClient(self.url, machine or MachineKey.generate(), self.control_pub, timeout=10)
-
-    def admin(self, method: str, path: str, body: object = None) -> object:
-        return admin_call(self.url, self.token, method, path, body)
-
-    def post(self, path: str, data: bytes) -> int:
-        req = urllib.request.Request(self.url + path, data=data, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return int(resp.status)
-        except urllib.error.HTTPError as e:
-            return e.code
+from tests.control.httpserver import Server, running_server
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    key, token = load_control_key(tmp_path), load_admin_token(tmp_path)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, object] = {}
-
-    async def start() -> web.AppRunner:
-        service = ControlService(lambda: open_store(tmp_path / "control.db"), map_timeout=1, batch=0.02)
-        runner = web.AppRunner(create_app(service, key, token), shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        box["port"] = runner.addresses[0][1]
-        box["service"] = service
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        box["runner"] = loop.run_until_complete(start())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    pub = ControlPublicKey(bytes(key.public_key))
-    try:
-        yield Server(f"http://127.0.0.1:{box['port']}", pub, token, box["service"])  # type: ignore[arg-type]
-    finally:
-        runner = box["runner"]
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)  # type: ignore[attr-defined]
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with running_server(tmp_path) as s:
+        yield s
 
 
 def _register(client: ControlClient, i: int, auth: str | None) -> dict[str, object]:
@@ -106,7 +47,7 @@ def test_app_join_map_and_admin_over_http(server: Server) -> None:
     server.admin("POST", f"/admin/v1/nodes/{pi_id}/routes", {"approved_routes": ["0.0.0.0/0", "::/0"]})
     delta = laptop.call("map", {"version": full["version"]})
     assert delta["delta"]["changed"][0]["routes"] == ["0.0.0.0/0", "::/0"]
-    metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    metrics = urllib.request.urlopen(server.admin_url + "/metrics").read().decode()
     assert 'meshpi_nodes{state="approved"} 2' in metrics and "meshpi_map_updates_sent_total 2" in metrics
 
 
@@ -123,7 +64,7 @@ def test_app_pending_node_is_refused_a_map_until_approved(server: Server) -> Non
 
 def test_app_admin_needs_the_token(server: Server) -> None:
     with pytest.raises(AdminError, match="401"):
-        admin_call(server.url, "wrong", "GET", "/admin/v1/nodes")
+        admin_call(server.admin_url, "wrong", "GET", "/admin/v1/nodes")
     with pytest.raises(AdminError, match="400"):
         server.admin("POST", "/admin/v1/keys", {"expires_in": "soon"})
 

@@ -25,7 +25,7 @@ from appliance.agent.control.client import ControlClient
 from appliance.agent.reach.relay import RelayClient
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.control import relay as relay_mod
-from appliance.control.app import create_app
+from appliance.control.app import create_admin_app, create_app
 from appliance.control.cli import admin_call
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.relay import RELAY, Relay
@@ -45,9 +45,10 @@ class Server:
     token: str
     relay: Relay
     secret: str  # a reusable pre-auth key
+    admin_url: str  # the loopback admin listener: admin API and /metrics
 
     def admin(self, method: str, path: str, body: object = None) -> object:
-        return admin_call(self.url, self.token, method, path, body)
+        return admin_call(self.admin_url, self.token, method, path, body)
 
     def node(self, name: str, approved: bool = True) -> Node:
         machine, wg = MachineKey.generate(), PrivateKey.generate()
@@ -58,7 +59,7 @@ class Server:
         return Node(name, machine, wg.public_key())
 
     def metrics(self) -> str:
-        return str(urllib.request.urlopen(self.url + "/metrics", timeout=5).read().decode())
+        return str(urllib.request.urlopen(self.admin_url + "/metrics", timeout=5).read().decode())
 
     def raw(self) -> ClientConnection:
         return connect(self.url.replace("http", "ws") + "/v1/relay", compression=None, proxy=None)  # noqa: SIM115
@@ -79,16 +80,21 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     started = threading.Event()
     box: dict[str, object] = {}
 
-    async def start() -> web.AppRunner:
+    async def start() -> list[web.AppRunner]:
         service = ControlService(lambda: open_store(tmp_path / "control.db"), map_timeout=1, batch=0.02)
-        app = create_app(service, key, token)
+        app = create_app(service, key)
         app[RELAY].limits = LIMITS
-        runner = web.AppRunner(app, shutdown_timeout=1)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        box["port"], box["relay"] = runner.addresses[0][1], app[RELAY]
-        return runner
+        runners = [web.AppRunner(app, shutdown_timeout=1),
+                   web.AppRunner(create_admin_app(service, token, app), shutdown_timeout=1)]  # fmt: skip
+        for runner in runners:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+        box["port"], box["admin_port"], box["relay"] = (
+            runners[0].addresses[0][1],
+            runners[1].addresses[0][1],
+            app[RELAY],
+        )
+        return runners
 
     def run() -> None:
         asyncio.set_event_loop(loop)
@@ -99,13 +105,15 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert started.wait(10)
-    url = f"http://127.0.0.1:{box['port']}"
-    secret = admin_call(url, token, "POST", "/admin/v1/keys", {"reusable": True, "expires_in": 600})["key"]  # type: ignore[index]
+    url, admin_url = f"http://127.0.0.1:{box['port']}", f"http://127.0.0.1:{box['admin_port']}"
+    secret = admin_call(admin_url, token, "POST", "/admin/v1/keys", {"reusable": True, "expires_in": 600})[
+        "key"
+    ]  # type: ignore[index]
     try:
-        yield Server(url, ControlPublicKey(bytes(key.public_key)), token, box["relay"], secret)  # type: ignore[arg-type]
+        yield Server(url, ControlPublicKey(bytes(key.public_key)), token, box["relay"], secret, admin_url)  # type: ignore[arg-type]
     finally:
-        runner = box["runner"]
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)  # type: ignore[attr-defined]
+        for runner in reversed(box["runner"]):  # type: ignore[attr-defined]
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 

@@ -46,6 +46,8 @@ def new_key() -> PublicKey:
 
 
 def register(store: Store, hostname: str = "laptop", **kwargs: object) -> NodeRecord:
+    """An approved node (admitted by a pre-auth key): it has addresses and a version."""
+    kwargs.setdefault("state", NodeState.APPROVED)
     return store.register_node(new_key(), new_key(), hostname, now=NOW, **kwargs)  # type: ignore[arg-type]
 
 
@@ -99,16 +101,18 @@ def test_store_existing_db_runs_only_missing_migrations(
         )
     )
     old.close()
-    # ... opened by this one: version 2 (nodes.devices) runs, nothing else does.
+    # ... opened by this one: versions 2 (nodes.devices) and 3 (pending without address) run.
     monkeypatch.setitem(migrations.MIGRATIONS, dialect, real[dialect])
     upgraded = open_stores()
-    assert [row[0] for row in raw_rows(upgraded, "schema_version")] == [1, 2]
+    assert [row[0] for row in raw_rows(upgraded, "schema_version")] == [1, 2, 3]
     (node,) = upgraded.list_nodes()
     assert node.name == "laptop" and node.address_index == 5 and node.devices == ()
     with_phone = upgraded.add_device(node.id, "phone", PublicKey(bytes(range(32))))
     assert [d.name for d in with_phone.devices] == ["phone"]
+    # Ids are still never handed out twice (SQLite's table rebuild kept the counter).
+    assert register(upgraded, "desk").id == node.id + 1
     upgraded.close()
-    assert [row[0] for row in raw_rows(open_stores(), "schema_version")] == [1, 2]
+    assert [row[0] for row in raw_rows(open_stores(), "schema_version")] == [1, 2, 3]
 
 
 def test_store_db_from_a_newer_meshpi_is_refused(open_stores: Callable[[], Store]) -> None:
@@ -308,7 +312,8 @@ def test_preauth_single_use_key_admits_once_under_concurrency(
 
 
 def test_versions_every_peer_visible_change_bumps_once(store: Store) -> None:
-    node = register(store)
+    node = register(store, state=NodeState.PENDING)
+    assert node.version == store.mesh_version() == 0 and node.addresses == ()
     endpoint = Endpoint(ip_address("192.0.2.7"), 41641)
     exit_routes = [ip_network("0.0.0.0/0"), ip_network("::/0")]
     changes: list[Callable[[], NodeRecord]] = [
@@ -320,7 +325,7 @@ def test_versions_every_peer_visible_change_bumps_once(store: Store) -> None:
         lambda: store.expire_node_key(node.id, NOW),
         lambda: store.rotate_node_key(node.id, new_key(), NOW + HOUR),
     ]
-    for expected, change in enumerate(changes, start=2):
+    for expected, change in enumerate(changes, start=1):
         changed = change()
         assert changed.version == store.mesh_version() == expected
     final = store.get_node(node.id)
@@ -331,7 +336,7 @@ def test_versions_every_peer_visible_change_bumps_once(store: Store) -> None:
 
 
 def test_versions_repeating_a_value_changes_nothing(store: Store) -> None:
-    node = register(store)
+    node = register(store, state=NodeState.PENDING)
     endpoint = Endpoint(ip_address("2001:db8::1"), 51820)
     store.set_endpoints(node.id, [endpoint])
     version = store.mesh_version()
@@ -375,7 +380,7 @@ def test_changes_since_returns_exactly_what_changed(store: Store) -> None:
 def test_changes_since_reregistered_key_loses_its_tombstone(store: Store) -> None:
     node = register(store)
     store.remove_node(node.id)
-    back = store.register_node(node.machine_key, node.node_key, "laptop", now=NOW)
+    back = store.register_node(node.machine_key, node.node_key, "laptop", NodeState.APPROVED, now=NOW)
     changes = store.changes_since(0)
     assert changes.nodes == (back,) and changes.tombstones == ()
     assert back.address_index != node.address_index

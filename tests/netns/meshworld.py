@@ -71,9 +71,7 @@ class World:
             str(BIN / "meshpi-control"),
             "--state-dir",
             str(self.control_state),
-            *args,
-            "--server",
-            CONTROL,
+            *args,  # the admin API: on loopback in control's namespace (STATE/admin.url)
         ]
         return self.lab.internet.run(cmd).stdout
 

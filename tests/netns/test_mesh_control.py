@@ -150,3 +150,27 @@ def test_mesh_removed_node_is_dropped_by_peers_within_2s(world: World) -> None:
     world.admin("nodes", "remove", str(world.node_id("laptop2")))
     took = _within(2.0, "the pi to drop laptop2", lambda: key not in pi.peers_in_kernel())
     assert took <= 2.0
+
+
+def test_mesh_node_without_auth_key_waits_with_no_address_then_joins_when_approved(world: World) -> None:
+    """Runs after laptop2 was removed: its agent registers again, with no pre-auth key
+    left (it was used once), and waits pending: no mesh address taken, nobody woken.
+    Once the admin approves it, it gets the next address and joins."""
+    pi, laptop2 = world.nodes["pi"], world.nodes["laptop2"]
+    wait_for(lambda: laptop2.status()["control"]["state"] == "pending", 20, "laptop2 to wait for approval")  # type: ignore[index]
+    listed = [line.split() for line in world.admin("nodes", "list").splitlines()[1:]]
+    (row,) = [fields for fields in listed if fields[1] == "laptop2"]
+    assert row[2] == "pending" and len(row) == 4  # id, name, state, online: no addresses yet
+    world.admin("nodes", "approve", row[0])
+    wait_for(lambda: laptop2.status()["control"]["state"] == "connected", 20, "laptop2 to connect")  # type: ignore[index]
+    # The next address of the counter: 100.64.0.1-3 went to the first three registrations.
+    assert laptop2.mesh_v4() == "100.64.0.4"
+    wait_for(lambda: "100.64.0.4/32" in pi.peers_in_kernel(), 5, "the pi to take laptop2's new address")
+    # Over IPv6: the agent moves its running interface from .3/10 to .4/10 by adding the
+    # new address and then removing the old one, and Linux drops a secondary IPv4 address
+    # with its primary (unless promote_secondaries) - the agent's matter, not control's.
+    # Up to ~20 s: the pi dropped laptop2's session with the peer, while laptop2 still
+    # holds its half; WireGuard starts a new handshake only when its own packets go
+    # unanswered for KEEPALIVE + REKEY_TIMEOUT (15 s).
+    pi_v6 = str(pi.status()["self"]["addresses"][1])  # type: ignore[index]
+    wait_for(lambda: laptop2.host.ping(pi_v6, count=1)[1] == 1, 40, "laptop2 -> pi over the mesh")

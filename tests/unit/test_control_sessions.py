@@ -6,6 +6,7 @@ import pytest
 
 from appliance.control.sessions import (
     IDLE,
+    MAX_PER_MACHINE,
     WINDOW,
     Replayed,
     SessionMalformed,
@@ -155,3 +156,50 @@ def test_sessions_default_cap_is_documented() -> None:
     from appliance.control import sessions as module
 
     assert f"{module.MAX_SESSIONS:,}" in (module.__doc__ or "")
+
+
+def test_sessions_flood_from_one_machine_key_evicts_only_its_own(clock: FakeClock) -> None:
+    """A sealed-hello flood reusing one machine key, at a full table: the other
+    machines' sessions all stay (before the per-machine bound, the flood pushed
+    every one of them out)."""
+    sessions = Sessions(clock, max_sessions=100)
+    others = [MachineKey.generate().public_key() for _ in range(90)]
+    kept = {m: sessions.hello(m) for m in others}
+    for _ in range(10_000):
+        clock.now += 0.001
+        sessions.hello(A)
+    assert len(sessions) == 90 + MAX_PER_MACHINE
+    for n, (machine, sid) in enumerate(kept.items()):
+        sessions.check(sid, machine, make_nonce(1))  # raises SessionUnknown if evicted
+        assert n < 90
+
+
+def test_sessions_flood_of_new_machine_keys_keeps_trusted_sessions(clock: FakeClock) -> None:
+    """Machine keys are free to make; approved nodes are not. Sessions the server
+    trusts (approved nodes) outlive a flood of hellos from fresh keys."""
+    sessions = Sessions(clock, max_sessions=50)
+    node_sid = sessions.hello(B)
+    sessions.check(node_sid, B, make_nonce(1))
+    sessions.trust(node_sid)
+    for _ in range(500):
+        sessions.hello(MachineKey.generate().public_key())
+    assert len(sessions) == 50
+    sessions.check(node_sid, B, make_nonce(2))
+    # Its own next hello ends its oldest session once it has MAX_PER_MACHINE, and stays trusted.
+    sids = [sessions.hello(B) for _ in range(MAX_PER_MACHINE)]
+    with pytest.raises(SessionUnknown):
+        sessions.check(node_sid, B, make_nonce(3))
+    for _ in range(500):
+        sessions.hello(MachineKey.generate().public_key())
+    sessions.check(sids[-1], B, make_nonce(1))
+
+
+def test_sessions_trusts_only_machines_with_a_trusted_session(clock: FakeClock) -> None:
+    """What TrustedBoxes asks (app.py): only approved nodes' Boxes are cached, so a
+    flood of fresh machine keys leaves no cache behind."""
+    sessions = Sessions(clock)
+    sid = sessions.hello(A)
+    sessions.hello(B)
+    assert not sessions.trusts(bytes(A)) and not sessions.trusts(bytes(B))
+    sessions.trust(sid)
+    assert sessions.trusts(bytes(A)) and not sessions.trusts(bytes(B))

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTROL_STATE = Path("/var/lib/meshpi-control")
 DEFAULT_CONTROL_START = "systemctl enable --now meshpi-control.service"
 DEFAULT_CONTROL_URL = "http://127.0.0.1:8080"
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"  # control's admin API listens on loopback only
 START_WAIT = 30.0
 MAX_ANSWER = 8 << 20
 
@@ -186,8 +187,12 @@ class LocalControl:
     def admin(self, method: str, path: str, body: object = None, query: str = "") -> tuple[int, Any]:
         """One admin call (`path` below /admin/v1/); returns (HTTP status, parsed answer)."""
         token = self.token()
-        conn_type = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = conn_type(self._host, self._port, timeout=30)
+        try:  # control writes where its admin listener is beside the token
+            admin_url = (self.options.state_dir / "admin.url").read_text().strip() or DEFAULT_ADMIN_URL
+        except OSError:
+            admin_url = DEFAULT_ADMIN_URL
+        admin = urlsplit(admin_url)
+        conn = http.client.HTTPConnection(admin.hostname or "127.0.0.1", admin.port or 8081, timeout=30)
         target = f"/admin/v1/{path}" + (f"?{query}" if query else "")
         headers = {"Authorization": f"Bearer {token}"}
         data = None
@@ -199,7 +204,7 @@ class LocalControl:
             response = conn.getresponse()
             raw = response.read(MAX_ANSWER)
         except (OSError, http.client.HTTPException) as e:
-            raise LocalControlError(502, f"the local control does not answer at {self.url}: {e}") from None
+            raise LocalControlError(502, f"the local control does not answer at {admin_url}: {e}") from None
         finally:
             conn.close()
         try:

@@ -16,6 +16,7 @@ import os
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -72,10 +73,10 @@ def world() -> Iterator[World]:
 def test_agent_sandbox_runs_with_the_units_capabilities_only(world: World) -> None:
     status = dict(
         line.split(":\t", 1)
-        for line in open(f"/proc/{world.pid}/status").read().splitlines()
+        for line in Path(f"/proc/{world.pid}/status").read_text().splitlines()
         if ":\t" in line
     )
-    assert "meshpi" in open(f"/proc/{world.pid}/cmdline").read()
+    assert "meshpi" in Path(f"/proc/{world.pid}/cmdline").read_text()
     wanted = sum(1 << CAP_BITS[c] for c in CAPABILITIES)
     assert int(status["CapBnd"], 16) == wanted and int(status["CapEff"], 16) == wanted
     assert status["NoNewPrivs"].strip() == "1"

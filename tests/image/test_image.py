@@ -335,6 +335,59 @@ def test_image_control_runs_because_the_mesh_was_created_here(vm: Vm) -> None:
     ) == ("enabled\nactive")
 
 
+def test_image_agent_runs_sandboxed_with_its_four_capabilities(
+    vm: Vm, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """meshpi-agent.service's bounding set, NoNewPrivileges and read-only system hold
+    on the running agent, and cost it nothing: the tests around this one (kernel
+    WireGuard, the exit node's nft table, control started by create-mesh, the LocalAPI,
+    the client using the VM as exit node) all run against the sandboxed agent."""
+    assert vm.out("systemctl is-active meshpi-agent.service") == "active"
+    pid = vm.out("systemctl show -p MainPID --value meshpi-agent.service")
+    status = dict(
+        line.split(":", 1) for line in vm.out(f"cat /proc/{pid}/status").splitlines() if ":" in line
+    )
+    # CAP_CHOWN (0), CAP_DAC_READ_SEARCH (2), CAP_NET_ADMIN (12), CAP_NET_RAW (13)
+    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0x3005, status
+    assert status["NoNewPrivs"].strip() == "1"
+    mounts = vm.out(f"cat /proc/{pid}/mountinfo")
+    assert any(
+        line.split()[4] == "/" and "ro" in line.split()[5].split(",") for line in mounts.splitlines()
+    ), mounts
+    journal = vm.out("journalctl -b -u meshpi-agent.service --no-pager -o cat")
+    for bad in ("Read-only file system", "Operation not permitted", "Permission denied", "Traceback"):
+        assert bad not in journal, journal
+    score = vm.out("systemd-analyze security --no-pager meshpi-agent.service | tail -1")
+    TIMINGS["agent_exposure"] = float(re.findall(r"([0-9.]+) \w+", score)[-1])
+    with capsys.disabled():
+        print(f"\n  in the VM: {score}")
+    assert TIMINGS["agent_exposure"] <= 3.2, score
+
+
+_CONNECT_PROBE = """import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("open")
+except OSError:
+    print("closed")
+"""
+
+
+def test_image_input_policy_keeps_dashboard_and_ssh_off_the_internet(vm: Vm) -> None:
+    """The image's prefs guard port 80 (LAN only) and 22 (LAN and mesh). From the
+    server's network (203.0.113.0/24, "the internet" behind the VM's router) the
+    dashboard and SSH do not answer; control's node API on 8080 does. The LAN side
+    (ssh from the router, the dashboard from the client's 10.98.0.0/24) is the rest of
+    this file."""
+    table = vm.out("nft list table inet meshpi")
+    assert "tcp dport 80 jump dashboard" in table and "tcp dport 22 jump ssh" in table, table
+    for port, want in ((80, "closed"), (22, "closed"), (8080, "open")):
+        got = vm.net.server.run(
+            ["python3", "-c", _CONNECT_PROBE, VM_V4, str(port)], timeout=30
+        ).stdout.strip()
+        assert got == want, f"{VM_V4}:{port} from the internet: {got}"
+
+
 @pytest.mark.skipif(not (REPO / "image/overlay/etc/systemd/system/meshpi-web.socket").exists(),
                     reason="no meshpi-web.socket in image/overlay yet")  # fmt: skip
 def test_image_web_ui_answers_from_the_lan_with_the_first_boot_password(vm: Vm) -> None:

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.host import REPO_ROOT, WIREGUARD_PORT, wait_for
 from tests.lab.mesh import Mesh, meshpi_binary
 from tests.lab.topology import HOME_WAN_V4, LANHOST_V4, PI_V4, SERVER_V4, Lab
 from tests.unit.test_agent_unit import CAPABILITIES, settings
 
+BIN = REPO_ROOT / ".venv" / "bin"
 # /proc/<pid>/status bit numbers (linux/capability.h).
 CAP_BITS = {"CAP_CHOWN": 0, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
 
@@ -52,6 +54,9 @@ def sandboxed(argv: list[str], writable: list[str]) -> list[str]:
 def world() -> Iterator[World]:
     with Lab() as lab:
         lab.internet.whoami_server()
+        control = lab.internet.popen([str(BIN / "meshpi-control"), "--state-dir", str(lab.scratch / "control"),
+                                      "serve", "--listen", f"{SERVER_V4}:8443", "--stun-listen", f"{SERVER_V4}:3478"],
+                                     log=lab.scratch / "control.log")  # fmt: skip
         lab.lanhost.whoami_server()
         with Mesh.standard(lab, interface_prefix=f"mp{os.getpid() % 10000}s") as mesh:
             for node in mesh.nodes.values():
@@ -67,6 +72,8 @@ def world() -> Iterator[World]:
             pi.agent = pi.host.popen(sandboxed(argv, [str(pi.dir), "/run/wireguard"]), log=pi.log_path)
             mesh.wait_until(lambda: lab.laptop.fetch(SERVER_V4, timeout=1) == HOME_WAN_V4, 30,
                             "the laptop to reach the internet through the sandboxed pi")  # fmt: skip
+            wait_for(lambda: "STUN on" in (lab.scratch / "control.log").read_text(errors="replace")
+                     or control.poll() is not None, 15, "meshpi-control's STUN server")  # fmt: skip
             yield World(lab, mesh, pi.agent.pid)
 
 
@@ -98,3 +105,18 @@ def test_agent_sandbox_localapi_answers_and_nothing_failed(world: World) -> None
     log = pi.agent_log()
     for bad in ("Read-only file system", "Operation not permitted", "Permission denied", "Traceback"):
         assert bad not in log, log
+
+
+def test_agent_sandbox_stun_raw_socket_works_with_the_units_capabilities(world: World) -> None:
+    """STUN from the WireGuard port (raw IPPROTO_UDP and a BPF filter, beside the
+    running wireguard-go) under the same limits: CAP_NET_RAW is enough."""
+    script = (
+        "import sys; from ipaddress import ip_address; from appliance.base.net import Endpoint\n"
+        "from appliance.kernel import stun\n"
+        f"print(stun.probe(Endpoint(ip_address('{SERVER_V4}'), 3478), {WIREGUARD_PORT}, 51820, 3.0))\n"
+    )
+    pi = world.mesh["pi"]
+    argv = [str(BIN / "python"), "-c", script]
+    done = pi.host.run(sandboxed(argv, [str(pi.dir)]), check=False, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == f"{HOME_WAN_V4}:{WIREGUARD_PORT}", done.stdout

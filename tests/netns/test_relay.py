@@ -157,7 +157,9 @@ def world() -> Iterator[World]:
 
 def _metrics(world: World) -> str:
     # /metrics is on control's loopback admin listener, inside its namespace.
-    host, _, port = (world.control_state / "admin.url").read_text().strip().removeprefix("http://").rpartition(":")
+    host, _, port = (
+        (world.control_state / "admin.url").read_text().strip().removeprefix("http://").rpartition(":")
+    )
     with netns.entered(world.lab.internet.ns):
         sock = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
     # A socket made inside the namespace, used from here: HTTP/1.0 by hand.

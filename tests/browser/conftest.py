@@ -83,7 +83,7 @@ class Home:
 
     def auth_key(self) -> str:
         cmd = [str(BIN / "meshpi-control"), "--state-dir", str(self.control_state), "keys", "create",
-               "--expires", "600", "--server", CONTROL]  # fmt: skip
+               "--expires", "600"]  # fmt: skip
         return self.lab.internet.run(cmd).stdout.strip()
 
     def status(self) -> dict[str, Any]:

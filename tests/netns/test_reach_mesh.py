@@ -60,8 +60,8 @@ def world() -> Iterator[tuple[PortmapLab, Miniupnpd, Agent, Agent]]:
         pub = PrivateKey(base64.b64decode((state / "control.key").read_text().strip())).public_key
         login = login_url(CONTROL, pub)
         admin = [str(BIN / "meshpi-control"), "--state-dir", str(state)]
-        auth = lab.internet.run([*admin, "keys", "create", "--reusable", "--expires", "600",
-                                 "--server", CONTROL]).stdout.strip()  # fmt: skip
+        # The admin API listens on loopback only; the CLI finds it in the state dir.
+        auth = lab.internet.run([*admin, "keys", "create", "--reusable", "--expires", "600"]).stdout.strip()
         pi = Agent(lab, lab.pi, "pi", "mprp0")
         laptop = Agent(lab, lab.internet, "laptop", "mprl0")
         try:

@@ -98,7 +98,7 @@ class Capture:
 
 
 def _admin(lab: Lab, state: Path, *args: str) -> str:
-    cmd = [str(BIN / "meshpi-control"), "--state-dir", str(state), *args, "--server", CONTROL]
+    cmd = [str(BIN / "meshpi-control"), "--state-dir", str(state), *args]  # the loopback admin listener
     return lab.internet.run(cmd).stdout
 
 
@@ -156,8 +156,12 @@ def world() -> Iterator[World]:
 
 
 def _metrics(world: World) -> str:
+    # /metrics is on control's loopback admin listener, inside its namespace.
+    host, _, port = (
+        (world.control_state / "admin.url").read_text().strip().removeprefix("http://").rpartition(":")
+    )
     with netns.entered(world.lab.internet.ns):
-        sock = socket.create_connection((SERVER_V4, 8443), timeout=5)
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
     # A socket made inside the namespace, used from here: HTTP/1.0 by hand.
     sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: control\r\n\r\n")
     chunks = []

@@ -10,6 +10,7 @@ user can try the socket: its mode and group decide, as on the appliance.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.agent.localapi.server import MAX_BODY
@@ -344,3 +347,64 @@ def test_localapi_moving_to_another_interface_name_takes_the_mesh_along(world: W
         wait_status(
             world.laptop, lambda s: s["interface"] == LAPTOP_IF, what="the laptop back on its interface"
         )
+
+
+_ROUTES = ["/v1/status", "/v1/prefs", "/v1/up", "/v1/logout", "/v1/rotate-key", "/v1/mesh/create", "/v1/logs",
+           "/v1/netcheck", "/v1/devices", "/v1/devices/x", "/v1/control/admin/v1/nodes", "/metrics"]  # fmt: skip
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> bytes:
+    """A request nobody should send: known paths with garbage, garbage paths, bad
+    bodies (wrong types, bad JSON, lying lengths) — never a change that is valid."""
+    method = draw(st.sampled_from(["GET", "POST", "PATCH", "DELETE", "PUT", "HEAD", "OPTIONS", "X" * 9]))
+    path = draw(st.one_of(st.sampled_from(_ROUTES), st.text(st.characters(min_codepoint=33, max_codepoint=126),
+                                                                 max_size=60).map(lambda s: "/" + s)))  # fmt: skip
+    query = draw(st.sampled_from(["", "?after=x", "?after=-1", "?%00=1", "?" + "a=1&" * 50]))
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                               lambda inner: st.lists(inner, max_size=4), max_leaves=8)  # fmt: skip
+    unknown_fields = st.dictionaries(st.text(max_size=10).map(lambda s: "zz" + s), json_values, max_size=4)
+    body = draw(st.one_of(
+        st.binary(max_size=200),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        unknown_fields.map(lambda v: json.dumps(v).encode()),
+    ))  # fmt: skip
+    length = draw(st.sampled_from([len(body), len(body), "abc", "-1", str(MAX_BODY * 4)]))
+    return (
+        f"{method} {path}{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+
+
+def test_localapi_fuzz_hostile_requests_get_a_clear_refusal_and_change_nothing(world: World) -> None:
+    """1,500 hostile requests at a real agent's socket: never a 5xx, the agent
+    answers after, and its prefs and peers are as they were."""
+    path = world.laptop.socket
+    client = world.laptop.client()
+    prefs_before, peers_before = client.get("/v1/prefs"), client.get("/v1/status")["peers"]
+    statuses: list[int] = []
+
+    @settings(max_examples=1500, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(_hostile())
+    def send(request: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(request)
+            s.shutdown(socket.SHUT_WR)  # a lying Content-Length meets the end of the stream
+            data = b""
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                while chunk := s.recv(65536):
+                    data += chunk
+        if data:
+            status = int(data.split()[1])
+            statuses.append(status)
+            assert status < 500, data[:300]
+            assert b"Traceback" not in data
+
+    send()
+    assert client.get("/v1/prefs") == prefs_before
+    assert [p["public_key"] for p in client.get("/v1/status")["peers"]] == [
+        p["public_key"] for p in peers_before
+    ]
+    assert len(statuses) > 1000 and max(statuses) < 500

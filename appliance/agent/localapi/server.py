@@ -98,6 +98,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     do_POST = do_PATCH = do_DELETE = do_PUT = do_HEAD = do_GET  # noqa: N815
 
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (OPTIONS, or garbage) goes to the router too, which
+        # answers 405/404 in JSON, instead of http.server's HTML 501 (found by the fuzzer).
+        if name.startswith("do_"):
+            return self.do_GET
+        raise AttributeError(name)
+
     def _serve(self) -> None:
         try:
             request = self._request()

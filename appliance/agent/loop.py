@@ -259,7 +259,8 @@ class Agent(AgentLocal):
     def update(self, reread: bool) -> None:
         """The wanted inputs changed or a resync is due: re-plan, apply what differs."""
         if reread:
-            self.facts_stale = True
+            # A resync plans everything afresh: the memo's shortcuts never outlive it.
+            self.facts_stale, self.memo = True, PeerMemo()
         inputs = self.wanted.inputs()
         if inputs is None:
             return

@@ -26,10 +26,10 @@ What counts as a conflict, for a peer's route R and a network N of this host
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from appliance.base.net import IPNetwork
+from appliance.base.net import IPAddress, IPNetwork
 from appliance.core.model import Connected
 from appliance.wire.netmap import EXIT_ROUTES, Mesh, Node
 
@@ -39,6 +39,10 @@ class Conflict(enum.Enum):
     INSIDE_LOCAL = "lies inside a network of this host"
     CONTAINS_LOCAL = "contains a network of this host"
     OVERLAPS_MESH = "overlaps the mesh's own range"
+    # Inside the mesh only hosted devices' addresses are routed (a host route each):
+    # anything else would take other nodes' addresses on every peer.
+    MESH_NOT_HOST = "is a mesh network, not one hosted device's address"
+    TAKES_NODE = "is another node's mesh address"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class RouteConflict:
     kind: Conflict
     network: IPNetwork  # the host's network (or the mesh range) it collides with
     dev: str = ""  # the host's interface holding `network`; "" for the mesh range
+
+    @property
+    def in_mesh(self) -> bool:
+        """About a route inside the mesh (a hosted device's): taken even without accept_routes."""
+        return self.kind in (Conflict.MESH_NOT_HOST, Conflict.TAKES_NODE)
 
     @property
     def set_aside(self) -> bool:
@@ -69,6 +78,8 @@ def _verb(kind: Conflict) -> str:
         Conflict.INSIDE_LOCAL: "lies inside",
         Conflict.CONTAINS_LOCAL: "contains",
         Conflict.OVERLAPS_MESH: "overlaps",
+        Conflict.MESH_NOT_HOST: "is a network inside",
+        Conflict.TAKES_NODE: "takes another node's address in",
     }[kind]
 
 
@@ -87,14 +98,25 @@ def classify(route: IPNetwork, network: IPNetwork) -> Conflict | None:
 
 
 def route_conflicts(
-    peers: Iterable[Node], mesh: Mesh, connected: Iterable[Connected]
+    peers: Iterable[Node],
+    mesh: Mesh,
+    connected: Iterable[Connected],
+    holder: Callable[[IPAddress], object | None] = lambda _a: None,
 ) -> tuple[RouteConflict, ...]:
-    """Every conflict of every peer's approved subnet route, in netmap order."""
+    """Every conflict of every peer's approved subnet route, in netmap order.
+    `holder(address)`: which node holds a mesh address, if any (the netmap's index)."""
     local = tuple(connected)
     found: list[RouteConflict] = []
     for peer in peers:
         for route in peer.routes:
-            if route in EXIT_ROUTES or in_mesh(route, mesh):
+            if route in EXIT_ROUTES:
+                continue
+            if in_mesh(route, mesh):
+                mesh_range = mesh.ipv4 if route.version == 4 else mesh.ipv6
+                if route.prefixlen != route.max_prefixlen:
+                    found.append(RouteConflict(route, peer.name, Conflict.MESH_NOT_HOST, mesh_range))
+                elif holder(route.network_address) is not None:
+                    found.append(RouteConflict(route, peer.name, Conflict.TAKES_NODE, mesh_range))
                 continue
             mesh_range = mesh.ipv4 if route.version == 4 else mesh.ipv6
             if route.overlaps(mesh_range):

@@ -111,7 +111,10 @@ def make_plan(
     peers, routed, touched = _peers(netmap, prefs, exit_peer, facts, memo)
     # Routes not accepted are not used, so they conflict with nothing. Only peers
     # with subnet routes can conflict (O(those), not O(mesh)).
-    conflicts = route_conflicts(routed.values(), mesh, facts.connected) if prefs.accept_routes else ()
+    assert netmap.index is not None
+    holder = netmap.index.owner_of.get
+    found = route_conflicts(routed.values(), mesh, facts.connected, holder)
+    conflicts = found if prefs.accept_routes else tuple(c for c in found if c.in_mesh)
     aside = frozenset((c.peer, c.route) for c in conflicts if c.set_aside)
     if devices != memo.devices:
         touched = None
@@ -184,10 +187,13 @@ def _peers(
     settings = (prefs.accept_routes, prefs.keepalive, exit_peer, netmap.mesh, facts.connected)
     origin = netmap.origin
     accept, keepalive, mesh, connected = prefs.accept_routes, prefs.keepalive, netmap.mesh, facts.connected
+    assert netmap.index is not None
+    holder = netmap.index.owner_of.get
 
     def one(node: Node) -> Peer:
-        aside = frozenset(c.route for c in route_conflicts((node,), mesh, connected) if c.set_aside)
-        return _peer(node, accept, keepalive, node is exit_peer, mesh, aside if accept else frozenset())
+        found = route_conflicts((node,), mesh, connected, holder)
+        aside = frozenset(c.route for c in found if c.set_aside and (accept or c.in_mesh))
+        return _peer(node, accept, keepalive, node is exit_peer, mesh, aside)
 
     if memo.settings == settings and origin is not None and origin[0]() is memo.netmap is not None:
         planned, routed, touched = memo.planned.copy(), memo.routed.copy(), origin[1]

@@ -101,3 +101,27 @@ def test_conflicts_routes_not_accepted_conflict_with_nothing() -> None:
     assert (
         make_plan(_netmap([str(HOME_LAN)]), prefs, KEYS["laptop"], _facts("192.168.77.0/24")).conflicts == ()
     )
+
+
+def test_conflicts_a_mesh_route_taking_another_nodes_address_is_set_aside_even_without_accept_routes() -> (
+    None
+):
+    # office claims the pi's mesh address, a /24 of the mesh, and (legitimately) a phone's address
+    netmap = _netmap(["0.0.0.0/0", "::/0"], [str(OFFICE), "100.64.0.1/32", "100.64.9.0/24", "100.64.0.77/32"])
+    for accept in (True, False):
+        prefs = Prefs(interface="meshpi1", exit_node="pi", accept_routes=accept)
+        result = make_plan(netmap, prefs, KEYS["laptop"], _facts("10.77.0.0/24"))
+        kinds = {(str(c.route), c.kind) for c in result.set_aside}
+        assert ("100.64.0.1/32", Conflict.TAKES_NODE) in kinds and (
+            "100.64.9.0/24",
+            Conflict.MESH_NOT_HOST,
+        ) in kinds
+        office = result.state.peers[KEYS["office"].public_key()]
+        allowed = {str(n) for n in office.allowed_ips}
+        assert "100.64.0.1/32" not in allowed and "100.64.9.0/24" not in allowed
+        assert "100.64.0.77/32" in allowed  # a hosted phone's address no node holds
+        pi = result.state.peers[KEYS["pi"].public_key()]
+        assert "100.64.0.1/32" in {str(n) for n in pi.allowed_ips}  # the pi keeps its own
+        assert "takes another node's address" in str(
+            next(c for c in result.set_aside if c.kind is Conflict.TAKES_NODE)
+        )

@@ -1,0 +1,218 @@
+"""Path selection, the pure part: which endpoint each peer gets, from what the
+kernel says about it and the clock. No I/O: `decide` is a function of the last
+state, this tick's observations and the time; paths.py does the effects.
+
+Per peer, one of three modes:
+- trying:  WireGuard is given the peer's candidates one by one (TRY_EACH seconds
+           each). Both sides get the netmap change together and try at about the
+           same time, so WireGuard's own handshake initiations punch the NAT holes.
+           The first candidate a packet comes back from wins.
+- direct:  a candidate (or the address WireGuard roamed to) works. It is dead
+           when we sent and nothing came back for DEAD_AFTER seconds (a probe is
+           sent after PROBE_AFTER to draw an answer from an idle peer), or its
+           handshake is older than WireGuard's own REJECT_AFTER_TIME.
+- relayed: every candidate failed (or there is none): the relay's local proxy.
+           At each UPGRADE_EVERY slot of the wall clock (the same moment on both
+           sides, with clocks in sync) the candidates are tried again in the
+           background; a success upgrades the peer to direct.
+
+Evidence is "received": the peer's rx counter grew while the kernel's endpoint
+is a direct address (direct) or a relay proxy (relayed). WireGuard roams to the
+address the last authenticated packet came from; a roam is adopted, never
+fought (the other side fell back to the relay, or punched through first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from appliance.base.keys import PublicKey
+from appliance.base.net import Endpoint
+
+TRY_EACH = 5.0  # WireGuard's REKEY_TIMEOUT: one handshake initiation per candidate
+# Sent, probed (an answer takes one round trip), and nothing came back for this
+# long: the path is gone. With the loop's 2 s tick the relay takes over 4-7 s after
+# the cut.
+DEAD_AFTER = 3.0
+PROBE_AFTER = 0.0  # sent and not yet answered: draw an answer at once (paths.py: probe)
+# WireGuard rejects a session older than REJECT_AFTER_TIME (180 s); keepalive
+# traffic rekeys at 120-145 s, so an older handshake means no session at all.
+STALE_AFTER = 180.0
+UPGRADE_EVERY = 60.0  # a relayed peer tries direct again at each such slot
+
+Mode = Literal["trying", "direct", "relayed"]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the kernel says about one peer now."""
+
+    last_handshake: float | None
+    endpoint: Endpoint | None
+    rx: int
+    tx: int
+
+
+@dataclass(frozen=True)
+class PeerPath:
+    mode: Mode
+    candidates: tuple[Endpoint, ...]
+    endpoint: Endpoint | None = None  # direct: the working address
+    index: int = 0  # trying: the candidate being tried
+    since: float = 0.0  # when this mode (or this candidate) started
+    baseline: int | None = None  # trying: rx once WireGuard held the candidate
+    upgrading: bool = False  # trying in the background while relayed
+    rx: int = 0
+    tx: int = 0
+    unanswered_since: float | None = None  # sent after the last receipt, at this time
+
+    def label(self) -> str:
+        """For status: "direct <endpoint>", "relayed" or "trying"."""
+        return f"direct {self.endpoint}" if self.mode == "direct" else self.mode
+
+
+@dataclass(frozen=True)
+class Timing:
+    try_each: float = TRY_EACH
+    dead_after: float = DEAD_AFTER
+    probe_after: float = PROBE_AFTER
+    stale_after: float = STALE_AFTER
+    upgrade_every: float = UPGRADE_EVERY
+
+
+@dataclass(frozen=True)
+class Decision:
+    peers: Mapping[PublicKey, PeerPath]
+    choices: Mapping[PublicKey, Endpoint]  # PathsChosen: the peers left out keep the netmap's
+    probes: frozenset[PublicKey]  # make WireGuard send to these now
+
+
+def slot(now: float, every: float) -> int:
+    return math.floor(now / every)
+
+
+def decide(
+    state: Mapping[PublicKey, PeerPath],
+    candidates: Mapping[PublicKey, tuple[Endpoint, ...]],
+    seen: Mapping[PublicKey, Seen],
+    relays: Mapping[PublicKey, Endpoint],
+    now: float,
+    timing: Timing = Timing(),
+) -> Decision:
+    """One tick. `candidates`: the netmap's peers, best first; `relays`: the relay
+    proxy per peer (empty without a relay)."""
+    proxies = frozenset(relays.values())
+    peers: dict[PublicKey, PeerPath] = {}
+    choices: dict[PublicKey, Endpoint] = {}
+    probes: set[PublicKey] = set()
+    for key, cands in candidates.items():
+        old = state.get(key)
+        path = _step(old, cands, seen.get(key), key in relays, proxies, now, timing)
+        peers[key] = path
+        chosen = _choice(path, relays.get(key))
+        if chosen is not None:
+            choices[key] = chosen
+        waiting = path.unanswered_since is not None and now - path.unanswered_since >= timing.probe_after
+        if path.mode == "trying" or (path.mode == "direct" and waiting):
+            probes.add(key)  # trying: start a handshake; direct: draw an answer (or prove it dead)
+    return Decision(peers, choices, frozenset(probes))
+
+
+def _choice(path: PeerPath, relay: Endpoint | None) -> Endpoint | None:
+    if path.mode == "direct":
+        return path.endpoint
+    if path.mode == "trying":
+        return path.candidates[path.index] if path.index < len(path.candidates) else relay
+    return relay
+
+
+def _start(cands: tuple[Endpoint, ...], has_relay: bool, now: float, base: PeerPath | None) -> PeerPath:
+    """Try the candidates from the first; with none, the relay at once."""
+    rx, tx = (base.rx, base.tx) if base is not None else (0, 0)
+    mode: Mode = "relayed" if not cands and has_relay else "trying"
+    return PeerPath(mode, cands, since=now, rx=rx, tx=tx)
+
+
+def _step(
+    old: PeerPath | None,
+    cands: tuple[Endpoint, ...],
+    seen: Seen | None,
+    has_relay: bool,
+    proxies: frozenset[Endpoint],
+    now: float,
+    t: Timing,
+) -> PeerPath:
+    if old is None:
+        fresh = seen is not None and _fresh(seen, now, t)
+        if seen is not None and fresh and seen.endpoint is not None and seen.endpoint not in proxies:
+            # The kernel already talks to it directly (the agent restarted): keep that.
+            return PeerPath("direct", cands, seen.endpoint, since=now, rx=seen.rx, tx=seen.tx)
+        old = _start(cands, has_relay, now, None)
+        if seen is not None:
+            old = replace(old, rx=seen.rx, tx=seen.tx)  # counters from here on
+    path = old
+    if cands != old.candidates:
+        path = replace(path, candidates=cands)
+        if path.mode != "direct":
+            path = _start(cands, has_relay, now, path)  # new candidates: try them now
+    if seen is None:
+        return path  # not in the kernel yet: nothing to learn
+    received = seen.rx > path.rx
+    sent = seen.tx > path.tx
+    unanswered = None if received else (path.unanswered_since or (now if sent else None))
+    path = replace(path, rx=seen.rx, tx=seen.tx, unanswered_since=unanswered)
+    direct_now = seen.endpoint is not None and seen.endpoint not in proxies
+    relayed_now = seen.endpoint is not None and seen.endpoint in proxies
+
+    if path.mode == "direct":
+        if received and relayed_now:
+            return replace(path, mode="relayed", endpoint=None, since=now)  # the other side fell back
+        if received and direct_now and seen.endpoint != path.endpoint:
+            path = replace(path, endpoint=seen.endpoint)  # WireGuard roamed: adopt it
+        dead = unanswered is not None and now - unanswered >= t.dead_after
+        if dead or not _fresh(seen, now, t):
+            if has_relay:
+                return replace(path, mode="relayed", endpoint=None, since=now, unanswered_since=None)
+            return _start(cands, has_relay, now, path)
+        return path
+
+    if path.mode == "relayed":
+        if received and direct_now:
+            return replace(path, mode="direct", endpoint=seen.endpoint, since=now)  # punched from there
+        if cands and slot(now, t.upgrade_every) != slot(path.since, t.upgrade_every):
+            return replace(path, mode="trying", index=0, since=now, baseline=None, upgrading=True)
+        return path
+
+    # trying
+    if path.index >= len(cands):
+        return _start(cands, has_relay, now, path) if not has_relay else _relayed(path, now)
+    candidate = cands[path.index]
+    if path.baseline is None and seen.endpoint == candidate:
+        path = replace(path, baseline=seen.rx)  # WireGuard holds the candidate from now on
+        received = False
+    # A packet came from a direct address: the candidate (once WireGuard held it),
+    # or another address WireGuard roamed to (the peer punched from there).
+    took = path.baseline is not None and seen.rx > path.baseline
+    if received and direct_now and (took or seen.endpoint != candidate):
+        return replace(path, mode="direct", endpoint=seen.endpoint, since=now, upgrading=False, baseline=None)
+    if received and relayed_now and not path.upgrading and _fresh(seen, now, t):
+        return _relayed(path, now)  # the other side gave up first: it reaches us through the relay
+    if now - path.since >= t.try_each:
+        following = path.index + 1
+        if following < len(cands):
+            return replace(path, index=following, since=now, baseline=None)
+        if has_relay:
+            return _relayed(path, now)
+        return replace(path, index=0, since=now, baseline=None)  # no relay: go round again
+    return path
+
+
+def _relayed(path: PeerPath, now: float) -> PeerPath:
+    return replace(path, mode="relayed", endpoint=None, index=0, since=now, baseline=None, upgrading=False)
+
+
+def _fresh(seen: Seen, now: float, t: Timing) -> bool:
+    return seen.last_handshake is not None and now - seen.last_handshake < t.stale_after

@@ -23,7 +23,7 @@ class World:
 
     def __init__(self, cands: tuple[Endpoint, ...] = (A, B), relay: bool = True, now: float = 1000.0) -> None:
         self.cands, self.now = cands, now
-        self.relays: Mapping[PublicKey, Endpoint] = {PEER: RELAY} if relay else {}
+        self.relay = relay
         self.state: Mapping[PublicKey, PeerPath] = {}
         self.rx = self.tx = 0
         self.handshake: float | None = None
@@ -39,9 +39,9 @@ class World:
         if endpoint is not None:
             self.endpoint = endpoint  # WireGuard roamed (a packet came from there)
         seen = {PEER: Seen(self.handshake, self.endpoint, self.rx, self.tx)}
-        self.last = decide(self.state, {PEER: self.cands}, seen, self.relays, self.now, T)
+        self.last = decide(self.state, {PEER: self.cands}, seen, self.relay, self.now, T)
         self.state = self.last.peers
-        chosen = self.last.choices.get(PEER)
+        chosen = self.chosen
         if chosen is not None and endpoint is None:
             self.endpoint = chosen  # the loop applied the choice
         return self.state[PEER]
@@ -49,7 +49,7 @@ class World:
     @property
     def chosen(self) -> Endpoint | None:
         assert self.last is not None
-        return self.last.choices.get(PEER)
+        return RELAY if PEER in self.last.relayed else self.last.choices.get(PEER)
 
 
 def test_paths_first_candidate_that_answers_wins() -> None:
@@ -75,7 +75,7 @@ def test_paths_roam_during_trying_adopts_the_address_the_peer_came_from() -> Non
 
 def test_paths_no_candidate_answers_relay() -> None:
     w = World()
-    for _ in range(7):
+    for _ in range(8):  # each candidate's 5 s start once WireGuard holds it
         path = w.tick(tx=148)
     assert path.mode == "relayed" and w.chosen == RELAY and path.label() == "relayed"
 
@@ -127,13 +127,13 @@ def test_paths_stale_handshake_is_dead() -> None:
 
 def test_paths_relayed_upgrades_at_the_slot_and_falls_back_when_the_punch_fails() -> None:
     w = World(now=959.0)
-    for _ in range(7):
+    for _ in range(8):
         w.tick(tx=148)
     assert w.state[PEER].mode == "relayed" and w.now < 1020  # relayed since 971..973
     w.tick(dt=1020.5 - w.now, rx=10, tx=10)
     path = w.state[PEER]
     assert path.mode == "trying" and path.upgrading and w.chosen == A  # the slot at 1020
-    for _ in range(7):
+    for _ in range(8):
         w.tick(tx=100)
     assert w.state[PEER].mode == "relayed" and w.chosen == RELAY
 
@@ -186,5 +186,17 @@ def test_paths_restart_keeps_a_working_direct_path() -> None:
 def test_paths_peer_gone_is_forgotten() -> None:
     w = World()
     w.tick()
-    decision = decide(w.state, {}, {}, {}, w.now + 2)
+    decision = decide(w.state, {}, {}, True, w.now + 2)
     assert not decision.peers and not decision.choices
+
+
+def test_paths_failed_upgrades_wait_longer_each_time() -> None:
+    w = World(cands=(A,), now=959.0)
+    starts = []
+    for _ in range(600):
+        before = w.state.get(PEER)
+        path = w.tick(tx=10)
+        if path.upgrading and (before is None or not before.upgrading):
+            starts.append(w.now)
+    gaps = [round(b - a) for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps[:4] == [60, 120, 240, 480], gaps  # on 60 s slots, the wait doubled per failure (8x at most)

@@ -13,8 +13,11 @@ Per peer, one of three modes:
            handshake is older than WireGuard's own REJECT_AFTER_TIME.
 - relayed: every candidate failed (or there is none): the relay's local proxy.
            At each UPGRADE_EVERY slot of the wall clock (the same moment on both
-           sides, with clocks in sync) the candidates are tried again in the
-           background; a success upgrades the peer to direct.
+           sides, with clocks in sync) the candidates are tried again; a success
+           upgrades the peer to direct. Each failure doubles the wait (up to 8x):
+           while trying, the relay does not carry the peer (or the peer's
+           relayed packets would roam WireGuard back to the relay mid-try), so
+           a try that fails costs its window's traffic.
 
 Evidence is "received": the peer's rx counter grew while the kernel's endpoint
 is a direct address (direct) or a relay proxy (relayed). WireGuard roams to the
@@ -65,6 +68,7 @@ class PeerPath:
     since: float = 0.0  # when this mode (or this candidate) started
     baseline: int | None = None  # trying: rx once WireGuard held the candidate
     upgrading: bool = False  # trying in the background while relayed
+    fails: int = 0  # background tries that failed in a row (the next waits longer)
     rx: int = 0
     tx: int = 0
     unanswered_since: float | None = None  # sent after the last receipt, at this time
@@ -86,7 +90,8 @@ class Timing:
 @dataclass(frozen=True)
 class Decision:
     peers: Mapping[PublicKey, PeerPath]
-    choices: Mapping[PublicKey, Endpoint]  # PathsChosen: the peers left out keep the netmap's
+    choices: Mapping[PublicKey, Endpoint]  # direct and trying peers: the endpoint to use
+    relayed: frozenset[PublicKey]  # these get their relay proxy (paths.py)
     probes: frozenset[PublicKey]  # make WireGuard send to these now
 
 
@@ -94,39 +99,46 @@ def slot(now: float, every: float) -> int:
     return math.floor(now / every)
 
 
+def is_relay(endpoint: Endpoint) -> bool:
+    """The relay's proxies are on loopback (relay.py); a peer never is."""
+    return endpoint.host.is_loopback
+
+
 def decide(
     state: Mapping[PublicKey, PeerPath],
     candidates: Mapping[PublicKey, tuple[Endpoint, ...]],
     seen: Mapping[PublicKey, Seen],
-    relays: Mapping[PublicKey, Endpoint],
+    relay: bool,
     now: float,
     timing: Timing = Timing(),
 ) -> Decision:
-    """One tick. `candidates`: the netmap's peers, best first; `relays`: the relay
-    proxy per peer (empty without a relay)."""
-    proxies = frozenset(relays.values())
+    """One tick. `candidates`: the netmap's peers, best first; `relay`: whether
+    there is a relay to fall back to."""
     peers: dict[PublicKey, PeerPath] = {}
     choices: dict[PublicKey, Endpoint] = {}
+    relayed: set[PublicKey] = set()
     probes: set[PublicKey] = set()
     for key, cands in candidates.items():
         old = state.get(key)
-        path = _step(old, cands, seen.get(key), key in relays, proxies, now, timing)
+        path = _step(old, cands, seen.get(key), relay, now, timing)
         peers[key] = path
-        chosen = _choice(path, relays.get(key))
+        chosen = _choice(path)
         if chosen is not None:
             choices[key] = chosen
+        elif path.mode == "relayed" and relay:
+            relayed.add(key)
         waiting = path.unanswered_since is not None and now - path.unanswered_since >= timing.probe_after
         if path.mode == "trying" or (path.mode == "direct" and waiting):
             probes.add(key)  # trying: start a handshake; direct: draw an answer (or prove it dead)
-    return Decision(peers, choices, frozenset(probes))
+    return Decision(peers, choices, frozenset(relayed), frozenset(probes))
 
 
-def _choice(path: PeerPath, relay: Endpoint | None) -> Endpoint | None:
+def _choice(path: PeerPath) -> Endpoint | None:
     if path.mode == "direct":
         return path.endpoint
-    if path.mode == "trying":
-        return path.candidates[path.index] if path.index < len(path.candidates) else relay
-    return relay
+    if path.mode == "trying" and path.index < len(path.candidates):
+        return path.candidates[path.index]
+    return None
 
 
 def _start(cands: tuple[Endpoint, ...], has_relay: bool, now: float, base: PeerPath | None) -> PeerPath:
@@ -141,13 +153,12 @@ def _step(
     cands: tuple[Endpoint, ...],
     seen: Seen | None,
     has_relay: bool,
-    proxies: frozenset[Endpoint],
     now: float,
     t: Timing,
 ) -> PeerPath:
     if old is None:
         fresh = seen is not None and _fresh(seen, now, t)
-        if seen is not None and fresh and seen.endpoint is not None and seen.endpoint not in proxies:
+        if seen is not None and fresh and seen.endpoint is not None and not is_relay(seen.endpoint):
             # The kernel already talks to it directly (the agent restarted): keep that.
             return PeerPath("direct", cands, seen.endpoint, since=now, rx=seen.rx, tx=seen.tx)
         old = _start(cands, has_relay, now, None)
@@ -157,15 +168,15 @@ def _step(
     if cands != old.candidates:
         path = replace(path, candidates=cands)
         if path.mode != "direct":
-            path = _start(cands, has_relay, now, path)  # new candidates: try them now
+            path = _start(cands, has_relay, now, path)  # new candidates: try them now (fails reset)
     if seen is None:
         return path  # not in the kernel yet: nothing to learn
     received = seen.rx > path.rx
     sent = seen.tx > path.tx
     unanswered = None if received else (path.unanswered_since or (now if sent else None))
     path = replace(path, rx=seen.rx, tx=seen.tx, unanswered_since=unanswered)
-    direct_now = seen.endpoint is not None and seen.endpoint not in proxies
-    relayed_now = seen.endpoint is not None and seen.endpoint in proxies
+    direct_now = seen.endpoint is not None and not is_relay(seen.endpoint)
+    relayed_now = seen.endpoint is not None and is_relay(seen.endpoint)
 
     if path.mode == "direct":
         if received and relayed_now:
@@ -181,8 +192,10 @@ def _step(
 
     if path.mode == "relayed":
         if received and direct_now:
-            return replace(path, mode="direct", endpoint=seen.endpoint, since=now)  # punched from there
-        if cands and slot(now, t.upgrade_every) != slot(path.since, t.upgrade_every):
+            # punched from there
+            return replace(path, mode="direct", endpoint=seen.endpoint, since=now, fails=0)
+        every = t.upgrade_every * 2 ** min(path.fails, 3)  # both sides fail alike: still in step
+        if cands and slot(now, every) != slot(path.since, every):
             return replace(path, mode="trying", index=0, since=now, baseline=None, upgrading=True)
         return path
 
@@ -191,15 +204,15 @@ def _step(
         return _start(cands, has_relay, now, path) if not has_relay else _relayed(path, now)
     candidate = cands[path.index]
     if path.baseline is None and seen.endpoint == candidate:
-        path = replace(path, baseline=seen.rx)  # WireGuard holds the candidate from now on
+        # WireGuard holds the candidate from now on: its time starts now.
+        path = replace(path, baseline=seen.rx, since=now)
         received = False
     # A packet came from a direct address: the candidate (once WireGuard held it),
     # or another address WireGuard roamed to (the peer punched from there).
     took = path.baseline is not None and seen.rx > path.baseline
     if received and direct_now and (took or seen.endpoint != candidate):
-        return replace(path, mode="direct", endpoint=seen.endpoint, since=now, upgrading=False, baseline=None)
-    if received and relayed_now and not path.upgrading and _fresh(seen, now, t):
-        return _relayed(path, now)  # the other side gave up first: it reaches us through the relay
+        return replace(path, mode="direct", endpoint=seen.endpoint, since=now, upgrading=False, baseline=None,
+                       fails=0)  # fmt: skip
     if now - path.since >= t.try_each:
         following = path.index + 1
         if following < len(cands):
@@ -211,7 +224,9 @@ def _step(
 
 
 def _relayed(path: PeerPath, now: float) -> PeerPath:
-    return replace(path, mode="relayed", endpoint=None, index=0, since=now, baseline=None, upgrading=False)
+    fails = path.fails + 1 if path.upgrading else path.fails
+    return replace(path, mode="relayed", endpoint=None, index=0, since=now, baseline=None, upgrading=False,
+                   fails=fails)  # fmt: skip
 
 
 def _fresh(seen: Seen, now: float, t: Timing) -> bool:

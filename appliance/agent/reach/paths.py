@@ -9,9 +9,8 @@ succeeds later. The decisions are pathcore.py's (pure); this is the effects:
   handshake, or the peer's kernel answers with an ICMP error, which is traffic
   back);
 - a RelayClient (relay.py), made from the login once a netmap is applied and
-  closed when it goes (logout) or the agent stops. Every peer has its relay proxy
-  from the start: whichever side falls back to the relay first, its packets
-  reach the other side's WireGuard, which roams to the proxy (adopted).
+  closed when it goes (logout) or the agent stops. A peer has its relay proxy
+  only while relayed.
 
 Persistent keepalive is on for every peer with an endpoint (the planner), so a
 punched NAT mapping stays open.
@@ -118,11 +117,6 @@ class PathChooser:
             return
         relay = self._relay_client(inputs)
         candidates = {p.public_key: _candidates(p.endpoints, p.endpoint) for p in inputs.netmap.peers}
-        relays: dict[PublicKey, Endpoint] = {}
-        if relay is not None:
-            relays = {key: relay.endpoint_for(key) for key in candidates}
-            for key in set(self._peers) - set(candidates):
-                relay.release(key)
         try:
             device = self.agent.read_device()
         except KernelError as e:
@@ -130,16 +124,24 @@ class PathChooser:
             return
         seen = {} if device is None else {k: Seen(s.last_handshake, s.endpoint, s.rx_bytes, s.tx_bytes)
                                           for k, s in device.stats.items()}  # fmt: skip
-        decision = decide(self._peers, candidates, seen, relays, self._clock(), self.timing)
+        decision = decide(self._peers, candidates, seen, relay is not None, self._clock(), self.timing)
+        choices = dict(decision.choices)
+        if relay is not None:
+            # The relay carries a peer only while it is relayed: while trying, its
+            # relayed packets would roam WireGuard away from the candidate.
+            for key in decision.relayed:
+                choices[key] = relay.endpoint_for(key)
+            for key in (set(self._peers) | set(candidates)) - decision.relayed:
+                relay.release(key)
         for key, path in decision.peers.items():
             old = self._peers.get(key)
             if old is None or old.mode != path.mode or old.endpoint != path.endpoint:
                 log.info("path to %s: %s", key.short, path.label())
         with self._lock:
             self._peers = decision.peers
-        if dict(decision.choices) != dict(self._chosen):
-            self._chosen = dict(decision.choices)
-            self._post(PathsChosen(dict(decision.choices)))
+        if choices != dict(self._chosen):
+            self._chosen = choices
+            self._post(PathsChosen(dict(choices)))
         self._probe(inputs, decision.probes)
 
     def status(self) -> dict[PublicKey, str]:

@@ -66,7 +66,7 @@ def nat_ruleset(kind: str, side: str) -> str:
     fwd = ""
     if kind == "noudp":
         fwd = (
-            "chain fwd { type filter hook forward priority filter; policy accept;\n"
+            "chain forward { type filter hook forward priority filter; policy accept;\n"
             '  iifname "lan" meta l4proto udp counter drop\n}\n'
         )
     # Like any home router: nothing unsolicited from the WAN to the router itself.
@@ -84,7 +84,7 @@ def nat_ruleset(kind: str, side: str) -> str:
 
 
 BLOCK = """table inet natblock {
-chain fwd { type filter hook forward priority -10; policy accept;
+chain forward { type filter hook forward priority -10; policy accept;
   meta l4proto udp ip saddr { 5.6.1.1, 5.6.2.1 } ip daddr { 5.6.1.1, 5.6.2.1 } counter drop
 }
 }

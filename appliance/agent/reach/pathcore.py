@@ -45,6 +45,9 @@ PROBE_AFTER = 0.0  # sent and not yet answered: draw an answer at once (paths.py
 # traffic rekeys at 120-145 s, so an older handshake means no session at all.
 STALE_AFTER = 180.0
 UPGRADE_EVERY = 60.0  # a relayed peer tries direct again at each such slot
+# A background try needs no handshake (the session exists): a probe's answer
+# takes one round trip, plus the other side's tick (up to 2 s) to switch too.
+UPGRADE_TRY = 3.0
 
 Mode = Literal["trying", "direct", "relayed"]
 
@@ -85,6 +88,7 @@ class Timing:
     probe_after: float = PROBE_AFTER
     stale_after: float = STALE_AFTER
     upgrade_every: float = UPGRADE_EVERY
+    upgrade_try: float = UPGRADE_TRY
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,7 @@ def _step(
     if received and direct_now and (took or seen.endpoint != candidate):
         return replace(path, mode="direct", endpoint=seen.endpoint, since=now, upgrading=False, baseline=None,
                        fails=0)  # fmt: skip
-    if now - path.since >= t.try_each:
+    if now - path.since >= (t.upgrade_try if path.upgrading else t.try_each):
         following = path.index + 1
         if following < len(cands):
             return replace(path, index=following, since=now, baseline=None)

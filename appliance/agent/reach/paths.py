@@ -10,7 +10,7 @@ succeeds later. The decisions are pathcore.py's (pure); this is the effects:
   back);
 - a RelayClient (relay.py), made from the login once a netmap is applied and
   closed when it goes (logout) or the agent stops. A peer has its relay proxy
-  only while relayed.
+  except while its candidates are tried.
 
 Persistent keepalive is on for every peer with an endpoint (the planner), so a
 punched NAT mapping stays open.
@@ -127,11 +127,18 @@ class PathChooser:
         decision = decide(self._peers, candidates, seen, relay is not None, self._clock(), self.timing)
         choices = dict(decision.choices)
         if relay is not None:
-            # The relay carries a peer only while it is relayed: while trying, its
-            # relayed packets would roam WireGuard away from the candidate.
-            for key in decision.relayed:
-                choices[key] = relay.endpoint_for(key)
-            for key in (set(self._peers) | set(candidates)) - decision.relayed:
+            # The relay carries a peer except while trying (its relayed packets
+            # would roam WireGuard away from the candidate). A direct peer keeps
+            # its proxy: when the other side falls back first, its packets come
+            # in there and WireGuard roams to the relay (adopted), no waiting.
+            for key, path in decision.peers.items():
+                if path.mode == "trying":
+                    relay.release(key)
+                else:
+                    proxy = relay.endpoint_for(key)
+                    if key in decision.relayed:
+                        choices[key] = proxy
+            for key in set(self._peers) - set(candidates):
                 relay.release(key)
         for key, path in decision.peers.items():
             old = self._peers.get(key)

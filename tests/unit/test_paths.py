@@ -200,3 +200,21 @@ def test_paths_failed_upgrades_wait_longer_each_time() -> None:
             starts.append(w.now)
     gaps = [round(b - a) for a, b in zip(starts, starts[1:], strict=False)]
     assert gaps[:4] == [60, 120, 240, 480], gaps  # on 60 s slots, the wait doubled per failure (8x at most)
+
+
+def test_paths_endpoint_wireguard_holds_is_tried_after_the_netmaps() -> None:
+    w = World(cands=())
+    w.endpoint = ROAMED  # carried over a key rotation: no handshake with the new key yet
+    assert w.tick().mode == "trying" and w.chosen == ROAMED
+    assert w.tick(rx=92, handshake=True).mode == "direct"
+
+
+def test_paths_no_relay_to_fall_back_to_tries_again() -> None:
+    w = World(relay=False)
+    w.tick()
+    w.tick(rx=92, tx=148, handshake=True)
+    path = w.tick(rx=10, tx=10)
+    assert path.mode == "direct"
+    for _ in range(4):
+        path = w.tick(tx=100)
+    assert path.mode == "trying" and w.chosen == A

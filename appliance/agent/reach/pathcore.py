@@ -65,13 +65,14 @@ class Seen:
 @dataclass(frozen=True)
 class PeerPath:
     mode: Mode
-    candidates: tuple[Endpoint, ...]
+    candidates: tuple[Endpoint, ...]  # what is tried: the netmap's, and what WireGuard knew
     endpoint: Endpoint | None = None  # direct: the working address
     index: int = 0  # trying: the candidate being tried
     since: float = 0.0  # when this mode (or this candidate) started
     baseline: int | None = None  # trying: rx once WireGuard held the candidate
     upgrading: bool = False  # trying in the background while relayed
     fails: int = 0  # background tries that failed in a row (the next waits longer)
+    given: tuple[Endpoint, ...] = ()  # the netmap's candidates (a change restarts the tries)
     rx: int = 0
     tx: int = 0
     unanswered_since: float | None = None  # sent after the last receipt, at this time
@@ -117,7 +118,7 @@ def decide(
     timing: Timing = Timing(),
 ) -> Decision:
     """One tick. `candidates`: the netmap's peers, best first; `relay`: whether
-    there is a relay to fall back to."""
+    there is a relay to fall back to now (a peer already relayed stays so)."""
     peers: dict[PublicKey, PeerPath] = {}
     choices: dict[PublicKey, Endpoint] = {}
     relayed: set[PublicKey] = set()
@@ -129,7 +130,7 @@ def decide(
         chosen = _choice(path)
         if chosen is not None:
             choices[key] = chosen
-        elif path.mode == "relayed" and relay:
+        elif path.mode == "relayed":
             relayed.add(key)
         waiting = path.unanswered_since is not None and now - path.unanswered_since >= timing.probe_after
         if path.mode == "trying" or (path.mode == "direct" and waiting):
@@ -148,29 +149,37 @@ def _choice(path: PeerPath) -> Endpoint | None:
 def _start(cands: tuple[Endpoint, ...], has_relay: bool, now: float, base: PeerPath | None) -> PeerPath:
     """Try the candidates from the first; with none, the relay at once."""
     rx, tx = (base.rx, base.tx) if base is not None else (0, 0)
+    given = base.given if base is not None else cands
     mode: Mode = "relayed" if not cands and has_relay else "trying"
-    return PeerPath(mode, cands, since=now, rx=rx, tx=tx)
+    return PeerPath(mode, cands, since=now, rx=rx, tx=tx, given=given)
 
 
 def _step(
     old: PeerPath | None,
-    cands: tuple[Endpoint, ...],
+    given: tuple[Endpoint, ...],
     seen: Seen | None,
     has_relay: bool,
     now: float,
     t: Timing,
 ) -> PeerPath:
     if old is None:
-        fresh = seen is not None and _fresh(seen, now, t)
-        if seen is not None and fresh and seen.endpoint is not None and not is_relay(seen.endpoint):
+        known = seen.endpoint if seen is not None else None
+        if known is not None and is_relay(known):
+            known = None
+        if seen is not None and known is not None and _fresh(seen, now, t):
             # The kernel already talks to it directly (the agent restarted): keep that.
-            return PeerPath("direct", cands, seen.endpoint, since=now, rx=seen.rx, tx=seen.tx)
-        old = _start(cands, has_relay, now, None)
+            return PeerPath("direct", given, known, since=now, rx=seen.rx, tx=seen.tx, given=given)
+        # What WireGuard already holds (carried over a key rotation, roamed to) is
+        # worth a try too, after the netmap's own.
+        cands = given + ((known,) if known is not None and known not in given else ())
+        old = replace(_start(cands, has_relay, now, None), given=given)
         if seen is not None:
             old = replace(old, rx=seen.rx, tx=seen.tx)  # counters from here on
     path = old
-    if cands != old.candidates:
-        path = replace(path, candidates=cands)
+    cands = old.candidates
+    if given != old.given:
+        cands = given
+        path = replace(path, candidates=cands, given=given)
         if path.mode != "direct":
             path = _start(cands, has_relay, now, path)  # new candidates: try them now (fails reset)
     if seen is None:

@@ -124,7 +124,10 @@ class PathChooser:
             return
         seen = {} if device is None else {k: Seen(s.last_handshake, s.endpoint, s.rx_bytes, s.tx_bytes)
                                           for k, s in device.stats.items()}  # fmt: skip
-        decision = decide(self._peers, candidates, seen, relay is not None, self._clock(), self.timing)
+        # Fall back only to a relay that is there (it may be reconnecting after
+        # control restarted): else the candidates are tried again.
+        relay_up = relay is not None and relay.connected
+        decision = decide(self._peers, candidates, seen, relay_up, self._clock(), self.timing)
         choices = dict(decision.choices)
         if relay is not None:
             # The relay carries a peer except while trying (its relayed packets

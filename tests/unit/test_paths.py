@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from ipaddress import ip_address
 
-from appliance.agent.reach.pathcore import Decision, PeerPath, Seen, Timing, decide
+from appliance.agent.reach.pathcore import Decision, PeerPath, Seen, Timing, decide, rekeyed
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 
@@ -218,3 +218,13 @@ def test_paths_no_relay_to_fall_back_to_tries_again() -> None:
     for _ in range(4):
         path = w.tick(tx=100)
     assert path.mode == "trying" and w.chosen == A
+
+
+def test_paths_rotated_peer_keeps_its_path_under_the_new_key() -> None:
+    w = World()
+    w.tick()
+    w.tick(rx=92, tx=148, handshake=True)
+    new = PrivateKey.generate().public_key()
+    carried = rekeyed(w.state, {PEER: new}, {new: Seen(None, B, 0, 0)})
+    assert PEER not in carried and carried[new].mode == "direct" and carried[new].endpoint == A
+    assert (carried[new].rx, carried[new].tx) == (0, 0)

@@ -138,6 +138,25 @@ def decide(
     return Decision(peers, choices, frozenset(relayed), frozenset(probes))
 
 
+def rekeyed(
+    state: Mapping[PublicKey, PeerPath],
+    renamed: Mapping[PublicKey, PublicKey],
+    seen: Mapping[PublicKey, Seen],
+) -> dict[PublicKey, PeerPath]:
+    """The state with each rotated peer's path carried to its new key (old key ->
+    new key in `renamed`): the same node, the same path. Its counters start again
+    from what the kernel says of the new key."""
+    out = dict(state)
+    for old_key, new_key in renamed.items():
+        path = out.pop(old_key, None)
+        if path is None or new_key in out:
+            continue
+        now_seen = seen.get(new_key)
+        rx, tx = (now_seen.rx, now_seen.tx) if now_seen is not None else (0, 0)
+        out[new_key] = replace(path, rx=rx, tx=tx, unanswered_since=None, baseline=None)
+    return out
+
+
 def _choice(path: PeerPath) -> Endpoint | None:
     if path.mode == "direct":
         return path.endpoint

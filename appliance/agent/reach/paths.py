@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
-from appliance.agent.reach.pathcore import PeerPath, Seen, Timing, decide
+from appliance.agent.reach.pathcore import PeerPath, Seen, Timing, decide, rekeyed
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint
 from appliance.kernel.base import KernelError, WgDevice
@@ -107,6 +107,7 @@ class PathChooser:
         self._relay: RelayClient | None = None
         self._relay_for: tuple[object, ...] | None = None  # what the relay client was made for
         self._peers: Mapping[PublicKey, PeerPath] = {}
+        self._addresses: dict[PublicKey, tuple[object, ...]] = {}  # per peer, last tick: rotations
         self._chosen: Mapping[PublicKey, Endpoint] = {}
         self._lock = threading.Lock()  # status() reads from the LocalAPI's threads
 
@@ -124,6 +125,8 @@ class PathChooser:
             return
         seen = {} if device is None else {k: Seen(s.last_handshake, s.endpoint, s.rx_bytes, s.tx_bytes)
                                           for k, s in device.stats.items()}  # fmt: skip
+        self._peers = rekeyed(self._peers, _rotated(self._addresses, inputs), seen)
+        self._addresses = {p.public_key: p.addresses for p in inputs.netmap.peers}
         # Fall back only to a relay that is there (it may be reconnecting after
         # control restarted): else the candidates are tried again.
         relay_up = relay is not None and relay.connected
@@ -178,7 +181,7 @@ class PathChooser:
         self.close()
         with self._lock:
             self._peers = {}
-        self._chosen = {}
+        self._chosen, self._addresses = {}, {}
 
     def _probe(self, inputs: Inputs, keys: frozenset[PublicKey]) -> None:
         system = self.agent.system
@@ -190,6 +193,13 @@ class PathChooser:
                     system.links.probe(inputs.scope.interface, peer.addresses[0])
                 except KernelError as e:
                     log.debug("paths: probe of %s failed: %s", peer.name, e)
+
+
+def _rotated(before: Mapping[PublicKey, tuple[object, ...]], inputs: Inputs) -> dict[PublicKey, PublicKey]:
+    """Peers that came back under another key (same mesh addresses): old -> new."""
+    now = {p.public_key: p.addresses for p in inputs.netmap.peers}
+    gone = {addrs: key for key, addrs in before.items() if key not in now and addrs}
+    return {gone[addrs]: key for key, addrs in now.items() if key not in before and addrs in gone}
 
 
 def _candidates(endpoints: tuple[Endpoint, ...], endpoint: Endpoint | None) -> tuple[Endpoint, ...]:

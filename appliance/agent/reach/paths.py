@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Seconds between background tries of direct while relayed (pathcore.UPGRADE_EVERY);
 # the lab sets it shorter so a test need not wait a minute.
 UPGRADE_ENV = "MESHPI_PATH_UPGRADE_EVERY"
+GONE_KEPT = 120.0  # seconds a departed peer's path waits for the same node under a new key
 
 
 class AgentView(Protocol):
@@ -108,6 +109,8 @@ class PathChooser:
         self._relay_for: tuple[object, ...] | None = None  # what the relay client was made for
         self._peers: Mapping[PublicKey, PeerPath] = {}
         self._addresses: dict[PublicKey, tuple[object, ...]] = {}  # per peer, last tick: rotations
+        # Peers that left, by mesh addresses: a rotated key may come back a while later.
+        self._gone: dict[tuple[object, ...], tuple[PublicKey, PeerPath, float]] = {}
         self._chosen: Mapping[PublicKey, Endpoint] = {}
         self._lock = threading.Lock()  # status() reads from the LocalAPI's threads
 
@@ -125,8 +128,7 @@ class PathChooser:
             return
         seen = {} if device is None else {k: Seen(s.last_handshake, s.endpoint, s.rx_bytes, s.tx_bytes)
                                           for k, s in device.stats.items()}  # fmt: skip
-        self._peers = rekeyed(self._peers, _rotated(self._addresses, inputs), seen)
-        self._addresses = {p.public_key: p.addresses for p in inputs.netmap.peers}
+        self._peers = self._carry_rotated(inputs, seen)
         # Fall back only to a relay that is there (it may be reconnecting after
         # control restarted): else the candidates are tried again.
         relay_up = relay is not None and relay.connected
@@ -157,6 +159,27 @@ class PathChooser:
             self._post(PathsChosen(dict(choices)))
         self._probe(inputs, decision.probes)
 
+    def _carry_rotated(self, inputs: Inputs, seen: Mapping[PublicKey, Seen]) -> dict[PublicKey, PeerPath]:
+        """A peer that comes back under a new key (a rotation: control removes the
+        old key first, adds the new one later) keeps the path it had."""
+        now = self._clock()
+        current: dict[PublicKey, tuple[object, ...]] = {
+            p.public_key: p.addresses for p in inputs.netmap.peers
+        }
+        for key, path in self._peers.items():
+            if key not in current and self._addresses.get(key):
+                self._gone[self._addresses[key]] = (key, path, now)
+        self._gone = {a: g for a, g in self._gone.items() if now - g[2] < GONE_KEPT}
+        state = {k: p for k, p in self._peers.items() if k in current}
+        renamed: dict[PublicKey, PublicKey] = {}
+        for key, addresses in current.items():
+            gone = self._gone.pop(addresses, None) if key not in state else None
+            if gone is not None:
+                state[gone[0]] = gone[1]
+                renamed[gone[0]] = key
+        self._addresses = current
+        return rekeyed(state, renamed, seen)
+
     def status(self) -> dict[PublicKey, str]:
         """Per peer: "direct <endpoint>", "relayed" or "trying"."""
         with self._lock:
@@ -181,7 +204,7 @@ class PathChooser:
         self.close()
         with self._lock:
             self._peers = {}
-        self._chosen, self._addresses = {}, {}
+        self._chosen, self._addresses, self._gone = {}, {}, {}
 
     def _probe(self, inputs: Inputs, keys: frozenset[PublicKey]) -> None:
         system = self.agent.system
@@ -193,13 +216,6 @@ class PathChooser:
                     system.links.probe(inputs.scope.interface, peer.addresses[0])
                 except KernelError as e:
                     log.debug("paths: probe of %s failed: %s", peer.name, e)
-
-
-def _rotated(before: Mapping[PublicKey, tuple[object, ...]], inputs: Inputs) -> dict[PublicKey, PublicKey]:
-    """Peers that came back under another key (same mesh addresses): old -> new."""
-    now = {p.public_key: p.addresses for p in inputs.netmap.peers}
-    gone = {addrs: key for key, addrs in before.items() if key not in now and addrs}
-    return {gone[addrs]: key for key, addrs in now.items() if key not in before and addrs in gone}
 
 
 def _candidates(endpoints: tuple[Endpoint, ...], endpoint: Endpoint | None) -> tuple[Endpoint, ...]:

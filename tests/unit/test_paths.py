@@ -225,6 +225,10 @@ def test_paths_rotated_peer_keeps_its_path_under_the_new_key() -> None:
     w.tick()
     w.tick(rx=92, tx=148, handshake=True)
     new = PrivateKey.generate().public_key()
-    carried = rekeyed(w.state, {PEER: new}, {new: Seen(None, B, 0, 0)})
+    carried = rekeyed(w.state, {PEER: new}, {new: Seen(None, B, 0, 0)}, w.now)
     assert PEER not in carried and carried[new].mode == "direct" and carried[new].endpoint == A
     assert (carried[new].rx, carried[new].tx) == (0, 0)
+
+    # The new key has no handshake yet: that is not staleness, for one try's time.
+    decision = decide(carried, {new: (A, B)}, {new: Seen(None, A, 0, 0)}, True, w.now + 2)
+    assert decision.peers[new].mode == "direct"

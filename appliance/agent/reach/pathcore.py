@@ -142,6 +142,7 @@ def rekeyed(
     state: Mapping[PublicKey, PeerPath],
     renamed: Mapping[PublicKey, PublicKey],
     seen: Mapping[PublicKey, Seen],
+    now: float,
 ) -> dict[PublicKey, PeerPath]:
     """The state with each rotated peer's path carried to its new key (old key ->
     new key in `renamed`): the same node, the same path. Its counters start again
@@ -153,7 +154,7 @@ def rekeyed(
             continue
         now_seen = seen.get(new_key)
         rx, tx = (now_seen.rx, now_seen.tx) if now_seen is not None else (0, 0)
-        out[new_key] = replace(path, rx=rx, tx=tx, unanswered_since=None, baseline=None)
+        out[new_key] = replace(path, rx=rx, tx=tx, unanswered_since=None, baseline=None, since=now)
     return out
 
 
@@ -216,7 +217,11 @@ def _step(
         if received and direct_now and seen.endpoint != path.endpoint:
             path = replace(path, endpoint=seen.endpoint)  # WireGuard roamed: adopt it
         dead = unanswered is not None and now - unanswered >= t.dead_after
-        if dead or not _fresh(seen, now, t):
+        # No handshake at all yet (a rotated key's first): one try's time for it.
+        stale = not _fresh(seen, now, t) and (
+            seen.last_handshake is not None or now - path.since >= t.try_each
+        )
+        if dead or stale:
             if has_relay:
                 return replace(path, mode="relayed", endpoint=None, since=now, unanswered_since=None)
             return _start(cands, has_relay, now, path)

@@ -178,7 +178,7 @@ class PathChooser:
                 state[gone[0]] = gone[1]
                 renamed[gone[0]] = key
         self._addresses = current
-        return rekeyed(state, renamed, seen)
+        return rekeyed(state, renamed, seen, now)
 
     def status(self) -> dict[PublicKey, str]:
         """Per peer: "direct <endpoint>", "relayed" or "trying"."""

@@ -54,6 +54,7 @@ from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import Netmap, load_netmap
 
 if TYPE_CHECKING:
+    from appliance.agent.reach.paths import PathChooser
     from appliance.agent.reach.service import Reachability
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Agent(AgentLocal):
         self.facts_stale = True  # re-read the host's networks before the next plan
         self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
+        self.paths: PathChooser | None = None  # hole punching and the relay, in control mode
         self._init_local(AgentLeds(leds))
 
     @classmethod
@@ -352,6 +354,9 @@ class Agent(AgentLocal):
 
             self.reach = Reachability(self.stun_servers, self._endpoints_changed)
             self.bus.subscribe(self.reach.on_applied)
+            from appliance.agent.reach.paths import PathChooser, relay_from_login
+
+            self.paths = PathChooser(self, self.bus.put, relay_from_login(self.state))
             self.link = ControlLink(
                 self.state, lambda: self.wanted.prefs, lambda p: offers(p, self.reach_candidates()), self.bus
             )
@@ -381,6 +386,8 @@ class Agent(AgentLocal):
                 self.link.stop()
             if self.reach is not None:
                 self.reach.close()
+            if self.paths is not None:
+                self.paths.close()
             if source is not None:
                 source.stop()
             if self.snapshot is not None:
@@ -395,6 +402,9 @@ class Agent(AgentLocal):
         answers); False after `timeout` seconds."""
         with self.applied_once:
             return self.applied_once.wait_for(lambda: self.inputs is not None, timeout)
+
+    def path_status(self) -> dict[PublicKey, str]:
+        return self.paths.status() if self.paths is not None else {}
 
     def reach_candidates(self) -> tuple[Endpoint, ...] | None:
         return self.reach.candidates() if self.reach is not None else None
@@ -448,6 +458,8 @@ class Agent(AgentLocal):
                 self.tick()
                 if self.reach is not None:
                     self.reach.tick()
+                if self.paths is not None:
+                    self.paths.tick()
                 next_tick = time.monotonic() + LED_TICK
             if self.snapshot is not None:
                 self.snapshot.flush()

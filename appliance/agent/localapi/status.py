@@ -36,6 +36,7 @@ class StatusView(Protocol):
     def firstboot_report(self) -> dict[str, Any] | None: ...
     def route_conflicts(self) -> list[str]: ...
     def reach_status(self) -> dict[str, Any] | None: ...
+    def path_status(self) -> Mapping[PublicKey, str]: ...
 
 
 # WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
@@ -69,7 +70,8 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
         out["self"] = {"name": me.name, "addresses": [str(a) for a in me.addresses],
                        "public_key": str(me.public_key)}  # fmt: skip
     out["prefs"] = agent.stored_prefs().to_json()
-    peers = peer_rows(inputs.netmap if inputs is not None else None, stats, time.time())
+    paths = agent.path_status()
+    peers = peer_rows(inputs.netmap if inputs is not None else None, stats, time.time(), paths)
     out["peers"] = peers
     devices = device_rows(inputs.devices if inputs is not None else (), stats, time.time())
     out["devices"] = devices
@@ -117,13 +119,19 @@ def device_rows(
 
 
 def peer_rows(
-    netmap: Netmap | None, stats: Mapping[PublicKey, PeerStats], now: float
+    netmap: Netmap | None,
+    stats: Mapping[PublicKey, PeerStats],
+    now: float,
+    paths: Mapping[PublicKey, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """`paths`: reach/paths.py's label per peer ("direct <endpoint>", "relayed",
+    "trying"); without one (static mode) a known endpoint is a direct path."""
     rows = []
     for peer in netmap.peers if netmap is not None else ():
         s = stats.get(peer.public_key)
         handshake = s.last_handshake if s is not None else None
         endpoint = s.endpoint if s is not None and s.endpoint else peer.endpoint
+        path = (paths or {}).get(peer.public_key) or (f"direct {endpoint}" if endpoint else "trying")
         routes = [str(r) for r in peer.routes]
         rows.append({
             "name": peer.name,
@@ -136,7 +144,8 @@ def peer_rows(
             "rx_bytes": s.rx_bytes if s is not None else 0,
             "tx_bytes": s.tx_bytes if s is not None else 0,
             "exit_node": bool(EXIT_ROUTES & set(routes)),
-            "direct": endpoint is not None,  # there is no relay yet: known endpoint = direct
+            "path": path,
+            "direct": path.startswith("direct"),
         })  # fmt: skip
     return rows
 

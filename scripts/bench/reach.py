@@ -1,0 +1,121 @@
+"""Benchmark: path selection behind NATs (tests/lab/nat_lab.py, two meshpi agents
+in control mode, wireguard-go, control with its relay and STUN).
+
+For each pair of NAT kinds, `--tries` fresh labs: the seconds from both nodes
+joined (`meshpi up` returned) until a ping through the mesh is answered, the p50
+of those, and the path the pair settles on. Then, in one restricted-restricted
+lab, TCP throughput a -> b over the punched direct path and over the relay (the
+direct path cut by an nft rule): their ratio. The last line is one JSON object.
+
+Everything runs on this machine (2 shared cores here): the figures compare paths
+under the same load, they are not what a Pi on a real uplink gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from tests.lab.nat_mesh import NatMesh, nat_mesh
+
+PAIRS = [
+    ("cone", "cone"),
+    ("restricted", "restricted"),
+    ("cone", "symmetric"),
+    ("restricted", "symmetric"),
+    ("symmetric", "symmetric"),
+    ("noudp", "restricted"),
+]
+PORT = 5201
+_RECEIVER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("listening", flush=True)
+c, _ = s.accept(); n = 0; t0 = time.monotonic()
+while (b := c.recv(262144)):
+    n += len(b)
+print(n, time.monotonic() - t0, flush=True)
+"""
+_SENDER = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+end = time.monotonic() + float(sys.argv[3]); chunk = b"\\0" * 65536
+while time.monotonic() < end:
+    c.sendall(chunk)
+c.close()
+"""
+
+
+def throughput(mesh: NatMesh, seconds: float) -> float:
+    """Mbit/s from a to b through the tunnel."""
+    target = mesh.b.mesh_v4()
+    receiver = subprocess.Popen(
+        ["ip", "netns", "exec", mesh.b.host.ns, sys.executable, "-c", _RECEIVER, target, str(PORT)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert receiver.stdout is not None
+        receiver.stdout.readline()  # listening
+        sender = [sys.executable, "-c", _SENDER, target, str(PORT), str(seconds)]
+        mesh.a.host.run(sender, timeout=seconds + 30)
+        out, _ = receiver.communicate(timeout=30)
+    finally:
+        receiver.kill()
+    n, elapsed = out.split()
+    return int(n) * 8 / float(elapsed) / 1e6
+
+
+def first_packets(kind_a: str, kind_b: str, tries: int) -> dict[str, object]:
+    times, paths = [], []
+    for i in range(tries):
+        with nat_mesh(kind_a, kind_b) as mesh:
+            first = mesh.first_packet(timeout=60)
+            times.append(first)
+            try:
+                settled = mesh.settled(60)
+            except Exception:  # noqa: BLE001 - a pair that never settles is reported, not fatal
+                settled = (mesh.a.path() or "?", mesh.b.path() or "?")
+            path = (
+                "direct"
+                if all(p.startswith("direct") for p in settled)
+                else ("relayed" if all(p == "relayed" for p in settled) else "/".join(settled))
+            )
+            paths.append(path)
+            print(f"{kind_a}-{kind_b} try {i + 1}: first packet {first:.2f}s, path {path}", file=sys.stderr)
+    p50 = statistics.median(times)
+    path = max(set(paths), key=paths.count)
+    return {"a": kind_a, "b": kind_b, "path": path, "first_packet_s": round(p50, 2),
+            "first_packet_all_s": [round(t, 2) for t in times], "paths": paths}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tries", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="of each throughput run")
+    args = parser.parse_args()
+    pairs = [first_packets(a, b, args.tries) for a, b in PAIRS]
+    for row in pairs:
+        pair = f"{row['a']:>10} - {row['b']:<10}"
+        print(f"{pair} {row['path']:<8} first packet p50 {row['first_packet_s']:.2f}s")
+    with nat_mesh("restricted", "restricted") as mesh:
+        mesh.first_packet(timeout=60)
+        mesh.wait_path("direct", 60)
+        direct = throughput(mesh, args.seconds)
+        mesh.lab.block_direct()
+        mesh.wait_path("relayed", 30)
+        time.sleep(1)
+        relayed = throughput(mesh, args.seconds)
+    ratio = relayed / direct if direct else 0.0
+    print(f"throughput: direct {direct:.1f} Mbit/s, relayed {relayed:.1f} Mbit/s, ratio {ratio:.2f}")
+    print(json.dumps({"pairs": pairs, "direct_mbit_s": round(direct, 1), "relayed_mbit_s": round(relayed, 1),
+                      "relayed_vs_direct": round(ratio, 3)}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

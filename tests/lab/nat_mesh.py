@@ -1,0 +1,156 @@
+"""Two meshpi agents in control mode behind the NATs of tests/lab/nat_lab.py,
+meshpi-control (relay, STUN) in its internet; helpers to watch the path each
+agent chose and to time the first packet.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.public import PrivateKey
+
+from appliance.wire.seal import login_url
+from tests.lab.host import REPO_ROOT, Host, LabError, wait_for
+from tests.lab.nat_lab import INET_A, WG_PORT, NatLab
+
+BIN = REPO_ROOT / ".venv" / "bin"
+CONTROL = f"http://{INET_A}:8080"
+UPGRADE_EVERY = "15"  # seconds between a relayed peer's tries of direct (the agent's default: 60)
+
+
+@dataclass
+class MeshNode:
+    name: str
+    host: Host
+    state: Path
+    interface: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def sock(self) -> Path:
+        return self.state / "local.sock"
+
+    def meshpi(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(BIN / "meshpi"), *args, "--state-dir", str(self.state), "--local-api", str(self.sock)]
+        return self.host.run(cmd, check=check)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.meshpi("status", "--json").stdout)  # type: ignore[no-any-return]
+
+    def peer(self) -> dict[str, Any] | None:
+        peers = self.status().get("peers") or []
+        return peers[0] if peers else None
+
+    def path(self) -> str | None:
+        peer = self.peer()
+        return None if peer is None else str(peer.get("path"))
+
+    def mesh_v4(self) -> str:
+        return str(self.status()["self"]["addresses"][0])
+
+
+@dataclass
+class NatMesh:
+    lab: NatLab
+    a: MeshNode
+    b: MeshNode
+    joined_at: float  # monotonic, when both `up`s returned
+
+    def first_packet(self, timeout: float = 60.0) -> float:
+        """Seconds from both nodes joined until a ping a -> b is answered."""
+        target = self.b.mesh_v4()
+
+        def answered() -> bool:
+            return self.a.host.ping_result(target, count=1, wait=1).received == 1
+
+        wait_for(answered, timeout, f"a first ping {self.a.name} -> {self.b.name}", interval=0.05)
+        return time.monotonic() - self.joined_at
+
+    def wait_path(self, both: str, timeout: float) -> tuple[str, str]:
+        """Until both sides' path starts with `both` ("direct", "relayed")."""
+
+        def reached() -> tuple[str, str] | None:
+            pa, pb = self.a.path() or "", self.b.path() or ""
+            return (pa, pb) if pa.startswith(both) and pb.startswith(both) else None
+
+        try:
+            return wait_for(reached, timeout, f"both paths {both}", interval=0.5)  # type: ignore[return-value]
+        except LabError as e:
+            raise LabError(f"{e}; now {self.a.path()!r} / {self.b.path()!r}") from None
+
+    def settled(self, timeout: float) -> tuple[str, str]:
+        """The paths once neither side is trying any more."""
+
+        def done() -> tuple[str, str] | None:
+            pa, pb = self.a.path() or "trying", self.b.path() or "trying"
+            return None if "trying" in (pa, pb) else (pa, pb)
+
+        return wait_for(done, timeout, "both paths settled", interval=0.5)  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def nat_mesh(kind_a: str, kind_b: str) -> Iterator[NatMesh]:
+    """The lab with control running and both nodes joined (`up` returned)."""
+    with NatLab(kind_a, kind_b, keep=bool(os.environ.get("MESHPI_KEEP_LAB"))) as lab:
+        state = lab.scratch / "control"
+        control = lab.internet.popen(
+            [
+                str(BIN / "meshpi-control"),
+                "--state-dir",
+                str(state),
+                "serve",
+                "--listen",
+                f"{INET_A}:8080",
+                # Bound, so answers to node b leave from this address too (not from inet's
+                # address on b's side), as the NAT's conntrack expects.
+                "--stun-listen",
+                f"{INET_A}:3478",
+            ],
+            log=lab.scratch / "control.log",
+        )
+        wait_for(
+            lambda: lab.internet.run(["ss", "-ltn", "sport = :8080"]).stdout.count("LISTEN"), 10, "control"
+        )
+        pub = PrivateKey(base64.b64decode((state / "control.key").read_text().strip())).public_key
+        login = login_url(CONTROL, pub)
+        admin = [str(BIN / "meshpi-control"), "--state-dir", str(state)]
+        auth = lab.internet.run([*admin, "keys", "create", "--reusable", "--expires", "600",
+                                 "--server", CONTROL]).stdout.strip()  # fmt: skip
+        tag = f"mpn{os.getpid() % 10000}"
+        nodes = {}
+        env_prefix = ["env", f"MESHPI_PATH_UPGRADE_EVERY={UPGRADE_EVERY}"]
+        for side in ("a", "b"):
+            host = lab.node(side)
+            node_state = lab.scratch / f"node{side}"
+            node_state.mkdir()
+            sock = node_state / "local.sock"
+            proc = host.popen([*env_prefix, str(BIN / "meshpi"), "agent", "--state-dir", str(node_state),
+                               "--local-api", str(sock)], log=lab.scratch / f"node{side}-agent.log")  # fmt: skip
+            nodes[side] = MeshNode(f"node{side}", host, node_state, f"{tag}{side}", proc)
+        for node in nodes.values():
+            wait_for(node.sock.exists, 10, f"{node.name}'s agent")
+        for node in nodes.values():
+            res = node.meshpi("up", "--login-server", login, "--auth-key", auth, "--hostname", node.name,
+                              "--backend", "userspace", "--interface", node.interface,
+                              "--listen-port", str(WG_PORT))  # fmt: skip
+            if not res.stdout.startswith("connected"):
+                raise LabError(f"{node.name}: up: {res.stdout}{res.stderr}")
+        mesh = NatMesh(lab, nodes["a"], nodes["b"], time.monotonic())
+        try:
+            wait_for(
+                lambda: mesh.a.peer() is not None and mesh.b.peer() is not None, 20, "each to see the other"
+            )
+            yield mesh
+        finally:
+            for node in nodes.values():
+                node.meshpi("down", check=False)
+            lab.stop_process(control)

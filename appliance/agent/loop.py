@@ -39,6 +39,7 @@ from appliance.agent.devices.hosted import load_devices
 from appliance.agent.handshakes import carried_endpoints, handshake_targets, rotated_peers
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
+from appliance.agent.netwatch import NetWatch
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.static import StaticFiles
@@ -346,6 +347,7 @@ class Agent(AgentLocal):
         }
         logging.getLogger().addHandler(self.logs)
         server = None
+        netwatch: NetWatch | None = None
         try:
             server = serve(self) if serve is not None else None
             self.tick()
@@ -354,7 +356,8 @@ class Agent(AgentLocal):
                     self.update(reread=True)
                 else:
                     log.info("no netmap yet: waiting for control")
-            for thread in (self.link, source):
+            netwatch = NetWatch(self.bus, lambda: (self.wanted.prefs.interface, self.wanted.prefs.table))
+            for thread in (self.link, source, netwatch):
                 if thread is not None:
                     thread.start()
             return self._loop(source, resync)
@@ -363,6 +366,8 @@ class Agent(AgentLocal):
                 server.close()
             if self.link is not None:
                 self.link.stop()
+            if netwatch is not None:
+                netwatch.stop()
             if self.reach is not None:
                 self.reach.close()
             if source is not None:
@@ -424,10 +429,14 @@ class Agent(AgentLocal):
             due = time.monotonic() >= next_resync
             with self.lock:
                 changed = self.receive(batch)
-            if changed or hup or due:
+            host = [u for u in batch if isinstance(u, updates.HostChanged)]
+            if changed or hup or due or host:
                 self.refresh(reread=due or hup)
                 if due:
                     next_resync = time.monotonic() + resync
+            if host:  # netwatch.py: the host's networks changed; the plan above used their new facts
+                took = (time.monotonic() - host[0].since) * 1000
+                log.info("re-planned %.0f ms after the host's networks changed: %s", took, host[-1].summary)
             if batch or time.monotonic() >= next_tick:
                 self.tick()
                 if self.reach is not None:

@@ -129,7 +129,23 @@ class Agent(AgentLocal):
             except ConfigError as e:
                 # Only a snapshot: never a reason to stop (control sends a full map).
                 log.warning("%s; starting without it, waiting for control's netmap", e)
+            netmap = self._snapshot_for_us(netmap)
         return Wanted(netmap, prefs, devices)
+
+    def _snapshot_for_us(self, netmap: Netmap | None) -> Netmap | None:
+        """A snapshot made before a key rotation was committed (the agent lost
+        power before the next snapshot) names a key this node no longer holds:
+        stale, so the agent starts without it rather than refusing to start."""
+        if netmap is None:
+            return None
+        ours = {self.state.node_key().public_key()}
+        if self.state.rotation_pending():
+            ours.add(self.state.next_node_key().public_key())
+        if netmap.self_node.public_key in ours:
+            return netmap
+        log.warning("%s is for key %s, no longer this node's: waiting for control's netmap",
+                    self.netmap_path, netmap.self_node.public_key)  # fmt: skip
+        return None
 
     def desired(self, inputs: Inputs, system: System) -> State:
         problem = exit_node_problem(inputs.netmap, inputs.prefs)

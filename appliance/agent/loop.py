@@ -453,6 +453,8 @@ class Agent(AgentLocal):
             if host:  # netwatch.py: the host's networks changed; the plan above used their new facts
                 took = (time.monotonic() - host[0].since) * 1000
                 log.info("re-planned %.0f ms after the host's networks changed: %s", took, host[-1].summary)
+                if self.reach is not None:
+                    self.reach.stun.probe_now()  # a new network: maybe a new public address
             if batch or time.monotonic() >= next_tick:
                 self.tick()
                 if self.reach is not None:

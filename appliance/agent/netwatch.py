@@ -93,8 +93,8 @@ def parse(data: bytes) -> Iterator[Event]:
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            return  # cut short: nothing after it can be trusted
         body = offset + _NLMSGHDR.size
         end = offset + length
         msg = data[:end]

@@ -6,11 +6,12 @@ plays 100 more nodes (scripts/bench/control.py's simulator: sealed hello,
 register, update, as agents do) and an admin. After a warm-up it measures the
 agent twice, from /proc and from the kernel:
 
-- idle (`--idle` seconds): nothing changes;
 - churn (`--duration` seconds, default 600) at `--rate` changes a second
   (default 1): a peer joins, a peer is removed, a peer's route is advertised
   and approved, a peer rotates its key (registers a new node key from the same
-  machine), or the agent's own prefs change through its LocalAPI.
+  machine), or the agent's own prefs change through its LocalAPI;
+- idle (`--idle` seconds) after the churn, once the last coalesced netmap
+  snapshot is written (65 s): nothing changes.
 
 Figures: growth of open fds, threads and RSS over the churn (from the end of
 the warm-up), of ip rules, routes (table 51820) and nft rules, the agent's log
@@ -58,6 +59,7 @@ from tests.netns.powerloss import in_namespace, wait_for  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
 URL = "http://127.0.0.1:8443"
+SNAPSHOT_SETTLE = 65.0  # appliance/agent/inputs.py writes netmap.json at most every 60 s
 INTERFACE = f"mps{os.getpid() % 100000}"
 
 
@@ -203,13 +205,6 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
         soak.changes.clear()
         await asyncio.sleep(5)  # the last warm-up change applied
 
-        idle0, log0 = proc_figures(pid), soak.log.stat().st_size
-        await asyncio.sleep(args.idle)
-        idle1, log1 = proc_figures(pid), soak.log.stat().st_size
-        idle_rate = (idle1["write_bytes"] - idle0["write_bytes"]) * 3600 / args.idle
-        print(f"idle {args.idle:g}s: wrote {idle1['write_bytes'] - idle0['write_bytes']} bytes "
-              f"({idle_rate:.0f}/h), log +{log1 - log0} bytes", flush=True)  # fmt: skip
-
         start, kstart, logstart = proc_figures(pid), kernel_figures(soak.ns), soak.log.stat().st_size
         t_start = time.monotonic()
         next_print = t_start + 15
@@ -239,6 +234,18 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
         await asyncio.sleep(3)
         end, kend, logend = proc_figures(pid), kernel_figures(soak.ns), soak.log.stat().st_size
         churn_rate = (end["write_bytes"] - start["write_bytes"]) * 3600 / elapsed
+        # Idle after the churn: first the coalesced netmap snapshot (at most one a
+        # minute) catches up, then nothing at all is supposed to be written.
+        print(f"churn done; settling {SNAPSHOT_SETTLE:g}s for the last snapshot, then idle {args.idle:g}s",
+              flush=True)  # fmt: skip
+        await asyncio.sleep(SNAPSHOT_SETTLE)
+        idle0, log0 = proc_figures(pid), soak.log.stat().st_size
+        await asyncio.sleep(args.idle)
+        idle1, log1 = proc_figures(pid), soak.log.stat().st_size
+        idle_rate = (idle1["write_bytes"] - idle0["write_bytes"]) * 3600 / args.idle
+        print(f"idle {args.idle:g}s: wrote {idle1['write_bytes'] - idle0['write_bytes']} bytes "
+              f"({idle_rate:.0f}/h), log +{log1 - log0} bytes", flush=True)  # fmt: skip
+
         snapshot = (soak.state / "netmap.json").stat().st_size
         listed = await sim.admin("GET", "/admin/v1/nodes")
         approved = sum(len(x["approved_routes"]) for x in listed if x["name"] != "soaked")

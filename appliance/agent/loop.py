@@ -446,13 +446,17 @@ class Agent(AgentLocal):
             with self.lock:
                 changed = self.receive(batch)
             host = [u for u in batch if isinstance(u, updates.HostChanged)]
+            applied_before = self.changes_applied
             if changed or hup or due or host:
                 self.refresh(reread=due or hup)
                 if due:
                     next_resync = time.monotonic() + resync
             if host:  # netwatch.py: the host's networks changed; the plan above used their new facts
                 took = (time.monotonic() - host[0].since) * 1000
-                log.info("re-planned %.0f ms after the host's networks changed: %s", took, host[-1].summary)
+                level = logging.INFO if self.changes_applied != applied_before else logging.DEBUG
+                log.log(
+                    level, "re-planned %.0f ms after the host's networks changed: %s", took, host[-1].summary
+                )
                 if self.reach is not None:
                     self.reach.stun.probe_now()  # a new network: maybe a new public address
             if batch or time.monotonic() >= next_tick:

@@ -134,6 +134,10 @@ class NetWatch(threading.Thread):
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind((0, GROUPS))
         self.links = links_now()  # ifindex -> (name, flags) as last seen
+        # Addresses an RTM_NEWADDR already told of: IPv6 repeats it for every
+        # router advertisement that refreshes a lifetime (a few a minute, on some
+        # networks), which changes nothing the plan reads.
+        self.addresses: set[tuple[int, str]] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = threading.Event()
 
@@ -174,6 +178,11 @@ class NetWatch(threading.Thread):
                 return None  # a Wi-Fi scan, statistics: nothing the plan depends on
             return f"{name} {'up' if event.flags & IFF_RUNNING else 'down'}"
         name = self._ifname(event.index)
+        if event.kind == "address":
+            known = (event.index, event.detail)
+            if event.added and known in self.addresses:
+                return None
+            (self.addresses.add if event.added else self.addresses.discard)(known)
         if name == interface or (event.kind == "route" and event.table in (table, RT_TABLE_LOCAL)):
             return None
         verb = "added" if event.added else "removed"

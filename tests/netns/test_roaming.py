@@ -113,10 +113,12 @@ def test_roaming_own_changes_do_not_wake_the_agent(roaming: tuple[Lab, Mesh]) ->
         f"addr add 100.127.0.9/32 dev {laptop.interface}",
         "route del 198.18.0.0/24 dev lo table 51820",
         f"addr del 100.127.0.9/32 dev {laptop.interface}",
-        "route add 198.18.1.0/24 dev wlan0",  # the host's own: this one counts
+        # The host's own, and a new network the exit node's rules must cover: this one counts.
+        "addr add 198.18.1.1/24 dev wlan0",
     ]) + "\n")  # fmt: skip
     took, why = mesh.wait_until(
         lambda: (REPLANNED.findall(laptop.agent_log()[mark:]) or [None])[-1], 5, "the re-plan"
     )
-    assert why == "route 198.18.1.0/24 added on wlan0", why
-    lab.laptop.run(["ip", "route", "del", "198.18.1.0/24", "dev", "wlan0"])
+    assert why == "address 198.18.1.1/24 added on wlan0, route 198.18.1.0/24 added on wlan0", why
+    assert "198.18.1.0/24" in lan_rules(lab)
+    lab.laptop.run(["ip", "addr", "del", "198.18.1.1/24", "dev", "wlan0"])

@@ -75,6 +75,15 @@ def test_netwatch_ignores_meshpis_own_changes() -> None:
     assert changes(w, own) == []
 
 
+def test_netwatch_address_refresh_is_not_a_change() -> None:
+    """IPv6 repeats RTM_NEWADDR on every router advertisement (lifetimes)."""
+    w = watcher()
+    assert changes(w, address(2, "10.77.0.5", 24)) == ["address 10.77.0.5/24 added on eth0"]
+    assert changes(w, address(2, "10.77.0.5", 24)) == []
+    assert changes(w, address(2, "10.77.0.5", 24, added=False)) == ["address 10.77.0.5/24 removed on eth0"]
+    assert changes(w, address(2, "10.77.0.5", 24)) == ["address 10.77.0.5/24 added on eth0"]
+
+
 def test_netwatch_garbage_is_skipped_not_fatal() -> None:
     w = watcher()
     good = address(2, "10.77.0.3", 24)

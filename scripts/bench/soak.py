@@ -59,6 +59,7 @@ from tests.netns.powerloss import in_namespace, wait_for  # noqa: E402
 
 BIN = ROOT / ".venv" / "bin"
 URL = "http://127.0.0.1:8443"
+KINDS = ("join", "remove", "route", "rotate", "prefs")
 SNAPSHOT_SETTLE = 65.0  # appliance/agent/inputs.py writes netmap.json at most every 60 s
 INTERFACE = f"mps{os.getpid() % 100000}"
 
@@ -91,7 +92,10 @@ def kernel_figures(ns: str) -> dict[str, int]:
 
 
 class Soak:
-    def __init__(self, scratch: Path, logdir: Path, ns: str, peers: int, seed: int) -> None:
+    def __init__(
+        self, scratch: Path, logdir: Path, ns: str, peers: int, seed: int, kinds: tuple[str, ...] = KINDS
+    ) -> None:
+        self.kinds = kinds
         self.scratch, self.logdir, self.ns, self.peers_wanted = scratch, logdir, ns, peers
         self.state = scratch / "node"
         self.control_state = scratch / "control"
@@ -153,9 +157,9 @@ class Soak:
         return node
 
     async def change(self, sim: Sim, control: ControlPublicKey, secret: str, nodes: list[SimNode]) -> None:
-        kinds = ["join", "remove", "route", "rotate", "prefs"]
-        if len(nodes) < self.peers_wanted - 5:
-            kinds = ["join"]
+        kinds = list(self.kinds)
+        if len(nodes) < self.peers_wanted - 5 or (kinds == ["join"] and len(nodes) > self.peers_wanted):
+            kinds = ["join"] if len(nodes) < self.peers_wanted - 5 else ["remove"]
         elif len(nodes) > self.peers_wanted + 5:
             kinds = ["remove"]
         kind = self.rng.choice(kinds)
@@ -291,13 +295,16 @@ def main() -> int:
     p.add_argument("--idle", type=float, default=60, help="seconds measured idle (default 60)")
     p.add_argument("--warmup", type=float, default=30, help="seconds of churn before the baseline")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"the changes to make (default {','.join(KINDS)})"
+    )
     args = p.parse_args()
     # The state on disk (write_bytes counts block-backed writes), the logs on tmpfs.
     scratch = Path(tempfile.mkdtemp(prefix="meshpi-soak-", dir="/var/tmp"))
     logdir = Path(tempfile.mkdtemp(prefix="meshpi-soak-", dir="/dev/shm"))
     ns = f"mps{os.getpid()}"
     netns.create(ns)
-    soak = Soak(scratch, logdir, ns, args.peers, args.seed)
+    soak = Soak(scratch, logdir, ns, args.peers, args.seed, tuple(args.kinds.split(",")))
     result: list[dict[str, Any]] = []
     failure: list[BaseException] = []
 

@@ -249,6 +249,10 @@ class Rig:
         for t in threads:
             t.start()
         time.sleep(self.rng.uniform(0.05, 0.8))  # the moment of the cut is the random part
+        if self.agent is not None and self.agent.poll() is not None:
+            tail = (self.scratch / "agent.log").read_text(errors="replace").splitlines()[-3:]
+            self.tally.problems.append(f"cycle {self.tally.cycles + 1}: the agent exited by itself "
+                                       f"({self.agent.returncode}): {' | '.join(tail)}")  # fmt: skip
         self.tally.agent_kills += self.kill(self.agent)
         if self.rng.random() < 0.7:
             self.tally.control_kills += self.kill(self.control)

@@ -3,7 +3,8 @@
     control link ──NetmapFull/NetmapDelta/KeyRotated──┐
     LocalAPI ──────PrefsChanged/DevicesChanged────────┼──▶ Bus ──▶ loop: patch the wanted
     static files ──NetmapFull/PrefsChanged/BadInput───┤            inputs, plan, apply
-    signals ───────Stop/Reload────────────────────────┘              │
+    signals ───────Stop/Reload────────────────────────┤              │
+    rtnetlink ─────HostChanged────────────────────────┘              │
                                                                      ▼ Applied
                                                       subscribers (reachability, DNS, …)
 
@@ -91,6 +92,17 @@ class Reload:
 
 
 @dataclass(frozen=True)
+class HostChanged:
+    """The host's own networks changed (netwatch.py: an address, a route, a link
+    up or down, not meshpi's): re-plan from fresh host facts. Unlike `Reload`
+    nothing is re-read from files or from meshpi's kernel objects, which did not
+    change; `since` is the monotonic time of the first event of the burst."""
+
+    summary: str
+    since: float
+
+
+@dataclass(frozen=True)
 class Stop:
     why: str
 
@@ -105,6 +117,7 @@ Update = (
     | NetmapGone
     | BadInput
     | Reload
+    | HostChanged
     | Stop
 )
 

@@ -39,6 +39,7 @@ from appliance.agent.devices.hosted import load_devices
 from appliance.agent.handshakes import carried_endpoints, handshake_targets, rotated_peers
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
+from appliance.agent.netwatch import NetWatch
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.static import StaticFiles
@@ -132,7 +133,23 @@ class Agent(AgentLocal):
             except ConfigError as e:
                 # Only a snapshot: never a reason to stop (control sends a full map).
                 log.warning("%s; starting without it, waiting for control's netmap", e)
+            netmap = self._snapshot_for_us(netmap)
         return Wanted(netmap, prefs, devices)
+
+    def _snapshot_for_us(self, netmap: Netmap | None) -> Netmap | None:
+        """A snapshot made before a key rotation was committed (the agent lost
+        power before the next snapshot) names a key this node no longer holds:
+        stale, so the agent starts without it rather than refusing to start."""
+        if netmap is None:
+            return None
+        ours = {self.state.node_key().public_key()}
+        if self.state.rotation_pending():
+            ours.add(self.state.next_node_key().public_key())
+        if netmap.self_node.public_key in ours:
+            return netmap
+        log.warning("%s is for key %s, no longer this node's: waiting for control's netmap",
+                    self.netmap_path, netmap.self_node.public_key)  # fmt: skip
+        return None
 
     def desired(self, inputs: Inputs, system: System) -> State:
         problem = exit_node_problem(inputs.netmap, inputs.prefs)
@@ -367,6 +384,7 @@ class Agent(AgentLocal):
         }
         logging.getLogger().addHandler(self.logs)
         server = None
+        netwatch: NetWatch | None = None
         try:
             server = serve(self) if serve is not None else None
             self.tick()
@@ -375,7 +393,8 @@ class Agent(AgentLocal):
                     self.update(reread=True)
                 else:
                     log.info("no netmap yet: waiting for control")
-            for thread in (self.link, source):
+            netwatch = NetWatch(self.bus, lambda: (self.wanted.prefs.interface, self.wanted.prefs.table))
+            for thread in (self.link, source, netwatch):
                 if thread is not None:
                     thread.start()
             return self._loop(source, resync)
@@ -384,6 +403,8 @@ class Agent(AgentLocal):
                 server.close()
             if self.link is not None:
                 self.link.stop()
+            if netwatch is not None:
+                netwatch.stop()
             if self.reach is not None:
                 self.reach.close()
             if self.paths is not None:
@@ -450,10 +471,20 @@ class Agent(AgentLocal):
             due = time.monotonic() >= next_resync
             with self.lock:
                 changed = self.receive(batch)
-            if changed or hup or due:
+            host = [u for u in batch if isinstance(u, updates.HostChanged)]
+            applied_before = self.changes_applied
+            if changed or hup or due or host:
                 self.refresh(reread=due or hup)
                 if due:
                     next_resync = time.monotonic() + resync
+            if host:  # netwatch.py: the host's networks changed; the plan above used their new facts
+                took = (time.monotonic() - host[0].since) * 1000
+                level = logging.INFO if self.changes_applied != applied_before else logging.DEBUG
+                log.log(
+                    level, "re-planned %.0f ms after the host's networks changed: %s", took, host[-1].summary
+                )
+                if self.reach is not None:
+                    self.reach.stun.probe_now()  # a new network: maybe a new public address
             if batch or time.monotonic() >= next_tick:
                 self.tick()
                 if self.reach is not None:

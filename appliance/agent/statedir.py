@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from appliance.base.files import atomic_write, fsync_dir
+from appliance.base.files import atomic_write, fsync_dir, remove_partial_writes
 from appliance.base.keys import PrivateKey
 from appliance.core.model import Scope
 from appliance.wire.seal import MachineKey
@@ -217,6 +217,8 @@ class StateDir:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._lock = f
+        for path in remove_partial_writes(self.path):
+            log.info("removed %s: a write cut short by a crash or power loss", path.name)
 
     def running_pid(self) -> int | None:
         try:

@@ -32,6 +32,20 @@ def atomic_write(path: Path, data: str | bytes, mode: int | None = 0o644) -> Non
     fsync_dir(path.parent)
 
 
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete what an atomic_write cut short (killed, or the power lost, between
+    mkstemp and the rename) left in `directory`: a `.<name>.<random>` file no one
+    will ever rename. Only for a caller that knows no write is under way there
+    (the agent, holding its state directory's lock, at start)."""
+    removed = []
+    for path in directory.glob(".*.*"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` survive a power cut."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -472,6 +472,8 @@ class Agent(AgentLocal):
             with self.lock:
                 changed = self.receive(batch)
             host = [u for u in batch if isinstance(u, updates.HostChanged)]
+            if host:
+                self.facts_stale = True  # the host's networks moved: read them before the plan
             applied_before = self.changes_applied
             if changed or hup or due or host:
                 self.refresh(reread=due or hup)

@@ -123,8 +123,8 @@ def nat_mesh(kind_a: str, kind_b: str) -> Iterator[NatMesh]:
         pub = PrivateKey(base64.b64decode((state / "control.key").read_text().strip())).public_key
         login = login_url(CONTROL, pub)
         admin = [str(BIN / "meshpi-control"), "--state-dir", str(state)]
-        auth = lab.internet.run([*admin, "keys", "create", "--reusable", "--expires", "600",
-                                 "--server", CONTROL]).stdout.strip()  # fmt: skip
+        # The admin API is on control's loopback listener; the CLI finds it in the state dir.
+        auth = lab.internet.run([*admin, "keys", "create", "--reusable", "--expires", "600"]).stdout.strip()
         tag = f"mpn{os.getpid() % 10000}"
         nodes = {}
         env_prefix = ["env", f"MESHPI_PATH_UPGRADE_EVERY={UPGRADE_EVERY}"]

@@ -125,8 +125,8 @@ class Rig:
         wait_for(self._control_up, 20, "control to listen")
 
     def _control_up(self) -> bool:
-        ss = netns.run(self.ns, ["ss", "-ltn", "sport = :8443"]).stdout
-        return "LISTEN" in ss
+        ss = netns.run(self.ns, ["ss", "-ltn", "sport = :8443 or sport = :8081"]).stdout
+        return ss.count("LISTEN") >= 2 and (self.control_state / "admin.url").exists()
 
     def start_agent(self) -> None:
         if self.agent is not None and self.agent.poll() is None:
@@ -139,7 +139,9 @@ class Rig:
         return LocalClient(self.sock, timeout)
 
     def admin(self, method: str, path: str, body: object = None) -> Any:
-        return admin_call(CONTROL, read_admin_token(self.control_state), method, path, body)
+        # control's admin listener (a free loopback port, written to admin.url by control)
+        url = (self.control_state / "admin.url").read_text().strip()
+        return admin_call(url, read_admin_token(self.control_state), method, path, body)
 
     def kill(self, proc: subprocess.Popen[bytes] | None) -> bool:
         if proc is None or proc.poll() is not None:

@@ -22,21 +22,19 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from ipaddress import ip_address
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlsplit
 
 from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
+from appliance.agent.commands import current_prefs, set_prefs
 from appliance.agent.devices.hosted import load_devices
-from appliance.agent.handshakes import carried_endpoints, handshake_targets, rotated_peers
+from appliance.agent.handshakes import carry_endpoints, start_handshakes, with_paths
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
 from appliance.agent.netwatch import NetWatch
@@ -62,7 +60,6 @@ log = logging.getLogger(__name__)
 
 SystemFactory = Callable[[str], System]  # backend preference -> System
 LED_TICK = 2.0  # seconds between looks at control and the tunnel's byte counters
-STUN_PORT = 3478  # meshpi-control serves STUN here
 
 
 class Service(Protocol):
@@ -115,9 +112,9 @@ class Agent(AgentLocal):
         return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds)
 
     def load_prefs(self) -> Prefs:
-        if self.control and not self.prefs_path.exists():
-            return Prefs()  # nobody ran `meshpi up/set` yet
-        return load_prefs(self.prefs_path)
+        """Static mode needs its prefs file; in control mode none yet means defaults
+        (nobody ran `meshpi up/set`)."""
+        return current_prefs(self.prefs_path) if self.control else load_prefs(self.prefs_path)
 
     def load(self) -> Wanted:
         """The inputs from the state directory (control) or the files (static),
@@ -203,57 +200,6 @@ class Agent(AgentLocal):
             self.key = next((k for k in candidates if k.public_key() == wanted), self.key)
         return self.key
 
-    def _carry_endpoints(self, before: Inputs, after: Inputs, desired: State) -> State:
-        """A peer behind NAT that rotated its key: its new peer starts from where
-        the old one had roamed to (handshakes.py)."""
-        assert self.system is not None
-        if not after.netmap.removed_since(before.netmap) or not rotated_peers(before.netmap, after.netmap):
-            return desired  # a rotation removes the old key: no removal, no rotation (O(1) for a delta)
-        device = self.system.wireguard.read(after.scope.interface)
-        learned = {k: s.endpoint for k, s in device.stats.items()} if device is not None else {}
-        carried = carried_endpoints(before.netmap, after.netmap, learned)
-        if not carried:
-            return desired
-        peers = dict(desired.peers)
-        for key, endpoint in carried.items():
-            peers[key] = replace(peers[key], endpoint=endpoint)
-        return replace(desired, peers=peers)
-
-    def _with_paths(self, before: Inputs, after: Inputs, desired: State) -> State:
-        """The endpoints reach/ chose (a working candidate, the relay's proxy)
-        instead of the netmap's first. The plan's O(change) hint stays right:
-        the peers whose chosen endpoint changed count as touched too."""
-        if not after.paths and not before.paths:
-            return desired
-        changed = {
-            k for k in set(before.paths) | set(after.paths) if before.paths.get(k) != after.paths.get(k)
-        }
-        peers = dict(desired.peers)
-        for key in set(after.paths) | changed:
-            if key in peers:
-                peers[key] = replace(peers[key], endpoint=after.paths.get(key, peers[key].endpoint))
-        derived = desired.derived
-        if derived is not None:
-            derived = (derived[0], derived[1] | frozenset(changed))
-        return replace(desired, peers=peers, derived=derived)
-
-    def _start_handshakes(self, before: Inputs, after: Inputs) -> None:
-        """After a rotation, start the handshakes WireGuard would otherwise delay."""
-        assert self.system is not None
-        same_self = before.netmap.self_node == after.netmap.self_node
-        if same_self and not after.netmap.removed_since(before.netmap):
-            return  # nothing rotated (O(1) for a delta)
-        handshakes: dict[PublicKey, float | None] = {}
-        if before.netmap.self_node.public_key != after.netmap.self_node.public_key:
-            device = self.system.wireguard.read(after.scope.interface)
-            if device is not None:
-                handshakes = {k: s.last_handshake for k, s in device.stats.items()}
-        for address in handshake_targets(before.netmap, after.netmap, handshakes, time.time()):
-            try:
-                self.system.links.probe(after.scope.interface, address)
-            except KernelError as e:
-                log.warning("could not start a handshake with %s: %s", address, e)
-
     def start(self, inputs: Inputs) -> None:
         """Check and apply once. Raises ConfigError before any kernel change."""
         self.system = self.system or self.make_system(inputs.prefs.backend)
@@ -293,13 +239,13 @@ class Agent(AgentLocal):
             self.state.record_owned(Owned(inputs.scope, self.system.wireguard.name))
             self.reconciler = Reconciler(self.system, inputs.scope)
         before, self.inputs = self.inputs, inputs
-        desired = self._carry_endpoints(before, inputs, desired)
-        desired = self._with_paths(before, inputs, desired)
+        desired = carry_endpoints(self.system, before, inputs, desired)
+        desired = with_paths(before.paths, inputs.paths, desired)
         self.memo.state = desired  # the next plan is derived from what the kernel will hold
         applied = self._sync(self.reconciler, desired, reread=reread)
         if applied:
             log.info("applied %d change(s)", len(applied))
-            self._start_handshakes(before, inputs)
+            start_handshakes(self.system, before, inputs)
         self._applied(len(applied))
 
     def _applied(self, changes: int) -> None:
@@ -328,11 +274,8 @@ class Agent(AgentLocal):
                 log.error("%s; keeping the last good state", e)
                 self.last_error = str(e)
                 continue
-            new_offers = isinstance(update, updates.PrefsChanged) and offers(before.prefs) != offers(
-                update.prefs
-            )
-            if new_offers and self.link is not None:
-                self.link.offers_changed(self.wanted.prefs)
+            if self.link is not None and offers(before.prefs) != offers(self.wanted.prefs):
+                self.link.offers_changed(self.wanted.prefs)  # tell control now, not after the long-poll
             changed = changed or self.wanted != before
         return changed
 
@@ -353,8 +296,6 @@ class Agent(AgentLocal):
     def set_prefs(self, changes: dict[str, Any]) -> Prefs:
         """The owner's change (LocalAPI): checked, stored for the next start, and
         handed to the loop. Raises ConfigError naming the field, changing nothing."""
-        from appliance.agent.commands import set_prefs
-
         prefs = set_prefs(self.prefs_path, changes)
         self.bus.put(updates.PrefsChanged(prefs))
         return prefs
@@ -369,7 +310,7 @@ class Agent(AgentLocal):
             from appliance.agent.control.link import ControlLink
             from appliance.agent.reach.service import Reachability
 
-            self.reach = Reachability(self.stun_servers, self._endpoints_changed)
+            self.reach = Reachability(self._stun_servers, self._endpoints_changed)
             self.bus.subscribe(self.reach.on_applied)
             from appliance.agent.reach.paths import PathChooser, relay_from_login
 
@@ -430,25 +371,14 @@ class Agent(AgentLocal):
     def reach_candidates(self) -> tuple[Endpoint, ...] | None:
         return self.reach.candidates() if self.reach is not None else None
 
+    def _stun_servers(self) -> list[Endpoint]:
+        from appliance.agent.reach.service import stun_servers
+
+        return stun_servers(self.state.login_file, self.wanted.prefs.stun_servers)
+
     def _endpoints_changed(self) -> None:
         if self.link is not None:
             self.link.offers_changed(self.wanted.prefs)
-
-    def stun_servers(self) -> list[Endpoint]:
-        """Control's own STUN server (its host, port 3478) and the prefs' others."""
-        from appliance.agent.control.link import Login
-        from appliance.wire.seal import parse_login_url
-
-        found = list(self.wanted.prefs.stun_servers)
-        try:
-            login = Login.load(self.state.login_file)
-            if login is not None:
-                host = urlsplit(parse_login_url(login.server)[0]).hostname or ""
-                for info in socket.getaddrinfo(host, STUN_PORT, type=socket.SOCK_DGRAM):
-                    found.append(Endpoint(ip_address(info[4][0]), STUN_PORT))
-        except (OSError, ValueError, ConfigError) as e:
-            log.debug("no STUN server from the login: %s", e)
-        return list(dict.fromkeys(found))
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

@@ -16,9 +16,13 @@ peer without meshpi, a phone, is given):
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
+from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from appliance.agent.bus import Applied
 from appliance.agent.reach.portmap import PortMapper
@@ -145,3 +149,24 @@ class Reachability:
         if self._mapper is not None:
             self._mapper.close()
             self._mapper = None
+
+
+STUN_PORT = 3478  # meshpi-control serves STUN here
+
+
+def stun_servers(login_file: Path, extra: Sequence[Endpoint]) -> list[Endpoint]:
+    """Control's own STUN server (the login URL's host, port 3478) and the prefs' others."""
+    from appliance.agent.control.link import Login
+    from appliance.wire.fields import ConfigError
+    from appliance.wire.seal import parse_login_url
+
+    found = list(extra)
+    try:
+        login = Login.load(login_file)
+        if login is not None:
+            host = urlsplit(parse_login_url(login.server)[0]).hostname or ""
+            for info in socket.getaddrinfo(host, STUN_PORT, type=socket.SOCK_DGRAM):
+                found.append(Endpoint(ip_address(info[4][0]), STUN_PORT))
+    except (OSError, ValueError, ConfigError) as e:
+        log.debug("no STUN server from the login: %s", e)
+    return list(dict.fromkeys(found))

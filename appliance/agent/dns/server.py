@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import dns.rcode
 import dns.rdatatype
@@ -40,6 +40,7 @@ _LOCAL_PACKET_SECONDS = 3600.0
 TCP_IDLE = 10.0  # seconds a TCP client may stay silent (RFC 7766 suggests a few seconds)
 TCP_CLIENTS = 64  # connections at once; a client over the limit is closed at once
 _LOG_EVERY = 60.0
+_UDP_BATCH = 64  # datagrams answered per wake-up before the loop serves others
 # Linux: bind an address the interface does not have yet (the agent adds the mesh
 # address after it starts the resolver), as dnsmasq --bind-dynamic does.
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
@@ -111,22 +112,11 @@ def _socket(endpoint: Endpoint, kind: socket.SocketKind) -> socket.socket:
     return sock
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
-        self._server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The selector loop's datagram transport (not a registered DatagramTransport subclass).
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        assert self.transport is not None
-        self._server._udp(data, addr, self.transport)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for answers to clients that went away: nothing to do.
-        log.debug("dns: udp: %s", exc)
+def _send(sock: socket.socket, reply: bytes, peer: tuple[Any, ...]) -> None:
+    try:
+        sock.sendto(reply, peer)
+    except OSError as e:  # a full send buffer in a flood, or the client's address went away: UDP drops
+        log.debug("dns: udp send to %s: %s", peer, e)
 
 
 class DnsServer:
@@ -144,7 +134,7 @@ class DnsServer:
         self._refusals = _RateLog()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._listening: dict[Endpoint, tuple[asyncio.DatagramTransport, asyncio.Server]] = {}
+        self._listening: dict[Endpoint, tuple[socket.socket, asyncio.Server]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients = 0
 
@@ -210,24 +200,25 @@ class DnsServer:
                 continue
             try:
                 udp = _socket(endpoint, socket.SOCK_DGRAM)
-                transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
                 try:
                     tcp = _socket(endpoint, socket.SOCK_STREAM)
                     server = await asyncio.start_server(self._tcp, sock=tcp, backlog=TCP_CLIENTS)
                 except OSError:
-                    transport.close()
+                    udp.close()
                     raise
             except OSError as e:
                 errors.append(f"{endpoint}: {e.strerror or e}")
                 continue
-            self._listening[endpoint] = (transport, server)
+            loop.add_reader(udp, self._udp, udp)
+            self._listening[endpoint] = (udp, server)
             log.info("dns: serving on %s (udp and tcp)", endpoint)
         if errors:
             raise BindError(f"dns: could not bind {', '.join(errors)}")
 
     async def _close(self, endpoint: Endpoint) -> None:
-        transport, server = self._listening.pop(endpoint)
-        transport.close()
+        udp, server = self._listening.pop(endpoint)
+        asyncio.get_running_loop().remove_reader(udp)
+        udp.close()
         server.close()
         log.info("dns: stopped serving on %s", endpoint)
 
@@ -239,25 +230,35 @@ class DnsServer:
 
     # -- queries (in the loop) -------------------------------------------------------
 
-    def _udp(self, wire: bytes, peer: tuple[Any, ...], transport: asyncio.DatagramTransport) -> None:
-        try:
-            reply = self._answer(wire, False, peer)
-        except Exception:  # noqa: BLE001 - one bad packet must never stop the resolver
-            self._internal_error(peer)
-            return
-        if isinstance(reply, bytes):
-            transport.sendto(reply, peer)
-        elif reply is not None:
-            task = asyncio.get_running_loop().create_task(self._send_later(reply, peer, transport))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _udp(self, sock: socket.socket) -> None:
+        """The UDP socket is readable: answer what is queued (a burst costs one wake-up), up
+        to a bound, so TCP clients and upstream answers get their turn in a flood."""
+        for _ in range(_UDP_BATCH):
+            try:
+                wire, peer = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # an ICMP error for an earlier answer: nothing to do
+                log.debug("dns: udp: %s", e)
+                continue
+            try:
+                reply = self._answer(wire, False, peer)
+            except Exception:  # noqa: BLE001 - one bad packet must never stop the resolver
+                self._internal_error(peer)
+                continue
+            if isinstance(reply, bytes):
+                _send(sock, reply, peer)
+            elif reply is not None:
+                task = asyncio.get_running_loop().create_task(self._send_later(reply, peer, sock))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _send_later(
-        self, pending: Coroutine[Any, Any, bytes], peer: tuple[Any, ...], transport: asyncio.DatagramTransport
+        self, pending: Coroutine[Any, Any, bytes], peer: tuple[Any, ...], sock: socket.socket
     ) -> None:
         reply = await pending
-        if not transport.is_closing():
-            transport.sendto(reply, peer)
+        if sock.fileno() >= 0:  # not closed by a rebind meanwhile
+            _send(sock, reply, peer)
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

@@ -13,7 +13,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from appliance.agent.dns.server import DnsServer
+from appliance.agent.dns.server import BindError, DnsServer
 from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint
 from tests.dns.conftest import MESH, Dnsmasq, dig, free_port, start_dnsmasq
@@ -197,3 +197,35 @@ def test_dns_binds_an_address_not_yet_on_the_host(home: Dnsmasq) -> None:
 def test_dns_wildcard_bind_refused() -> None:
     with pytest.raises(ValueError, match="no wildcard"):
         DnsServer([Endpoint(ip_address("0.0.0.0"), 53)], MESH, Upstreams())
+
+
+def test_dns_bind_failure_named_and_the_other_binds_serve(home: Dnsmasq) -> None:
+    good = Endpoint(ip_address("127.0.0.1"), free_port())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = Endpoint(ip_address("127.0.0.1"), taken.getsockname()[1])
+        dns_server = DnsServer([busy, good], MESH, Upstreams())
+        with pytest.raises(BindError, match=str(busy)):
+            dns_server.start()
+        try:
+            assert dns_server.bound == (good,)
+            assert addresses(ask(good, "pi.mesh.internal")) == {"100.64.0.1"}
+        finally:
+            dns_server.stop()
+
+
+def test_dns_stop_ends_idle_tcp_clients_and_pending_questions(bind: Endpoint) -> None:
+    silent = Endpoint(ip_address("127.0.0.1"), free_port())
+    dns_server = DnsServer([bind], MESH, Upstreams(default=(silent,)), upstream_timeout=5)
+    dns_server.start()
+    idle = socket.create_connection((str(bind.host), bind.port), timeout=5)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(dns.message.make_query("www.example.test", "A").to_wire(), (str(bind.host), bind.port))
+        deadline = time.monotonic() + 5
+        while dns_server.stats()["forwarded"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        dns_server.stop()
+        assert time.monotonic() - started < 2
+    assert idle.recv(1) == b""  # the server hung up
+    idle.close()

@@ -141,6 +141,8 @@ class DnsServer:
     # -- the interface other threads use --------------------------------------------
 
     def start(self) -> None:
+        """Serve on every bind address. BindError names those that failed; the others
+        serve all the same (stop() ends it either way)."""
         if self._loop is not None:
             return
         self._loop = asyncio.new_event_loop()
@@ -148,6 +150,8 @@ class DnsServer:
         self._thread.start()
         try:
             self._call(self._bind(self._binds))
+        except BindError:
+            raise
         except BaseException:
             self.stop()
             raise
@@ -225,8 +229,10 @@ class DnsServer:
     async def _close_all(self) -> None:
         for endpoint in list(self._listening):
             await self._close(endpoint)
-        for task in list(self._tasks):
+        tasks = list(self._tasks)  # TCP clients and questions upstream
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- queries (in the loop) -------------------------------------------------------
 
@@ -256,7 +262,11 @@ class DnsServer:
     async def _send_later(
         self, pending: Coroutine[Any, Any, bytes], peer: tuple[Any, ...], sock: socket.socket
     ) -> None:
-        reply = await pending
+        try:
+            reply = await pending
+        except Exception:  # noqa: BLE001 - one bad answer upstream must never stop the resolver
+            self._internal_error(peer)
+            return
         if sock.fileno() >= 0:  # not closed by a rebind meanwhile
             _send(sock, reply, peer)
 
@@ -267,6 +277,9 @@ class DnsServer:
             writer.close()
             return
         self._tcp_clients += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             while True:
                 size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), TCP_IDLE), "big")
@@ -286,6 +299,7 @@ class DnsServer:
             pass  # the client left, went quiet, or broke the framing
         finally:
             self._tcp_clients -= 1
+            self._tasks.discard(task)
             writer.close()
 
     def _answer(self, wire: bytes, tcp: bool, peer: object) -> bytes | Coroutine[Any, Any, bytes] | None:

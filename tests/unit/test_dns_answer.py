@@ -18,7 +18,8 @@ import pytest
 from appliance.agent.dns import answer, server
 from appliance.agent.dns.answer import Refused
 from appliance.agent.dns.cache import AnswerCache, Packet, PacketCache
-from appliance.agent.dns.zone import Upstreams, Zone, ZoneIndex
+from appliance.agent.dns.local import LocalZone
+from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint
 
 ZONE = Zone(
@@ -30,7 +31,7 @@ ZONE = Zone(
         "many.mesh.internal": tuple(ip_address(f"100.65.0.{i}") for i in range(1, 61)),
     },
 )
-INDEX = ZoneIndex.build(ZONE)
+LOCAL = LocalZone.build(ZONE)
 HOME = Endpoint(ip_address("100.64.0.9"), 53)
 LAN = Endpoint(ip_address("192.168.1.1"), 53)
 
@@ -40,7 +41,7 @@ def query(name: str, rdtype: str = "A", tcp: bool = False, **make: object) -> an
 
 
 def local(name: str, rdtype: str = "A", **make: object) -> dns.message.Message:
-    return dns.message.from_wire(answer.local_answer(INDEX, query(name, rdtype, **make)))
+    return dns.message.from_wire(LOCAL.answer(query(name, rdtype, **make)))
 
 
 def refusal(wire: bytes) -> Refused:
@@ -113,11 +114,11 @@ def test_dns_local_negative_answers_carry_the_soa(name: str, rdtype: str, rcode:
 
 
 def test_dns_local_is_for_the_zone_and_its_addresses_only() -> None:
-    assert answer.is_local(INDEX, query("x.mesh.internal"))
-    assert answer.is_local(INDEX, query("3.0.64.100.in-addr.arpa", "PTR"))
-    assert not answer.is_local(INDEX, query("9.9.64.100.in-addr.arpa", "PTR"))
-    assert not answer.is_local(INDEX, query("mesh.internal.example.com"))
-    assert not answer.is_local(INDEX, query("internal"))
+    assert LOCAL.serves(query("x.mesh.internal"))
+    assert LOCAL.serves(query("3.0.64.100.in-addr.arpa", "PTR"))
+    assert not LOCAL.serves(query("9.9.64.100.in-addr.arpa", "PTR"))
+    assert not LOCAL.serves(query("mesh.internal.example.com"))
+    assert not LOCAL.serves(query("internal"))
 
 
 @pytest.mark.parametrize(
@@ -129,13 +130,11 @@ def test_dns_udp_limit_follows_edns0(edns: object, payload: int, limit: int) -> 
 
 
 def test_dns_big_local_answer_truncated_to_the_limit() -> None:
-    wire = answer.local_answer(INDEX, query("many.mesh.internal"))
+    wire = LOCAL.answer(query("many.mesh.internal"))
     assert len(wire) <= 512 and dns.message.from_wire(wire).flags & dns.flags.TC
-    fits = dns.message.from_wire(
-        answer.local_answer(INDEX, query("many.mesh.internal", use_edns=0, payload=1232))
-    )
+    fits = dns.message.from_wire(LOCAL.answer(query("many.mesh.internal", use_edns=0, payload=1232)))
     assert not fits.flags & dns.flags.TC and len(fits.answer[0]) == 60
-    whole = dns.message.from_wire(answer.local_answer(INDEX, query("many.mesh.internal", tcp=True)))
+    whole = dns.message.from_wire(LOCAL.answer(query("many.mesh.internal", tcp=True)))
     assert len(whole.answer[0]) == 60
 
 

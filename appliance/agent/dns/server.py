@@ -28,8 +28,9 @@ import dns.rdatatype
 
 from appliance.agent.dns import answer
 from appliance.agent.dns.cache import AnswerCache, Packet, PacketCache
+from appliance.agent.dns.local import LocalZone
 from appliance.agent.dns.upstream import Forwarder, Overloaded
-from appliance.agent.dns.zone import Upstreams, Zone, ZoneIndex
+from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class BindError(OSError):
 class _State:
     generation: int  # every update: packet-cache entries of older ones are stale
     upstream_generation: int  # every change of upstreams: the answer cache is flushed
-    index: ZoneIndex
+    local: LocalZone
     upstreams: Upstreams
 
 
@@ -125,7 +126,7 @@ class DnsServer:
     ) -> None:
         self._binds = _check_binds(binds)
         self._lock = threading.Lock()
-        self._state = _State(0, 0, ZoneIndex.build(zone), upstreams)
+        self._state = _State(0, 0, LocalZone.build(zone), upstreams)
         self._answers: AnswerCache[tuple[str, int, bool]] = AnswerCache()
         self._answers_generation = 0
         self._packets = PacketCache()
@@ -169,11 +170,11 @@ class DnsServer:
     def update(self, zone: Zone, upstreams: Upstreams) -> None:
         """Serve a new zone and upstreams from the next query on; answers forwarded
         under other upstreams are forgotten (they may be what the old ones said)."""
-        index = ZoneIndex.build(zone)
+        local = LocalZone.build(zone)
         with self._lock:
             old = self._state
             upstream_generation = old.upstream_generation + (upstreams != old.upstreams)
-            self._state = _State(old.generation + 1, upstream_generation, index, upstreams)
+            self._state = _State(old.generation + 1, upstream_generation, local, upstreams)
 
     def rebind(self, binds: Sequence[Endpoint]) -> None:
         wanted = _check_binds(binds)
@@ -315,8 +316,8 @@ class DnsServer:
             return wire[:2] + hit.wire[2:]
         try:
             query = answer.parse(wire, tcp)
-            if answer.is_local(state.index, query):
-                reply = answer.local_answer(state.index, query)
+            if state.local.serves(query):
+                reply = state.local.answer(query)
                 stats["answered_local"] += 1
                 self._packets.put(
                     key, Packet(reply, "answered_local", state.generation, now + _LOCAL_PACKET_SECONDS)

@@ -247,6 +247,22 @@ def test_dns_packet_cache_forgets_other_generations_and_stays_bounded() -> None:
     for i in range(5):
         cache.put((False, bytes([i])), Packet(b"", "cache_hits", 1, until=10.0))
     assert len(cache) == 2
+    cache.put((True, b"q" * 600), Packet(b"a", "answered_local", 1, until=10.0))  # a big TCP query
+    cache.put((True, b"q2"), Packet(b"a" * 5000, "answered_local", 1, until=10.0))  # a big answer
+    assert cache.get((True, b"q" * 600), 5.0, 1) is None and cache.get((True, b"q2"), 5.0, 1) is None
+
+
+def test_dns_answer_cache_bounded_in_bytes() -> None:
+    cache: AnswerCache[int] = AnswerCache(max_bytes=16 * 2048)
+    big = upstream_answer(0, 300, None)
+    addresses = [f"10.0.0.{i}" for i in range(200)]
+    big.answer.append(dns.rrset.from_text_list("big.example.com.", 300, "IN", "A", addresses))
+    cache.put(0, big, now=0.0, ttl=300)
+    assert cache.get(0, 1.0) is None  # bigger than a 16th of the cache
+    small = upstream_answer(0, 300, None)
+    for key in range(1000):
+        cache.put(key, small, now=0.0, ttl=300)
+    assert len(cache) * len(small.to_wire()) <= 16 * 2048 and cache.get(999, 1.0) is not None
 
 
 def test_dns_refusals_logged_once_a_minute_per_kind(

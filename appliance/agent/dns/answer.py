@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import dns.edns
 import dns.exception
 import dns.flags
 import dns.message

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import dns.flags
-import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.rrset

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Hashable
 
 import dns.asyncquery
-import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 # Answers worth keeping and passing on; anything else (SERVFAIL, REFUSED, ...) means
 # "try the next upstream".
 _GOOD = (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
-_FAILURES = (*PARSE_ERRORS, OSError, EOFError, asyncio.TimeoutError)
+_FAILURES = (*PARSE_ERRORS, OSError, EOFError, TimeoutError)
 
 
 class Overloaded(Exception):

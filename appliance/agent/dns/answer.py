@@ -1,7 +1,8 @@
 """Queries in, answers out, without sockets: parse and judge a query, or turn a
 (cached) upstream answer into the answer to this query (local.py answers mesh names).
 
-The wire format is dnspython's; this module decides only what goes into it and how
+The wire format is dnspython's (records in the order given: its shuffle would draw on
+the process-wide random generator for nothing); this module decides only what goes into it and how
 big it may be: over UDP never more than the client allows (512 bytes without EDNS0,
 its EDNS0 size up to ours otherwise), so the resolver amplifies nothing.
 """
@@ -84,7 +85,7 @@ def _header_reply(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
 def _error(message: dns.message.Message, rcode: dns.rcode.Rcode, limit: int) -> bytes:
     reply = dns.message.make_response(message, recursion_available=True, our_payload=OUR_PAYLOAD, pad=0)
     reply.set_rcode(rcode)
-    return reply.to_wire(max_size=limit, prefer_truncation=True)
+    return reply.to_wire(max_size=limit, prefer_truncation=True, want_shuffle=False)
 
 
 def _name_text(name: dns.name.Name) -> str | None:
@@ -176,7 +177,7 @@ def forwarded_answer(query: Query, answer: dns.message.Message, age: int) -> byt
     ):
         for rrset in source:
             target.append(dns.rrset.from_rdata_list(rrset.name, max(0, rrset.ttl - age), list(rrset)))
-    return reply.to_wire(max_size=query.limit, prefer_truncation=True)
+    return reply.to_wire(max_size=query.limit, prefer_truncation=True, want_shuffle=False)
 
 
 def failure(query: Query) -> bytes:

@@ -76,4 +76,4 @@ class LocalZone:
             reply.set_rcode(dns.rcode.NXDOMAIN)
         if not reply.answer and query.name not in index.ptr:
             reply.authority.append(self.soa)
-        return reply.to_wire(max_size=query.limit, prefer_truncation=True)
+        return reply.to_wire(max_size=query.limit, prefer_truncation=True, want_shuffle=False)

@@ -6,6 +6,7 @@ import socket
 import time
 from ipaddress import ip_address
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
@@ -13,7 +14,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from appliance.agent.dns.server import BindError, DnsServer
+from appliance.agent.dns.server import TCP_CLIENTS, BindError, DnsServer
 from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint
 from tests.dns.conftest import MESH, Dnsmasq, dig, free_port, start_dnsmasq
@@ -229,3 +230,35 @@ def test_dns_stop_ends_idle_tcp_clients_and_pending_questions(bind: Endpoint) ->
         assert time.monotonic() - started < 2
     assert idle.recv(1) == b""  # the server hung up
     idle.close()
+
+
+def test_dns_answers_only_on_its_bind_address(server: DnsServer, bind: Endpoint) -> None:
+    # 127.0.0.2 is this host too (all of 127/8 is on lo), but not a bind address: no resolver there.
+    other = Endpoint(ip_address("127.0.0.2"), bind.port)
+    with pytest.raises(dns.exception.Timeout):
+        dns.query.udp(
+            dns.message.make_query("pi.mesh.internal", "A"), str(other.host), timeout=0.5, port=other.port
+        )
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((str(other.host), other.port), timeout=2).close()
+
+
+def test_dns_tcp_clients_bounded_udp_unaffected(server: DnsServer, bind: Endpoint) -> None:
+    idle = [socket.create_connection((str(bind.host), bind.port), timeout=5) for _ in range(TCP_CLIENTS)]
+    try:
+        with socket.create_connection((str(bind.host), bind.port), timeout=5) as one_too_many:
+            assert one_too_many.recv(1) == b""  # hung up on at once
+        assert addresses(ask(bind, "pi.mesh.internal")) == {"100.64.0.1"}
+        assert server.stats()["refused"] == 1
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the server notices the closed ones and takes new clients
+        try:
+            assert addresses(ask(bind, "pi.mesh.internal", tcp=True)) == {"100.64.0.1"}
+            break
+        except (ConnectionError, EOFError):
+            time.sleep(0.05)
+    else:
+        raise AssertionError("TCP clients not taken again after the idle ones left")

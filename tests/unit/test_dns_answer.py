@@ -285,3 +285,12 @@ def test_dns_refusals_logged_once_a_minute_per_kind(
 def test_dns_server_refuses_wildcard_binds() -> None:
     with pytest.raises(ValueError, match="no wildcard"):
         server.DnsServer([Endpoint(ip_address("::"), 53)], ZONE, Upstreams())
+
+
+def test_dns_local_zone_remembers_only_its_own_names() -> None:
+    zone = LocalZone.build(ZONE)
+    for i in range(1000):
+        zone.answer(query(f"r{i}.mesh.internal"))
+    zone.answer(query("pi.mesh.internal"))
+    zone.answer(query("pi.mesh.internal", "AAAA"))
+    assert len(zone._rrsets) == 2

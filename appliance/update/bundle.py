@@ -193,9 +193,9 @@ def write_bundle(
     Manifest.parse(manifest.to_bytes())  # what the appliance will check, checked here first
     raw = manifest.to_bytes()
     tmp = out.with_name(f".{out.name}.part")
-    # ustar: no extended headers, which the appliance would have to read before it
-    # knows the manifest is signed (wheel names fit in ustar's 100 + 155 characters).
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    # POSIX (pax) headers for wheel names over ustar's 100 characters; the manifest and
+    # the signature need none, and the appliance reads those before allowing any.
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         _add_bytes(tar, "manifest.json", raw)
         _add_bytes(tar, "manifest.sig", key.sign(raw))
         for wheel, f in zip(wheels, files, strict=True):
@@ -269,7 +269,8 @@ def _verify(
         if not any(_signed(k, signature, raw) for k in trusted):
             raise BundleError("the signature does not match any trusted update key")
         manifest = Manifest.parse(raw)
-        limited.limit += sum(_BLOCK + _padded(f.size) for f in manifest.files) + _SLACK
+        # Each wheel: its header, perhaps a pax header for a long name, its data.
+        limited.limit += sum(3 * _BLOCK + _padded(len(f.name) + 64) + _padded(f.size) for f in manifest.files)
         _check_version(manifest.version, installed, force)
         for expected in manifest.files:
             member = next(members, None)

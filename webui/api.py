@@ -12,6 +12,7 @@ from werkzeug.wrappers import Response
 
 from webui.agent import agent, status
 from webui.dashboard import sharing, sharing_change
+from webui.setup import approve_own_routes
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -51,12 +52,14 @@ def api_share() -> Response:
     field, on = body.get("field"), body.get("on")
     if not isinstance(field, str) or not isinstance(on, bool):
         raise BadRequest('give {"field": "exit_node" | "lan", "on": true | false}')
+    st = status()
     try:
-        changes = sharing_change(field, on, status())
+        changes = sharing_change(field, on, st)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     prefs = agent().patch("/v1/prefs", changes)
     log.info("prefs changed from the dashboard: %s", changes)
+    approve_own_routes(st, changes)
     return jsonify(prefs=prefs)
 
 

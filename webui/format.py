@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from flask import Flask
@@ -51,8 +52,17 @@ def firstboot_errors(st: dict[str, Any]) -> list[str]:
     return found
 
 
+def web_version() -> str:
+    """This package's version, for pages shown without the agent (login, setup)."""
+    try:
+        return version("meshpi")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def init_app(app: Flask) -> None:
     app.jinja_env.filters["bytes"] = human_bytes
     app.jinja_env.filters["ago"] = ago
     app.jinja_env.filters["clock"] = clock
     app.jinja_env.globals["firstboot_errors"] = firstboot_errors
+    app.jinja_env.globals["web_version"] = web_version

@@ -22,6 +22,7 @@ from webui.agent import AgentNotRunning, agent, status
 log = logging.getLogger(__name__)
 bp = Blueprint("live", __name__)
 
+ENDPOINT_FIELD = "This Pi's address from the internet"
 # The most a page may ask of the agent's history: its ring holds 24 h.
 MAX_MINUTES = 24 * 60
 
@@ -39,7 +40,13 @@ def headline(given: object) -> dict[str, Any]:
     facts = given.get("facts")
     facts = facts if isinstance(facts, dict) else {}
     level = given.get("level") if given.get("level") in ("ok", "warn", "error") else "warn"
-    return {"level": level, "text": given["text"], "why": facts.get("why"), "fix": facts.get("fix")}
+    text, fix = given["text"], facts.get("fix")
+    if isinstance(fix, str):
+        # The dashboard has a field where the CLI has a flag.
+        fix = fix.replace("give it with --advertise-endpoint", f"give it in Settings ({ENDPOINT_FIELD})")
+        # The sentence carries its fix for the CLI; the page shows the fix below it.
+        text = text.removesuffix("; " + str(facts.get("fix")))
+    return {"level": level, "text": text, "why": facts.get("why"), "fix": fix}
 
 
 def live_context(st: dict[str, Any]) -> dict[str, Any]:

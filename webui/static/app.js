@@ -80,6 +80,10 @@
     });
   });
 
+  // The QR code: never narrower than a camera decodes (the server says how wide that is).
+  const qr = document.getElementById("qr");
+  if (qr && qr.dataset.min) qr.style.minWidth = Math.min(Number(qr.dataset.min), window.screen.width) + "px";
+
   // Sharing toggles: take effect at once; the form posts the same without JavaScript.
   document.querySelectorAll("input[data-toggle]").forEach(function (box) {
     box.addEventListener("change", function () {

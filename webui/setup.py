@@ -180,6 +180,8 @@ def share_save() -> Response:
     agent().patch("/v1/prefs", changes)
     approve_own_routes(st, changes)
     log.info("setup: exit node %s, LAN routes %s", changes["advertise_exit_node"], chosen or "none")
-    if not local_control(st):
+    if local_control(st):
+        flash("Saved. This Pi offers them to your mesh now.", "ok")
+    else:
         flash("Saved. Routes this node offers carry traffic once the mesh's control approves them.", "ok")
     return redirect(url_for("dashboard.index"))

@@ -17,8 +17,9 @@ from webui.setup import approve_own_routes
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-# What the dashboard's script redraws every 2 s.
-STATUS_FIELDS = ("agent", "control", "self", "interface", "peers", "led", "rx_bytes", "tx_bytes")
+# The status for scripts (the dashboard's own swaps HTML from /part/live).
+STATUS_FIELDS = ("agent", "control", "self", "interface", "peers", "connected", "headline", "led",
+                 "rx_bytes", "tx_bytes")  # fmt: skip
 
 
 def _json_body() -> dict[str, Any]:

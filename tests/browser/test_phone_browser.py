@@ -194,6 +194,10 @@ def test_phone_rename_and_disable_from_the_list(tab: Tab, home: Home) -> None:
     page.goto("/")
     row = _row(page, PHONE)
     row.locator("summary", has_text="Manage").click()
+    # Within reach on the phone: on the screen, big enough for a thumb.
+    for action in ("Rename", "Disable", "Revoke"):
+        box = row.locator("button", has_text=action).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["height"] >= 36, (action, box)
     row.locator("input[name=name]").fill("Anna's tablet")
     row.locator("button", has_text="Rename").click()
     expect(page.locator("text=Renamed to Anna's tablet.")).to_be_visible()

@@ -12,12 +12,14 @@ from werkzeug.wrappers import Response
 
 from webui.agent import agent, status
 from webui.dashboard import sharing, sharing_change
+from webui.setup import approve_own_routes
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-# What the dashboard's script redraws every 2 s.
-STATUS_FIELDS = ("agent", "control", "self", "interface", "peers", "led", "rx_bytes", "tx_bytes")
+# The status for scripts (the dashboard's own swaps HTML from /part/live).
+STATUS_FIELDS = ("agent", "control", "self", "interface", "peers", "connected", "headline", "led",
+                 "rx_bytes", "tx_bytes")  # fmt: skip
 
 
 def _json_body() -> dict[str, Any]:
@@ -51,12 +53,14 @@ def api_share() -> Response:
     field, on = body.get("field"), body.get("on")
     if not isinstance(field, str) or not isinstance(on, bool):
         raise BadRequest('give {"field": "exit_node" | "lan", "on": true | false}')
+    st = status()
     try:
-        changes = sharing_change(field, on, status())
+        changes = sharing_change(field, on, st)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     prefs = agent().patch("/v1/prefs", changes)
     log.info("prefs changed from the dashboard: %s", changes)
+    approve_own_routes(st, changes)
     return jsonify(prefs=prefs)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Any
 
@@ -10,12 +9,11 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
 from webui.agent import agent, form_action, local_control, status, status_and_control_nodes
-from webui.setup import lan_prefixes
+from webui.connected import live_context
+from webui.setup import EXIT_ROUTES, approve_own_routes, lan_prefixes, route_order
 
 log = logging.getLogger(__name__)
 bp = Blueprint("dashboard", __name__)
-
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 
 
 def pending_routes(node: dict[str, Any]) -> list[str]:
@@ -60,6 +58,8 @@ def index() -> str:
     return render_template(
         "dashboard.html",
         st=st,
+        **live_context(st),
+        back="dashboard",
         share=sharing(st),
         local_control=local_control(st),
         waiting=waiting,
@@ -90,14 +90,11 @@ def share() -> Response:
     except ValueError as e:
         flash(str(e), "error")
         return redirect(url_for("dashboard.index"))
+    st = status()
     agent().patch("/v1/prefs", changes)
     log.info("prefs changed from the dashboard: %s", changes)
+    approve_own_routes(st, changes)
     return redirect(url_for("dashboard.index"))
-
-
-def _route_order(route: str) -> tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    net = ipaddress.ip_network(route)
-    return net.version, net
 
 
 def _node(node_id: int) -> dict[str, Any] | None:
@@ -129,7 +126,7 @@ def approve_routes(node_id: int) -> Response:
     if not chosen:
         flash("Nothing to approve: that route was already approved or withdrawn.", "error")
         return redirect(url_for("dashboard.index"))
-    approved = sorted(set(node.get("approved_routes") or []) | set(chosen), key=_route_order)
+    approved = sorted(set(node.get("approved_routes") or []) | set(chosen), key=route_order)
     agent().post(f"/v1/control/nodes/{node_id}/routes", {"approved_routes": approved})
     log.info("approved routes %s of node %s", chosen, node.get("name"))
     flash(f"Approved {', '.join(sorted({route_label(r) for r in chosen}))} for {node.get('name')}.", "ok")
@@ -139,5 +136,6 @@ def approve_routes(node_id: int) -> Response:
 @bp.get("/logs")
 def logs() -> str:
     doc = agent().get("/v1/logs")
-    lines = doc.get("lines", []) if isinstance(doc, dict) else []
-    return render_template("logs.html", lines=lines, last=max((ln.get("seq", 0) for ln in lines), default=0))
+    lines = [ln for ln in doc.get("lines", []) if isinstance(ln, dict)] if isinstance(doc, dict) else []
+    last = max((ln.get("seq", 0) for ln in lines), default=0)
+    return render_template("logs.html", lines=lines[::-1], last=last)  # newest first

@@ -20,6 +20,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
 from webui.agent import AgentNotRunning, LocalAPIError, agent, form_action, local_control, status
+from webui.connected import live_context
 
 log = logging.getLogger(__name__)
 bp = Blueprint("devices", __name__, url_prefix="/devices")
@@ -28,15 +29,20 @@ MODES = {"all": "all traffic through home", "lan": "home LAN only"}
 _FILE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-QR_SCALE, QR_BORDER = 5, 4
+QR_BORDER = 4
+# The smallest module a phone camera reads at arm's length, in CSS pixels: the page
+# never draws the code smaller (style.css fills the card's width above that).
+QR_MIN_MODULE = 4
 
 
 def qr_data_uri(text: str) -> tuple[str, int]:
-    """The config as a QR code: a PNG data: URI (about 1.5 KB; no request leaves the
-    page) and its size in pixels, shown 1:1 so that no module is blurred."""
+    """The config as a QR code: an SVG data: URI (no request leaves the page; a vector
+    stays sharp at whatever width the screen gives it) and the smallest width in CSS
+    pixels at which it still scans."""
     qr = segno.make(text, error="m", micro=False)
-    width, _ = qr.symbol_size(scale=QR_SCALE, border=QR_BORDER)
-    return str(qr.png_data_uri(scale=QR_SCALE, border=QR_BORDER)), int(width)
+    width, _ = qr.symbol_size(scale=1, border=QR_BORDER)
+    uri = qr.svg_data_uri(scale=1, border=QR_BORDER, dark="#000", light="#fff")
+    return str(uri), int(width) * QR_MIN_MODULE
 
 
 def conf_data_uri(text: str) -> str:
@@ -73,9 +79,9 @@ def default_endpoint(st: dict[str, Any]) -> str:
 @bp.get("")
 def index() -> str:
     st = status()
-    devices, error = _devices()
-    return render_template("devices.html", st=st, devices=devices, devices_error=error, modes=MODES,
-                           local_control=local_control(st), endpoint=default_endpoint(st),
+    _, error = _devices()
+    return render_template("devices.html", st=st, **live_context(st), back="devices", devices_error=error,
+                           modes=MODES, local_control=local_control(st), endpoint=default_endpoint(st),
                            listen_port=_prefs(st).get("listen_port", 51820))  # fmt: skip
 
 
@@ -111,13 +117,42 @@ def add() -> Response | str:
     )
 
 
+@bp.post("/<device_id>/rename")
+@form_action("devices.index")
+def rename(device_id: str) -> Response:
+    name = request.form.get("name", "").strip()
+    if not name:
+        flash("Give the device a name.", "error")
+        return redirect(_back())
+    agent().patch(f"/v1/devices/{quote(device_id, safe='')}", {"name": name})
+    log.info("device %s renamed to %r", device_id, name)
+    flash(f"Renamed to {name}.", "ok")
+    return redirect(_back())
+
+
+@bp.post("/<device_id>/enable")
+@form_action("devices.index")
+def enable(device_id: str) -> Response:
+    on = request.form.get("enabled") == "1"
+    agent().patch(f"/v1/devices/{quote(device_id, safe='')}", {"enabled": on})
+    log.info("device %s %s", device_id, "enabled" if on else "disabled")
+    said = "Enabled: its config works again." if on else "Disabled: its config stops working until enabled."
+    flash(said, "ok")
+    return redirect(_back())
+
+
+def _back() -> str:
+    """Back to the page the form was on (the dashboard or this one)."""
+    return url_for("dashboard.index") if request.form.get("back") == "dashboard" else url_for("devices.index")
+
+
 @bp.post("/<device_id>/revoke")
 @form_action("devices.index")
 def revoke(device_id: str) -> Response:
     agent().delete(f"/v1/devices/{quote(device_id, safe='')}")
     log.info("device %s revoked", device_id)
     flash("Device revoked: its key no longer works.", "ok")
-    return redirect(url_for("devices.index"))
+    return redirect(_back())
 
 
 def up_command(login_url: str, auth_key: str) -> str:

@@ -14,7 +14,9 @@ from flask import Flask, jsonify, render_template
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from appliance.client.headline import agent_down as down_headline
 from webui.agent import AgentNotRunning, LocalAPIError
+from webui.connected import headline
 from webui.security import wants_json
 
 log = logging.getLogger(__name__)
@@ -22,14 +24,17 @@ log = logging.getLogger(__name__)
 AGENT_DOWN = "The meshpi agent is not running."
 
 
-def _page(status: int, title: str, message: str, template: str = "error.html") -> tuple[Response | str, int]:
+def _page(
+    status: int, title: str, message: str, template: str = "error.html", **more: object
+) -> tuple[Response | str, int]:
     if wants_json():
         return jsonify(error=message), status
-    return render_template(template, title=title, message=message, status=status), status
+    return render_template(template, title=title, message=message, status=status, **more), status
 
 
-def agent_down(_e: AgentNotRunning) -> tuple[Response | str, int]:
-    return _page(503, "Agent not running", AGENT_DOWN, "agent_down.html")
+def agent_down(e: AgentNotRunning) -> tuple[Response | str, int]:
+    said = headline(down_headline(e.message))
+    return _page(503, "Agent not running", AGENT_DOWN, "agent_down.html", headline=said)
 
 
 def agent_refused(e: LocalAPIError) -> tuple[Response | str, int]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from flask import Flask
@@ -36,6 +38,15 @@ def clock(when: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
+def clock_of(iso: object) -> str:
+    """An ISO 8601 time (control's key expiry) as the local wall clock, e.g. 22:57."""
+    try:
+        when = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso)
+    return time.strftime("%H:%M", time.localtime(when.timestamp()))
+
+
 def firstboot_errors(st: dict[str, Any]) -> list[str]:
     """What first boot could not use from meshpi.toml on the boot partition."""
     fb = st.get("firstboot")
@@ -51,8 +62,18 @@ def firstboot_errors(st: dict[str, Any]) -> list[str]:
     return found
 
 
+def web_version() -> str:
+    """This package's version, for pages shown without the agent (login, setup)."""
+    try:
+        return version("meshpi")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def init_app(app: Flask) -> None:
     app.jinja_env.filters["bytes"] = human_bytes
     app.jinja_env.filters["ago"] = ago
     app.jinja_env.filters["clock"] = clock
+    app.jinja_env.filters["clock_of"] = clock_of
     app.jinja_env.globals["firstboot_errors"] = firstboot_errors
+    app.jinja_env.globals["web_version"] = web_version

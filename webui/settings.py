@@ -50,6 +50,8 @@ def prefs_changes(form: dict[str, str], prefs: dict[str, Any]) -> dict[str, Any]
     wanted: dict[str, Any] = {}
     if "hostname" in form:
         wanted["hostname"] = form["hostname"].strip() or None
+    if "advertise_endpoints" in form:
+        wanted["advertise_endpoints"] = form["advertise_endpoints"].replace(",", " ").split()
     for field in INT_FIELDS:
         if field in form:
             wanted[field] = _int(field, form[field].strip())

@@ -9,13 +9,14 @@ the other is told so.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
-from webui.agent import LocalAPIError, agent, form_action, status
+from webui.agent import LocalAPIError, agent, form_action, local_control, status
 from webui.auth import remember_device
 from webui.passwords import PasswordError, PasswordFile, PasswordTaken, check_new_password
 from webui.security import LoginThrottle, client_key, log_in
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("setup", __name__, url_prefix="/setup")
 
 Answer = tuple[str, int, dict[str, str]]
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 # Creating a mesh starts control (up to 30 s) and then logs in (up to 20 s).
 VERB_TIMEOUT = 90.0
 
@@ -91,8 +93,10 @@ def _connected(st: dict[str, Any]) -> bool:
 def mesh() -> Response | str | tuple[str, int]:
     st = status()
     if request.method == "GET":
-        return render_template("setup_mesh.html", st=st, connected=_connected(st), result=None)
+        return render_template("setup_mesh.html", st=st, connected=_connected(st), result=None, form={})
     action = request.form.get("action")
+    # What was typed stays in the form when the answer is no.
+    typed = {k: request.form.get(k, "") for k in ("action", "public_url", "login_server", "auth_key")}
     if action == "create":
         body: dict[str, Any] = {}
         public_url = request.form.get("public_url", "").strip()
@@ -103,8 +107,8 @@ def mesh() -> Response | str | tuple[str, int]:
         login_server = request.form.get("login_server", "").strip()
         auth_key = request.form.get("auth_key", "").strip() or None
         if not login_server:
-            flash("Give the login URL of the mesh's control server.", "error")
-            return redirect(url_for("setup.mesh"))
+            result = {"state": "error", "detail": "give the login URL of the mesh's control server"}
+            return render_template("setup_mesh.html", st=st, connected=False, result=result, form=typed), 400
         call = ("/v1/up", {"login_server": login_server, "auth_key": auth_key})
     else:
         flash("Choose: create a new mesh, or join one.", "error")
@@ -113,13 +117,44 @@ def mesh() -> Response | str | tuple[str, int]:
         result = agent().post(*call, timeout=VERB_TIMEOUT)
     except LocalAPIError as e:
         return render_template("setup_mesh.html", st=st, connected=False, result={"state": "error",
-                               "detail": e.message}), 400  # fmt: skip
+                               "detail": e.message}, form=typed), 400  # fmt: skip
     state = result.get("state") if isinstance(result, dict) else None
     log.info("setup: %s -> %s", action, state)
     if state == "connected":
         flash("This node is in the mesh.", "ok")
         return redirect(url_for("setup.share"))
-    return render_template("setup_mesh.html", st=status(), connected=False, result=result)
+    return render_template("setup_mesh.html", st=status(), connected=False, result=result, form=typed)
+
+
+def route_order(route: str) -> tuple[int, ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    net = ipaddress.ip_network(route)
+    return net.version, net
+
+
+def approve_own_routes(st: dict[str, Any], changes: dict[str, Any]) -> None:
+    """On a Pi that runs its mesh's control, what its owner just chose to share is
+    approved with it: the owner is that control's admin, and a second "Approve" for
+    their own Pi only surprises them. Control applies an approval only to routes the
+    node advertises, so it may come before the prefs reach control."""
+    me = st.get("self")
+    key = me.get("public_key") if isinstance(me, dict) else None
+    wanted = set(EXIT_ROUTES if changes.get("advertise_exit_node") else ())
+    wanted |= {str(r) for r in changes.get("advertise_routes") or []}
+    if not local_control(st) or not key or not wanted:
+        return
+    try:
+        nodes = agent().get("/v1/control/nodes")
+        for n in nodes if isinstance(nodes, list) else []:
+            if isinstance(n, dict) and n.get("node_key") == key:
+                approved = set(n.get("approved_routes") or [])
+                if not wanted <= approved:
+                    routes = sorted(approved | wanted, key=route_order)
+                    agent().post(f"/v1/control/nodes/{n['id']}/routes", {"approved_routes": routes})
+                    added = sorted(wanted - approved, key=route_order)
+                    log.info("approved this node's own routes %s", added)
+                return
+    except LocalAPIError as e:  # the approvals card still offers it
+        log.warning("could not approve this node's own routes %s: %s", sorted(wanted), e.message)
 
 
 def lan_prefixes(st: dict[str, Any]) -> list[str]:
@@ -138,10 +173,15 @@ def share() -> str:
 @bp.post("/share")
 @form_action("setup.share")
 def share_save() -> Response:
-    prefixes = lan_prefixes(status())
+    st = status()
+    prefixes = lan_prefixes(st)
     chosen = [p for p in request.form.getlist("route") if p in prefixes]
     changes = {"advertise_exit_node": request.form.get("exit_node") == "on", "advertise_routes": chosen}
     agent().patch("/v1/prefs", changes)
+    approve_own_routes(st, changes)
     log.info("setup: exit node %s, LAN routes %s", changes["advertise_exit_node"], chosen or "none")
-    flash("Saved. Routes this node offers carry traffic once the mesh's control approves them.", "ok")
+    if local_control(st):
+        flash("Saved. This Pi offers them to your mesh now.", "ok")
+    else:
+        flash("Saved. Routes this node offers carry traffic once the mesh's control approves them.", "ok")
     return redirect(url_for("dashboard.index"))

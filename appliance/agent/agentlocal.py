@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from ipaddress import IPv4Interface, IPv6Interface
 from pathlib import Path
@@ -18,16 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.agent import bus as updates
 from appliance.agent import commands
+from appliance.agent.devices.hosted import load_devices
 from appliance.agent.leds import AgentLeds
+from appliance.agent.localapi.connected import HostedRow
 from appliance.agent.logring import LogRing
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import StateDir
+from appliance.agent.traffic import Traffic
+from appliance.base.keys import PublicKey
+from appliance.base.net import IPAddress
 from appliance.core.changes import Change
 from appliance.core.model import Connected, HostedDevice, State
 from appliance.core.prefs import Prefs
 from appliance.kernel.base import KernelError, WgDevice
 from appliance.kernel.system import ApplyError, System
 from appliance.leds import LedFacts
+from appliance.wire.fields import ConfigError
 
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
@@ -66,6 +73,8 @@ class AgentLocal:
         self.last_error: str | None = None  # the last apply or input failure, until one succeeds
         self.changes_applied = 0
         self._reader: System | None = None
+        self.traffic = Traffic(self.state.traffic_file)
+        self.traffic.load()
 
     def _sync(self, reconciler: Reconciler, desired: State, reread: bool = False) -> list[Change]:
         try:
@@ -110,6 +119,25 @@ class AgentLocal:
     def route_conflicts(self) -> list[str]:
         """Peers' routes this host's own networks win over (set aside, or narrowed)."""
         return [str(c) for c in self.conflicts]
+
+    def hosted_rows(self) -> list[HostedRow]:
+        """Every device this node hosts, enabled or not (devices.json)."""
+        try:
+            return [d.row() for d in load_devices(self.state.devices_file)]
+        except ConfigError as e:
+            log.warning("%s", e)
+            return []
+
+    def traffic_active(self) -> dict[PublicKey, float]:
+        return self.traffic.last_active()
+
+    def exit_users(self) -> frozenset[IPAddress]:
+        """Mesh addresses seen going to the internet through this node (none yet)."""
+        return frozenset()
+
+    def reach_report(self) -> dict[str, Any] | None:
+        """netcheck's verdict on what reachability knows now, without a new probe."""
+        return self.reach.report() if self.reach is not None else None
 
     def led_state(self) -> str:
         return self.leds.state.value
@@ -164,13 +192,15 @@ class AgentLocal:
         self.leds.configure(prefs.led_pins, prefs.act_led)
         offers_exit = prefs.advertise_exit_node
         total = None
-        if offers_exit:
-            try:
-                device = self.read_device()
-            except KernelError:
-                device = None
-            if device is not None:
-                total = sum(s.rx_bytes + s.tx_bytes for s in device.stats.values())
+        try:
+            device = self.read_device()
+        except KernelError:
+            device = None
+        if device is not None and self.inputs is not None:
+            keep = self.inputs.netmap.index.peers if self.inputs.netmap.index is not None else ()
+            self.traffic.sample(time.time(), device.stats, keep)
+        if offers_exit and device is not None:
+            total = sum(s.rx_bytes + s.tx_bytes for s in device.stats.values())
         state = self.control_status().get("state")
         self.leds.show(LedFacts(
             started=self.inputs is not None,

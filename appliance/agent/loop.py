@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
 from appliance.agent.commands import current_prefs, set_prefs
-from appliance.agent.devices.hosted import load_devices
+from appliance.agent.devices.hosted import kernel_devices, load_devices
 from appliance.agent.handshakes import carry_endpoints, start_handshakes, with_paths
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
@@ -122,7 +122,7 @@ class Agent(AgentLocal):
         prefs = self.load_prefs()
         if not self.control:
             return Wanted(load_netmap(self.netmap_path), prefs)
-        devices = tuple(d.hosted() for d in load_devices(self.state.devices_file))
+        devices = kernel_devices(load_devices(self.state.devices_file))
         netmap = None
         if self.netmap_path.exists() and self.state.login_file.exists():
             try:
@@ -354,6 +354,7 @@ class Agent(AgentLocal):
                 source.stop()
             if self.snapshot is not None:
                 self.snapshot.flush(force=True)
+            self.traffic.flush(force=True)
             self.leds.close()
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
@@ -426,6 +427,7 @@ class Agent(AgentLocal):
                 next_tick = time.monotonic() + LED_TICK
             if self.snapshot is not None:
                 self.snapshot.flush()
+            self.traffic.flush()
 
     def _reload(self, source: StaticFiles | None) -> None:
         """SIGHUP: the files again (hand edits), then a full resync."""

@@ -86,6 +86,11 @@ class StateDir:
     def firstboot_file(self) -> Path:
         return self.path / "firstboot.json"
 
+    @property
+    def traffic_file(self) -> Path:
+        """Bytes per minute of the last day (agent/traffic.py), for the next start."""
+        return self.path / "traffic.json"
+
     # -- the node key ----------------------------------------------------------
 
     @property

@@ -15,20 +15,21 @@ crosses network namespaces. Playwright never downloads a browser: it launches
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.client.localapi import LocalAPIError, LocalClient
-from tests.lab.host import REPO_ROOT, wait_for
+from tests.lab.host import REPO_ROOT, Host, wait_for
 from tests.lab.topology import SERVER_V4, Lab
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,6 +37,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 BIN = REPO_ROOT / ".venv" / "bin"
 CONTROL = f"http://{SERVER_V4}:8443"
+LOCAL_CONTROL = "127.0.0.1:18080"  # control on the pi itself, for "Create a new mesh"
 
 
 def missing() -> str | None:
@@ -72,6 +74,19 @@ class Home:
     login: str  # the mesh's login URL
     control_state: Path
     web_state: Path
+    # name -> (where it runs, its command, the running process): for stop() and start()
+    procs: dict[str, tuple[Host, list[str], subprocess.Popen[bytes]]] = field(default_factory=dict)
+
+    def stop(self, name: str) -> None:
+        """Stop the pi's agent or the mesh's control (as a crash or an outage would)."""
+        self.lab.stop_process(self.procs[name][2])
+
+    def start(self, name: str) -> None:
+        where, cmd, _ = self.procs[name]
+        log = self.lab.scratch / f"{name}.log"
+        self.procs[name] = (where, cmd, where.popen(cmd, log=log))
+        if name == "agent":
+            wait_for(lambda: _answers(self.agent), 15, "the pi's LocalAPI again")
 
     def setup_code(self) -> str:
         """What the owner reads off the Pi's console (meshpi-web made it at its start)."""
@@ -100,23 +115,37 @@ def _answers(client: LocalClient) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def home() -> Iterator[Home]:
+@contextlib.contextmanager
+def lab_home(local_control: bool = False) -> Iterator[Home]:
+    """The lab with meshpi-web in front of the pi's agent. The mesh's control runs on
+    `inet` (a VPS), or, with `local_control`, on the pi itself (loopback), where the
+    dashboard's "Create a new mesh" starts using it."""
     from nacl.public import PrivateKey
 
     from appliance.wire.seal import login_url
 
     with Lab() as lab:
         control_state = lab.scratch / "control"
-        lab.internet.popen([str(BIN / "meshpi-control"), "--state-dir", str(control_state), "serve",
-                            "--listen", f"{SERVER_V4}:8443"], log=lab.scratch / "control.log")  # fmt: skip
+        where, listen = (lab.pi, LOCAL_CONTROL) if local_control else (lab.internet, f"{SERVER_V4}:8443")
+        control_cmd = [
+            str(BIN / "meshpi-control"),
+            "--state-dir",
+            str(control_state),
+            "serve",
+            "--listen",
+            listen,
+        ]
+        control = where.popen(control_cmd, log=lab.scratch / "control.log")
         wait_for(lambda: (control_state / "control.key").exists(), 10, "control")
         key = base64.b64decode((control_state / "control.key").read_text().strip())
-        login = login_url(CONTROL, PrivateKey(key).public_key)
+        login = login_url(f"http://{listen}" if local_control else CONTROL, PrivateKey(key).public_key)
         sock = lab.scratch / "pi" / "local.sock"
         sock.parent.mkdir()
-        lab.pi.popen([str(BIN / "meshpi"), "agent", "--state-dir", str(lab.scratch / "pi" / "agent"),
-                      "--local-api", str(sock), "--control-start", ""], log=lab.scratch / "pi-agent.log")  # fmt: skip
+        agent_cmd = [str(BIN / "meshpi"), "agent", "--state-dir", str(lab.scratch / "pi" / "agent"),
+                     "--local-api", str(sock), "--control-start", ""]  # fmt: skip
+        if local_control:
+            agent_cmd += ["--control-state-dir", str(control_state), "--control-url", f"http://{listen}"]
+        agent_proc = lab.pi.popen(agent_cmd, log=lab.scratch / "pi-agent.log")
         agent = LocalClient(sock)
         wait_for(lambda: _answers(agent), 15, "the pi's LocalAPI")
         agent.patch("/v1/prefs", {"interface": f"mpb{os.getpid() % 100000}", "backend": "userspace",
@@ -130,14 +159,29 @@ def home() -> Iterator[Home]:
             )  # fmt: skip
         lab.procs.append(web)
         wait_for(lambda: _port_open(port), 15, "meshpi-web")
+        home = Home(
+            lab,
+            agent,
+            f"http://127.0.0.1:{port}",
+            login,
+            control_state,
+            lab.scratch / "web",
+            procs={"control": (where, control_cmd, control), "agent": (lab.pi, agent_cmd, agent_proc)},
+        )
         try:
-            yield Home(lab, agent, f"http://127.0.0.1:{port}", login, control_state, lab.scratch / "web")
+            yield home
         finally:
             lab.pi.run(
                 [str(BIN / "meshpi"), "down", "--state-dir", str(lab.scratch / "pi" / "agent")], check=False
             )
             if sys.exc_info()[0] is not None:
                 print((lab.scratch / "web.log").read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Home]:
+    with lab_home() as h:
+        yield h
 
 
 def _port_open(port: int) -> bool:

@@ -51,7 +51,7 @@ def test_web_dashboard_shows_this_node(client: FlaskClient, token: str, meshed: 
     page = client.get("/").get_data(as_text=True)
     assert f'id="node-name">{me["name"]}<' in page
     assert ", ".join(me["addresses"]) in page
-    assert 'class="state connected">connected<' in page
+    assert 'id="headline" class="headline ' in page
 
 
 def test_web_status_api_feeds_the_graph(client: FlaskClient, token: str) -> None:
@@ -68,6 +68,9 @@ def test_web_exit_toggle_takes_effect_in_the_kernel(
 ) -> None:
     on = client.post("/api/share", json={"field": "exit_node", "on": True}, headers={"X-CSRF-Token": token})
     assert on.status_code == 200 and on.get_json()["prefs"]["advertise_exit_node"] is True
+    # Its control runs here: what its owner turns on is approved with it, no second step.
+    name = meshed.status()["self"]["name"]
+    assert _control_node(meshed, name)["approved_routes"] == ["0.0.0.0/0", "::/0"]
     wait_until(lambda: "masquerade" in _nft(meshed), 10, "the agent's nft table with masquerade")
     wait_until(
         lambda: meshed.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1", 10, "forwarding"
@@ -87,13 +90,15 @@ def test_web_dashboard_approves_this_nodes_exit_routes(
     client: FlaskClient, token: str, meshed: AgentNode
 ) -> None:
     name = meshed.status()["self"]["name"]
+    node_id = _control_node(meshed, name)["id"]
+    meshed.client.post(f"/v1/control/nodes/{node_id}/routes", {"approved_routes": []})
+    # Turned on outside the dashboard (meshpi set): control waits for an approval.
     meshed.client.patch("/v1/prefs", {"advertise_exit_node": True})
     try:
         wait_until(lambda: "0.0.0.0/0" in _control_node(meshed, name)["advertised_routes"], 10,
                    "control to hear the advertised exit")  # fmt: skip
         page = client.get("/").get_data(as_text=True)
         assert f"<b>{name}</b> offers:" in page and 'value="exit node"' in page
-        node_id = _control_node(meshed, name)["id"]
         res = client.post(f"/nodes/{node_id}/routes", data={"csrf_token": token, "route": "exit node"},
                           follow_redirects=True)  # fmt: skip
         assert f"Approved exit node for {name}." in res.get_data(as_text=True)
@@ -109,7 +114,7 @@ def test_web_dashboard_approves_a_waiting_node(client: FlaskClient, token: str, 
         answer = other.client.post("/v1/up", {"login_server": login_url, "auth_key": None}, timeout=60)
         assert answer["state"] == "pending", answer
         page = client.get("/").get_data(as_text=True)
-        assert "Node <b>waiter</b>" in page and "wants to join" in page
+        assert "<b>waiter</b>" in page and "wants to join" in page
         node_id = _control_node(meshed, "waiter")["id"]
         res = client.post(f"/nodes/{node_id}/approve", data={"csrf_token": token}, follow_redirects=True)
         assert "Approved waiter." in res.get_data(as_text=True)
@@ -198,7 +203,7 @@ def test_web_phone_device_config_shown_once_then_revoked(
     assert f"Endpoint = home.example.net:{port}\n" in config  # the port defaults to the node's
     download = re.search(r'href="data:text/plain;charset=utf-8;base64,([^"]+)" download="phone.conf"', page)
     assert download and base64.b64decode(download.group(1)).decode() == config
-    assert 'id="qr" src="data:image/png;base64,' in page
+    assert 'id="qr" src="data:image/svg+xml' in page
     device = _device(meshed, "phone")
     assert device is not None and device["mode"] == "all"
     revoke = f'action="/devices/{device["id"]}/revoke"'

@@ -39,4 +39,8 @@ def test_web_setup_creates_a_mesh_and_offers_the_exit(client: FlaskClient, node:
     assert res.status_code == 302 and res.headers["Location"] == "/"
     prefs = node.client.get("/v1/prefs")
     assert prefs["advertise_exit_node"] is True and prefs["advertise_routes"] == []
-    assert "Saved. Routes this node offers" in client.get("/").get_data(as_text=True)
+    page = client.get("/").get_data(as_text=True)
+    # Control runs here: the owner's choice is approved with it, nothing waits.
+    assert "Saved. This Pi offers them to your mesh now." in page and 'id="approvals"' not in page
+    (me,) = node.client.get("/v1/control/nodes")
+    assert me["approved_routes"] == ["0.0.0.0/0", "::/0"]

@@ -26,14 +26,14 @@ PersistentKeepalive = 25
 """
 
 
-def test_web_phone_config_qr_is_an_inline_png_of_the_config() -> None:
-    uri, size = qr_data_uri(CONFIG)
-    assert uri.startswith("data:image/png;base64,")
-    png = base64.b64decode(uri.removeprefix("data:image/png;base64,"))
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 4000
-    assert int.from_bytes(png[16:20], "big") == size  # shown 1:1: the IHDR width
+def test_web_phone_config_qr_is_an_inline_svg_of_the_config() -> None:
+    uri, min_width = qr_data_uri(CONFIG)
+    assert uri.startswith("data:image/svg+xml") and len(uri) < 12000
     # Same content, same symbol: the QR holds exactly the config (error level M, no micro QR).
-    assert segno.make(CONFIG, error="m", micro=False).png_data_uri(scale=5, border=4) == uri
+    qr = segno.make(CONFIG, error="m", micro=False)
+    assert qr.svg_data_uri(scale=1, border=4, dark="#000", light="#fff") == uri
+    # Never drawn smaller than 4 CSS pixels a module, quiet zone included.
+    assert min_width == (qr.symbol_size(scale=1, border=4)[0]) * 4
 
 
 def test_web_phone_config_download_is_the_same_text() -> None:

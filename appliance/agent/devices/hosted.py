@@ -16,12 +16,13 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.agent.control.client import ControlError, ControlRefused
+from appliance.agent.localapi.connected import HostedRow
 from appliance.agent.localapi.status import detect_lan
 from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
@@ -29,7 +30,15 @@ from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPAddress, IPNetwork
 from appliance.core.model import HostedDevice
 from appliance.core.wgquick import ClientConfig, allowed_ips
-from appliance.wire.fields import ConfigError, Fields, load_json, parse_address, parse_public_key, parse_str
+from appliance.wire.fields import (
+    ConfigError,
+    Fields,
+    load_json,
+    parse_address,
+    parse_bool,
+    parse_public_key,
+    parse_str,
+)
 
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
@@ -67,6 +76,7 @@ class DeviceEntry:
     addresses: tuple[IPAddress, ...]
     mode: str
     created: float
+    enabled: bool = True  # disabled: not a peer in the kernel, its config does nothing
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,10 +86,19 @@ class DeviceEntry:
             "addresses": [str(a) for a in self.addresses],
             "mode": self.mode,
             "created": self.created,
+            "enabled": self.enabled,
         }
+
+    def row(self) -> HostedRow:
+        return HostedRow(self.id, self.name, self.public_key, self.addresses, self.mode, self.enabled)
 
     def hosted(self) -> HostedDevice:
         return HostedDevice(self.name, self.public_key, self.addresses)
+
+
+def kernel_devices(entries: tuple[DeviceEntry, ...]) -> tuple[HostedDevice, ...]:
+    """The devices the kernel holds as peers: the enabled ones."""
+    return tuple(d.hosted() for d in entries if d.enabled)
 
 
 def load_devices(path: Path) -> tuple[DeviceEntry, ...]:
@@ -99,6 +118,7 @@ def load_devices(path: Path) -> tuple[DeviceEntry, ...]:
                 addresses=f.get_list("addresses", parse_address),
                 mode=f.require("mode", _mode),
                 created=f.require("created", _seconds),
+                enabled=f.get("enabled", parse_bool, True),
             )
         )
         f.done()
@@ -196,10 +216,42 @@ class Devices:
         log.info("no longer hosting device %s (%s)", entry.name, entry.public_key.short)
         return {"detail": f"device {entry.name} removed; its key no longer works"}
 
+    def change(self, device_id: str, body: object) -> dict[str, Any]:
+        """PATCH: a new `name` and/or `enabled`. Disabled, the device is no longer a
+        peer in the kernel (its config stops working) but keeps its addresses and
+        its place at control; enabled again, it works as before, same config."""
+        f = Fields("request", "", body)
+        name = f.get("name", _device_name, None)
+        enabled = f.get("enabled", parse_bool, None)
+        f.done()
+        if name is None and enabled is None:
+            raise DeviceError(400, "request: nothing to change: give name and/or enabled")
+        with self._lock:
+            entries = load_devices(self.path)
+            entry = next((d for d in entries if d.id == device_id), None)
+            if entry is None:
+                raise DeviceError(404, f"no device with id {device_id!r}")
+            if name is not None and name != entry.name and any(d.name == name for d in entries):
+                raise DeviceError(409, f"there is already a device named {name!r}")
+            changed = replace(
+                entry,
+                name=entry.name if name is None else name,
+                enabled=entry.enabled if enabled is None else enabled,
+            )
+            if changed == entry:
+                return {"device": entry.to_json()}
+            self._save([changed if d.id == device_id else d for d in entries])
+        if changed.name != entry.name:
+            log.info("device %s renamed to %s", entry.name, changed.name)
+        if changed.enabled != entry.enabled:
+            log.info("device %s %s", changed.name, "enabled: a peer again" if changed.enabled
+                     else "disabled: no longer a peer, its config does nothing")  # fmt: skip
+        return {"device": changed.to_json()}
+
     def _save(self, entries: list[DeviceEntry]) -> None:
         """Stored for the next start, and handed to the loop: the kernel follows."""
         atomic_write(self.path, json.dumps([d.to_json() for d in entries], indent=1) + "\n")
-        self.agent.devices_changed(tuple(d.hosted() for d in entries))
+        self.agent.devices_changed(kernel_devices(tuple(entries)))
 
     @staticmethod
     def _control(link: Any, body: dict[str, Any]) -> dict[str, Any]:

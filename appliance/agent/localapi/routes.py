@@ -8,7 +8,9 @@ hold the agent's lock. `/v1/devices` plugs in at `add_device_routes`.
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlencode
 
@@ -20,6 +22,7 @@ from appliance.agent.localapi.server import HTTPError, Request, Response, Router
 from appliance.agent.localapi.status import StatusView, agent_status, lan_of, metrics_text
 from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import parse_prefs
+from appliance.core.traffic import SLOTS
 from appliance.wire.fields import Fields, int_range, parse_str
 from appliance.wire.seal import LoginUrlError
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
     from appliance.agent.logring import LogRing
     from appliance.agent.statedir import StateDir
+    from appliance.agent.traffic import Traffic
     from appliance.core.prefs import Prefs
 
 
@@ -37,6 +41,7 @@ class AgentApi(StatusView, DeviceHost, Protocol):
     changes_applied: int
     logs: LogRing
     state: StateDir
+    traffic: Traffic
 
     def set_prefs(self, changes: dict[str, Any]) -> Prefs: ...
     def wait_applied(self, timeout: float) -> bool: ...
@@ -61,6 +66,7 @@ def build_router(agent: AgentApi, local: LocalControl) -> Router:
     r.add("POST", "/v1/mesh/create", routes.create_mesh)
     r.add("GET", "/v1/logs", routes.logs)
     r.add("GET", "/v1/netcheck", routes.netcheck)
+    r.add("GET", "/v1/traffic", routes.traffic)
     for method in ("GET", "POST", "DELETE"):
         r.add(method, "/v1/control/(?P<path>[A-Za-z0-9_./-]+)", routes.control)
     r.add("GET", "/metrics", routes.metrics)
@@ -76,6 +82,9 @@ def add_device_routes(router: Router, agent: DeviceHost) -> None:
     router.add("GET", "/v1/devices", lambda _r: Response({"devices": devices.listing()}))
     router.add("POST", "/v1/devices", lambda r: Response(devices.add(r.body)))
     router.add("DELETE", "/v1/devices/(?P<id>[^/]+)", lambda r: Response(devices.remove(r.params["id"])))
+    router.add(
+        "PATCH", "/v1/devices/(?P<id>[^/]+)", lambda r: Response(devices.change(r.params["id"], r.body))
+    )
 
 
 class _Routes:
@@ -176,6 +185,12 @@ class _Routes:
         if report is None:
             raise HTTPError(503, "reachability is not running yet (the agent is starting)")
         return Response(report)
+
+    def traffic(self, request: Request) -> Response:
+        text = request.query.get("minutes", "60")
+        if re.fullmatch(r"[0-9]{1,4}", text) is None or not 1 <= int(text) <= SLOTS:
+            raise HTTPError(400, f"minutes={text[:40]!r}: expected a whole number of minutes, 1-{SLOTS}")
+        return Response(self.agent.traffic.series(int(text), time.time()))
 
     def logs(self, request: Request) -> Response:
         after = request.query.get("after", "0")

@@ -10,7 +10,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Protocol
 
+from appliance.agent.localapi.connected import ONLINE_WITHIN, HostedRow, connected_rows
+from appliance.agent.localapi.headline import Facts, headline
 from appliance.base.keys import PublicKey
+from appliance.base.net import IPAddress
 from appliance.core.model import Connected, HostedDevice
 from appliance.kernel.base import KernelError, PeerStats
 from appliance.leds import LedState
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 class StatusView(Protocol):
     """What status needs of the agent: reads only (the agent is one)."""
 
+    last_error: str | None  # the last apply or input failure, until one succeeds
+
     def control_status(self) -> dict[str, Any]: ...
     def applied(self) -> Inputs | None: ...
     def read_device(self) -> WgDevice | None: ...
@@ -37,11 +42,12 @@ class StatusView(Protocol):
     def route_conflicts(self) -> list[str]: ...
     def reach_status(self) -> dict[str, Any] | None: ...
     def path_status(self) -> Mapping[PublicKey, str]: ...
+    def hosted_rows(self) -> list[HostedRow]: ...
+    def traffic_active(self) -> Mapping[PublicKey, float]: ...
+    def exit_users(self) -> frozenset[IPAddress]: ...
+    def reach_report(self) -> dict[str, Any] | None: ...
 
 
-# WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
-# 3 minutes means the peer is there.
-ONLINE_WITHIN = 180.0
 EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
 
 
@@ -78,8 +84,22 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
     out["led"] = agent.led_state()
     out["route_conflicts"] = agent.route_conflicts()
     out["reach"] = agent.reach_status()
-    out["rx_bytes"] = sum(p["rx_bytes"] for p in [*peers, *devices])
-    out["tx_bytes"] = sum(p["tx_bytes"] for p in [*peers, *devices])
+    hosted = agent.hosted_rows()
+    connected = connected_rows(
+        inputs.netmap if inputs is not None else None, hosted, stats, time.time(), paths,
+        agent.traffic_active(), agent.exit_users(),
+    )  # fmt: skip
+    out["connected"] = connected
+    # Every byte the kernel counts is a row's: the totals are the rows' sums.
+    out["rx_bytes"] = sum(p["rx_bytes"] for p in connected)
+    out["tx_bytes"] = sum(p["tx_bytes"] for p in connected)
+    out["update"] = None  # the updates issue fills this slot
+    hub = out["prefs"].get("advertise_exit_node", False) or bool(hosted)
+    out["headline"] = headline(
+        headline_facts(
+            out, agent.reach_report(), hub, [r["name"] for r in connected if r["uses_exit"]], agent.last_error
+        )  # fmt: skip
+    )
     out["lan"] = lan_of(agent)
     out["local_control"] = (
         local.status(out["lan"]) if local is not None else {"running": False, "login_url": None}
@@ -88,6 +108,34 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
     if firstboot is not None:
         out["firstboot"] = firstboot
     return out
+
+
+def headline_facts(status: Mapping[str, Any], report: Mapping[str, Any] | None, hub: bool,
+                   exit_users: list[str], last_error: str | None = None) -> Facts:  # fmt: skip
+    """The headline's facts from the status made so far and netcheck's report."""
+    control = status.get("control", {})
+    error = status.get("error") or last_error
+    reachable: bool | None = None
+    why = endpoint = None
+    if report is not None:
+        # Nothing probed yet (no STUN round, no mapping, no endpoint given): not known.
+        checked = any(report.get(k) for k in ("udp", "stun_errors", "mapped", "reachable"))
+        reachable = bool(report.get("reachable")) if checked else None
+        why = report.get("why")
+        advertised = status.get("prefs", {}).get("advertise_endpoints") or []
+        endpoint = report.get("mapped") or (advertised[0] if advertised else None)
+        if endpoint is None and reachable:
+            endpoint = report.get("ipv6")
+    return Facts(
+        control=str(control.get("state", "")),
+        control_detail=str(control.get("detail", "") or ""),
+        error=error,
+        hub=hub,
+        reachable=reachable,
+        reach_why=why,
+        public_endpoint=endpoint,
+        exit_users=tuple(exit_users),
+    )
 
 
 def lan_of(agent: StatusView) -> dict[str, Any] | None:

@@ -121,6 +121,16 @@ class Reachability:
             },
         }  # fmt: skip
 
+    def report(self) -> dict[str, Any]:
+        """netcheck's report on the last STUN round and the mapping, without probing."""
+        from appliance.agent.reach.netcheck import report
+
+        with self._lock:
+            mapper, prefs = self._mapper, self._prefs
+        stun = self.stun.last
+        endpoints = [str(e) for e in self.candidates()]
+        return report(prefs or Prefs(), mapper.state if mapper else None, stun, endpoints)
+
     def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
         """A STUN round now, then the report (netcheck.py)."""
         from appliance.agent.reach.netcheck import report

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from appliance.base.keys import PublicKey
 from appliance.control import limits, mapper, store_devices
+from appliance.control.autoapprove import AUTO_APPROVE, auto_approved
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
@@ -269,6 +270,11 @@ class ControlService:
             raise ApiError(400, str(e)) from None
         if exit_node:
             routes += [r for r in EXIT_ROUTES if r not in routes]
+        approved = auto_approved(node.tags, node.approved_routes, routes)
+        if approved is not None:  # approved first: peers get the routes with the advertisement
+            await self.changed(self.store.approve_routes, node.id, approved)
+            log.info("node %s: routes %s approved by its key's tag %s", node.name,
+                     ", ".join(map(str, approved)), AUTO_APPROVE)  # fmt: skip
         await self.changed(self.store.set_endpoints, node.id, endpoints)
         await self.changed(self.store.set_advertised_routes, node.id, routes)
         return {}

@@ -19,12 +19,13 @@ mesh peers and the phones it hosts, as the kernel sees them. Pure.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.keys import PublicKey
-from appliance.base.net import IPAddress
+from appliance.base.net import IPAddress, IPNetwork
+from appliance.core.nft import PRIVATE_V4, PRIVATE_V6
 from appliance.kernel.base import PeerStats
 from appliance.wire.netmap import Netmap
 
@@ -44,6 +45,19 @@ class HostedRow:
     addresses: tuple[IPAddress, ...]
     mode: str
     enabled: bool
+
+
+def exit_sources(
+    flows: Iterable[tuple[IPAddress, IPAddress]], mesh: Iterable[IPNetwork]
+) -> frozenset[IPAddress]:
+    """Mesh addresses with a flow through this node to the internet: a destination
+    outside the mesh and every private range (the LAN is not "exit")."""
+    ranges = tuple(mesh)
+    return frozenset(
+        src for src, dst in flows
+        if any(src in n for n in ranges) and not dst.is_multicast
+        and not any(dst in n for n in (*ranges, *PRIVATE_V4, *PRIVATE_V6))
+    )  # fmt: skip
 
 
 def peer_state(handshake: float | None, active: float | None, now: float) -> str:

@@ -340,7 +340,7 @@ class ControlService:
                 del self._published_at[v]
 
     async def device(self, machine: PublicKey, body: object) -> dict[str, Any]:
-        """Host a stock WireGuard client (`add`) or stop hosting it (`remove`)."""
+        """Host a stock WireGuard client (`add`), rename it, or stop hosting it (`remove`)."""
         f = _fields(body)
         action = f.require("action", parse_str)
         public_key = f.require("public_key", parse_public_key)
@@ -355,6 +355,10 @@ class ControlService:
                 device = store_devices.find(node, public_key)
                 log.info("node %s hosts device %s (%s, %s)", node.name, name, device.ipv4, device.ipv6)
                 return {"addresses": [str(device.ipv4), str(device.ipv6)]}
+            if action == "rename" and name is not None:
+                await self.changed(self.store.rename_device, node.id, public_key, name)
+                log.info("node %s renamed device %s to %s", node.name, public_key.short, name)
+                return {}
             if action == "remove":
                 await self.changed(self.store.remove_device, node.id, public_key)
                 log.info("node %s no longer hosts device %s", node.name, public_key.short)
@@ -363,7 +367,7 @@ class ControlService:
             raise ApiError(409, str(e)) from None
         except NotFound as e:
             raise ApiError(404, str(e)) from None
-        raise ApiError(400, f"request: body.action: {action!r} is not add or remove")
+        raise ApiError(400, f"request: body.action: {action!r} is not add, rename (with a name) or remove")
 
     async def logout(self, machine: PublicKey, body: object) -> dict[str, Any]:
         _fields(body).done()

@@ -197,8 +197,13 @@ class _Host:
     """Just enough of the agent for Devices.change: the file and the hand-over."""
 
     def __init__(self, path: Path) -> None:
-        self.devices_file, self.link = path, None
+        self.devices_file, self.link = path, self
         self.handed: list[tuple[object, ...]] = []
+        self.told: list[dict[str, object]] = []
+
+    def device(self, body: dict[str, object]) -> dict[str, object]:  # the control link's op
+        self.told.append(body)
+        return {}
 
     def devices_changed(self, devices: tuple[object, ...]) -> None:
         self.handed.append(devices)
@@ -215,6 +220,7 @@ def test_devices_rename_disable_enable_and_hostile_input(tmp_path: Path) -> None
     host = _Host(path)
     devices = Devices(host)  # type: ignore[arg-type]
     assert devices.change("a1", {"name": "Anna's phone"})["device"]["name"] == "Anna's phone"
+    assert host.told == [{"action": "rename", "public_key": str(PHONE_KEY), "name": "Anna's phone"}]
     assert devices.change("a1", {"enabled": False})["device"]["enabled"] is False
     assert [d.name for d in host.handed[-1]] == ["tablet"]  # type: ignore[attr-defined]  # out of the kernel
     assert [d.enabled for d in load_devices(path)] == [False, True]
@@ -240,3 +246,8 @@ def test_devices_rename_disable_enable_and_hostile_input(tmp_path: Path) -> None
         devices.change("nope", {"name": "x"})
     assert refused.value.status == 404 and "'nope'" in refused.value.message
     assert path.read_bytes() == before  # nothing changed by any refusal
+    host.link = None  # control cannot be told: the name stays
+    with pytest.raises(MeshpiError) as refused:
+        devices.change("a1", {"name": "phone 2"})
+    assert refused.value.status == 503 and path.read_bytes() == before
+    assert devices.change("a1", {"enabled": False})["device"]["enabled"] is False  # a local matter

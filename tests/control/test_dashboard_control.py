@@ -1,11 +1,14 @@
-"""Routes approved by a pre-auth key's tag (control/autoapprove.py): the key a
-mesh created on the Pi logs in with, so the owner never approves their own Pi."""
+"""Control's part of the dashboard (issue 16): routes approved by a pre-auth key's tag
+(control/autoapprove.py: the key a mesh created on the Pi logs in with, so the
+owner never approves their own Pi), and renaming a hosted device."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from ipaddress import ip_network
 from pathlib import Path
+
+import pytest
 
 from appliance.control.autoapprove import AUTO_APPROVE, auto_approved
 from appliance.control.service import ControlService
@@ -52,5 +55,42 @@ def test_autoapprove_a_tagged_keys_node_serves_its_routes_at_once_others_wait(tm
         await s.update(machine(1), offer | {"advertise_routes": [str(LAN), "10.1.0.0/16"]})
         full = await s.map(machine(2), {"version": None})
         assert "10.1.0.0/16" in _routes(full, "pi")
+
+    run(tmp_path, scenario)
+
+
+def test_service_device_rename_frees_the_old_name_and_refuses_a_taken_one(tmp_path: Path) -> None:
+    from appliance.base.errors import MeshpiError
+    from appliance.base.keys import PrivateKey
+    from appliance.control.service import ApiError
+
+    phone, tablet = (str(PrivateKey(bytes([k]) * 32).public_key()) for k in (77, 78))
+
+    async def scenario(s: ControlService) -> None:
+        _, key = await s.db(s.store.create_preauth_key, False, utcnow() + timedelta(hours=1))
+        await join(s, 1, "pi", key)
+        await s.device(machine(1), {"action": "add", "name": "phone", "public_key": phone})
+        await s.device(machine(1), {"action": "add", "name": "tablet", "public_key": tablet})
+        for body, status in [
+            ({"action": "rename", "public_key": phone, "name": "tablet"}, 409),
+            ({"action": "rename", "public_key": phone}, 400),
+            ({"action": "rename", "public_key": phone, "name": "\x00"}, 400),
+            (
+                {
+                    "action": "rename",
+                    "public_key": str(PrivateKey(bytes([79]) * 32).public_key()),
+                    "name": "x",
+                },
+                404,
+            ),
+        ]:
+            with pytest.raises((ApiError, MeshpiError)) as refused:  # bad fields: ConfigError, a MeshpiError
+                await s.device(machine(1), body)
+            assert refused.value.status == status, (body, refused.value)
+        await s.device(machine(1), {"action": "rename", "public_key": phone, "name": "Anna's phone"})
+        other = str(PrivateKey(bytes([80]) * 32).public_key())
+        await s.device(
+            machine(1), {"action": "add", "name": "phone", "public_key": other}
+        )  # the old name is free
 
     run(tmp_path, scenario)

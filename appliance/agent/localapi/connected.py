@@ -7,7 +7,7 @@ mesh peers and the phones it hosts, as the kernel sees them. Pure.
 - path: only a path a recent handshake proves: "direct <endpoint>" or
   "relayed" (reach/paths.py), "trying" while candidates are being tried, else
   null (a peer that never answered has no path, relayed or not). A hosted phone
-  is direct by nature: its endpoint as the kernel knows it.
+  is direct by nature (it dials this node): the endpoint the kernel last saw it at.
 - uses_exit: the peer sends its internet traffic through this node. A hosted
   phone: its config is "all traffic" (mode all) and it is online. A mesh peer:
   netmaps do not say which exit a peer chose, so it is what this node saw: the
@@ -113,7 +113,7 @@ def connected_rows(
             kind="phone",
             device_id=d.id,
             addresses=[str(a) for a in d.addresses],
-            path=f"direct {endpoint}" if online and endpoint else None,
+            path=f"direct {endpoint}" if endpoint else None,
             uses_exit=online and d.mode == "all",
             enabled=d.enabled,
         )

@@ -86,9 +86,23 @@ def test_web_exit_toggle_takes_effect_in_the_kernel(
 def test_web_dashboard_approves_this_nodes_exit_routes(
     client: FlaskClient, token: str, meshed: AgentNode
 ) -> None:
-    name = meshed.status()["self"]["name"]
+    """This node made the mesh: its exit needs no approval (issue 16, control/autoapprove.py).
+    A node that joined with a plain key waits for the Approve button."""
+    me = meshed.status()["self"]["name"]
     meshed.client.patch("/v1/prefs", {"advertise_exit_node": True})
     try:
+        wait_until(lambda: _control_node(meshed, me)["approved_routes"] == ["0.0.0.0/0", "::/0"], 10,
+                   "this node's exit approved without asking")  # fmt: skip
+        assert "offers:" not in client.get("/").get_data(as_text=True)
+    finally:
+        meshed.client.patch("/v1/prefs", {"advertise_exit_node": False})
+    login_url = meshed.status()["local_control"]["login_url"]
+    key = meshed.client.post("/v1/control/keys", {"reusable": False, "expires_in": 300})["key"]
+    with second_agent(meshed, "router") as other:
+        answer = other.client.post("/v1/up", {"login_server": login_url, "auth_key": key,
+                                              "prefs": {"advertise_exit_node": True}}, timeout=60)  # fmt: skip
+        assert answer["state"] == "connected", answer
+        name = "router"
         wait_until(lambda: "0.0.0.0/0" in _control_node(meshed, name)["advertised_routes"], 10,
                    "control to hear the advertised exit")  # fmt: skip
         page = client.get("/").get_data(as_text=True)
@@ -99,8 +113,6 @@ def test_web_dashboard_approves_this_nodes_exit_routes(
         assert f"Approved exit node for {name}." in res.get_data(as_text=True)
         assert _control_node(meshed, name)["approved_routes"] == ["0.0.0.0/0", "::/0"]
         assert "offers:" not in client.get("/").get_data(as_text=True)
-    finally:
-        meshed.client.patch("/v1/prefs", {"advertise_exit_node": False})
 
 
 def test_web_dashboard_approves_a_waiting_node(client: FlaskClient, token: str, meshed: AgentNode) -> None:

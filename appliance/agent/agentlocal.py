@@ -21,7 +21,7 @@ from appliance.agent import bus as updates
 from appliance.agent import commands
 from appliance.agent.devices.hosted import load_devices
 from appliance.agent.leds import AgentLeds
-from appliance.agent.localapi.connected import HostedRow
+from appliance.agent.localapi.connected import HostedRow, exit_sources
 from appliance.agent.logring import LogRing
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import StateDir
@@ -31,6 +31,7 @@ from appliance.base.net import IPAddress
 from appliance.core.changes import Change
 from appliance.core.model import Connected, HostedDevice, State
 from appliance.core.prefs import Prefs
+from appliance.kernel import conntrack
 from appliance.kernel.base import KernelError, WgDevice
 from appliance.kernel.system import ApplyError, System
 from appliance.leds import LedFacts
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 LOGOUT_WAIT = 5.0  # seconds for the control link to notice a logout
 LINK_GAVE_UP = ("error", "needs-login", "unreachable")
+EXIT_USERS_EVERY = 5.0  # seconds: a conntrack dump per dashboard poll would be too many
 
 
 class AgentLocal:
@@ -73,6 +75,7 @@ class AgentLocal:
         self.last_error: str | None = None  # the last apply or input failure, until one succeeds
         self.changes_applied = 0
         self._reader: System | None = None
+        self._exit_users: tuple[float, frozenset[IPAddress]] | None = None
         self.traffic = Traffic(self.state.traffic_file)
         self.traffic.load()
 
@@ -132,8 +135,18 @@ class AgentLocal:
         return self.traffic.last_active()
 
     def exit_users(self) -> frozenset[IPAddress]:
-        """Mesh addresses seen going to the internet through this node (none yet)."""
-        return frozenset()
+        """Mesh addresses seen going to the internet through this node (conntrack),
+        read at most every EXIT_USERS_EVERY seconds; none unless it offers an exit."""
+        inputs = self.inputs
+        if inputs is None or not inputs.prefs.advertise_exit_node:
+            return frozenset()
+        cached = self._exit_users
+        if cached is not None and time.monotonic() - cached[0] < EXIT_USERS_EVERY:
+            return cached[1]
+        mesh = inputs.netmap.mesh
+        users = exit_sources(conntrack.flows(), (mesh.ipv4, mesh.ipv6))
+        self._exit_users = (time.monotonic(), users)
+        return users
 
     def reach_report(self) -> dict[str, Any] | None:
         """netcheck's verdict on what reachability knows now, without a new probe."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from appliance.base.keys import PublicKey
 from appliance.control import limits, mapper, store_devices
+from appliance.control.autoapprove import AUTO_APPROVE, auto_approved
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
@@ -269,6 +270,11 @@ class ControlService:
             raise ApiError(400, str(e)) from None
         if exit_node:
             routes += [r for r in EXIT_ROUTES if r not in routes]
+        approved = auto_approved(node.tags, node.approved_routes, routes)
+        if approved is not None:  # approved first: peers get the routes with the advertisement
+            await self.changed(self.store.approve_routes, node.id, approved)
+            log.info("node %s: routes %s approved by its key's tag %s", node.name,
+                     ", ".join(map(str, approved)), AUTO_APPROVE)  # fmt: skip
         await self.changed(self.store.set_endpoints, node.id, endpoints)
         await self.changed(self.store.set_advertised_routes, node.id, routes)
         return {}
@@ -334,7 +340,7 @@ class ControlService:
                 del self._published_at[v]
 
     async def device(self, machine: PublicKey, body: object) -> dict[str, Any]:
-        """Host a stock WireGuard client (`add`) or stop hosting it (`remove`)."""
+        """Host a stock WireGuard client (`add`), rename it, or stop hosting it (`remove`)."""
         f = _fields(body)
         action = f.require("action", parse_str)
         public_key = f.require("public_key", parse_public_key)
@@ -349,6 +355,10 @@ class ControlService:
                 device = store_devices.find(node, public_key)
                 log.info("node %s hosts device %s (%s, %s)", node.name, name, device.ipv4, device.ipv6)
                 return {"addresses": [str(device.ipv4), str(device.ipv6)]}
+            if action == "rename" and name is not None:
+                await self.changed(self.store.rename_device, node.id, public_key, name)
+                log.info("node %s renamed device %s to %s", node.name, public_key.short, name)
+                return {}
             if action == "remove":
                 await self.changed(self.store.remove_device, node.id, public_key)
                 log.info("node %s no longer hosts device %s", node.name, public_key.short)
@@ -357,7 +367,7 @@ class ControlService:
             raise ApiError(409, str(e)) from None
         except NotFound as e:
             raise ApiError(404, str(e)) from None
-        raise ApiError(400, f"request: body.action: {action!r} is not add or remove")
+        raise ApiError(400, f"request: body.action: {action!r} is not add, rename (with a name) or remove")
 
     async def logout(self, machine: PublicKey, body: object) -> dict[str, Any]:
         _fields(body).done()

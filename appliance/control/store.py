@@ -272,6 +272,9 @@ class Store:
     def remove_device(self, node_id: int, public_key: PublicKey) -> NodeRecord:
         return self._change(node_id, store_devices.removing(public_key))
 
+    def rename_device(self, node_id: int, public_key: PublicKey, name: str) -> NodeRecord:
+        return self._change(node_id, store_devices.renaming(public_key, name))
+
     def approve_node(self, node_id: int) -> NodeRecord:
         """Approve the node; a node that registered pending gets its addresses now."""
 

@@ -9,6 +9,7 @@ and served as a route of the hub to every peer.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from appliance.base.keys import PublicKey
@@ -61,6 +62,19 @@ def removing(public_key: PublicKey) -> Any:
         if len(kept) == len(node.devices):
             raise NotFound(f"node {node.name} hosts no device with key {public_key.short}")
         return {"devices": dump_devices(kept)}
+
+    return values
+
+
+def renaming(public_key: PublicKey, name: str) -> Any:
+    """The `new_values` of Store._change that gives a hosted device a new name."""
+
+    def values(_tx: Tx, node: NodeRecord) -> dict[str, Any]:
+        find(node, public_key)
+        if any(d.name == name and d.public_key != public_key for d in node.devices):
+            raise NodeExists(f"node {node.name} already has a device named {name!r}")
+        renamed = [replace(d, name=name) if d.public_key == public_key else d for d in node.devices]
+        return {"devices": dump_devices(renamed)}
 
     return values
 

@@ -108,10 +108,12 @@ def test_localapi_control_create_mesh_logout_and_up_again(world: World) -> None:
     wait_status(agent, lambda s: s["led"] == "ready", what="the LED to show ready")
 
     # The control's admin API, through the agent (with the token only root can read).
+    # The mesh is the owner's own: the Pi's exit node is approved without asking (issue 16).
     (me,) = client.get("/v1/control/nodes")
     assert me["name"] == "pi" and me["advertised_routes"] == ["0.0.0.0/0", "::/0"]
-    approved = client.post(f"/v1/control/nodes/{me['id']}/routes", {"approved_routes": ["0.0.0.0/0", "::/0"]})
-    assert approved["approved_routes"] == ["0.0.0.0/0", "::/0"]
+    assert me["approved_routes"] == ["0.0.0.0/0", "::/0"] and me["tags"] == ["meshpi:auto-approve-routes"]
+    st = wait_status(agent, lambda s: s["headline"]["facts"]["control"] == "connected", what="the headline")
+    assert "approv" not in st["headline"]["text"]
     with pytest.raises(LocalAPIError) as refused:
         client.post("/v1/control/nodes/x/approve", {})
     assert refused.value.status == 400 and "not a node id" in refused.value.message

@@ -89,23 +89,33 @@ def test_web_exit_toggle_takes_effect_in_the_kernel(
 def test_web_dashboard_approves_this_nodes_exit_routes(
     client: FlaskClient, token: str, meshed: AgentNode
 ) -> None:
-    name = meshed.status()["self"]["name"]
-    node_id = _control_node(meshed, name)["id"]
-    meshed.client.post(f"/v1/control/nodes/{node_id}/routes", {"approved_routes": []})
-    # Turned on outside the dashboard (meshpi set): control waits for an approval.
+    """This node made the mesh: its exit needs no approval (issue 16, control/autoapprove.py).
+    A node that joined with a plain key waits for the Approve button."""
+    me = meshed.status()["self"]["name"]
     meshed.client.patch("/v1/prefs", {"advertise_exit_node": True})
     try:
+        wait_until(lambda: _control_node(meshed, me)["approved_routes"] == ["0.0.0.0/0", "::/0"], 10,
+                   "this node's exit approved without asking")  # fmt: skip
+        assert "offers:" not in client.get("/").get_data(as_text=True)
+    finally:
+        meshed.client.patch("/v1/prefs", {"advertise_exit_node": False})
+    login_url = meshed.status()["local_control"]["login_url"]
+    key = meshed.client.post("/v1/control/keys", {"reusable": False, "expires_in": 300})["key"]
+    with second_agent(meshed, "router") as other:
+        answer = other.client.post("/v1/up", {"login_server": login_url, "auth_key": key,
+                                              "prefs": {"advertise_exit_node": True}}, timeout=60)  # fmt: skip
+        assert answer["state"] == "connected", answer
+        name = "router"
         wait_until(lambda: "0.0.0.0/0" in _control_node(meshed, name)["advertised_routes"], 10,
                    "control to hear the advertised exit")  # fmt: skip
         page = client.get("/").get_data(as_text=True)
         assert f"<b>{name}</b> offers:" in page and 'value="exit node"' in page
+        node_id = _control_node(meshed, name)["id"]
         res = client.post(f"/nodes/{node_id}/routes", data={"csrf_token": token, "route": "exit node"},
                           follow_redirects=True)  # fmt: skip
         assert f"Approved exit node for {name}." in res.get_data(as_text=True)
         assert _control_node(meshed, name)["approved_routes"] == ["0.0.0.0/0", "::/0"]
         assert "offers:" not in client.get("/").get_data(as_text=True)
-    finally:
-        meshed.client.patch("/v1/prefs", {"advertise_exit_node": False})
 
 
 def test_web_dashboard_approves_a_waiting_node(client: FlaskClient, token: str, meshed: AgentNode) -> None:

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
+from appliance.control.autoapprove import AUTO_APPROVE
 from appliance.wire.seal import ControlPublicKey, login_url
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,9 @@ class LocalControl:
         atomic_write(self._record, json.dumps({"public_url": public_url}) + "\n")
 
     def new_auth_key(self) -> str:
-        status, answer = self.admin("POST", "keys", {"reusable": False, "expires_in": 600, "tags": []})
+        # This node is the owner's own: its advertised routes need no approval (autoapprove.py).
+        body = {"reusable": False, "expires_in": 600, "tags": [AUTO_APPROVE]}
+        status, answer = self.admin("POST", "keys", body)
         if status != 201 or not isinstance(answer, dict) or not isinstance(answer.get("key"), str):
             raise LocalControlError(502, f"control did not make a pre-auth key: {status} {answer}")
         return str(answer["key"])

@@ -240,6 +240,14 @@ class Devices:
             )
             if changed == entry:
                 return {"device": entry.to_json()}
+            if changed.name != entry.name:
+                # Control keeps the names unique per hub: it must know, or a new
+                # device could not take the old name.
+                link = self.agent.link
+                if link is None:
+                    raise DeviceError(503, "control is not reachable: the name was not changed")
+                body = {"action": "rename", "public_key": str(entry.public_key), "name": changed.name}
+                self._control(link, body)
             self._save([changed if d.id == device_id else d for d in entries])
         if changed.name != entry.name:
             log.info("device %s renamed to %s", entry.name, changed.name)

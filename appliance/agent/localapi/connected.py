@@ -7,7 +7,7 @@ mesh peers and the phones it hosts, as the kernel sees them. Pure.
 - path: only a path a recent handshake proves: "direct <endpoint>" or
   "relayed" (reach/paths.py), "trying" while candidates are being tried, else
   null (a peer that never answered has no path, relayed or not). A hosted phone
-  is direct by nature: its endpoint as the kernel knows it.
+  is direct by nature (it dials this node): the endpoint the kernel last saw it at.
 - uses_exit: the peer sends its internet traffic through this node. A hosted
   phone: its config is "all traffic" (mode all) and it is online. A mesh peer:
   netmaps do not say which exit a peer chose, so it is what this node saw: the
@@ -19,12 +19,13 @@ mesh peers and the phones it hosts, as the kernel sees them. Pure.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.keys import PublicKey
-from appliance.base.net import IPAddress
+from appliance.base.net import IPAddress, IPNetwork
+from appliance.core.nft import PRIVATE_V4, PRIVATE_V6
 from appliance.kernel.base import PeerStats
 from appliance.wire.netmap import Netmap
 
@@ -44,6 +45,19 @@ class HostedRow:
     addresses: tuple[IPAddress, ...]
     mode: str
     enabled: bool
+
+
+def exit_sources(
+    flows: Iterable[tuple[IPAddress, IPAddress]], mesh: Iterable[IPNetwork]
+) -> frozenset[IPAddress]:
+    """Mesh addresses with a flow through this node to the internet: a destination
+    outside the mesh and every private range (the LAN is not "exit")."""
+    ranges = tuple(mesh)
+    return frozenset(
+        src for src, dst in flows
+        if any(src in n for n in ranges) and not dst.is_multicast
+        and not any(dst in n for n in (*ranges, *PRIVATE_V4, *PRIVATE_V6))
+    )  # fmt: skip
 
 
 def peer_state(handshake: float | None, active: float | None, now: float) -> str:
@@ -99,7 +113,7 @@ def connected_rows(
             kind="phone",
             device_id=d.id,
             addresses=[str(a) for a in d.addresses],
-            path=f"direct {endpoint}" if online and endpoint else None,
+            path=f"direct {endpoint}" if endpoint else None,
             uses_exit=online and d.mode == "all",
             enabled=d.enabled,
         )

@@ -63,7 +63,8 @@ def _judge(f: Facts) -> tuple[str, str, str | None, str | None]:
         text = f"Control server unreachable ({why}); the mesh keeps working with the last map"
         return "error", text, why, "check this node's internet connection and that the control server runs"
     if f.control == "connecting":
-        return "warn", "Connecting to the control server", None, None
+        wait = "wait a few seconds; if this stays, check the control URL and this node's network"
+        return "warn", "Connecting to the control server", detail or None, wait
     if f.hub and f.reachable is False:
         reason, how = _split(f.reach_why or "no: not reachable")
         text = f"Not reachable from outside: {reason}" + (f"; {how}" if how else "")

@@ -243,7 +243,9 @@ def _labels(**labels: str) -> str:
 def format_status(st: Mapping[str, Any]) -> str:
     """`meshpi status` for people."""
     control = st.get("control", {})
-    lines = [
+    headline = st.get("headline")
+    lines = [f"{headline['level'].upper()}: {headline['text']}"] if headline else []
+    lines += [
         f"agent: {st['agent']} (meshpi {st.get('version', '?')}), LED {st.get('led', '?')}",
         f"control: {control.get('state')} {control.get('detail', '')}".rstrip(),
     ]
@@ -259,14 +261,17 @@ def format_status(st: Mapping[str, Any]) -> str:
         lines.append(f"endpoints: {', '.join(reach['endpoints']) or 'none known'} (port mapping: {via})")
     for conflict in st.get("route_conflicts", []):
         lines.append(f"local network wins: {conflict}")
-    for p in st.get("peers", []):
-        hs = p["last_handshake"]
-        ago = f"{time.time() - hs:.0f}s ago" if hs else "never"
+    exits = {p["public_key"] for p in st.get("peers", []) if p.get("exit_node")}
+    for p in st.get("connected", []):
+        seen = p["last_seen"]
+        ago = f"{time.time() - seen:.0f}s ago" if seen else "never"
         first = p["addresses"][0] if p["addresses"] else "-"
+        state = p["state"] if p["enabled"] else "disabled"
         lines.append(
-            f"  {p['name']:<16} {first:<15} {'online' if p['online'] else 'offline':<8}"
-            f" handshake {ago:<10} rx {p['rx_bytes']} tx {p['tx_bytes']}"
-            + (" exit-node" if p.get("exit_node") else "")
-            + (f" via {p['endpoint']}" if p["endpoint"] else "")
+            f"  {p['name']:<16} {first:<15} {p['kind']:<8} {state:<8}"
+            f" seen {ago:<10} rx {p['rx_bytes']} tx {p['tx_bytes']}"
+            + (" exit-node" if p["id"] in exits else "")
+            + (" uses-this-exit" if p["uses_exit"] else "")
+            + (f" {p['path']}" if p["path"] else "")
         )
     return "\n".join(lines)

@@ -87,4 +87,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"endpoints told to peers: {', '.join(r['endpoints']) or 'none'}",
         f"reachable from outside: {r['why']}",
     ]
+    phones = r.get("phones")
+    if phones is not None and phones["endpoint"] is not None:
+        lines.append(f"phones dial: {phones['endpoint']} ({phones['source']}: {phones['why']})")
+    elif phones is not None:
+        lines.append(f"{phones['why']}; fix: {phones['fix']}")
+    control = r.get("control")
+    if control is not None and control["local"]:
+        fix = f"; fix: {control['fix']}" if control["fix"] else ""
+        url = control["url"] or "not reachable from outside"
+        lines.append(f"control on this node: {url} ({control['why']}{fix})")
     return "\n".join(lines)

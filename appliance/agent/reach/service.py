@@ -25,6 +25,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from appliance.agent.bus import Applied
+from appliance.agent.reach.control_map import ControlMapper
+from appliance.agent.reach.phones import PhoneReach, phones
 from appliance.agent.reach.portmap import PortMapper
 from appliance.agent.reach.stun import Port, StunDiscovery
 from appliance.base.net import Endpoint
@@ -66,6 +68,9 @@ class Reachability:
         self._announced: tuple[Endpoint, ...] = ()
         self.stun = (stun or (lambda port: StunDiscovery(servers, port)))(lambda: self._port)
         self._started = False
+        # Control on this node (control_map.py): its TCP port while it runs here, else None.
+        self.local_control: Callable[[], int | None] = lambda: None
+        self.control = ControlMapper()
 
     def on_applied(self, event: Applied) -> None:
         """Subscriber of the bus: the kernel now holds this port, fwmark and prefs."""
@@ -91,9 +96,20 @@ class Reachability:
         mapped = mapper.state.external if mapper is not None else None
         return candidates(prefs, mapped, self.stun.last)
 
+    def phones(self, prefs: Prefs | None = None) -> PhoneReach:
+        """What a phone's config dials (phones.py); `prefs`: the owner's newest, if
+        not yet applied."""
+        with self._lock:
+            mapper, applied = self._mapper, self._prefs
+        mapping = mapper.state if mapper is not None else None
+        return phones(prefs or applied or Prefs(), mapping, self.stun.last)
+
     def tick(self) -> None:
         """Tell control when the candidates changed (a mapping came or went, the
         public address moved): within one tick of the loop."""
+        with self._lock:
+            prefs = self._prefs
+        self.control.follow(self.local_control(), prefs is not None and prefs.port_mapping)
         now = self.candidates()
         if now != self._announced:
             log.info("this node's endpoints: %s", ", ".join(map(str, now)) or "none known")
@@ -119,6 +135,8 @@ class Reachability:
                 "varies_by_destination": stun.varies_by_destination,
                 "errors": list(stun.errors),
             },
+            "phones": self.phones().to_json(),
+            "control": self.control.verdict(stun).to_json(),
         }  # fmt: skip
 
     def netcheck(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -129,9 +147,16 @@ class Reachability:
         stun = self.stun.wait_round(self.stun.round, timeout) or self.stun.last
         with self._lock:
             mapper, prefs = self._mapper, self._prefs
-        return report(
-            prefs or Prefs(), mapper.state if mapper else None, stun, [str(e) for e in self.candidates()]
-        )
+        mapping = mapper.state if mapper else None
+        shown = report(prefs or Prefs(), mapping, stun, [str(e) for e in self.candidates()])
+        return shown | {
+            "phones": phones(prefs or Prefs(), mapping, stun).to_json(),
+            "control": self.control.verdict(stun).to_json(),
+        }
+
+    def control_public(self) -> Endpoint | None:
+        """Where nodes away from home reach the control on this node (None: they cannot)."""
+        return self.control.public(self.stun.last)
 
     def release(self) -> None:
         """Remove the router's mapping (logout); the next apply maps again."""
@@ -142,6 +167,7 @@ class Reachability:
         """Stop probing and remove the router's mapping (the agent stops or logs out)."""
         with self._lock:
             self._close_mapper()
+        self.control.close()
         if self._started:
             self.stun.close()
 

@@ -1,0 +1,98 @@
+"""Reachability of a Pi at home (tests/netns/homeworld.py: miniupnpd on the home
+router, no port forward, a laptop away behind its own NAT):
+
+- a phone's config dials the mapped port (or the owner's dynamic DNS name); a stock
+  WireGuard client on the internet reaches the pi with it; with no mapping the
+  answer says plainly why phones cannot reach the pi, and what fixes it;
+- the owner's `public_endpoint` refuses hostile text, naming field and value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from appliance.client.localapi import LocalAPIError, LocalClient
+from tests.lab.host import wait_for
+from tests.lab.phone import stock_client
+from tests.lab.portmap_lab import GATEWAY_V4, PI_V4, WAN_V4
+from tests.netns.homeworld import HomeWorld, home_world
+
+pytestmark = pytest.mark.netns
+logger = logging.getLogger(__name__)
+MAPPED = f"{WAN_V4}:51820"
+
+
+@pytest.fixture(scope="module")
+def away() -> Iterator[HomeWorld]:
+    with home_world(away=True) as world:
+        yield world
+
+
+def _phones(world: HomeWorld) -> dict[str, Any]:
+    return world.pi.status()["reach"]["phones"]  # type: ignore[no-any-return]
+
+
+def test_reach_home_a_phone_dials_the_mapped_port_and_reaches_the_pi(away: HomeWorld) -> None:
+    pi, api = away.pi, LocalClient(str(away.pi.sock))
+    wait_for(lambda: _phones(away)["source"] == "port-mapping", 20, "the pi's mapping")
+    phones = _phones(away)
+    assert phones["endpoint"] == MAPPED and phones["reachable"] and phones["fix"] is None, phones
+    check = api.get("/v1/netcheck")
+    assert check["phones"]["endpoint"] == MAPPED, check
+    assert f"phones dial: {MAPPED}" in pi.meshpi("netcheck").stdout
+
+    answer = api.post("/v1/devices", {"name": "bob phone", "mode": "lan"}, timeout=20)
+    assert f"Endpoint = {MAPPED}" in answer["config"] and answer["phones"]["source"] == "port-mapping"
+    # A stock client on the internet (no agent, no punching) reaches the pi through the mapping.
+    phone = away.lab.internet
+    with stock_client(phone, answer["config"], f"{pi.interface}q", gateway=GATEWAY_V4):
+        wait_for(lambda: phone.ping(pi.mesh_v4(), count=1)[1] == 1, 15, "phone -> pi through the mapping")
+    api.delete(f"/v1/devices/{answer['device']['id']}")
+
+
+def test_reach_home_the_owners_name_and_hostile_names(away: HomeWorld) -> None:
+    api = LocalClient(str(away.pi.sock))
+    before = api.get("/v1/prefs")
+    for bad in ["my home.example.org", "x" * 5000, "home.example.org:99999", "[::1", "a..b", 7, ["x"],
+                "home.example.org\nPostUp = rm -rf /", "-x.example.org"]:  # fmt: skip
+        with pytest.raises(LocalAPIError) as e:
+            api.patch("/v1/prefs", {"public_endpoint": bad})
+        assert e.value.status == 400 and "public_endpoint" in e.value.message, e.value.message
+        assert repr(bad)[:40] in e.value.message, e.value.message
+    assert api.get("/v1/prefs") == before  # nothing changed
+
+    assert api.patch("/v1/prefs", {"public_endpoint": "Home.Example.org"})["public_endpoint"] == "home.example.org"
+    wait_for(lambda: _phones(away)["source"] == "public_endpoint", 10, "the owner's name")
+    answer = api.post("/v1/devices", {"name": "carol phone", "mode": "lan"}, timeout=20)
+    assert "Endpoint = home.example.org:51820" in answer["config"]  # the mapped port
+    api.delete(f"/v1/devices/{answer['device']['id']}")
+    # A bad endpoint in the request itself is refused too, before control is asked.
+    with pytest.raises(LocalAPIError) as e:
+        api.post("/v1/devices", {"name": "dave phone", "endpoint": "home example"}, timeout=20)
+    assert e.value.status == 400 and "endpoint: 'home example'" in e.value.message
+    assert api.get("/v1/devices")["devices"] == []
+    api.patch("/v1/prefs", {"public_endpoint": ""})
+
+
+def test_reach_home_without_a_mapping_the_answer_says_why_and_what_fixes_it(away: HomeWorld) -> None:
+    api = LocalClient(str(away.pi.sock))
+    api.patch("/v1/prefs", {"port_mapping": False})
+    try:
+        wait_for(lambda: not _phones(away)["reachable"], 15, "the verdict without a mapping")
+        phones = _phones(away)
+        assert phones["endpoint"] is None and "cannot reach this Pi from outside" in phones["why"]
+        assert "port mapping is off" in phones["why"] and "port_mapping" in phones["fix"]
+        answer = api.post("/v1/devices", {"name": "erin phone", "mode": "lan"}, timeout=20)
+        # At home only: the LAN address, and the answer says so plainly.
+        assert f"Endpoint = {PI_V4}:51820" in answer["config"]
+        said = answer["phones"]
+        assert said["source"] == "lan" and not said["reachable"] and "home LAN only" in said["why"], said
+        assert "forward UDP 51820" in said["fix"], said
+        api.delete(f"/v1/devices/{answer['device']['id']}")
+    finally:
+        api.patch("/v1/prefs", {"port_mapping": True})
+    wait_for(lambda: _phones(away)["source"] == "port-mapping", 20, "the mapping back")

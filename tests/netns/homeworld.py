@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,13 +71,17 @@ class HomeWorld:
 
     def auth_key(self) -> str:
         admin = [str(BIN / "meshpi-control"), "--state-dir", str(self.control_state)]
-        return self.control_host.run([*admin, "keys", "create", "--reusable", "--expires", "600"]).stdout.strip()
+        return self.control_host.run(
+            [*admin, "keys", "create", "--reusable", "--expires", "600"]
+        ).stdout.strip()
 
 
 def _control(lab: PortmapLab, host: Host, state: Path) -> subprocess.Popen[bytes]:
     proc = host.popen([str(BIN / "meshpi-control"), "--state-dir", str(state), "serve",
                        "--listen", f"0.0.0.0:{CONTROL_PORT}"], log=lab.scratch / "control.log")  # fmt: skip
-    wait_for(lambda: host.run(["ss", "-ltn", f"sport = :{CONTROL_PORT}"]).stdout.count("LISTEN"), 10, "control")
+    wait_for(
+        lambda: host.run(["ss", "-ltn", f"sport = :{CONTROL_PORT}"]).stdout.count("LISTEN"), 10, "control"
+    )
     return proc
 
 
@@ -96,10 +101,14 @@ def home_world(away: bool = False, control_here: bool = False) -> Iterator[HomeW
         world = None
         try:
             if control_here:
-                pi.meshpi("set", "--backend", "userspace", "--interface", pi.interface, "--listen-port", "51820")
+                pi.meshpi(
+                    "set", "--backend", "userspace", "--interface", pi.interface, "--listen-port", "51820"
+                )
                 created = pi.meshpi("create-mesh", timeout=150)
                 assert created.stdout.startswith("connected"), created.stdout + created.stderr
-                login = ""  # the test reads it from the pi and logs the laptop in itself
+                # What create-mesh printed for other nodes; the test logs the laptop in with it.
+                printed = re.search(r"--login-server '([^']+)'", created.stdout)
+                login = printed[1] if printed else ""
             else:
                 pub = PrivateKey(base64.b64decode((state / "control.key").read_text().strip())).public_key
                 login = login_url(f"http://{INET_V4}:{CONTROL_PORT}", pub)

@@ -18,8 +18,8 @@ import pytest
 from appliance.client.localapi import LocalAPIError, LocalClient
 from tests.lab.host import wait_for
 from tests.lab.phone import stock_client
-from tests.lab.portmap_lab import GATEWAY_V4, PI_V4, WAN_V4
-from tests.netns.homeworld import HomeWorld, home_world
+from tests.lab.portmap_lab import GATEWAY_V4, INET_V4, PI_V4, WAN_V4
+from tests.netns.homeworld import CONTROL_PORT, HomeWorld, home_world
 
 pytestmark = pytest.mark.netns
 logger = logging.getLogger(__name__)
@@ -65,7 +65,10 @@ def test_reach_home_the_owners_name_and_hostile_names(away: HomeWorld) -> None:
         assert repr(bad)[:40] in e.value.message, e.value.message
     assert api.get("/v1/prefs") == before  # nothing changed
 
-    assert api.patch("/v1/prefs", {"public_endpoint": "Home.Example.org"})["public_endpoint"] == "home.example.org"
+    assert (
+        api.patch("/v1/prefs", {"public_endpoint": "Home.Example.org"})["public_endpoint"]
+        == "home.example.org"
+    )
     wait_for(lambda: _phones(away)["source"] == "public_endpoint", 10, "the owner's name")
     answer = api.post("/v1/devices", {"name": "carol phone", "mode": "lan"}, timeout=20)
     assert "Endpoint = home.example.org:51820" in answer["config"]  # the mapped port
@@ -96,3 +99,41 @@ def test_reach_home_without_a_mapping_the_answer_says_why_and_what_fixes_it(away
     finally:
         api.patch("/v1/prefs", {"port_mapping": True})
     wait_for(lambda: _phones(away)["source"] == "port-mapping", 20, "the mapping back")
+
+
+@pytest.fixture
+def control_home() -> Iterator[HomeWorld]:
+    with home_world(control_here=True) as world:
+        yield world
+
+
+def test_reach_home_control_on_the_pi_is_mapped_and_the_laptop_logs_in_at_the_public_url(
+    control_home: HomeWorld,
+) -> None:
+    world = control_home
+    pi, laptop = world.pi, world.laptop
+    public = f"http://{WAN_V4}:{CONTROL_PORT}"
+    # create-mesh printed the public address of control's mapped port for other nodes.
+    assert world.login.startswith(f"{public}/#"), world.login
+    assert pi.status()["local_control"]["login_url"] == world.login
+    redirects = " ".join(world.upnpd.redirects())
+    assert f"{CONTROL_PORT}" in redirects and "3478" in redirects, redirects
+    control = LocalClient(str(pi.sock)).get("/v1/netcheck")["control"]
+    assert control == {"local": True, "url": public, "reachable": True, "fix": None,
+                       "why": f"the home router forwards {WAN_V4}:{CONTROL_PORT} to control here"}  # fmt: skip
+
+    # A laptop on the internet side logs in with the printed URL and reaches the pi.
+    laptop.up(world.login, world.auth_key(), 51821)
+    wait_for(lambda: laptop.host.ping(pi.mesh_v4(), count=1)[1] == 1, 20, "laptop -> pi")
+    # Control's STUN answers through its mapping too: the laptop learns its address.
+    wait_for(lambda: ((laptop.status()["reach"]["stun"] or {}).get("ipv4") or "").startswith(INET_V4), 40,
+             "the laptop's STUN through the pi's mapping")  # fmt: skip
+
+    # Without a mapping, netcheck says control must run on a reachable host, and how.
+    pi.meshpi("set", "--no-port-mapping")
+    wait_for(lambda: not world.upnpd.redirects(), 15, "the mappings removed")
+    control = LocalClient(str(pi.sock)).get("/v1/netcheck")["control"]
+    assert control["local"] and not control["reachable"] and control["url"] is None, control
+    assert "VPS" in control["fix"] and "meshpi-control serve" in control["fix"], control
+    assert "control on this node: not reachable from outside" in pi.meshpi("netcheck", check=False).stdout
+    assert not pi.status()["local_control"]["login_url"].startswith(public)

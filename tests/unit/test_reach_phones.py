@@ -66,7 +66,10 @@ def test_phones_without_mapping_or_forward_are_told_why_and_the_fix() -> None:
 
 @pytest.mark.parametrize(
     ("mapped", "seen", "words"),
-    [("100.72.1.9", "203.0.113.50", "100.64.0.0/10"), ("192.0.2.77", "203.0.113.50", "internet sees 203.0.113.50")],
+    [
+        ("100.72.1.9", "203.0.113.50", "100.64.0.0/10"),
+        ("192.0.2.77", "203.0.113.50", "internet sees 203.0.113.50"),
+    ],
 )
 def test_phones_behind_a_carriers_nat_cannot_be_reached_even_with_a_mapping(
     mapped: str, seen: str, words: str
@@ -118,3 +121,12 @@ def test_prefs_public_endpoint_refusal_names_the_field_and_the_value() -> None:
     assert parse_prefs(kept.to_json()) == kept
     assert parse_prefs({"public_endpoint": ""}).public_endpoint is None
     assert parse_prefs({"public_endpoint": None}).public_endpoint is None
+
+
+def test_phones_a_stun_server_on_this_host_says_nothing_about_a_carriers_nat() -> None:
+    # Control on the Pi itself: its STUN answers 127.0.0.1 (or a LAN address).
+    for local in ("127.0.0.1", "192.168.77.2"):
+        p = phones(Prefs(), mapping("5.5.5.1"), stun(local))
+        assert (p.endpoint, p.reachable, p.cgnat) == ("5.5.5.1:51820", True, False)
+        forward = phones(Prefs(advertise_endpoints=(ep("198.51.100.1"),)), None, stun(local))
+        assert forward.endpoint == "198.51.100.1:51820"

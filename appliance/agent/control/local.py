@@ -83,6 +83,12 @@ class LocalControl:
         # Control's port as the internet reaches it (reach/control_map.py), when mapped.
         self.public_endpoint: Callable[[], Endpoint | None] = lambda: None
 
+    def wait_public(self, timeout: float) -> None:
+        """A moment for the router to map control's port (create-mesh prints the URL once)."""
+        deadline = time.monotonic() + timeout
+        while self.public_endpoint() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def port_here(self) -> int | None:
         """Control's TCP port, while control's state is on this node and it listens here."""
         if not _loopback(self._host) or not (self.options.state_dir / "control.key").exists():

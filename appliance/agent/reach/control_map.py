@@ -58,7 +58,8 @@ class ControlMapper:
     def __init__(self, make: Mappers = _start) -> None:
         self._make = make
         self._lock = threading.Lock()
-        self._port: int | None = None  # control's TCP port while it is mapped
+        self._local: int | None = None  # control's TCP port while it runs here
+        self._port: int | None = None  # the same while it is mapped (port mapping on)
         self._mappers: list[PortMapper] = []
 
     def follow(self, port: int | None, enabled: bool) -> None:
@@ -66,6 +67,7 @@ class ControlMapper:
         and port mapping is on; stop mapping when either goes."""
         wanted = port if enabled else None
         with self._lock:
+            self._local = port
             if wanted == self._port:
                 return
             self._close()
@@ -89,11 +91,15 @@ class ControlMapper:
 
     def verdict(self, stun: Discovery | None) -> ControlReach:
         with self._lock:
-            port = self._port
+            local, port = self._local, self._port
         state = self.state()
+        if local is None:
+            return ControlReach(False, None, False, "control does not run on this node")
         if port is None or state is None:
-            why = "control does not run on this node (or port mapping is off)"
-            return ControlReach(False, None, False, why)
+            why = "nodes away from home cannot reach control here: port mapping is off (prefs port_mapping)"
+            fix = (f"turn port_mapping on, or forward TCP {local} and UDP {STUN_PORT} on the router to this "
+                   f"Pi and create the mesh with --public-url; or {ELSEWHERE}")  # fmt: skip
+            return ControlReach(True, None, False, why, fix)
         cgnat = cgnat_reason(state, stun)
         if cgnat is not None:
             return ControlReach(True, None, False, f"nodes away from home cannot reach control here: {cgnat}",
@@ -109,7 +115,7 @@ class ControlMapper:
     def close(self) -> None:
         with self._lock:
             self._close()
-            self._port = None
+            self._port = self._local = None
 
     def _close(self) -> None:
         for mapper in self._mappers:

@@ -20,7 +20,7 @@ Pure: `phones(prefs, mapping, stun)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, ip_network
 from typing import Any
 
 from appliance.agent.reach.portmap import PortMapState
@@ -29,6 +29,8 @@ from appliance.base.net import Endpoint
 from appliance.core.prefs import Prefs
 
 CGNAT = IPv4Network("100.64.0.0/10")  # RFC 6598: a carrier's NAT in front of the home router
+# What a STUN server on this host or its LAN sees (documentation ranges are not among them).
+_LOCAL = tuple(ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 
 FIX_CGNAT = (
     "ask the internet provider for a public IPv4 address (or IPv6), or make a host with one (a VPS) "
@@ -59,10 +61,18 @@ def cgnat_reason(mapping: PortMapState | None, stun: Discovery | None) -> str | 
         return (f"the home router's WAN address {mapped.host} is in 100.64.0.0/10: "
                 "the provider's carrier-grade NAT (CGNAT) is in front of it")  # fmt: skip
     seen = stun.v4 if stun is not None else None
-    if seen is not None and seen.host != mapped.host:
+    # A STUN server on this host or LAN (control on the Pi itself) sees a local address:
+    # that says nothing about the internet.
+    if seen is not None and seen.host != mapped.host and not local_address(seen):
         return (f"the home router's WAN address is {mapped.host} but the internet sees {seen.host}: "
                 "another NAT (the provider's CGNAT) is in front of it")  # fmt: skip
     return None
+
+
+def local_address(endpoint: Endpoint) -> bool:
+    """Seen from this host or its LAN: loopback, link-local, RFC 1918 or ULA."""
+    host = endpoint.host
+    return host.is_loopback or host.is_link_local or any(host in net for net in _LOCAL)
 
 
 def phones(prefs: Prefs, mapping: PortMapState | None, stun: Discovery | None) -> PhoneReach:
@@ -70,6 +80,8 @@ def phones(prefs: Prefs, mapping: PortMapState | None, stun: Discovery | None) -
     mapped = mapping.external if mapping is not None else None
     protocol = mapping.protocol if mapping is not None else None
     seen = stun.v4 if stun is not None and not stun.varies_by_destination else None
+    if seen is not None and local_address(seen):
+        seen = None
     port = prefs.listen_port
     if prefs.public_endpoint is not None:
         # The owner's word wins; a mapping's external port is the one to dial when the name has none.

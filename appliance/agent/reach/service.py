@@ -43,7 +43,8 @@ def candidates(prefs: Prefs | None, mapped: Endpoint | None, stun: Any) -> tuple
     if mapped is not None:
         found.append(mapped)
     if stun is not None:
-        if stun.v4 is not None and not stun.varies_by_destination:
+        # A loopback answer (control's STUN on this very node) is no address for peers.
+        if stun.v4 is not None and not stun.varies_by_destination and not stun.v4.host.is_loopback:
             found.append(stun.v4)
         if stun.v6 is not None:
             found.append(stun.v6)
@@ -109,7 +110,8 @@ class Reachability:
         public address moved): within one tick of the loop."""
         with self._lock:
             prefs = self._prefs
-        self.control.follow(self.local_control(), prefs is not None and prefs.port_mapping)
+        # Before the first apply too: create-mesh shares control's public URL as soon as it can.
+        self.control.follow(self.local_control(), prefs is None or prefs.port_mapping)
         now = self.candidates()
         if now != self._announced:
             log.info("this node's endpoints: %s", ", ".join(map(str, now)) or "none known")

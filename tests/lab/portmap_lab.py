@@ -268,14 +268,25 @@ class PortmapLab:
             self.hosts["away"].run(["nft", "-f", "-"], input=AWAY_NFT)
 
     def change_wan_address(self, new: str) -> None:
-        """The ISP hands the router a new address (same subnet, same upstream)."""
+        """The ISP hands the router a new address (same subnet, same upstream), and the
+        old one is gone from the internet: packets to it go nowhere, packets from it are
+        dropped at the ISP's edge (a flow the router still holds in conntrack with the
+        old address must not keep working, as it would not out there)."""
+        old = [WAN_V4]
         self.router.run(["ip", "addr", "del", f"{WAN_V4}/24", "dev", "wan"], check=False)
         for line in self.router.run(["ip", "-4", "-o", "addr", "show", "dev", "wan"]).stdout.splitlines():
             match = re.search(r"inet (\S+)", line)
             if match:
                 self.router.run(["ip", "addr", "del", match[1], "dev", "wan"])
+                old.append(match[1].split("/")[0])
         self.router.run(["ip", "addr", "add", f"{new}/24", "dev", "wan"])
         self.router.run(["ip", "route", "replace", "default", "via", INET_V4])
+        self.internet.run(["sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=1",
+                           "net.ipv4.conf.router.rp_filter=1"])  # fmt: skip
+        for address in old:
+            if address != new:
+                self.internet.run(["ip", "route", "replace", "blackhole", f"{address}/32"])
+        self.internet.run(["ip", "route", "del", "blackhole", f"{new}/32"], check=False)
 
     def stop_process(self, proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
         if proc.poll() is None:

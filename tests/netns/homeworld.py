@@ -86,8 +86,8 @@ def _control(lab: PortmapLab, host: Host, state: Path) -> subprocess.Popen[bytes
 
 
 @contextlib.contextmanager
-def home_world(away: bool = False, control_here: bool = False) -> Iterator[HomeWorld]:
-    with PortmapLab(away=away) as lab:
+def home_world(away: bool = False, control_here: bool = False, keep: bool = False) -> Iterator[HomeWorld]:
+    with PortmapLab(away=away, keep=keep) as lab:
         upnpd = Miniupnpd(lab).start()
         tag = f"{os.getpid() % 1000}{lab.run_id.split('x')[1]}"[-6:]  # /var/run/wireguard is shared
         laptop_host = lab.hosts["laptop"] if away else lab.internet

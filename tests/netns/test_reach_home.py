@@ -4,19 +4,27 @@ router, no port forward, a laptop away behind its own NAT):
 - a phone's config dials the mapped port (or the owner's dynamic DNS name); a stock
   WireGuard client on the internet reaches the pi with it; with no mapping the
   answer says plainly why phones cannot reach the pi, and what fixes it;
-- the owner's `public_endpoint` refuses hostile text, naming field and value.
+- the owner's `public_endpoint` refuses hostile text, naming field and value;
+- control on the pi (create-mesh): its port mapped, the laptop logs in at the printed
+  public URL; without a mapping netcheck says control must run on a VPS;
+- the home router's WAN address changes (the old one gone from the internet): the pi
+  notices, re-maps, re-announces within 30 s, and the laptop behind its own NAT is
+  back (relay, then direct) within 60 s with no user action.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from appliance.client.localapi import LocalAPIError, LocalClient
-from tests.lab.host import wait_for
+from tests.lab.host import Host, wait_for
 from tests.lab.phone import stock_client
 from tests.lab.portmap_lab import GATEWAY_V4, INET_V4, PI_V4, WAN_V4
 from tests.netns.homeworld import CONTROL_PORT, HomeWorld, home_world
@@ -137,3 +145,65 @@ def test_reach_home_control_on_the_pi_is_mapped_and_the_laptop_logs_in_at_the_pu
     assert "VPS" in control["fix"] and "meshpi-control serve" in control["fix"], control
     assert "control on this node: not reachable from outside" in pi.meshpi("netcheck", check=False).stdout
     assert not pi.status()["local_control"]["login_url"].startswith(public)
+
+
+NEW_WAN_V4 = "5.5.5.77"
+ANNOUNCE_WITHIN, RECONNECT_WITHIN = 30.0, 60.0
+
+
+def _pinged(host: Host, dst: str) -> bool:
+    return host.ping_result(dst, count=1, wait=1).received == 1
+
+
+def test_reach_home_a_new_wan_address_is_remapped_announced_and_the_laptop_reconnects(
+    away: HomeWorld,
+) -> None:
+    """Runs last on the module's world: the home router's address changes for good."""
+    pi, laptop = away.pi, away.laptop
+    pi_v4 = pi.mesh_v4()
+    wait_for(lambda: _phones(away)["endpoint"] == MAPPED, 20, "the pi's mapping")
+    wait_for(lambda: _pinged(laptop.host, pi_v4), 30, "laptop (behind its NAT) -> pi")
+    wait_for(lambda: (laptop.peer("pi") or {}).get("path") == f"direct {MAPPED}", 30, "a direct path")
+
+    # A ping every 0.2 s from the laptop, timestamped (-D): the first answer after the change is the reconnect.
+    stream = subprocess.Popen(
+        ["ip", "netns", "exec", laptop.host.ns, "ping", "-n", "-D", "-i", "0.2", "-W", "1", "-w", "90", pi_v4],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1)  # a few answers before the change, so the stream is known to work
+        changed, changed_wall = time.monotonic(), time.time()
+        away.lab.change_wan_address(NEW_WAN_V4)  # miniupnpd and the masquerade follow the router's address
+        new = f"{NEW_WAN_V4}:51820"
+
+        def announced() -> bool:
+            endpoints = pi.status()["reach"]["endpoints"]
+            return bool(endpoints) and endpoints[0] == new
+
+        wait_for(
+            announced, ANNOUNCE_WITHIN + 5, "the pi to notice and re-announce its new address", interval=0.2
+        )
+        noticed = time.monotonic() - changed
+        wait_for(lambda: (laptop.peer("pi") or {}).get("path") == f"direct {new}", RECONNECT_WITHIN + 10,
+                 "the laptop's direct path to the new address", interval=0.2)  # fmt: skip
+        direct = time.monotonic() - changed
+        time.sleep(1)
+    finally:
+        stream.terminate()
+    out, _ = stream.communicate(timeout=10)
+    answers = [float(m[1]) for m in re.finditer(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+    before = [t for t in answers if t < changed_wall]
+    after = [t for t in answers if t > changed_wall + 0.5]  # not an answer already on its way
+    assert before and after, out[-2000:]
+    reconnected = after[0] - changed_wall
+    logger.info("WAN %s -> %s: re-announced after %.1f s, first ping answered after %.1f s, direct again "
+                "after %.1f s", WAN_V4, NEW_WAN_V4, noticed, reconnected, direct)  # fmt: skip
+    print(
+        f"\nWAN change: re-announced {noticed:.1f} s, reconnected {reconnected:.1f} s, direct {direct:.1f} s"
+    )
+    assert noticed <= ANNOUNCE_WITHIN, noticed
+    assert reconnected <= RECONNECT_WITHIN and direct <= RECONNECT_WITHIN, (reconnected, direct)
+    assert any(f"{NEW_WAN_V4}" in line or "51820" in line for line in away.upnpd.redirects()), "re-mapped"
+    assert _phones(away)["endpoint"] == new  # a phone's new config dials the new address
+    # Pings flow: a short stream loses nothing.
+    assert laptop.host.ping(pi_v4, count=5)[1] == 5

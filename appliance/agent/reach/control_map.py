@@ -28,6 +28,7 @@ from appliance.base.net import Endpoint
 log = logging.getLogger(__name__)
 
 STUN_PORT = 3478
+CHECK = 10.0  # seconds between looks at the router: a new WAN address gives a new login URL soon
 ELSEWHERE = (
     "run control on a host the internet reaches (a VPS): `meshpi-control serve` there, "
     "then `meshpi up --login-server <the URL it prints>` on every node, this Pi included"
@@ -38,7 +39,7 @@ Mappers = Callable[[int, str], PortMapper]
 
 
 def _start(port: int, transport: str) -> PortMapper:
-    return PortMapper(port, transport=transport).start()
+    return PortMapper(port, transport=transport, probe_interval=CHECK).start()
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,13 @@ from appliance.core.prefs import Prefs
 log = logging.getLogger(__name__)
 
 MapperFactory = Callable[[int], PortMapper]
+# Seconds between looks at the home router (PCP renewal, NAT-PMP/UPnP external address):
+# the router knows its new WAN address at once, so this bounds how late it is noticed.
+MAP_CHECK = 10.0
+
+
+def _mapper(port: int) -> PortMapper:
+    return PortMapper(port, probe_interval=MAP_CHECK).start()
 
 
 def candidates(prefs: Prefs | None, mapped: Endpoint | None, stun: Any) -> tuple[Endpoint, ...]:
@@ -56,7 +63,7 @@ class Reachability:
         self,
         servers: Callable[[], Sequence[Endpoint]],
         announce: Callable[[], None],
-        mapper: MapperFactory = lambda port: PortMapper(port).start(),
+        mapper: MapperFactory = _mapper,
         stun: Callable[[Callable[[], Port | None]], StunDiscovery] | None = None,
     ) -> None:
         """`announce()` is called (on the caller's thread of `tick`) when the
@@ -67,6 +74,10 @@ class Reachability:
         self._prefs: Prefs | None = None
         self._mapper: PortMapper | None = None
         self._announced: tuple[Endpoint, ...] = ()
+        self._seen: tuple[Endpoint | None, Endpoint | None] = (
+            None,
+            None,
+        )  # (mapped, STUN v4) at the last tick
         self.stun = (stun or (lambda port: StunDiscovery(servers, port)))(lambda: self._port)
         self._started = False
         # Control on this node (control_map.py): its TCP port while it runs here, else None.
@@ -112,11 +123,31 @@ class Reachability:
             prefs = self._prefs
         # Before the first apply too: create-mesh shares control's public URL as soon as it can.
         self.control.follow(self.local_control(), prefs is None or prefs.port_mapping)
+        self._cross_check()
         now = self.candidates()
         if now != self._announced:
             log.info("this node's endpoints: %s", ", ".join(map(str, now)) or "none known")
             self._announced = now
             self._announce()
+
+    def _cross_check(self) -> None:
+        """A new public address seen one way is checked the other way at once: the
+        router's new WAN address makes STUN probe now, STUN's new reflexive address
+        makes the mapper look at the router now. So both agree within a second and the
+        candidates (and the phones' verdict) do not flap while one lags."""
+        with self._lock:
+            mapper = self._mapper
+        mapped = mapper.state.external if mapper is not None else None
+        last = self.stun.last
+        seen = last.v4 if last is not None else None
+        before_mapped, before_seen = self._seen
+        self._seen = (mapped, seen)
+        if mapped is not None and before_mapped is not None and mapped != before_mapped:
+            log.info("the home router's mapping moved to %s: STUN again now", mapped)
+            self.stun.probe_now()
+        if seen is not None and before_seen is not None and seen != before_seen and mapper is not None:
+            log.info("STUN sees a new public address %s: asking the home router now", seen)
+            mapper.check_now()
 
     def status(self) -> dict[str, Any]:
         with self._lock:

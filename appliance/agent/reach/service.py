@@ -82,6 +82,8 @@ class Reachability:
         self._started = False
         # Control on this node (control_map.py): its TCP port while it runs here, else None.
         self.local_control: Callable[[], int | None] = lambda: None
+        # Called when this node's public address moved (the agent re-polls control then).
+        self.on_moved: Callable[[], None] = lambda: None
         self.control = ControlMapper()
 
     def on_applied(self, event: Applied) -> None:
@@ -142,12 +144,18 @@ class Reachability:
         seen = last.v4 if last is not None else None
         before_mapped, before_seen = self._seen
         self._seen = (mapped, seen)
-        if mapped is not None and before_mapped is not None and mapped != before_mapped:
+        moved = False
+        if mapped is not None and before_mapped is not None and mapped.host != before_mapped.host:
             log.info("the home router's mapping moved to %s: STUN again now", mapped)
             self.stun.probe_now()
-        if seen is not None and before_seen is not None and seen != before_seen and mapper is not None:
-            log.info("STUN sees a new public address %s: asking the home router now", seen)
-            mapper.check_now()
+            moved = True
+        if seen is not None and before_seen is not None and seen.host != before_seen.host:
+            if mapper is not None:
+                log.info("STUN sees a new public address %s: asking the home router now", seen)
+                mapper.check_now()
+            moved = True
+        if moved:  # connections through the NAT (control's long-poll) rode the old address
+            self.on_moved()
 
     def status(self) -> dict[str, Any]:
         with self._lock:

@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
             help="where the internet reaches this node (a port forward); repeatable",
         )
         cmd.add_argument(
+            "--public-endpoint",
+            metavar="HOST[:PORT]",
+            default=None,
+            help="what phones dial to reach this node: a (dynamic) DNS name or address ('' for: found out)",
+        )
+        cmd.add_argument(
             "--exit-node",
             metavar="NAME|IP",
             default=None,
@@ -283,6 +289,10 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
     def serve(agent: Agent) -> Any:
         from appliance.agent.localapi.routes import build_router
         from appliance.agent.localapi.server import serve
+
+        if agent.reach is not None:  # control on this node: its ports mapped, its public URL shared
+            agent.reach.local_control = local.port_here
+            local.public_endpoint = agent.reach.control_public
 
         return serve(Path(args.local_api), build_router(agent, local), args.local_api_group)
 

@@ -40,6 +40,7 @@ from appliance.wire.fields import ConfigError
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
+    from appliance.agent.reach.phones import PhoneReach
     from appliance.agent.reach.service import Reachability
     from appliance.core.conflicts import RouteConflict
 
@@ -114,6 +115,13 @@ class AgentLocal:
 
     def netcheck(self) -> dict[str, Any] | None:
         return self.reach.netcheck() if self.reach is not None else None
+
+    def phones_reach(self) -> PhoneReach:
+        """What a hosted phone's config dials (reach/phones.py), with the owner's newest prefs."""
+        from appliance.agent.reach.phones import phones
+
+        prefs = self.stored_prefs()
+        return self.reach.phones(prefs) if self.reach is not None else phones(prefs, None, None)
 
     def reach_status(self) -> dict[str, Any] | None:
         """Port mapping, STUN and the endpoints told to control (None in static mode)."""

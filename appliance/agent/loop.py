@@ -312,6 +312,7 @@ class Agent(AgentLocal):
 
             self.reach = Reachability(self._stun_servers, self._endpoints_changed)
             self.bus.subscribe(self.reach.on_applied)
+            self.reach.on_moved = lambda: self.link.network_changed() if self.link is not None else None
             from appliance.agent.reach.paths import PathChooser, relay_from_login
 
             self.paths = PathChooser(self, self.bus.put, relay_from_login(self.state))
@@ -418,6 +419,8 @@ class Agent(AgentLocal):
                 )
                 if self.reach is not None:
                     self.reach.stun.probe_now()  # a new network: maybe a new public address
+                if self.link is not None:
+                    self.link.network_changed()  # the long-poll rode the old address
             if batch or time.monotonic() >= next_tick:
                 self.tick()
                 if self.reach is not None:

@@ -30,6 +30,7 @@ from appliance.base.keys import PublicKey
 from appliance.control import admin, stun
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.relay import Relay, add_relay
+from appliance.control.relay_limits import RelayLimits
 from appliance.control.service import ApiError, ControlService
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
@@ -113,7 +114,9 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=f"meshpi control\nlogin URL: {login_url(str(request.url.origin()), key)}\n")
 
 
-def create_app(service: ControlService, control_key: NaclPrivateKey) -> web.Application:
+def create_app(
+    service: ControlService, control_key: NaclPrivateKey, relay_limits: RelayLimits | None = None
+) -> web.Application:
     """The public listener's application: the node API only. It owns the service
     (starts its pruning, closes it on cleanup)."""
     app = web.Application(client_max_size=MAX_BODY + 4096)
@@ -123,7 +126,7 @@ def create_app(service: ControlService, control_key: NaclPrivateKey) -> web.Appl
     app[BOXES] = TrustedBoxes(control_key, app[SESSIONS])
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
-    add_relay(app, Relay(service, control_key, app[BOXES]))
+    add_relay(app, Relay(service, control_key, app[BOXES], relay_limits))
 
     async def start(_app: web.Application) -> None:
         service.start()
@@ -173,6 +176,7 @@ def serve(
     public_url: str | None,
     admin_listen: str,
     stun_listen: str | None = "off",
+    relay_limits: RelayLimits | None = None,
 ) -> None:
     """stun_listen None: the default address, and a busy port there is a warning, not an end."""
     host, port = parse_listen("--listen", listen)
@@ -182,7 +186,11 @@ def serve(
     token = load_admin_token(state_dir)
     url = db or str(state_dir / "control.db")
     service = ControlService(lambda: open_store(url))
-    app = create_app(service, key)
+    limits = relay_limits or RelayLimits()
+    app = create_app(service, key, limits)
+    log.info("relay limits per node: %g frames/s (burst %g), %g bytes/s (burst %g); at most %d nodes",
+             limits.frames_per_s, limits.frame_burst, limits.bytes_per_s, limits.byte_burst,
+             limits.max_connections)  # fmt: skip
     if stun_at is not None:
         app.cleanup_ctx.append(_stun_ctx(*stun_at, required=stun_listen is not None))
     shown = public_url or f"http://{host if host not in ('', '0.0.0.0', '::') else '<this host>'}:{port}"

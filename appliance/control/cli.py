@@ -1,7 +1,8 @@
 """`meshpi-control`: run the coordination server, and administer it.
 
     meshpi-control serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--stun-listen HOST:PORT|off]
-                         [--db URL] [--state-dir D]
+                         [--db URL] [--state-dir D] [--relay-frames-per-s N] [--relay-frame-burst N]
+                         [--relay-bytes-per-s N] [--relay-byte-burst N] [--relay-max-connections N]
     meshpi-control nodes list|approve ID|remove ID|expire ID
     meshpi-control routes list|approve ID CIDR...
     meshpi-control keys create [--reusable] [--expires SECONDS] [--tag T]...|list|revoke ID
@@ -21,10 +22,12 @@ import logging
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from appliance.control.keys import ControlKeyError
+from appliance.control.relay_limits import RelayLimits, parse_amount
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshpi-control")
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -56,6 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--db", help="sqlite path or postgresql://… URL (default STATE_DIR/control.db)")
     serve.add_argument("--public-url", help="the URL nodes use, for the login URL it prints")
+    relay = serve.add_argument_group(
+        "relay limits",
+        "per node, what it may send through the relay (WireGuard packets between nodes that "
+        "cannot reach each other directly); over the rate, frames are dropped and counted in /metrics. "
+        "Numbers take a k, M or G suffix (powers of 1000)",
+    )
+    d = RelayLimits()
+    for flag, default, words in (
+        ("--relay-frames-per-s", d.frames_per_s, "packets a second per node"),
+        ("--relay-frame-burst", d.frame_burst, "packets a node may send at once above its rate"),
+        ("--relay-bytes-per-s", d.bytes_per_s, "bytes a second per node (4M = 32 Mbit/s; a relayed byte "
+         "crosses control's uplink twice)"),
+        ("--relay-byte-burst", d.byte_burst, "bytes a node may send at once above its rate"),
+        ("--relay-max-connections", d.max_connections, "nodes on the relay at once; more are refused "
+         "(try again later), and as many again may be proving who they are"),
+    ):  # fmt: skip
+        whole = flag == "--relay-max-connections"
+        relay.add_argument(flag, type=_amount(whole), default=default, metavar="N",
+                           help=f"{words} (default {default:.0f})")  # fmt: skip
 
     server_opt = argparse.ArgumentParser(add_help=False)
     server_opt.add_argument(
@@ -87,6 +109,27 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("list", parents=[server_opt])
     keys_sub.add_parser("revoke", parents=[server_opt]).add_argument("id", type=int)
     return p
+
+
+def _amount(whole: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return parse_amount(text, whole)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def relay_limits(args: argparse.Namespace) -> RelayLimits:
+    """The serve flags as RelayLimits (ValueError naming the limit when they do not fit)."""
+    return RelayLimits(
+        frames_per_s=args.relay_frames_per_s,
+        frame_burst=args.relay_frame_burst,
+        bytes_per_s=args.relay_bytes_per_s,
+        byte_burst=args.relay_byte_burst,
+        max_connections=int(args.relay_max_connections),
+    )
 
 
 class AdminError(Exception):
@@ -181,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from appliance.control.app import serve
 
-            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen)
+            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen,
+                  relay_limits(args))  # fmt: skip
             return 0
         return _admin(args)
     except (AdminError, ControlKeyError) as e:

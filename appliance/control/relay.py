@@ -24,7 +24,8 @@ The relay only ever carries WireGuard ciphertext: it cannot read the frames and
 does not try. Limits per node (relay_limits.RelayLimits): frames over the rate or
 byte budget are dropped and counted, a message over MAX_FRAME closes the
 connection (1009), one live connection per node (a newer one replaces the older:
-a node that lost its link reconnects before the server noticed). Frames to keys
+a node that lost its link reconnects before the server noticed), at most
+`max_connections` nodes at once (and as many being set up; past that 1013). Frames to keys
 not connected are dropped and counted, logged once a minute per key.
 """
 
@@ -93,6 +94,7 @@ class Relay:
         self._log_once = LogOnce()
         self._watcher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
+        self._proving = 0  # connections between accept and authenticated
 
     # -- connections ------------------------------------------------------------------
 
@@ -102,8 +104,19 @@ class Relay:
         )
         await ws.prepare(request)
         peer = request.remote or "?"
-        node = await self._authenticate(ws, peer)
+        cap = self.limits.max_connections
+        if self._proving >= cap:  # a flood of connections that never answer holds no more than this
+            await self._refuse(ws, peer, "full", f"the relay is full ({cap} connections being set up)")
+            return ws
+        self._proving += 1
+        try:
+            node = await self._authenticate(ws, peer)
+        finally:
+            self._proving -= 1
         if node is None:
+            return ws
+        if len(self._by_node) >= cap and node.id not in self._by_node:
+            await self._refuse(ws, peer, "full", f"the relay is full ({cap} nodes): try again later")
             return ws
         conn = self._attach(node, ws)
         log.info("relay: %s (%s) connected from %s", node.name, node.node_key.short, peer)
@@ -154,6 +167,8 @@ class Relay:
         self.metrics.refused[reason] += 1
         self._log_once(peer, reason, self.clock(), "relay: refused %s (%s): %s", peer, reason, message)
         code = NOT_APPROVED if reason in ("pending", "expired", "unknown") else UNAUTHENTICATED
+        if reason == "full":
+            code = WSCloseCode.TRY_AGAIN_LATER
         await ws.close(code=code, message=message.encode()[:120])
 
     def _attach(self, node: NodeRecord, ws: web.WebSocketResponse) -> _Conn:

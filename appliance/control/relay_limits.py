@@ -30,14 +30,39 @@ class RelayLimits:
     bytes_per_s: float = 4_000_000.0  # 32 Mbit/s
     byte_burst: float = 1_000_000.0
     queue: int = 512  # frames waiting for a slow receiver before the next is dropped
+    # Nodes on the relay at once (and, as many again, connections still proving who
+    # they are): past that a new one is refused with 1013 "try again later".
+    max_connections: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("frames_per_s", "frame_burst", "bytes_per_s", "byte_burst"):
             value = getattr(self, name)
-            if not value > 0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"relay limit {name}: {value!r} is not a positive number")
-        if self.queue < 1:
-            raise ValueError(f"relay limit queue: {self.queue!r} is not a positive number")
+        for name in ("queue", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"relay limit {name}: {value!r} is not a positive whole number")
+
+
+_UNITS = {"k": 1000, "m": 1000**2, "g": 1000**3, "": 1}
+
+
+def parse_amount(text: str, whole: bool = False) -> float:
+    """A positive number, with an optional k/M/G suffix (powers of 1000): `4M`, `250k`,
+    `4000000`. ValueError quoting the text otherwise."""
+    raw = text.lower()
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    try:
+        if len(text) > 32 or not raw.isprintable() or any(c.isspace() for c in raw):
+            raise ValueError(text)
+        value = float(raw[: len(raw) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e15 or (whole and value != int(value)):
+        kind = "whole number (e.g. 1024 or 10k)" if whole else "number (e.g. 4000000, 4M or 250k)"
+        raise ValueError(f"{text[:40]!r} is not a positive {kind}")
+    return int(value) if whole else value
 
 
 @dataclass(slots=True)
@@ -89,7 +114,8 @@ class RelayMetrics:
             "# HELP meshpi_relay_refused_total Relay connections refused or closed, by reason.",
             "# TYPE meshpi_relay_refused_total counter",
         ]
-        for reason in ("auth", "replay", "timeout", "unknown", "pending", "expired", "oversize", "replaced"):
+        for reason in ("auth", "replay", "timeout", "unknown", "pending", "expired", "oversize", "replaced",
+                       "full"):  # fmt: skip
             lines.append(f'meshpi_relay_refused_total{{reason="{reason}"}} {self.refused[reason]}')
         return lines
 

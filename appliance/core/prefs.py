@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.base.net import Endpoint, IPNetwork
+from appliance.core.hostport import HostPort, parse_host_port
 from appliance.wire.fields import (
     Fields,
     int_range,
@@ -42,6 +43,10 @@ def _parse_optional_str(value: object) -> str | None:
     return None if value is None else parse_str(value) or None
 
 
+def _parse_public_endpoint(value: object) -> HostPort | None:
+    return None if value is None or value == "" else parse_host_port(value)
+
+
 @dataclass(frozen=True)
 class Prefs:
     interface: str = "meshpi0"
@@ -62,6 +67,10 @@ class Prefs:
     # Where peers can reach this node from the internet (a port forward on the home
     # router): until NAT traversal finds them, the owner says so.
     advertise_endpoints: tuple[Endpoint, ...] = ()
+    # What phones (stock WireGuard apps, which cannot punch) dial: a DNS name the
+    # owner keeps pointed at home (dynamic DNS), host[:port]; None: found out
+    # (reach/phones.py: the mapped port, else a forward's public address).
+    public_endpoint: HostPort | None = None
     # Status LEDs: one on each of these BCM GPIO pins, and the board's own ACT
     # (or led0) LED under /sys/class/leds when there is one.
     led_pins: tuple[int, ...] = ()
@@ -95,6 +104,7 @@ class Prefs:
         out = asdict(self)
         out["advertise_routes"] = [str(r) for r in self.advertise_routes]
         out["advertise_endpoints"] = [str(e) for e in self.advertise_endpoints]
+        out["public_endpoint"] = str(self.public_endpoint) if self.public_endpoint is not None else None
         out["led_pins"] = list(self.led_pins)
         out["stun_servers"] = [str(e) for e in self.stun_servers]
         return out
@@ -120,6 +130,7 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         ),
         hostname=f.get("hostname", _parse_optional_name, d.hostname),
         advertise_endpoints=f.get_list("advertise_endpoints", parse_endpoint),
+        public_endpoint=f.get("public_endpoint", _parse_public_endpoint, d.public_endpoint),
         led_pins=f.get_list("led_pins", int_range(0, GPIO_PINS)),
         act_led=f.get("act_led", parse_bool, d.act_led),
         port_mapping=f.get("port_mapping", parse_bool, d.port_mapping),

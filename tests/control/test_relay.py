@@ -8,12 +8,13 @@ wireguard-go and a blocked direct path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,29 @@ def test_relay_removed_node_is_disconnected(server: Server, pair: tuple[Side, Si
     server.admin("DELETE", f"/admin/v1/nodes/{b_id}")
     wait_for(lambda: server.relay.metrics.connections == 1, 5, "b to leave the relay")
     assert "meshpi_relay_connections 1" in server.metrics()
+
+
+def test_relay_max_connections_refuses_the_next_node_and_lets_it_in_later(
+    server: Server, pair: tuple[Side, Side]
+) -> None:
+    a, b = pair
+    server.relay.limits = replace(LIMITS, max_connections=2)
+    third = server.node("third")
+    with server.raw() as conn:
+        conn.send(_answer(conn, third.machine, server))
+        code, reason = _refusal(conn)
+        assert code == 1013 and "full" in reason, reason
+    assert server.relay.metrics.refused["full"] == 1
+    assert 'meshpi_relay_refused_total{reason="full"} 1' in server.metrics()
+    # Unanswered handshakes count too: with 2 already proving who they are, a third waits its turn.
+    with contextlib.ExitStack() as stack:
+        for _ in range(2):
+            stack.enter_context(server.raw()).recv(timeout=5)  # the challenge: this one is being set up
+        with server.raw() as conn:
+            assert _refusal(conn)[0] == 1013
+    _exchange(a, b, b"the two on the relay carry on")
+    a.client.close()  # a leaves: room for the third
+    wait_for(lambda: server.relay.metrics.connections == 1, 5, "a to leave")
+    with server.raw() as conn:
+        conn.send(_answer(conn, third.machine, server))
+        assert isinstance(conn.recv(timeout=5), bytes)  # the sealed welcome

@@ -14,6 +14,15 @@ these namespaces (nothing leaves them: the inet host is the end of the world).
            +-- pi     192.168.77.2/24 gw .1
            +-- rogue  192.168.77.3/24 gw .1   (another host on the LAN)
 
+With away=True, a laptop behind a NAT of its own (plain masquerade: a hotel, a
+phone's hotspot), and inet routes between the two upstreams:
+
+    inet   6.6.6.254/24 on "away"
+     |
+    [wan] away  6.6.6.1/24                masquerade; nothing forwarded in
+          lan   192.168.88.1/24
+           +-- laptop 192.168.88.2/24 gw .1
+
 Namespaces are `mp<pid>x<n>-<role>` like the main lab's, so `python -m tests.lab down`
 removes leftovers of a crashed run.
 """
@@ -43,6 +52,7 @@ GATEWAY_V4, GATEWAY_ALT_V4 = "192.168.77.1", "192.168.77.254"
 PI_V4, ROGUE_V4 = "192.168.77.2", "192.168.77.3"
 LAN = "192.168.77.0/24"
 MINIUPNPD = "/usr/sbin/miniupnpd"
+AWAY_WAN_V4, AWAY_INET_V4, LAPTOP_V4 = "6.6.6.1", "6.6.6.254", "192.168.88.2"
 _counter = itertools.count(500)  # the main lab counts from 0; keep out of its way
 
 _LINKS = {
@@ -99,6 +109,29 @@ table inet filter {{
     chain postrouting_miniupnpd {{
     }}
 }}
+"""
+_AWAY_LINKS = {
+    "inet": ["link add away index 204 type veth peer name wan netns {away}"],
+    "away": ["link add lan index 205 type veth peer name eth0 netns {laptop}"],
+}
+_AWAY_ADDRS = {
+    "inet": [f"addr add {AWAY_INET_V4}/24 dev away", "link set away up"],
+    "away": [f"addr add {AWAY_WAN_V4}/24 dev wan", "addr add 192.168.88.1/24 dev lan", "link set wan up",
+             "link set lan up", f"route add default via {AWAY_INET_V4}"],
+    "laptop": [f"addr add {LAPTOP_V4}/24 dev eth0", "link set eth0 up", "route add default via 192.168.88.1"],
+}  # fmt: skip
+AWAY_NFT = """
+table ip away {
+    chain forward {
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "lan" oifname "wan" accept
+    }
+    chain postrouting {
+        type nat hook postrouting priority 100; policy accept;
+        oifname "wan" masquerade
+    }
+}
 """
 MINIUPNPD_CHAINS = ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd")
 
@@ -186,13 +219,12 @@ class Miniupnpd:
 class PortmapLab:
     """The topology above as a context manager; always torn down."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, away: bool = False) -> None:
         self.run_id = f"{os.getpid()}x{next(_counter)}"
         self.prefix = f"mp{self.run_id}-"
-        self.keep = keep
-        self.hosts = {
-            role: Host(self, role, self.prefix + role) for role in ("inet", "router", "pi", "rogue")
-        }  # type: ignore[arg-type]
+        self.keep, self.away = keep, away
+        roles = ("inet", "router", "pi", "rogue", *(("away", "laptop") if away else ()))
+        self.hosts = {role: Host(self, role, self.prefix + role) for role in roles}  # type: ignore[arg-type]
         self.internet, self.router = self.hosts["inet"], self.hosts["router"]
         self.pi, self.rogue = self.hosts["pi"], self.hosts["rogue"]
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -213,28 +245,48 @@ class PortmapLab:
 
     def up(self) -> None:
         names = {role: host.ns for role, host in self.hosts.items()}
+        routers = ("router", "away", "inet") if self.away else ("router",)  # inet routes between the two
         for role, host in self.hosts.items():
             netns.create(host.ns)
             self._created.append(host.ns)
-            on = "1" if role == "router" else "0"
+            on = "1" if role in routers else "0"
             host.run(["sysctl", "-q", "-w", f"net.ipv4.ip_forward={on}"])
-        for role, lines in _LINKS.items():
-            self.hosts[role].run(
-                ["ip", "-batch", "-"], input="\n".join(ln.format(**names) for ln in lines) + "\n"
-            )
-        for role, lines in _ADDRS.items():
-            self.hosts[role].run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
+        links, addrs = [_LINKS], [_ADDRS]
+        if self.away:
+            links.append(_AWAY_LINKS)
+            addrs.append(_AWAY_ADDRS)
+        for table in links:
+            for role, lines in table.items():
+                self.hosts[role].run(
+                    ["ip", "-batch", "-"], input="\n".join(ln.format(**names) for ln in lines) + "\n"
+                )
+        for table in addrs:
+            for role, lines in table.items():
+                self.hosts[role].run(["ip", "-batch", "-"], input="\n".join(lines) + "\n")
         self.router.run(["nft", "-f", "-"], input=ROUTER_NFT)
+        if self.away:
+            self.hosts["away"].run(["nft", "-f", "-"], input=AWAY_NFT)
 
     def change_wan_address(self, new: str) -> None:
-        """The ISP hands the router a new address (same subnet, same upstream)."""
+        """The ISP hands the router a new address (same subnet, same upstream), and the
+        old one is gone from the internet: packets to it go nowhere, packets from it are
+        dropped at the ISP's edge (a flow the router still holds in conntrack with the
+        old address must not keep working, as it would not out there)."""
+        old = [WAN_V4]
         self.router.run(["ip", "addr", "del", f"{WAN_V4}/24", "dev", "wan"], check=False)
         for line in self.router.run(["ip", "-4", "-o", "addr", "show", "dev", "wan"]).stdout.splitlines():
             match = re.search(r"inet (\S+)", line)
             if match:
                 self.router.run(["ip", "addr", "del", match[1], "dev", "wan"])
+                old.append(match[1].split("/")[0])
         self.router.run(["ip", "addr", "add", f"{new}/24", "dev", "wan"])
         self.router.run(["ip", "route", "replace", "default", "via", INET_V4])
+        self.internet.run(["sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=1",
+                           "net.ipv4.conf.router.rp_filter=1"])  # fmt: skip
+        for address in old:
+            if address != new:
+                self.internet.run(["ip", "route", "replace", "blackhole", f"{address}/32"])
+        self.internet.run(["ip", "route", "del", "blackhole", f"{new}/32"], check=False)
 
     def stop_process(self, proc: subprocess.Popen[bytes], grace: float = 3.0) -> int | None:
         if proc.poll() is None:

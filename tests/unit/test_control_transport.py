@@ -11,6 +11,7 @@ import json
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -291,3 +292,37 @@ def test_transport_corrupt_machine_key_is_refused_without_quoting_it(tmp_path: P
     with pytest.raises(StateDirError) as e:
         state.machine_key()
     assert "c2VjcmV0" not in str(e.value) and "machine.key" in str(e.value)
+
+
+def test_transport_abort_polls_ends_a_long_poll_at_once_and_nothing_else() -> None:
+    """After this host's address changed, the long-poll in flight is ended (the link
+    polls again on a new connection); another op in flight is left alone."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)  # accepts, never answers: a poll on a connection nobody answers any more
+        client = ControlClient(f"http://127.0.0.1:{server.getsockname()[1]}", MACHINE,
+                               ControlKey.generate().public_key())  # fmt: skip
+        outcome: dict[str, BaseException | None] = {}
+
+        def ask(op: str) -> None:
+            try:
+                client._post(op, {"op": op}, 1, 30)
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                outcome[op] = e
+
+        threads = {op: threading.Thread(target=ask, args=(op,), daemon=True) for op in ("map", "update")}
+        for thread in threads.values():
+            thread.start()
+        conns = [server.accept()[0] for _ in threads]  # both requests are in flight
+        try:
+            deadline = time.monotonic() + 5
+            while client.abort_polls() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads["map"].join(2)
+            assert not threads["map"].is_alive(), "the long-poll was not ended"
+            assert isinstance(outcome["map"], ControlUnreachable)
+            threads["update"].join(0.3)
+            assert threads["update"].is_alive() and "update" not in outcome  # still waiting for its answer
+        finally:
+            for conn in conns:
+                conn.close()

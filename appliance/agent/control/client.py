@@ -14,6 +14,7 @@ as the login URL is the only place the key comes from.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -101,6 +102,7 @@ class ControlClient:
         self._lock = threading.Lock()
         self._session: str | None = None
         self._number = 0  # the last request number used in the session
+        self._polls: set[http.client.HTTPConnection] = set()  # long-polls in flight (op map)
 
     def __repr__(self) -> str:
         return f"ControlClient({self.base_url!r}, {self.machine_key!r})"
@@ -121,6 +123,19 @@ class ControlClient:
             self._forget(session)
         session, number = self._next_request()
         return self._post(op, {"op": op, "session": session, "body": body}, number, wait)
+
+    def abort_polls(self) -> int:
+        """End the long-polls in flight at once (their callers get ControlUnreachable):
+        after this host's address changed they ride a connection nobody answers on
+        any more. Other ops are left alone. Returns how many were ended."""
+        with self._lock:
+            polls = list(self._polls)
+        for conn in polls:
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        return len(polls)
 
     def hello(self) -> str:
         """Start a new session (call() does this by itself); returns its id."""
@@ -151,6 +166,10 @@ class ControlClient:
         conn = conn_type(self._host, self._port, timeout=timeout)
         if self.fwmark:
             conn._create_connection = _marked_connection(self.fwmark)  # type: ignore[attr-defined]
+        poll = op == "map"
+        if poll:
+            with self._lock:
+                self._polls.add(conn)
         try:
             headers = {"Content-Type": "application/octet-stream"}
             conn.request("POST", f"{self._prefix}/v1/{op}", body=sealed, headers=headers)
@@ -160,6 +179,9 @@ class ControlClient:
             # OSError covers refused, reset, unreachable, timeouts and TLS errors.
             raise ControlUnreachable(f"{url}: {type(e).__name__}: {e}") from None
         finally:
+            if poll:
+                with self._lock:
+                    self._polls.discard(conn)
             conn.close()
         log.debug("control %s: %d (%d bytes)", op, response.status, len(data))
         if response.status != 200:

@@ -110,6 +110,7 @@ class ControlLink(threading.Thread):
         self._changed = threading.Condition()
         self.status = LinkStatus("connecting", "the agent started; reaching control")
         self._mesh: Mesh | None = None  # of the last full map: deltas are checked against it
+        self._repoll = threading.Event()  # network_changed() ended the poll in flight on purpose
         self._capver = CAPVER
 
     def stop(self) -> None:
@@ -118,6 +119,18 @@ class ControlLink(threading.Thread):
 
     def login_changed(self) -> None:
         self.wake.set()
+
+    def network_changed(self) -> None:
+        """This host's addresses changed, or its public address did (roaming, a new
+        WAN address at home): the long-poll in flight rode the old one and would hear
+        nothing until it timed out (MAP_TIMEOUT). End it; the link polls again at once
+        on a new connection, with the version it has (no new login)."""
+        client = self._client
+        if client is None:
+            return
+        self._repoll.set()
+        if client.abort_polls():
+            log.info("the network changed: polling control again on a new connection")
 
     def offers_changed(self, prefs: Prefs) -> None:
         """Prefs changed what this node offers: tell control now, not after the
@@ -236,7 +249,13 @@ class ControlLink(threading.Thread):
         backoff.reset()
         version: int | None = None
         while not self.stopping.is_set():
-            answer = self._map(client, version)
+            self._repoll.clear()
+            try:
+                answer = self._map(client, version)
+            except ControlUnreachable:
+                if not self._repoll.is_set():
+                    raise
+                continue  # ended on purpose (network_changed): poll again now, on a new connection
             version = int(answer["version"])
             if "keepalive" in answer:
                 continue

@@ -16,6 +16,7 @@ import logging
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
+from appliance.base.net import Endpoint
 from appliance.control.autoapprove import AUTO_APPROVE
 from appliance.wire.seal import ControlPublicKey, login_url
 
@@ -79,6 +81,20 @@ class LocalControl:
         self._port = parts.port or (443 if self._https else 80)
         # What this node remembers about the mesh it created (the URL others use).
         self._record = agent_state_dir / "local-control.json"
+        # Control's port as the internet reaches it (reach/control_map.py), when mapped.
+        self.public_endpoint: Callable[[], Endpoint | None] = lambda: None
+
+    def wait_public(self, timeout: float) -> None:
+        """A moment for the router to map control's port (create-mesh prints the URL once)."""
+        deadline = time.monotonic() + timeout
+        while self.public_endpoint() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def port_here(self) -> int | None:
+        """Control's TCP port, while control's state is on this node and it listens here."""
+        if not _loopback(self._host) or not (self.options.state_dir / "control.key").exists():
+            return None
+        return self._port
 
     # -- what is there ----------------------------------------------------------
 
@@ -125,14 +141,18 @@ class LocalControl:
         return {"running": self.running(), "login_url": login_url(self.shared_url(lan), pub)}
 
     def shared_url(self, lan: dict[str, Any] | None) -> str:
-        """The URL other nodes use: the one given at create, else this node's LAN
-        address on control's port, else control's own URL."""
+        """The URL other nodes use: the one given at create, else the public address
+        of control's mapped port, else this node's LAN address on control's port,
+        else control's own URL."""
         try:
             public = json.loads(self._record.read_text()).get("public_url")
         except (OSError, ValueError, AttributeError):
             public = None
         if isinstance(public, str) and public:
             return public
+        mapped = self.public_endpoint()
+        if mapped is not None:
+            return f"{'https' if self._https else 'http'}://{mapped}"
         address = lan.get("address") if lan else None
         if address and _loopback(self._host):
             host = f"[{address}]" if ":" in address else address

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 import threading
 import time
@@ -24,10 +23,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from appliance.agent.control.client import ControlError, ControlRefused
 from appliance.agent.localapi.connected import HostedRow
 from appliance.agent.localapi.status import detect_lan
+from appliance.agent.reach.phones import PhoneReach
 from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPAddress, IPNetwork
+from appliance.core.hostport import parse_host_port
 from appliance.core.model import HostedDevice
 from appliance.core.wgquick import ClientConfig, allowed_ips
 from appliance.wire.fields import (
@@ -56,12 +57,13 @@ class DeviceHost(Protocol):
     def applied(self) -> Inputs | None: ...
     def connected(self) -> tuple[Connected, ...]: ...
     def devices_changed(self, devices: tuple[HostedDevice, ...]) -> None: ...
+    def lan_address(self, dev: str, prefixes: list[str]) -> str | None: ...
+    def phones_reach(self) -> PhoneReach: ...
 
 
 log = logging.getLogger(__name__)
 
 MODES = ("all", "lan")
-_HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(?::(\d{1,5}))?$")
 
 
 class DeviceError(MeshpiError):
@@ -134,13 +136,7 @@ def _mode(value: object) -> str:
 def endpoint_text(value: str, default_port: int) -> str:
     """host[:port], [v6][:port] or a name: what the phone dials. The port defaults
     to this node's listen port (the router forwards the same port)."""
-    m = _HOST.match(value.strip())
-    if m is None:
-        raise ValueError("must be host[:port], e.g. home.example.org:51820 or 203.0.113.7")
-    host, port = m.group(1), int(m.group(2) or default_port)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range (1-65535)")
-    return f"{host}:{port}"
+    return parse_host_port(value).with_port(default_port)
 
 
 class Devices:
@@ -166,15 +162,18 @@ class Devices:
         dns = f.get_list("dns", lambda v: str(parse_address(v)))
         f.done()
         prefs = inputs.prefs
+        reach = agent.phones_reach()
         if endpoint is None:
-            if not prefs.advertise_endpoints:
-                raise DeviceError(400, "request: endpoint: is required: the public address or name of this "
-                                       "node (and the port the router forwards to it)")  # fmt: skip
-            endpoint = str(prefs.advertise_endpoints[0])
-        try:
-            endpoint = endpoint_text(endpoint, prefs.listen_port)
-        except ValueError as e:
-            raise DeviceError(400, f"request: endpoint: {endpoint!r} {e}") from None
+            endpoint = reach.endpoint or _lan_endpoint(agent, prefs.listen_port)
+            if endpoint is None:
+                raise DeviceError(409, f"{reach.why}; fix: {reach.fix}; or give the endpoint (host[:port]) "
+                                       "the phone should dial")  # fmt: skip
+        else:
+            try:
+                endpoint = endpoint_text(endpoint, prefs.listen_port)
+            except ValueError as e:
+                raise DeviceError(400, f"request: endpoint: {endpoint!r} {e}") from None
+            reach = PhoneReach(endpoint, "request", True, "the endpoint given with the request; not checked")
         lan = _lan_prefixes(agent) if mode == "lan" else []
         key = PrivateKey.generate()
         with self._lock:
@@ -197,7 +196,10 @@ class Devices:
             mtu=prefs.mtu,
             dns=dns,
         )
-        return {"device": entry.to_json(), "config": config.render()}
+        if reach.endpoint is None:  # at home only: the answer says why, and what would fix it
+            reach = PhoneReach(endpoint, "lan", False, f"{reach.why}; this config works on the home LAN only",
+                               reach.fix, reach.cgnat)  # fmt: skip
+        return {"device": entry.to_json(), "config": config.render(), "phones": reach.to_json()}
 
     def remove(self, device_id: str) -> dict[str, Any]:
         link = self.agent.link
@@ -277,6 +279,15 @@ def _device_name(value: object) -> str:
     if not 1 <= len(name) <= 64 or not name.isprintable():
         raise ValueError("must be a name of 1-64 printable characters")
     return name
+
+
+def _lan_endpoint(agent: DeviceHost, port: int) -> str | None:
+    """This node's LAN address: a phone at home still connects with it."""
+    lan = detect_lan(agent.connected())
+    address = agent.lan_address(lan["interface"], lan["prefixes"]) if lan else None
+    if address is None:
+        return None
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _lan_prefixes(agent: DeviceHost) -> list[IPNetwork]:

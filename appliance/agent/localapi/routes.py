@@ -52,6 +52,7 @@ class AgentApi(StatusView, DeviceHost, Protocol):
 log = logging.getLogger(__name__)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+PUBLIC_WAIT = 3.0  # seconds create-mesh gives the router to map control's port
 
 
 def build_router(agent: AgentApi, local: LocalControl) -> Router:
@@ -177,6 +178,8 @@ class _Routes:
                 self.agent.state, self._link(), self.agent.set_prefs, login, auth_key, changes, wait
             )
         answer = self._once_applied(answer, wait)
+        if public_url is None:
+            self.local.wait_public(PUBLIC_WAIT)  # nodes away from home get the mapped address
         return Response(answer | {"login_url": self.local.status(lan_of(self.agent))["login_url"]})
 
     def netcheck(self, _request: Request) -> Response:

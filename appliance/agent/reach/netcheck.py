@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
 
+from appliance.agent.reach.phones import cgnat_reason
 from appliance.agent.reach.portmap import PortMapState
 from appliance.agent.reach.stun import Discovery
 from appliance.core.prefs import Prefs
@@ -35,7 +36,7 @@ def verdict(prefs: Prefs, mapping: PortMapState | None, stun: Discovery | None) 
     if mapped is not None and mapped.host.version == 4 and mapped.host in CGNAT:
         why = f"no: the home router's WAN address {mapped.host} is behind a carrier's NAT (100.64.0.0/10)"
         return Verdict(False, f"{why}; {_ELSEWHERE}", cgnat=True)
-    if mapped is not None and seen is not None and seen.host != mapped.host:
+    if mapped is not None and seen is not None and cgnat_reason(mapping, stun) is not None:
         why = f"no: the router maps {mapped} but the internet sees this node as {seen.host}"
         return Verdict(False, f"{why} (another NAT in front of the router); {_ELSEWHERE}", cgnat=True)
     if mapped is not None:
@@ -87,4 +88,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"endpoints told to peers: {', '.join(r['endpoints']) or 'none'}",
         f"reachable from outside: {r['why']}",
     ]
+    phones = r.get("phones")
+    if phones is not None and phones["endpoint"] is not None:
+        lines.append(f"phones dial: {phones['endpoint']} ({phones['source']}: {phones['why']})")
+    elif phones is not None:
+        lines.append(f"{phones['why']}; fix: {phones['fix']}")
+    control = r.get("control")
+    if control is not None and control["local"]:
+        fix = f"; fix: {control['fix']}" if control["fix"] else ""
+        url = control["url"] or "not reachable from outside"
+        lines.append(f"control on this node: {url} ({control['why']}{fix})")
     return "\n".join(lines)

@@ -280,6 +280,12 @@ class PortMapper:
         then, before = self._epoch_seen
         return natpmp.epoch_lost(then, before, now, epoch)
 
+    def check_now(self) -> None:
+        """Look at the gateway at once (STUN saw a new public address): a changed WAN
+        address is re-mapped without waiting for the next probe."""
+        self._next_probe = 0.0
+        self._wake.set()
+
     # -- its own thread --
 
     def start(self) -> PortMapper:

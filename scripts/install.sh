@@ -12,14 +12,17 @@
 #                 happens by itself where systemd is not running, e.g. in a chroot)
 #   --uninstall   stop and remove the units, the venv, the users and groups;
 #                 /var/lib/meshpi* (keys, the mesh's database) stay
-#   --purge       with --uninstall: remove /var/lib/meshpi, /var/lib/meshpi-control and
-#                 /var/lib/meshpi-web too
+#   --purge       with --uninstall: remove /var/lib/meshpi, /var/lib/meshpi-control (and
+#                 its DynamicUser copy in /var/lib/private), /var/lib/meshpi-web and the
+#                 trusted update keys in /etc/meshpi/update-keys too
 #
 # Steps (one line each, "ok" when there was nothing to do: a second run changes nothing
 # and says so):
 #   packages  python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon
-#   venv      /opt/meshpi (rebuilt only when the source or the wheels changed)
-#   commands  meshpi, meshpi-control, meshpi-web linked into /usr/local/bin
+#   venv      /opt/meshpi-versions/factory, and /opt/meshpi -> it (rebuilt only when the
+#             source or the wheels changed; meshpi-update installs later versions beside it)
+#   commands  meshpi, meshpi-control, meshpi-web, meshpi-update linked into /usr/local/bin
+#   keys      /etc/meshpi/update-keys (the keys whose update bundles are trusted: none yet)
 #   users     group meshpi (the agent's LocalAPI socket), user meshpi-web (systemd-sysusers)
 #   units     meshpi-agent, meshpi-control, meshpi-web.socket/.service, meshpi-password-reset,
 #             from image/overlay, into /usr/local/lib/systemd/system
@@ -47,7 +50,10 @@ done
 ((PURGE == 0)) || [[ $ACTION == uninstall ]] || die "--purge goes with --uninstall"
 [[ -z $WHEELS || -d $WHEELS ]] || die "--wheels $WHEELS: no such directory"
 
-VENV=/opt/meshpi
+VERSIONS=/opt/meshpi-versions
+VENV=$VERSIONS/factory
+CURRENT=/opt/meshpi # what the units run: a symlink to the version in use
+KEYS=/etc/meshpi/update-keys
 UNIT_DIR=/usr/local/lib/systemd/system
 SYSUSERS=/usr/local/lib/sysusers.d/meshpi.conf
 AVAHI=/etc/avahi/services/meshpi.service
@@ -62,7 +68,7 @@ UNITS=(usr/lib/systemd/system/meshpi-agent.service usr/lib/systemd/system/meshpi
 # where Raspberry Pi OS has its boot partition too.)
 ENABLE=(meshpi-agent.service meshpi-web.socket meshpi-password-reset.service)
 START=(meshpi-agent.service meshpi-web.socket) # what runs from now on
-COMMANDS=(meshpi meshpi-control meshpi-web) # linked into /usr/local/bin
+COMMANDS=(meshpi meshpi-control meshpi-web meshpi-update) # linked into /usr/local/bin
 changed=()
 
 # systemd as PID 1 means units can start; in a chroot or container build, only enable.
@@ -93,8 +99,8 @@ if [[ $ACTION == uninstall ]]; then
         fi
         # Stopping the agent leaves the data plane up on purpose (a restart takes it over);
         # leaving for good takes it down: interface, routes, rules, nft table, sysctls.
-        if ((LIVE)) && [[ -x $VENV/bin/meshpi ]]; then
-            "$VENV/bin/meshpi" down --state-dir /var/lib/meshpi >/dev/null 2>&1 \
+        if ((LIVE)) && [[ -x $CURRENT/bin/meshpi ]]; then
+            "$CURRENT/bin/meshpi" down --state-dir /var/lib/meshpi >/dev/null 2>&1 \
                 || say units "meshpi down found nothing to remove"
         fi
         (cd "$UNIT_DIR" && rm -f "${units_here[@]}")
@@ -105,14 +111,14 @@ if [[ $ACTION == uninstall ]]; then
         say units "ok (none installed)"
     fi
     for cmd in "${COMMANDS[@]}"; do
-        [[ $(readlink "/usr/local/bin/$cmd" 2>/dev/null) == "$VENV/bin/$cmd" ]] && rm -f "/usr/local/bin/$cmd"
+        [[ $(readlink "/usr/local/bin/$cmd" 2>/dev/null) == "$CURRENT/bin/$cmd" ]] && rm -f "/usr/local/bin/$cmd"
     done
-    if [[ -e $VENV ]]; then
-        rm -rf "$VENV"
-        say venv "removed $VENV and its commands in /usr/local/bin"
+    if [[ -e $CURRENT || -L $CURRENT || -e $VERSIONS ]]; then
+        rm -rf "$CURRENT" "$VERSIONS"
+        say venv "removed $CURRENT, $VERSIONS and the commands in /usr/local/bin"
         changed+=(venv)
     else
-        say venv "ok (no $VENV)"
+        say venv "ok (no $CURRENT)"
     fi
     removed=()
     if getent passwd meshpi-web >/dev/null; then userdel meshpi-web && removed+=(user:meshpi-web); fi
@@ -126,7 +132,7 @@ if [[ $ACTION == uninstall ]]; then
     else
         say users "ok (none)"
     fi
-    state=(/var/lib/meshpi /var/lib/meshpi-control /var/lib/meshpi-web)
+    state=(/var/lib/meshpi /var/lib/meshpi-control /var/lib/meshpi-web /var/lib/private/meshpi-control "$KEYS")
     if ((PURGE)); then
         present=()
         for dir in "${state[@]}"; do [[ -e $dir ]] && present+=("$dir"); done
@@ -171,13 +177,14 @@ else
         | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
 fi
 source_id="$source_id $(python3 --version)"
-if [[ -x $VENV/bin/meshpi && $(cat "$STAMP" 2>/dev/null) == "$source_id" ]]; then
-    say venv "ok ($VENV, $source_id)"
+if [[ -x $VENV/bin/meshpi && $(cat "$STAMP" 2>/dev/null) == "$source_id" && $(readlink "$CURRENT") == "${VENV#/opt/}" ]]; then
+    say venv "ok ($CURRENT -> $VENV, $source_id)"
 else
     say venv "building $VENV from the ${source_id%% *}"
     # A fresh venv each time, so no file of an older meshpi lingers; the stamp is
     # written last, so a failed build is redone by the next run.
     rm -rf "$VENV"
+    mkdir -p "$VERSIONS"
     python3 -m venv "$VENV"
     pip=("$VENV/bin/pip" install --quiet --disable-pip-version-check --no-cache-dir)
     if [[ -n $WHEELS ]]; then
@@ -187,13 +194,18 @@ else
     fi
     "$VENV/bin/meshpi" --help >/dev/null
     echo "$source_id" > "$STAMP"
+    # An /opt/meshpi of an older install is a venv itself: the link replaces it. A link
+    # to another version (meshpi-update's) is moved back: this checkout is what was asked.
+    [[ -L $CURRENT ]] || rm -rf "$CURRENT"
+    # Relative, so that it also resolves from outside a chroot the install ran in.
+    ln -sfn "${VENV#/opt/}" "$CURRENT.new" && mv -T "$CURRENT.new" "$CURRENT"
     changed+=(venv)
 fi
 
 links=()
 for cmd in "${COMMANDS[@]}"; do
-    [[ $(readlink "/usr/local/bin/$cmd" 2>/dev/null) == "$VENV/bin/$cmd" ]] && continue
-    ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
+    [[ $(readlink "/usr/local/bin/$cmd" 2>/dev/null) == "$CURRENT/bin/$cmd" ]] && continue
+    ln -sfn "$CURRENT/bin/$cmd" "/usr/local/bin/$cmd"
     links+=("$cmd")
 done
 if ((${#links[@]})); then
@@ -201,6 +213,15 @@ if ((${#links[@]})); then
     changed+=(commands)
 else
     say commands "ok (${COMMANDS[*]} in /usr/local/bin)"
+fi
+
+if [[ -d $KEYS ]]; then
+    say keys "ok ($KEYS: $(find "$KEYS" -name '*.pub' | wc -l) trusted)"
+else
+    install -d -m 0755 "$KEYS"
+    install -m 0644 image/overlay/etc/meshpi/update-keys/README "$KEYS/README"
+    say keys "$KEYS made: no update key trusted yet (see its README)"
+    changed+=(keys)
 fi
 
 # same SRC DEST: true when DEST exists with SRC's content.

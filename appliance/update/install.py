@@ -106,7 +106,7 @@ def switch(layout: Layout, target: Path) -> Path | None:
         raise InstallError(f"{target} is not a complete version")
     tmp = layout.current.with_name(f".{layout.current.name}.switch")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
+    tmp.symlink_to(os.path.relpath(target, layout.current.parent))  # as the image's: relative
     os.replace(tmp, layout.current)
     fsync_dir(layout.current.parent)
     log.info(

@@ -6,15 +6,16 @@ set -eu
 wheels=$1
 say() { printf 'finish: %s\n' "$*"; }
 
-say "meshpi into /opt/meshpi"
+say "meshpi into /opt/meshpi (-> $(readlink /opt/meshpi))"
 /opt/meshpi/bin/pip install --quiet --no-index --no-deps --no-cache-dir --disable-pip-version-check \
     "$wheels"/meshpi-*.whl
 /opt/meshpi/bin/pip check
 /opt/meshpi/bin/meshpi --help > /dev/null
 /opt/meshpi/bin/meshpi-firstboot --help > /dev/null
+/opt/meshpi/bin/meshpi-update --help > /dev/null
 /opt/meshpi/bin/python -c 'import appliance.kernel.wireguard_netlink, webui'
 # The commands an admin types (over SSH) on PATH.
-for cmd in meshpi meshpi-control meshpi-web; do
+for cmd in meshpi meshpi-control meshpi-web meshpi-update; do
     ln -sf "/opt/meshpi/bin/$cmd" "/usr/local/bin/$cmd"
 done
 

@@ -31,6 +31,8 @@ CHROOT_PACKAGES = ["systemd", "python3", "python3-venv", "ca-certificates"]
 STATE_DIRS = ("var/lib/meshpi", "var/lib/meshpi-control", "var/lib/meshpi-web")
 WATCHED = (
     "opt/meshpi",
+    "opt/meshpi-versions",
+    "etc/meshpi",
     "usr/local/lib",
     "usr/local/bin",
     "etc/systemd/system",
@@ -157,7 +159,7 @@ def test_install_help() -> None:
 def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None:
     first = chroot.install("--wheels", "/root/wheels")
     assert (
-        '"changed": ["packages","venv","commands","users","units","enable"]' in first.stdout.splitlines()[-1]
+        '"changed": ["packages","venv","commands","keys","users","units","enable"]' in first.stdout.splitlines()[-1]
     ), first.stdout
     assert "systemd is not running here (or --no-start): enabled, not started" in first.stdout
     for rel in ("opt/meshpi/bin/meshpi", "opt/meshpi/bin/meshpi-control", "usr/local/lib/systemd/system/meshpi-agent.service",
@@ -171,6 +173,10 @@ def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None
         assert chroot.exists("etc/systemd/system/sockets.target.wants/meshpi-web.socket")
     assert chroot.run("getent", "group", "meshpi").stdout.strip().endswith(":meshpi-web")
     assert "usage: meshpi" in chroot.run("meshpi", "--help").stdout  # on PATH (/usr/local/bin)
+    assert chroot.run("readlink", "/opt/meshpi").stdout.strip() == "meshpi-versions/factory"
+    # Installed with no trusted update key: every bundle is refused, and says why.
+    upd = chroot.run("sh", "-c", "touch /tmp/b && meshpi-update --versions /tmp/v apply /tmp/b", check=False)
+    assert upd.returncode == 1 and "no update key is trusted" in upd.stdout, upd
     assert chroot.run("dpkg-query", "-W", "-f=${Status}", "nftables").stdout == "install ok installed"
 
     before = chroot.tree()
@@ -184,7 +190,8 @@ def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None
     gone = chroot.install("--uninstall")
     assert '"changed": ["units","venv","users"]' in gone.stdout, gone.stdout
     assert "kept /var/lib/meshpi (--purge removes it)" in gone.stdout
-    for rel in ("opt/meshpi", "usr/local/bin/meshpi", "usr/local/lib/systemd/system/meshpi-agent.service",
+    for rel in ("opt/meshpi", "opt/meshpi-versions", "usr/local/bin/meshpi", "usr/local/bin/meshpi-update",
+                "usr/local/lib/systemd/system/meshpi-agent.service",
                 "etc/systemd/system/multi-user.target.wants/meshpi-agent.service",
                 "etc/systemd/system/sockets.target.wants/meshpi-web.socket", "usr/local/lib/sysusers.d/meshpi.conf",
                 "etc/systemd/system/multi-user.target.wants/meshpi-password-reset.service"):  # fmt: skip

@@ -150,6 +150,8 @@ def integrity_ok(data: bytes, key: bytes) -> bool:
             rest = len(data) - end
             if n != INTEGRITY_LEN or rest not in (0, _FINGERPRINT_LEN):
                 return False
+            if rest and _ATTR.unpack_from(data, end)[0] != ATTR_FINGERPRINT:
+                return False
             head = data[:2] + struct.pack("!H", end - HEADER_LEN) + data[4:HEADER_LEN]
             want = hmac.digest(key, head + data[HEADER_LEN:offset], hashlib.sha256)
             return hmac.compare_digest(want, data[offset + 4 : end])

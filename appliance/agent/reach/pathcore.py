@@ -17,8 +17,12 @@ Per peer, one of three modes:
            RELAYED_EVERY. An authenticated answer makes the peer direct. The
            relay keeps carrying the peer meanwhile: trying costs no traffic.
 - direct:  a proven candidate is WireGuard's endpoint. It is checked every
-           KEEP_EVERY; no answer (and no packet through WireGuard from it) for
-           DEAD_AFTER and the relay carries the peer again.
+           KEEP_EVERY (every FIRST_GAP once an answer is late); no answer (and
+           no packet through WireGuard from it) for DEAD_AFTER and the relay
+           carries the peer again. When WireGuard roamed to the relay's proxy
+           (the other side still relays, or did for a moment) while the path
+           answers, the proven address is put back (`repoint`, at most every
+           KEEP_EVERY): else both WireGuards could stay on the relay for good.
 - trying:  no relay is connected (control down, or none yet) and nothing is
            proven: WireGuard is given the candidates one by one (TRY_EACH
            seconds each), while the checks go on.
@@ -46,8 +50,8 @@ from appliance.base.net import Endpoint
 STEP = 0.25  # seconds between paths.py's steps
 FIRST_GAP = 0.25  # the gap after the first check of a try; doubles up to RELAYED_EVERY
 RELAYED_EVERY = 2.0  # a relayed peer's candidates are checked this often: upgrade ~2 s after a path opens
-KEEP_EVERY = 1.0  # a direct path's liveness check
-DEAD_AFTER = 3.0  # no answer nor packet from the direct path for this long: the relay takes over
+KEEP_EVERY = 1.0  # a direct path's liveness check; every STEP once an answer is late
+DEAD_AFTER = 2.5  # no answer nor packet from the direct path for this long: the relay takes over
 TRY_EACH = 5.0  # no relay: WireGuard's REKEY_TIMEOUT per candidate
 STALE_AFTER = 180.0  # WireGuard's REJECT_AFTER_TIME: an older handshake is no session
 KICK_EVERY = 1.0
@@ -90,6 +94,7 @@ class PeerPath:
     kicked_for: Endpoint | None = None
     kicked_at: float = 0.0
     kicks: int = 0
+    repointed: float = float("-inf")
 
     def label(self) -> str:
         """For status: "direct <endpoint>", "relayed" or "trying"."""
@@ -118,6 +123,7 @@ class Decision:
     relayed: frozenset[PublicKey]  # these get their relay proxy (paths.py)
     checks: Mapping[PublicKey, tuple[Endpoint, ...]]  # send a check to each of these now
     kicks: frozenset[PublicKey]  # start a handshake now (paths.py)
+    repoint: Mapping[PublicKey, Endpoint] = field(default_factory=dict)  # WireGuard roamed off it: put back
 
 
 def is_relay(endpoint: Endpoint) -> bool:
@@ -141,6 +147,7 @@ def decide(
     relayed: set[PublicKey] = set()
     checks: dict[PublicKey, tuple[Endpoint, ...]] = {}
     kicks: set[PublicKey] = set()
+    repoint: dict[PublicKey, Endpoint] = {}
     for key, cands in candidates.items():
         path = _step(state.get(key), cands, seen.get(key), heard, key, relay, now, timing)
         path, sent = _schedule(path, now, timing)
@@ -154,8 +161,11 @@ def decide(
         path, kick = _kick(path, seen.get(key), chosen, now, timing)
         if kick:
             kicks.add(key)
+        path, back = _repoint(path, seen.get(key), now, timing)
+        if back is not None:
+            repoint[key] = back
         peers[key] = path
-    return Decision(peers, choices, frozenset(relayed), checks, frozenset(kicks))
+    return Decision(peers, choices, frozenset(relayed), checks, frozenset(kicks), repoint)
 
 
 def rekeyed(
@@ -263,7 +273,8 @@ def _schedule(path: PeerPath, now: float, t: Timing) -> tuple[PeerPath, tuple[En
         return path, ()
     if path.mode == "direct":
         assert path.endpoint is not None
-        return replace(path, next_check=now + t.keep_every), (path.endpoint,)
+        late = now - path.heard >= t.keep_every + t.first_gap
+        return replace(path, next_check=now + (t.first_gap if late else t.keep_every)), (path.endpoint,)
     targets = path.targets()
     gap = min(path.gap * 2, t.relayed_every)
     return replace(path, next_check=now + path.gap, gap=gap), targets
@@ -285,6 +296,16 @@ def _kick(
     if path.kicks < t.kick_max and now - path.kicked_at >= t.kick_every:
         return replace(path, kicked_at=now, kicks=path.kicks + 1), True
     return path, False
+
+
+def _repoint(path: PeerPath, seen: Seen | None, now: float, t: Timing) -> tuple[PeerPath, Endpoint | None]:
+    if path.mode != "direct" or seen is None or seen.endpoint is None or not is_relay(seen.endpoint):
+        return path, None
+    if path.since == now:
+        return path, None  # direct from this step on: the loop applies it
+    if now - path.heard > t.keep_every + t.first_gap or now - path.repointed < t.keep_every:
+        return path, None  # not proven just now, or put back a moment ago
+    return replace(path, repointed=now), path.endpoint
 
 
 def _fresh(seen: Seen, now: float, t: Timing) -> bool:

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
@@ -194,8 +194,8 @@ class PathChooser:
             self._post(PathsChosen(dict(choices)))
         if port is not None:
             self._send_checks(port, inputs, decision, now)
-        if decision.kicks:
-            self._kick(inputs, decision.kicks)
+        if decision.kicks or decision.repoint:
+            self._kick(inputs, decision.kicks, decision.repoint)
 
     def _with_relay(
         self, decision: Decision, relay: RelayClient | None, before: set[PublicKey],
@@ -225,12 +225,17 @@ class PathChooser:
             log.debug("paths: cannot read the device: %s", e)
             return self._seen
         wall = time.time()
+        before = self._seen
         self._seen = {} if device is None else {
             k: Seen(None if s.last_handshake is None else max(0.0, wall - s.last_handshake), s.endpoint,
                     s.rx_bytes, s.tx_bytes)
             for k, s in device.stats.items()
         }  # fmt: skip
         self._seen_at = now
+        for key, now_seen in self._seen.items():
+            was = before.get(key)
+            if now_seen.handshake_age is not None and (was is None or was.handshake_age is None):
+                log.debug("paths: first handshake with %s, at %s", key.short, now_seen.endpoint)
         return self._seen
 
     # -- checks ----------------------------------------------------------------------
@@ -340,13 +345,17 @@ class PathChooser:
 
     # -- kicks -----------------------------------------------------------------------
 
-    def _kick(self, inputs: Inputs, keys: frozenset[PublicKey]) -> None:
-        """Remove and re-add each peer that has no session: WireGuard forgets that it
-        sent an initiation less than 5 s ago and sends one now (persistent keepalive)."""
+    def _kick(
+        self, inputs: Inputs, keys: frozenset[PublicKey], repoint: Mapping[PublicKey, Endpoint]
+    ) -> None:
+        """Remove and re-add each peer that has no session, and send it a datagram:
+        WireGuard forgets that it sent an initiation less than 5 s ago and sends one now.
+        Put the proven endpoint back for each peer WireGuard roamed off it."""
         system = self.agent.system
         if system is None:
             return
         ifname = inputs.scope.interface
+        addresses = {p.public_key: p.addresses for p in inputs.netmap.peers}
         with self.agent.lock:
             try:
                 device = system.wireguard.read(ifname)
@@ -355,6 +364,17 @@ class PathChooser:
                 return
             if device is None:
                 return
+            for key, endpoint in repoint.items():
+                peer = device.peers.get(key)
+                if peer is None or peer.endpoint == endpoint:
+                    continue
+                try:
+                    system.wireguard.configure(ifname, WgUpdate(upsert=(replace(peer, endpoint=endpoint),)))
+                    log.debug(
+                        "paths: %s back at %s (WireGuard roamed to %s)", key.short, endpoint, peer.endpoint
+                    )
+                except KernelError as e:
+                    log.warning("paths: could not put %s back at %s: %s", key.short, endpoint, e)
             for key in keys:
                 peer, stats = device.peers.get(key), device.stats.get(key)
                 handshake = stats.last_handshake if stats is not None else None
@@ -365,7 +385,12 @@ class PathChooser:
                 try:
                     system.wireguard.configure(ifname, WgUpdate(remove=(key,)))
                     system.wireguard.configure(ifname, WgUpdate(upsert=(peer,)))
-                    log.debug("paths: handshake started with %s at %s (seen %s)", key.short, peer.endpoint, stats)
+                    if addresses.get(key):
+                        # Traffic for it: the initiation goes now (with or without keepalive).
+                        system.links.probe(ifname, addresses[key][0])
+                    log.debug(
+                        "paths: handshake started with %s at %s (seen %s)", key.short, peer.endpoint, stats
+                    )
                 except KernelError as e:
                     log.warning("paths: could not restart the handshake with %s: %s", key.short, e)
 

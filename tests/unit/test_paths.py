@@ -262,10 +262,9 @@ def test_paths_wireguard_roamed_to_the_relay_is_put_back_on_the_proven_path() ->
     w.step(answers=(A,))
     w.step(answers=(A,), endpoint=RELAY)  # the other side's relayed packet: WireGuard roamed
     assert w.last is not None and w.last.repoint == {PEER: A}
-    w.endpoint = RELAY  # it roams again at once
-    w.step()
+    w.step(endpoint=RELAY)  # it roams again at once
     assert not w.last.repoint  # at most every KEEP_EVERY
-    w.step(dt=T.keep_every, answers=(A,))
+    w.step(dt=T.keep_every, answers=(A,), endpoint=RELAY)
     assert w.last.repoint == {PEER: A}
 
 

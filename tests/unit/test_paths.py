@@ -276,3 +276,15 @@ def test_paths_late_answer_makes_the_checks_of_a_direct_path_faster() -> None:
     times = [i * 0.25 for i, s in enumerate(sent) if s]
     assert times[:2] == [0.75, 1.75] or times[0] <= 1.0, times
     assert len(times) >= 3, times  # 1 s, then every 0.25 s once the answer is late
+
+
+def test_paths_absent_peer_is_checked_seldom_until_it_shows_up() -> None:
+    w = World()
+    w.step()
+    w.steps_until(T.active_for)
+    sent = w.steps_until(60.0)
+    assert 3 <= sum(1 for s in sent if s) <= 7  # gaps doubling up to IDLE_EVERY, not every 2 s
+    w.step(asked=(REFLEXIVE,))  # its check: it is there, check back now and often
+    assert w.checked
+    sent = w.steps_until(10.0)
+    assert sum(1 for s in sent if s) >= 5

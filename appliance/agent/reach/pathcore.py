@@ -14,7 +14,8 @@ Per peer, one of three modes:
 - relayed: the relay's local proxy (relay.py) is WireGuard's endpoint. Every
            candidate (the netmap's, and the peer-reflexive addresses its checks
            came from) is checked: at once, then at doubling gaps up to
-           RELAYED_EVERY. An authenticated answer makes the peer direct. The
+           RELAYED_EVERY (IDLE_EVERY once nothing came from the peer for
+           ACTIVE_FOR). An authenticated answer makes the peer direct. The
            relay keeps carrying the peer meanwhile: trying costs no traffic.
 - direct:  a proven candidate is WireGuard's endpoint. It is checked every
            KEEP_EVERY (every FIRST_GAP once an answer is late); no answer (and
@@ -50,6 +51,10 @@ from appliance.base.net import Endpoint
 STEP = 0.25  # seconds between paths.py's steps
 FIRST_GAP = 0.25  # the gap after the first check of a try; doubles up to RELAYED_EVERY
 RELAYED_EVERY = 2.0  # a relayed peer's candidates are checked this often: upgrade ~2 s after a path opens
+# ...while it is in use (a packet from it, or a check, within ACTIVE_FOR s, or the try
+# is that recent); an idle or absent peer's are checked every IDLE_EVERY only.
+ACTIVE_FOR = 60.0
+IDLE_EVERY = 15.0
 KEEP_EVERY = 1.0  # a direct path's liveness check; every STEP once an answer is late
 DEAD_AFTER = 2.5  # no answer nor packet from the direct path for this long: the relay takes over
 TRY_EACH = 5.0  # no relay: WireGuard's REKEY_TIMEOUT per candidate
@@ -87,6 +92,7 @@ class PeerPath:
     since: float = 0.0  # when this mode (or this trying candidate) started
     index: int = 0  # trying: the target WireGuard is given
     heard: float = 0.0  # direct: the last proof of life
+    active: float = 0.0  # the last packet or check from the peer, or the start of a try
     next_check: float = 0.0
     gap: float = FIRST_GAP
     reflexive: tuple[Endpoint, ...] = ()  # where the peer's checks came from (newest first)
@@ -108,6 +114,8 @@ class PeerPath:
 class Timing:
     first_gap: float = FIRST_GAP
     relayed_every: float = RELAYED_EVERY
+    active_for: float = ACTIVE_FOR
+    idle_every: float = IDLE_EVERY
     keep_every: float = KEEP_EVERY
     dead_after: float = DEAD_AFTER
     try_each: float = TRY_EACH
@@ -201,7 +209,9 @@ def _choice(path: PeerPath) -> Endpoint | None:
 def _fallback(path: PeerPath, has_relay: bool, now: float, t: Timing) -> PeerPath:
     """Nothing proven (any more): the relay if there is one, else try; check at once."""
     mode: Mode = "relayed" if has_relay else "trying"
-    return replace(path, mode=mode, endpoint=None, since=now, index=0, next_check=now, gap=t.first_gap)
+    return replace(
+        path, mode=mode, endpoint=None, since=now, index=0, next_check=now, gap=t.first_gap, active=now
+    )
 
 
 def _step(
@@ -229,16 +239,18 @@ def _step(
     if given != path.candidates:
         path = replace(path, candidates=given)
         if path.mode != "direct":
-            path = replace(path, index=0, since=now, next_check=now, gap=t.first_gap)  # new ones: at once
+            path = replace(path, index=0, since=now, next_check=now, gap=t.first_gap, active=now)  # at once
     asked = heard.asked.get(key, ())
     for source in asked:
         if source not in path.targets():
             path = replace(path, reflexive=((source,) + path.reflexive)[:MAX_REFLEXIVE])
+    if asked:
+        path = replace(path, active=now)
     if asked and path.mode != "direct":
         path = replace(path, next_check=now, gap=t.first_gap)  # a triggered check: the hole is open now
     received = seen is not None and seen.rx > path.rx and direct_known is not None
     if seen is not None:
-        path = replace(path, rx=seen.rx)
+        path = replace(path, rx=seen.rx, active=now if seen.rx > path.rx else path.active)
     answers = heard.answers.get(key, ())
 
     if path.mode == "direct":
@@ -276,7 +288,7 @@ def _schedule(path: PeerPath, now: float, t: Timing) -> tuple[PeerPath, tuple[En
         late = now - path.heard >= t.keep_every + t.first_gap
         return replace(path, next_check=now + (t.first_gap if late else t.keep_every)), (path.endpoint,)
     targets = path.targets()
-    gap = min(path.gap * 2, t.relayed_every)
+    gap = min(path.gap * 2, t.relayed_every if now - path.active < t.active_for else t.idle_every)
     return replace(path, next_check=now + path.gap, gap=gap), targets
 
 

@@ -7,10 +7,9 @@ at once when a check or an answer arrives:
 
 - reads the device's per-peer handshake, endpoint and counters (every step while
   a peer has no session, else every SEEN_EVERY s);
-- reads the datagrams kernel/stunport.py's filter passes at the WireGuard port:
-  answers the peers' authenticated checks (never bigger than the check), takes
-  authenticated answers to our own checks as proofs, refuses the rest unanswered
-  (each reason logged once a minute with its count);
+- reads the datagrams at the WireGuard port (checks.py): answers the peers'
+  authenticated checks (never bigger than the check), takes authenticated
+  answers to our own checks as proofs, refuses the rest unanswered;
 - asks `pathcore.decide`, posts `PathsChosen` on the bus when the choices changed
   (the loop applies them), sends the checks it says, kicks the peers it says
   (their WireGuard peer removed and added again: a handshake initiation now);
@@ -29,17 +28,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
-from appliance.agent.reach import checkcore
-from appliance.agent.reach.pathcore import STEP, Decision, Heard, PeerPath, Seen, Timing, decide, rekeyed
+from appliance.agent.reach.checks import Checker, PortFactory
+from appliance.agent.reach.pathcore import STEP, Decision, PeerPath, Seen, Timing, decide, rekeyed
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.kernel.base import KernelError, WgDevice, WgUpdate
 from appliance.kernel.stunport import StunPort
-from appliance.wire import stun
 
 if TYPE_CHECKING:
     from appliance.agent.inputs import Inputs
@@ -51,8 +49,6 @@ log = logging.getLogger(__name__)
 
 GONE_KEPT = 120.0  # seconds a departed peer's path waits for the same node under a new key
 SEEN_EVERY = 1.0  # seconds between device reads once every peer has a session
-PENDING_FOR = 5.0  # seconds an answer to our check is awaited
-REFUSAL_LOG_EVERY = 60.0
 
 
 class AgentView(Protocol):
@@ -67,7 +63,6 @@ class AgentView(Protocol):
 
 
 RelayFactory = Callable[["Inputs"], "RelayClient | None"]
-PortFactory = Callable[[int, int], StunPort]
 
 
 def relay_from_login(state: StateDir) -> RelayFactory:
@@ -95,13 +90,6 @@ def relay_from_login(state: StateDir) -> RelayFactory:
     return make
 
 
-@dataclass(frozen=True)
-class _Pending:
-    peer: PublicKey
-    dest: Endpoint
-    sent: float
-
-
 class PathChooser:
     def __init__(
         self,
@@ -114,11 +102,9 @@ class PathChooser:
     ) -> None:
         self.agent, self._post, self._make_relay, self._clock = agent, post, relay, clock
         self.timing = timing or Timing()
-        self._make_port = port
+        self.checks = Checker(lambda: self.agent.key, port)
         self._relay: RelayClient | None = None
         self._relay_for: tuple[object, ...] | None = None  # what the relay client was made for
-        self._port: StunPort | None = None
-        self._port_for: tuple[int, int] | None = None
         self._peers: Mapping[PublicKey, PeerPath] = {}
         self._addresses: dict[PublicKey, tuple[object, ...]] = {}  # per peer, last step: rotations
         # Peers that left, by mesh addresses: a rotated key may come back a while later.
@@ -126,13 +112,6 @@ class PathChooser:
         self._chosen: Mapping[PublicKey, Endpoint] = {}
         self._seen: dict[PublicKey, Seen] = {}
         self._seen_at = float("-inf")
-        self._keys: dict[tuple[bytes, bytes], bytes] = {}
-        self._pending: dict[bytes, _Pending] = {}
-        self._replay = checkcore.ReplayCache()
-        self._rate = checkcore.RateLimit()
-        self.refused: dict[str, int] = {}
-        self._refusal_logged: dict[str, float] = {}
-        self.answered = 0
         self._lock = threading.Lock()  # status() reads from the LocalAPI's threads
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,9 +131,8 @@ class PathChooser:
             except Exception:  # noqa: BLE001 - a bug here must not end path selection for good
                 log.exception("paths: step failed")
                 self._stop.wait(1.0)
-            port = self._port
-            if port is not None:
-                port.wait(STEP)
+            if self.checks.port is not None:
+                self.checks.wait(STEP)  # wakes at once for a check or an answer
             else:
                 self._stop.wait(STEP)
 
@@ -163,7 +141,7 @@ class PathChooser:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._close_relay()
-        self._close_port()
+        self.checks.close()
 
     # -- one step ------------------------------------------------------------------
 
@@ -174,9 +152,8 @@ class PathChooser:
             return
         now = self._clock()
         relay = self._relay_client(inputs)
-        port = self._open_port(inputs)
-        peer_keys = {p.public_key for p in inputs.netmap.peers}
-        heard = self._read(port, peer_keys, now) if port is not None else Heard()
+        self.checks.open(inputs.prefs.listen_port, inputs.prefs.fwmark)
+        heard = self.checks.read({p.public_key for p in inputs.netmap.peers}, now)
         candidates = {p.public_key: _candidates(p.endpoints, p.endpoint) for p in inputs.netmap.peers}
         seen = self._read_seen(now)
         state = self._carry_rotated(inputs, seen, now)
@@ -192,8 +169,7 @@ class PathChooser:
         if choices != dict(self._chosen):
             self._chosen = choices
             self._post(PathsChosen(dict(choices)))
-        if port is not None:
-            self._send_checks(port, inputs, decision, now)
+        self.checks.send(inputs.netmap.self_node.public_key, decision.checks, now)
         if decision.kicks or decision.repoint:
             self._kick(inputs, decision.kicks, decision.repoint)
 
@@ -237,111 +213,6 @@ class PathChooser:
             if now_seen.handshake_age is not None and (was is None or was.handshake_age is None):
                 log.debug("paths: first handshake with %s, at %s", key.short, now_seen.endpoint)
         return self._seen
-
-    # -- checks ----------------------------------------------------------------------
-
-    def _open_port(self, inputs: Inputs) -> StunPort | None:
-        wanted = (inputs.prefs.listen_port, inputs.prefs.fwmark)
-        if self._port_for == wanted:
-            return self._port
-        self._close_port()
-        self._port_for = wanted
-        try:
-            self._port = self._make_port(*wanted)
-            log.info("paths: connectivity checks at WireGuard's port %d", wanted[0])
-        except KernelError as e:
-            log.warning("paths: no connectivity checks (the relay only): %s", e)
-        return self._port
-
-    def _close_port(self) -> None:
-        if self._port is not None:
-            self._port.close()
-        self._port, self._port_for = None, None
-
-    def _pair_key(self, peer: PublicKey) -> bytes:
-        ours = self.agent.key
-        slot = (ours.public_key().raw, peer.raw)
-        key = self._keys.get(slot)
-        if key is None:
-            if len(self._keys) > 4096:
-                self._keys.clear()
-            key = self._keys[slot] = checkcore.pair_key(ours, peer)
-        return key
-
-    def _send_checks(self, port: StunPort, inputs: Inputs, decision: Decision, now: float) -> None:
-        me = inputs.netmap.self_node.public_key
-        if self.agent.key.public_key() != me:
-            return  # a rotation in flight: the peers check with the new key
-        self._pending = {t: p for t, p in self._pending.items() if now - p.sent < PENDING_FOR}
-        for peer, targets in decision.checks.items():
-            key = self._pair_key(peer)
-            for dest in targets:
-                txid = stun.new_transaction_id()
-                try:
-                    port.send(dest, checkcore.request(txid, me, key))
-                except KernelError as e:
-                    log.debug("paths: %s", e)
-                    continue
-                self._pending[txid] = _Pending(peer, dest, now)
-
-    def _read(self, port: StunPort, peers: set[PublicKey], now: float) -> Heard:
-        answers: dict[PublicKey, list[Endpoint]] = {}
-        asked: dict[PublicKey, list[Endpoint]] = {}
-        for datagram in port.receive():
-            try:
-                got = checkcore.classify(datagram.payload)
-            except checkcore.ServerAnswer:
-                continue  # endpoint discovery's (reach/stun.py reads it through its own socket)
-            except checkcore.CheckRefused as e:
-                self._refuse("not a check", f"from {datagram.source}: {e}", now)
-                continue
-            if got.kind == stun.BINDING_SUCCESS:
-                pending = self._pending.get(got.txid)
-                if pending is None:
-                    self._refuse("answer to no check of ours", f"from {datagram.source}", now)
-                    continue
-                if pending.dest != datagram.source:
-                    self._refuse(
-                        "answer from elsewhere", f"from {datagram.source}, sent to {pending.dest}", now
-                    )
-                    continue
-                if not checkcore.authentic(datagram.payload, self._pair_key(pending.peer)):
-                    self._refuse("answer with a wrong HMAC", f"from {datagram.source}", now)
-                    continue
-                del self._pending[got.txid]
-                answers.setdefault(pending.peer, []).append(datagram.source)
-                continue
-            sender = got.sender
-            assert sender is not None
-            if sender not in peers:
-                self._refuse("check from no peer", f"from {datagram.source} as {sender.short}", now)
-                continue
-            key = self._pair_key(sender)
-            if not checkcore.authentic(datagram.payload, key):
-                self._refuse("check with a wrong HMAC", f"from {datagram.source} as {sender.short}", now)
-                continue
-            if not self._replay.fresh(got.txid, now):
-                self._refuse("check replayed", f"from {datagram.source} as {sender.short}", now)
-                continue
-            if not self._rate.allow(datagram.source, now):
-                self._refuse("checks over the rate", f"from {datagram.source}", now)
-                continue
-            reply = checkcore.answer(got.txid, datagram.source, key)
-            if len(reply) <= len(datagram.payload):  # never more than we were sent
-                try:
-                    port.send(datagram.source, reply)
-                    self.answered += 1
-                except KernelError as e:
-                    log.debug("paths: %s", e)
-            asked.setdefault(sender, []).append(datagram.source)
-        return Heard({k: tuple(v) for k, v in answers.items()}, {k: tuple(v) for k, v in asked.items()})
-
-    def _refuse(self, reason: str, detail: str, now: float) -> None:
-        count = self.refused[reason] = self.refused.get(reason, 0) + 1
-        last = self._refusal_logged.get(reason)
-        if last is None or now - last >= REFUSAL_LOG_EVERY:
-            self._refusal_logged[reason] = now
-            log.warning("paths: refused (%s, %d so far): %s", reason, count, detail)
 
     # -- kicks -----------------------------------------------------------------------
 
@@ -440,7 +311,7 @@ class PathChooser:
         if self._peers or self._relay is not None:
             log.info("paths: no netmap; relay closed")
         self._close_relay()
-        self._close_port()
+        self.checks.close()
         with self._lock:
             self._peers = {}
         self._chosen, self._addresses, self._gone, self._seen = {}, {}, {}, {}

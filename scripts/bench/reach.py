@@ -80,14 +80,11 @@ def first_packets(kind_a: str, kind_b: str, tries: int) -> dict[str, object]:
             first = mesh.first_packet(timeout=60)
             times.append(first)
             try:
-                settled = mesh.settled(60)
-            except Exception:  # noqa: BLE001 - a pair that never settles is reported, not fatal
-                settled = (mesh.a.path() or "?", mesh.b.path() or "?")
-            path = (
-                "direct"
-                if all(p.startswith("direct") for p in settled)
-                else ("relayed" if all(p == "relayed" for p in settled) else "/".join(settled))
-            )
+                mesh.wait_path("direct", 15)  # proven within a couple of seconds, or never
+                path = "direct"
+            except Exception:  # noqa: BLE001 - not direct: relayed, or a pair that never settles
+                now = (mesh.a.path() or "?", mesh.b.path() or "?")
+                path = "relayed" if all(p == "relayed" for p in now) else "/".join(now)
             paths.append(path)
             print(f"{kind_a}-{kind_b} try {i + 1}: first packet {first:.2f}s, path {path}", file=sys.stderr)
     p50 = statistics.median(times)

@@ -7,12 +7,16 @@ StunError has caught every way a datagram can be wrong.
 
 Only what endpoint discovery needs: Binding requests and answers, XOR-MAPPED-ADDRESS
 (MAPPED-ADDRESS from old servers as a fallback), SOFTWARE, FINGERPRINT (checked when
-present, never required). No authentication,
+present, never required), and MESSAGE-INTEGRITY-SHA256 (RFC 8489 14.6) for the
+peers' connectivity checks (reach/checkcore.py): `encode(..., integrity=key)` and
+`integrity_ok`. No long-term credentials,
 no TURN, no classic RFC 3489 messages (they lack the magic cookie and are refused).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import struct
 import zlib
@@ -36,6 +40,7 @@ ATTR_ERROR_CODE = 0x0009
 ATTR_UNKNOWN_ATTRIBUTES = 0x000A
 ATTR_REALM = 0x0014
 ATTR_NONCE = 0x0015
+ATTR_MESSAGE_INTEGRITY_SHA256 = 0x001C  # RFC 8489: HMAC-SHA256, 32 bytes here
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 ATTR_PADDING = 0x0026  # RFC 5780: known, never sent (see binding_request)
 ATTR_SOFTWARE = 0x8022
@@ -46,10 +51,13 @@ ATTR_FINGERPRINT = 0x8028
 _CHANGE_REQUEST = 0x0003  # RFC 5780: clients send it; we never honour it
 _KNOWN_REQUIRED = frozenset(
     {ATTR_MAPPED_ADDRESS, ATTR_USERNAME, ATTR_MESSAGE_INTEGRITY, ATTR_ERROR_CODE, ATTR_UNKNOWN_ATTRIBUTES,
-     ATTR_REALM, ATTR_NONCE, ATTR_XOR_MAPPED_ADDRESS, ATTR_PADDING, _CHANGE_REQUEST}
+     ATTR_REALM, ATTR_NONCE, ATTR_XOR_MAPPED_ADDRESS, ATTR_PADDING, _CHANGE_REQUEST,
+     ATTR_MESSAGE_INTEGRITY_SHA256}
 )  # fmt: skip
 _FINGERPRINT_XOR = 0x5354554E
 _FINGERPRINT_LEN = 8  # the whole attribute: type, length, CRC
+INTEGRITY_LEN = 32  # HMAC-SHA256, never truncated
+_INTEGRITY_ATTR_LEN = 4 + INTEGRITY_LEN
 MAX_SOFTWARE = 763  # bytes: RFC 5389 15.10 (fewer than 128 characters)
 MAX_MESSAGE = 1280  # what fits one IPv6 minimum-MTU datagram is all we accept
 
@@ -113,16 +121,42 @@ def encode(
     attributes: list[tuple[int, bytes]],
     *,
     fingerprint: bool = True,
+    integrity: bytes | None = None,
 ) -> bytes:
-    """One message; the FINGERPRINT (if asked) covers everything before it."""
+    """One message; MESSAGE-INTEGRITY-SHA256 (keyed by `integrity`, if given)
+    covers the attributes before it, the FINGERPRINT (if asked) everything before it."""
     _check_txid(transaction_id)
     body = b"".join(_attr(t, v) for t, v in attributes)
+    if integrity is not None:
+        # RFC 8489 14.6: the header's length counts up to the end of this attribute.
+        head = _HEADER.pack(kind, len(body) + _INTEGRITY_ATTR_LEN, MAGIC_COOKIE, transaction_id)
+        body += _attr(ATTR_MESSAGE_INTEGRITY_SHA256, hmac.digest(integrity, head + body, hashlib.sha256))
     extra = _FINGERPRINT_LEN if fingerprint else 0
     head = _HEADER.pack(kind, len(body) + extra, MAGIC_COOKIE, transaction_id)
     if not fingerprint:
         return head + body
     crc = (zlib.crc32(head + body) ^ _FINGERPRINT_XOR) & 0xFFFFFFFF
     return head + body + _attr(ATTR_FINGERPRINT, struct.pack("!I", crc))
+
+
+def integrity_ok(data: bytes, key: bytes) -> bool:
+    """True when `data` (a message `parse` accepted) carries a MESSAGE-INTEGRITY-SHA256
+    that `key` made, followed by nothing but a FINGERPRINT. Compared in constant time."""
+    offset = HEADER_LEN
+    while offset + 4 <= len(data):
+        t, n = _ATTR.unpack_from(data, offset)
+        if t == ATTR_MESSAGE_INTEGRITY_SHA256:
+            end = offset + 4 + n
+            rest = len(data) - end
+            if n != INTEGRITY_LEN or rest not in (0, _FINGERPRINT_LEN):
+                return False
+            if rest and _ATTR.unpack_from(data, end)[0] != ATTR_FINGERPRINT:
+                return False
+            head = data[:2] + struct.pack("!H", end - HEADER_LEN) + data[4:HEADER_LEN]
+            want = hmac.digest(key, head + data[HEADER_LEN:offset], hashlib.sha256)
+            return hmac.compare_digest(want, data[offset + 4 : end])
+        offset += 4 + n + (-n % 4)
+    return False
 
 
 def binding_request(transaction_id: bytes, software: str | None = None, size: int = 0) -> bytes:

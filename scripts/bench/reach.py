@@ -4,8 +4,11 @@ in control mode, wireguard-go, control with its relay and STUN).
 For each pair of NAT kinds, `--tries` fresh labs: the seconds from both nodes
 joined (`meshpi up` returned) until a ping through the mesh is answered, the p50
 of those, and the path the pair settles on. Then, in one restricted-restricted
-lab, TCP throughput a -> b over the punched direct path and over the relay (the
-direct path cut by an nft rule): their ratio. The last line is one JSON object.
+lab: the failover (seconds from an nft rule cutting the direct path until both
+sides are relayed) and the upgrade (from the cut healed until both are direct
+again), `--tries` times each (p50); TCP throughput a -> b over the direct path
+and over the relay: their ratio. The last line is one JSON object:
+`pairs: [{a, b, path, first_packet_s}]`, `failover_s`, `upgrade_s`, ...
 
 Everything runs on this machine (2 shared cores here): the figures compare paths
 under the same load, they are not what a Pi on a real uplink gets.
@@ -77,14 +80,11 @@ def first_packets(kind_a: str, kind_b: str, tries: int) -> dict[str, object]:
             first = mesh.first_packet(timeout=60)
             times.append(first)
             try:
-                settled = mesh.settled(60)
-            except Exception:  # noqa: BLE001 - a pair that never settles is reported, not fatal
-                settled = (mesh.a.path() or "?", mesh.b.path() or "?")
-            path = (
-                "direct"
-                if all(p.startswith("direct") for p in settled)
-                else ("relayed" if all(p == "relayed" for p in settled) else "/".join(settled))
-            )
+                mesh.wait_path("direct", 15)  # proven within a couple of seconds, or never
+                path = "direct"
+            except Exception:  # noqa: BLE001 - not direct: relayed, or a pair that never settles
+                now = (mesh.a.path() or "?", mesh.b.path() or "?")
+                path = "relayed" if all(p == "relayed" for p in now) else "/".join(now)
             paths.append(path)
             print(f"{kind_a}-{kind_b} try {i + 1}: first packet {first:.2f}s, path {path}", file=sys.stderr)
     p50 = statistics.median(times)
@@ -102,17 +102,36 @@ def main() -> int:
     for row in pairs:
         pair = f"{row['a']:>10} - {row['b']:<10}"
         print(f"{pair} {row['path']:<8} first packet p50 {row['first_packet_s']:.2f}s")
+    failovers, upgrades = [], []
     with nat_mesh("restricted", "restricted") as mesh:
         mesh.first_packet(timeout=60)
         mesh.wait_path("direct", 60)
+        for i in range(args.tries):
+            cut = time.monotonic()
+            mesh.lab.block_direct()
+            mesh.wait_path("relayed", 30)
+            failovers.append(time.monotonic() - cut)
+            time.sleep(2)
+            healed = time.monotonic()
+            mesh.lab.unblock_direct()
+            mesh.wait_path("direct", 30)
+            upgrades.append(time.monotonic() - healed)
+            took = f"failover {failovers[-1]:.2f}s, upgrade {upgrades[-1]:.2f}s"
+            print(f"{took} (try {i + 1})", file=sys.stderr)
+            time.sleep(2)
         direct = throughput(mesh, args.seconds)
         mesh.lab.block_direct()
         mesh.wait_path("relayed", 30)
         time.sleep(1)
         relayed = throughput(mesh, args.seconds)
     ratio = relayed / direct if direct else 0.0
+    failover, upgrade = statistics.median(failovers), statistics.median(upgrades)
+    print(f"failover direct -> relay p50 {failover:.2f}s, upgrade relay -> direct p50 {upgrade:.2f}s")
     print(f"throughput: direct {direct:.1f} Mbit/s, relayed {relayed:.1f} Mbit/s, ratio {ratio:.2f}")
-    print(json.dumps({"pairs": pairs, "direct_mbit_s": round(direct, 1), "relayed_mbit_s": round(relayed, 1),
+    print(json.dumps({"pairs": pairs, "failover_s": round(failover, 2), "upgrade_s": round(upgrade, 2),
+                      "failover_all_s": [round(t, 2) for t in failovers],
+                      "upgrade_all_s": [round(t, 2) for t in upgrades],
+                      "direct_mbit_s": round(direct, 1), "relayed_mbit_s": round(relayed, 1),
                       "relayed_vs_direct": round(ratio, 3)}))  # fmt: skip
     return 0
 

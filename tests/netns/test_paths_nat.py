@@ -2,9 +2,12 @@
 control mode, each behind a NAT of a kind built with nftables (tests/lab/nat_lab.py:
 cone, restricted, symmetric, noudp), control with its relay and STUN server in
 between, wireguard-go. Every pair of kinds reaches the path it can (direct by
-hole punching, else the relay), pings flow, and the time to the first answered
-ping is recorded (pytest's record_property, and printed). A direct path that is
-cut falls back to the relay within seconds and comes back when the cut heals.
+connectivity checks from the WireGuard port, else the relay, which carries the
+pair from the start), pings flow, and the time to the first answered ping is
+recorded (pytest's record_property, and printed) and held to the goals of issue
+10: direct pairs within 1 s, relayed ones within 2 s (CI_SLACK for a loaded
+machine). A direct path that is cut falls back to the relay within 5 s and
+comes back within 5 s of the heal; the pings lose nothing outside those windows.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import time
 
 import pytest
 
-from tests.lab.host import wait_for
-from tests.lab.nat_mesh import UPGRADE_EVERY, NatMesh, nat_mesh
+from tests.lab.nat_mesh import NatMesh, nat_mesh
 
 pytestmark = pytest.mark.netns
 
@@ -34,7 +36,9 @@ EXPECTED = {
     ("noudp", "symmetric"): "relayed",
     ("noudp", "noudp"): "relayed",
 }
-SETTLE = 60.0  # trying windows, plus the first background try of direct
+SETTLE = 15.0  # a direct path is proven within a couple of seconds, or never
+GOAL = {"direct": 1.0, "relayed": 2.0}  # seconds to the first packet (issue 10)
+CI_SLACK = 1.5  # 2 cores shared by every test and build here
 
 
 @pytest.mark.parametrize(("kind_a", "kind_b"), list(EXPECTED), ids=[f"{a}-{b}" for a, b in EXPECTED])
@@ -48,16 +52,13 @@ def test_paths_nat_pair_reaches_its_path(
         print(f"{kind_a}-{kind_b}: first packet after {first:.2f}s")
         paths = mesh.wait_path(expected, SETTLE)
         record_property("paths", paths)
-        # Both ways, through whatever path was reached. A relayed pair loses what
-        # is sent during a background try of direct (up to ~4 s at each slot): a
-        # burst that falls into one is tried again.
+        assert first <= GOAL[expected] * CI_SLACK, f"first packet after {first:.2f}s ({expected})"
+        if expected == "relayed":
+            time.sleep(3)  # the checks go on in the background: they must cost no traffic
+        # Both ways, through whatever path was reached: nothing lost.
         for src, dst in ((mesh.a, mesh.b), (mesh.b, mesh.a)):
-            for _ in range(3):
-                sent, received = src.host.ping(dst.mesh_v4(), count=10, interval=0.1)
-                if received >= 9:
-                    break
-                time.sleep(2)
-            assert received >= 9, f"{src.name} -> {dst.name}: {received}/{sent} over {paths}"
+            sent, received = src.host.ping(dst.mesh_v4(), count=20, interval=0.1)
+            assert received == sent, f"{src.name} -> {dst.name}: {received}/{sent} over {paths}"
         for node in (mesh.a, mesh.b):
             peer = node.peer()
             assert peer is not None and peer["direct"] is (expected == "direct"), peer
@@ -99,29 +100,24 @@ def test_paths_nat_direct_cut_falls_back_to_the_relay_and_heals(
             time.sleep(2)  # a stretch of answered pings before the cut
             cut = time.monotonic() - pinger.started
             mesh.lab.block_direct()
-            mesh.wait_path("relayed", 20)
+            mesh.wait_path("relayed", 10)
             relayed = time.monotonic() - pinger.started
-            # Pings flow through the relay again.
-            wait_for(
-                lambda: mesh.a.host.ping(mesh.b.mesh_v4(), count=1)[1] == 1, 10, "pings through the relay"
-            )
-            flowing = time.monotonic() - pinger.started
-            mesh.lab.unblock_direct()
+            time.sleep(4)  # relayed for a while: the background checks cost nothing
             healed_from = time.monotonic() - pinger.started
-            mesh.wait_path("direct", 4 * float(UPGRADE_EVERY) + 15)
+            mesh.lab.unblock_direct()
+            mesh.wait_path("direct", 10)
             direct = time.monotonic() - pinger.started
             time.sleep(3)
         finally:
             sent, lost = pinger.stop()
-        record_property("relayed_after_cut_s", round(relayed - cut, 2))
-        record_property("direct_after_heal_s", round(direct - healed_from, 2))
-        print(f"cut at {cut:.1f}s: relayed after {relayed - cut:.1f}s, pings again at {flowing - cut:.1f}s; "
+        record_property("failover_s", round(relayed - cut, 2))
+        record_property("upgrade_s", round(direct - healed_from, 2))
+        print(f"cut at {cut:.1f}s: relayed after {relayed - cut:.1f}s; "
               f"healed at {healed_from:.1f}s: direct after {direct - healed_from:.1f}s; "
               f"lost {len(lost)} of {sent}: {lost}")  # fmt: skip
-        assert relayed - cut <= 5 + 2 + 5, (
-            "the relay takes over within 5 s of death (+ a tick, + a handshake)"
-        )
-        # Nothing lost outside the cut's window and the one try of direct after the heal.
-        outside = [t for t in lost if not (cut - 0.5 <= t <= flowing + 0.5 or healed_from <= t <= direct + 1)]
+        assert relayed - cut <= 5.0, "the relay takes over within 5 s of the cut"
+        assert direct - healed_from <= 5.0, "direct again within 5 s of the heal"
+        # Nothing lost outside the 5 s after the cut (a ping's 1 s wait included),
+        # nothing at all while relayed, trying direct, or switching back.
+        outside = [t for t in lost if not cut - 0.3 <= t <= cut + 5.0]
         assert not outside, (outside, lost)
-        assert len([t for t in lost if t >= healed_from]) * Pinger.INTERVAL <= 7.0, lost

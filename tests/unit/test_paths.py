@@ -1,49 +1,56 @@
 """Path selection's pure core (appliance/agent/reach/pathcore.py): a scripted
-kernel (handshake, endpoint, counters per tick) and a clock, nothing else."""
+kernel (handshake, endpoint, counters), the checks' results and a clock."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from ipaddress import ip_address
 
-from appliance.agent.reach.pathcore import Decision, PeerPath, Seen, Timing, decide, rekeyed
+from appliance.agent.reach.pathcore import (
+    Decision,
+    Heard,
+    PeerPath,
+    Seen,
+    Timing,
+    decide,
+    rekeyed,
+)
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 
 PEER = PrivateKey.generate().public_key()
 A = Endpoint(ip_address("198.51.100.7"), 51820)
 B = Endpoint(ip_address("203.0.113.9"), 40000)
-ROAMED = Endpoint(ip_address("203.0.113.9"), 40123)
+REFLEXIVE = Endpoint(ip_address("203.0.113.9"), 40123)
 RELAY = Endpoint(ip_address("127.0.0.1"), 33333)
-T = Timing(upgrade_every=60.0)
+T = Timing()
 
 
 class World:
-    """One peer; each step is one tick of the agent's loop."""
+    """One peer; each step is one of paths.py's (0.25 s apart by default)."""
 
     def __init__(self, cands: tuple[Endpoint, ...] = (A, B), relay: bool = True, now: float = 1000.0) -> None:
-        self.cands, self.now = cands, now
-        self.relay = relay
+        self.cands, self.now, self.relay = cands, now, relay
         self.state: Mapping[PublicKey, PeerPath] = {}
-        self.rx = self.tx = 0
-        self.handshake: float | None = None
-        self.endpoint: Endpoint | None = cands[0] if cands else None
+        self.rx = 0
+        self.handshake_age: float | None = None
+        self.endpoint: Endpoint | None = None
         self.last: Decision | None = None
 
-    def tick(self, dt: float = 2.0, rx: int = 0, tx: int = 0, handshake: bool = False,
-             endpoint: Endpoint | None = None) -> PeerPath:  # fmt: skip
+    def step(self, dt: float = 0.25, answers: tuple[Endpoint, ...] = (), asked: tuple[Endpoint, ...] = (),
+             rx: int = 0, session: bool | None = None, endpoint: Endpoint | None = None) -> PeerPath:  # fmt: skip
         self.now += dt
-        self.rx, self.tx = self.rx + rx, self.tx + tx
-        if handshake:
-            self.handshake = self.now
+        self.rx += rx
+        if session is not None:
+            self.handshake_age = 1.0 if session else None
         if endpoint is not None:
             self.endpoint = endpoint  # WireGuard roamed (a packet came from there)
-        seen = {PEER: Seen(self.handshake, self.endpoint, self.rx, self.tx)}
-        self.last = decide(self.state, {PEER: self.cands}, seen, self.relay, self.now, T)
+        seen = {PEER: Seen(self.handshake_age, self.endpoint, self.rx, 0)}
+        heard = Heard({PEER: answers} if answers else {}, {PEER: asked} if asked else {})
+        self.last = decide(self.state, {PEER: self.cands}, seen, heard, self.relay, self.now, T)
         self.state = self.last.peers
-        chosen = self.chosen
-        if chosen is not None and endpoint is None:
-            self.endpoint = chosen  # the loop applied the choice
+        if self.chosen is not None:
+            self.endpoint = self.chosen  # the loop applied the choice
         return self.state[PEER]
 
     @property
@@ -51,184 +58,233 @@ class World:
         assert self.last is not None
         return RELAY if PEER in self.last.relayed else self.last.choices.get(PEER)
 
+    @property
+    def checked(self) -> tuple[Endpoint, ...]:
+        assert self.last is not None
+        return self.last.checks.get(PEER, ())
 
-def test_paths_first_candidate_that_answers_wins() -> None:
+    def steps_until(self, seconds: float) -> list[tuple[Endpoint, ...]]:
+        """Steps through `seconds` with nothing heard; the checks sent at each."""
+        sent = []
+        for _ in range(round(seconds / 0.25)):
+            self.step()
+            sent.append(self.checked)
+        return sent
+
+
+def test_paths_new_peer_is_relayed_at_once_and_every_candidate_checked() -> None:
     w = World()
-    assert w.tick().mode == "trying" and w.chosen == A
-    assert w.last is not None and PEER in w.last.probes  # WireGuard is made to send a handshake
-    w.tick(tx=148)  # the handshake initiation, unanswered
-    w.tick(dt=4.0, tx=148)
-    path = w.tick()
-    assert path.mode == "trying" and w.chosen == B  # A got its 5 s; B now
-    w.tick()
-    path = w.tick(rx=92, tx=148, handshake=True)
+    assert w.step().mode == "relayed" and w.chosen == RELAY
+    assert w.checked == (A, B)
+
+
+def test_paths_checks_back_off_to_every_two_seconds_while_relayed() -> None:
+    w = World()
+    w.step()
+    sent = w.steps_until(12.0)
+    times = [i * 0.25 for i, s in enumerate(sent) if s]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert gaps[0] <= 0.5 and max(gaps) == 2.0, gaps
+    assert all(s in ((), (A, B)) for s in sent)
+
+
+def test_paths_answer_makes_the_peer_direct_at_the_proven_address() -> None:
+    w = World()
+    w.step()
+    path = w.step(answers=(B,))
     assert path.mode == "direct" and path.endpoint == B and w.chosen == B
-    assert path.label() == f"direct {B}"
 
 
-def test_paths_roam_during_trying_adopts_the_address_the_peer_came_from() -> None:
+def test_paths_best_candidate_wins_when_several_answer_together() -> None:
     w = World()
-    w.tick()
-    path = w.tick(rx=92, handshake=True, endpoint=ROAMED)
-    assert path.mode == "direct" and path.endpoint == ROAMED and w.chosen == ROAMED
+    w.step()
+    assert w.step(answers=(B, A)).endpoint == A
 
 
-def test_paths_no_candidate_answers_relay() -> None:
+def test_paths_check_from_the_peer_adds_its_address_and_checks_it_now() -> None:
     w = World()
-    for _ in range(8):  # each candidate's 5 s start once WireGuard holds it
-        path = w.tick(tx=148)
-    assert path.mode == "relayed" and w.chosen == RELAY and path.label() == "relayed"
+    w.step()
+    w.steps_until(1.0)
+    w.step(asked=(REFLEXIVE,))
+    assert w.checked == (A, B, REFLEXIVE)  # a triggered check: through the hole the peer just opened
+    assert w.step(answers=(REFLEXIVE,)).endpoint == REFLEXIVE  # peer-reflexive, like ICE's
 
 
-def test_paths_no_candidates_relay_at_once() -> None:
-    w = World(cands=())
-    assert w.tick().mode == "relayed" and w.chosen == RELAY
-
-
-def test_paths_no_relay_goes_round_the_candidates_again() -> None:
-    w = World(relay=False)
-    seen = []
-    for _ in range(10):
-        w.tick(tx=148)
-        seen.append(w.chosen)
-    assert set(seen) == {A, B} and w.state[PEER].mode == "trying"
-
-
-def test_paths_direct_path_dead_falls_back_to_the_relay_within_7s() -> None:
+def test_paths_reflexive_addresses_are_bounded() -> None:
     w = World()
-    w.tick()
-    w.tick(rx=92, tx=148, handshake=True)
-    for _ in range(5):
-        assert w.tick(rx=100, tx=100).mode == "direct"  # pings answered
-    start = w.now
-    path = w.tick(tx=100)  # the path is cut: sent, nothing back
-    assert path.mode == "direct" and w.last is not None and PEER in w.last.probes
-    while path.mode == "direct":
-        path = w.tick(tx=100)
-    assert path.mode == "relayed" and w.chosen == RELAY and w.now - start <= 7.0
+    w.step()
+    for port in range(50000, 50020):
+        w.step(asked=(Endpoint(ip_address("203.0.113.9"), port),))
+    assert len(w.state[PEER].reflexive) == 4
 
 
-def test_paths_idle_peer_keepalives_alone_are_not_death() -> None:
+def test_paths_direct_path_is_checked_every_second_and_kept_while_answered() -> None:
     w = World()
-    w.tick()
-    w.tick(rx=92, tx=148, handshake=True)
-    for _ in range(30):  # our keepalive, answered by the probe's ICMP error
-        assert w.tick(tx=32).mode == "direct"
-        assert w.tick(rx=32).mode == "direct"
+    w.step()
+    w.step(answers=(A,))
+    for _ in range(40):  # 10 s
+        path = w.step(answers=(A,) if w.checked else ())
+        assert path.mode == "direct"
+    sent = w.steps_until(0.0)
+    assert not sent
 
 
-def test_paths_stale_handshake_is_dead() -> None:
+def test_paths_direct_path_without_answers_falls_back_to_the_relay_within_dead_after() -> None:
     w = World()
-    w.tick()
-    w.tick(rx=92, handshake=True)
-    w.tick(dt=200.0, rx=10)
-    assert w.state[PEER].mode == "relayed"
-
-
-def test_paths_relayed_upgrades_at_the_slot_and_falls_back_when_the_punch_fails() -> None:
-    w = World(now=959.0)
-    for _ in range(8):
-        w.tick(tx=148)
-    assert w.state[PEER].mode == "relayed" and w.now < 1020  # relayed since 971..973
-    w.tick(dt=1020.5 - w.now, rx=10, tx=10)
-    path = w.state[PEER]
-    assert path.mode == "trying" and path.upgrading and w.chosen == A  # the slot at 1020
-    for _ in range(8):
-        w.tick(tx=100)
+    w.step()
+    w.step(answers=(A,))
+    cut = w.now
+    while w.step().mode == "direct":
+        assert w.now - cut <= T.dead_after
     assert w.state[PEER].mode == "relayed" and w.chosen == RELAY
+    assert w.now - cut <= T.dead_after + 0.25
+    assert w.checked == (A, B)  # and trying again at once
 
 
-def test_paths_relayed_upgrade_succeeds() -> None:
-    w = World(cands=(A,), now=959.0)
-    for _ in range(4):
-        w.tick(tx=148)
-    assert w.state[PEER].mode == "relayed"
-    w.tick(dt=1020.5 - w.now, rx=10, tx=10, handshake=True)
-    assert w.chosen == A
-    w.tick(rx=50, tx=50)  # WireGuard holds A from here on
-    path = w.tick(rx=50, tx=50)
-    assert path.mode == "direct" and path.endpoint == A
-
-
-def test_paths_relayed_peer_punches_through_first_adopted() -> None:
-    w = World(cands=(A,))
-    for _ in range(4):
-        w.tick(tx=148)
-    assert w.state[PEER].mode == "relayed"
-    path = w.tick(rx=80, endpoint=ROAMED)
-    assert path.mode == "direct" and path.endpoint == ROAMED and w.chosen == ROAMED
-
-
-def test_paths_direct_peer_that_fell_back_to_the_relay_is_followed() -> None:
+def test_paths_packets_through_wireguard_keep_a_direct_path_alive() -> None:
+    """A peer whose agent does not answer checks (an older one) but whose
+    WireGuard talks to us from the direct address is not cut off."""
     w = World()
-    w.tick()
-    w.tick(rx=92, tx=148, handshake=True)
-    path = w.tick(rx=80, endpoint=RELAY)
-    assert path.mode == "relayed" and w.chosen == RELAY
+    w.step()
+    w.step(rx=100, endpoint=A)  # its WireGuard reached ours directly: adopted
+    assert w.state[PEER].mode == "direct"
+    for _ in range(40):
+        assert w.step(rx=100).mode == "direct"
 
 
-def test_paths_new_candidates_are_tried_at_once() -> None:
+def test_paths_packets_through_the_relay_are_no_proof_of_the_direct_path() -> None:
+    w = World()
+    w.step()
+    w.step(answers=(A,))
+    w.step(rx=100, endpoint=RELAY)  # the other side fell back first: WireGuard roamed
+    for _ in range(round(T.dead_after / 0.25)):
+        w.step(rx=100, endpoint=RELAY)
+    assert w.state[PEER].mode == "relayed"
+
+
+def test_paths_relay_stays_the_endpoint_while_checks_fail() -> None:
+    """Trying direct costs the relayed traffic nothing: the endpoint never moves."""
+    w = World()
+    w.step()
+    for _ in range(200):
+        w.step()
+        assert w.chosen == RELAY
+
+
+def test_paths_no_relay_gives_wireguard_the_candidates_in_turn() -> None:
+    w = World(relay=False)
+    assert w.step().mode == "trying" and w.chosen == A
+    w.steps_until(T.try_each)
+    assert w.chosen == B
+    w.steps_until(T.try_each)
+    assert w.chosen == A
+    w.relay = True
+    assert w.step().mode == "relayed" and w.chosen == RELAY
+
+
+def test_paths_relay_lost_while_relayed_tries_the_candidates() -> None:
+    w = World()
+    w.step()
+    w.relay = False
+    assert w.step().mode == "trying" and w.chosen == A
+
+
+def test_paths_no_candidates_relayed_and_nothing_checked() -> None:
     w = World(cands=())
-    assert w.tick().mode == "relayed"
-    w.cands = (B,)
-    path = w.tick()
-    assert path.mode == "trying" and w.chosen == B
+    assert w.step().mode == "relayed" and not w.checked
+
+
+def test_paths_new_candidates_are_checked_at_once() -> None:
+    w = World()
+    w.step()
+    w.steps_until(6.0)
+    w.cands = (B, REFLEXIVE)
+    w.step()
+    assert w.checked == (B, REFLEXIVE)
 
 
 def test_paths_restart_keeps_a_working_direct_path() -> None:
     w = World()
-    w.handshake = w.now
-    w.endpoint = ROAMED
-    path = w.tick()
-    assert path.mode == "direct" and path.endpoint == ROAMED
+    w.endpoint, w.handshake_age, w.rx = A, 10.0, 5000
+    path = w.step()
+    assert path.mode == "direct" and path.endpoint == A and w.checked == (A,)
+
+
+def test_paths_no_session_is_kicked_when_the_kernel_holds_the_path() -> None:
+    w = World()
+    w.step()
+    assert w.last is not None and PEER not in w.last.kicks  # the kernel does not hold the proxy yet
+    w.step()
+    assert PEER in w.last.kicks  # it does: initiate now
+    w.step()
+    assert PEER not in w.last.kicks  # not every step
+    w.step(dt=T.kick_every)
+    assert PEER in w.last.kicks
+    w.step(answers=(A,))
+    w.step()
+    assert PEER in w.last.kicks  # a new endpoint: at once
+    w.step(session=True)
+    w.step(dt=T.kick_every)
+    assert PEER not in w.last.kicks  # a session: never
+
+
+def test_paths_kicks_stop_after_kick_max() -> None:
+    w = World()
+    kicks = 0
+    for _ in range(100):
+        w.step(dt=T.kick_every)
+        assert w.last is not None
+        kicks += PEER in w.last.kicks
+    assert kicks == T.kick_max
 
 
 def test_paths_peer_gone_is_forgotten() -> None:
     w = World()
-    w.tick()
-    decision = decide(w.state, {}, {}, True, w.now + 2)
-    assert not decision.peers and not decision.choices
-
-
-def test_paths_failed_upgrades_wait_longer_each_time() -> None:
-    w = World(cands=(A,), now=959.0)
-    starts = []
-    for _ in range(600):
-        before = w.state.get(PEER)
-        path = w.tick(tx=10)
-        if path.upgrading and (before is None or not before.upgrading):
-            starts.append(w.now)
-    gaps = [round(b - a) for a, b in zip(starts, starts[1:], strict=False)]
-    assert gaps[:4] == [60, 120, 240, 480], gaps  # on 60 s slots, the wait doubled per failure (8x at most)
-
-
-def test_paths_endpoint_wireguard_holds_is_tried_after_the_netmaps() -> None:
-    w = World(cands=())
-    w.endpoint = ROAMED  # carried over a key rotation: no handshake with the new key yet
-    assert w.tick().mode == "trying" and w.chosen == ROAMED
-    assert w.tick(rx=92, handshake=True).mode == "direct"
-
-
-def test_paths_no_relay_to_fall_back_to_tries_again() -> None:
-    w = World(relay=False)
-    w.tick()
-    w.tick(rx=92, tx=148, handshake=True)
-    path = w.tick(rx=10, tx=10)
-    assert path.mode == "direct"
-    for _ in range(4):
-        path = w.tick(tx=100)
-    assert path.mode == "trying" and w.chosen == A
+    w.step()
+    d = decide(w.state, {}, {}, Heard(), True, w.now + 1)
+    assert d.peers == {} and not d.checks
 
 
 def test_paths_rotated_peer_keeps_its_path_under_the_new_key() -> None:
     w = World()
-    w.tick()
-    w.tick(rx=92, tx=148, handshake=True)
+    w.step()
+    w.step(answers=(B,))
     new = PrivateKey.generate().public_key()
-    carried = rekeyed(w.state, {PEER: new}, {new: Seen(None, B, 0, 0)}, w.now)
-    assert PEER not in carried and carried[new].mode == "direct" and carried[new].endpoint == A
-    assert (carried[new].rx, carried[new].tx) == (0, 0)
+    moved = rekeyed(w.state, {PEER: new}, {new: Seen(None, B, 0, 0)}, w.now)
+    assert PEER not in moved and moved[new].mode == "direct" and moved[new].endpoint == B
+    d = decide(moved, {new: (A, B)}, {new: Seen(None, B, 0, 0)}, Heard(), True, w.now + 0.25)
+    assert d.choices[new] == B and d.checks[new] == (B,)
 
-    # The new key has no handshake yet: that is not staleness, for one try's time.
-    decision = decide(carried, {new: (A, B)}, {new: Seen(None, A, 0, 0)}, True, w.now + 2)
-    assert decision.peers[new].mode == "direct"
+
+def test_paths_wireguard_roamed_to_the_relay_is_put_back_on_the_proven_path() -> None:
+    w = World()
+    w.step()
+    w.step(answers=(A,))
+    w.step(answers=(A,), endpoint=RELAY)  # the other side's relayed packet: WireGuard roamed
+    assert w.last is not None and w.last.repoint == {PEER: A}
+    w.step(endpoint=RELAY)  # it roams again at once
+    assert not w.last.repoint  # at most every KEEP_EVERY
+    w.step(dt=T.keep_every, answers=(A,), endpoint=RELAY)
+    assert w.last.repoint == {PEER: A}
+
+
+def test_paths_late_answer_makes_the_checks_of_a_direct_path_faster() -> None:
+    w = World()
+    w.step()
+    w.step(answers=(A,))
+    sent = w.steps_until(2.25)
+    times = [i * 0.25 for i, s in enumerate(sent) if s]
+    assert times[:2] == [0.75, 1.75] or times[0] <= 1.0, times
+    assert len(times) >= 3, times  # 1 s, then every 0.25 s once the answer is late
+
+
+def test_paths_absent_peer_is_checked_seldom_until_it_shows_up() -> None:
+    w = World()
+    w.step()
+    w.steps_until(T.active_for)
+    sent = w.steps_until(60.0)
+    assert 3 <= sum(1 for s in sent if s) <= 7  # gaps doubling up to IDLE_EVERY, not every 2 s
+    w.step(asked=(REFLEXIVE,))  # its check: it is there, check back now and often
+    assert w.checked
+    sent = w.steps_until(10.0)
+    assert sum(1 for s in sent if s) >= 5

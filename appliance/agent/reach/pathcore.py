@@ -1,53 +1,67 @@
-"""Path selection, the pure part: which endpoint each peer gets, from what the
-kernel says about it and the clock. No I/O: `decide` is a function of the last
-state, this tick's observations and the time; paths.py does the effects.
+"""Path selection, the pure part: which endpoint each peer gets, and which
+connectivity checks to send, from the checks' results, what the kernel says
+about the peer, and the clock. No I/O: `decide` is a function of the last state,
+this step's observations and the time; paths.py does the effects (every STEP s).
+
+As ICE, NetBird and Tailscale do: the relay carries a peer from the first moment
+it has no proven direct path, and direct paths are tried beside it, outside
+WireGuard, by connectivity checks (checkcore.py: authenticated STUN Binding
+requests from our WireGuard port to each of the peer's candidates, answered by
+the peer's agent from its WireGuard port). A check's request opens our NAT for
+the peer on WireGuard's own mapping; its answer proves the path both ways.
 
 Per peer, one of three modes:
-- trying:  WireGuard is given the peer's candidates one by one (TRY_EACH seconds
-           each). Both sides get the netmap change together and try at about the
-           same time, so WireGuard's own handshake initiations punch the NAT holes.
-           The first candidate a packet comes back from wins.
-- direct:  a candidate (or the address WireGuard roamed to) works. It is dead
-           when we sent and nothing came back for DEAD_AFTER seconds (a probe is
-           sent after PROBE_AFTER to draw an answer from an idle peer), or its
-           handshake is older than WireGuard's own REJECT_AFTER_TIME.
-- relayed: every candidate failed (or there is none): the relay's local proxy.
-           At each UPGRADE_EVERY slot of the wall clock (the same moment on both
-           sides, with clocks in sync) the candidates are tried again; a success
-           upgrades the peer to direct. Each failure doubles the wait (up to 8x):
-           while trying, the relay does not carry the peer (or the peer's
-           relayed packets would roam WireGuard back to the relay mid-try), so
-           a try that fails costs its window's traffic.
+- relayed: the relay's local proxy (relay.py) is WireGuard's endpoint. Every
+           candidate (the netmap's, and the peer-reflexive addresses its checks
+           came from) is checked: at once, then at doubling gaps up to
+           RELAYED_EVERY (IDLE_EVERY once nothing came from the peer for
+           ACTIVE_FOR). An authenticated answer makes the peer direct. The
+           relay keeps carrying the peer meanwhile: trying costs no traffic.
+- direct:  a proven candidate is WireGuard's endpoint. It is checked every
+           KEEP_EVERY (every FIRST_GAP once an answer is late); no answer (and
+           no packet through WireGuard from it) for DEAD_AFTER and the relay
+           carries the peer again. When WireGuard roamed to the relay's proxy
+           (the other side still relays, or did for a moment) while the path
+           answers, the proven address is put back (`repoint`, at most every
+           KEEP_EVERY): else both WireGuards could stay on the relay for good.
+- trying:  no relay is connected (control down, or none yet) and nothing is
+           proven: WireGuard is given the candidates one by one (TRY_EACH
+           seconds each), while the checks go on.
 
-Evidence is "received": the peer's rx counter grew while the kernel's endpoint
-is a direct address (direct) or a relay proxy (relayed). WireGuard roams to the
-address the last authenticated packet came from; a roam is adopted, never
-fought (the other side fell back to the relay, or punched through first).
+A peer whose WireGuard has no session yet is "kicked" (paths.py: its WireGuard
+peer removed and added again, which resets WireGuard's 5 s rate limit on
+handshake initiations and sends one now) each time the kernel holds a new
+endpoint for it, then every KICK_EVERY for KICK_MAX times: the first handshake
+goes as soon as a path is there, not 5 s after an initiation that was lost.
+
+WireGuard roams to the address the last authenticated packet came from: a
+relayed peer whose packets arrive directly (it proved the path first, or an
+agent without checks punched through) is adopted as direct.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint
 
-TRY_EACH = 5.0  # WireGuard's REKEY_TIMEOUT: one handshake initiation per candidate
-# Sent, probed (an answer takes one round trip), and nothing came back for this
-# long: the path is gone. With the loop's 2 s tick the relay takes over 4-7 s after
-# the cut.
-DEAD_AFTER = 3.0
-PROBE_AFTER = 0.0  # sent and not yet answered: draw an answer at once (paths.py: probe)
-# WireGuard rejects a session older than REJECT_AFTER_TIME (180 s); keepalive
-# traffic rekeys at 120-145 s, so an older handshake means no session at all.
-STALE_AFTER = 180.0
-UPGRADE_EVERY = 60.0  # a relayed peer tries direct again at each such slot
-# A background try needs no handshake (the session exists): a probe's answer
-# takes one round trip, plus the other side's tick (up to 2 s) to switch too.
-UPGRADE_TRY = 3.0
+STEP = 0.25  # seconds between paths.py's steps
+FIRST_GAP = 0.25  # the gap after the first check of a try; doubles up to RELAYED_EVERY
+RELAYED_EVERY = 2.0  # a relayed peer's candidates are checked this often: upgrade ~2 s after a path opens
+# ...while it is in use (a packet from it, or a check, within ACTIVE_FOR s, or the try
+# is that recent); an idle or absent peer's are checked every IDLE_EVERY only.
+ACTIVE_FOR = 60.0
+IDLE_EVERY = 15.0
+KEEP_EVERY = 1.0  # a direct path's liveness check; every STEP once an answer is late
+DEAD_AFTER = 2.5  # no answer nor packet from the direct path for this long: the relay takes over
+TRY_EACH = 5.0  # no relay: WireGuard's REKEY_TIMEOUT per candidate
+STALE_AFTER = 180.0  # WireGuard's REJECT_AFTER_TIME: an older handshake is no session
+KICK_EVERY = 1.0
+KICK_MAX = 8
+MAX_REFLEXIVE = 4  # peer-reflexive addresses kept per peer (the latest)
 
 Mode = Literal["trying", "direct", "relayed"]
 
@@ -56,40 +70,58 @@ Mode = Literal["trying", "direct", "relayed"]
 class Seen:
     """What the kernel says about one peer now."""
 
-    last_handshake: float | None
+    handshake_age: float | None  # seconds since the last handshake; None: never
     endpoint: Endpoint | None
     rx: int
     tx: int
 
 
 @dataclass(frozen=True)
+class Heard:
+    """The checks' results since the last step (paths.py, authenticated)."""
+
+    answers: Mapping[PublicKey, tuple[Endpoint, ...]] = field(default_factory=dict)  # proven addresses
+    asked: Mapping[PublicKey, tuple[Endpoint, ...]] = field(default_factory=dict)  # checks came from
+
+
+@dataclass(frozen=True)
 class PeerPath:
     mode: Mode
-    candidates: tuple[Endpoint, ...]  # what is tried: the netmap's, and what WireGuard knew
-    endpoint: Endpoint | None = None  # direct: the working address
-    index: int = 0  # trying: the candidate being tried
-    since: float = 0.0  # when this mode (or this candidate) started
-    baseline: int | None = None  # trying: rx once WireGuard held the candidate
-    upgrading: bool = False  # trying in the background while relayed
-    fails: int = 0  # background tries that failed in a row (the next waits longer)
-    given: tuple[Endpoint, ...] = ()  # the netmap's candidates (a change restarts the tries)
+    candidates: tuple[Endpoint, ...]  # the netmap's, best first
+    endpoint: Endpoint | None = None  # direct: the proven address
+    since: float = 0.0  # when this mode (or this trying candidate) started
+    index: int = 0  # trying: the target WireGuard is given
+    heard: float = 0.0  # direct: the last proof of life
+    active: float = 0.0  # the last packet or check from the peer, or the start of a try
+    next_check: float = 0.0
+    gap: float = FIRST_GAP
+    reflexive: tuple[Endpoint, ...] = ()  # where the peer's checks came from (newest first)
     rx: int = 0
-    tx: int = 0
-    unanswered_since: float | None = None  # sent after the last receipt, at this time
+    kicked_for: Endpoint | None = None
+    kicked_at: float = 0.0
+    kicks: int = 0
+    repointed: float = float("-inf")
 
     def label(self) -> str:
         """For status: "direct <endpoint>", "relayed" or "trying"."""
         return f"direct {self.endpoint}" if self.mode == "direct" else self.mode
 
+    def targets(self) -> tuple[Endpoint, ...]:
+        return self.candidates + tuple(r for r in self.reflexive if r not in self.candidates)
+
 
 @dataclass(frozen=True)
 class Timing:
-    try_each: float = TRY_EACH
+    first_gap: float = FIRST_GAP
+    relayed_every: float = RELAYED_EVERY
+    active_for: float = ACTIVE_FOR
+    idle_every: float = IDLE_EVERY
+    keep_every: float = KEEP_EVERY
     dead_after: float = DEAD_AFTER
-    probe_after: float = PROBE_AFTER
+    try_each: float = TRY_EACH
     stale_after: float = STALE_AFTER
-    upgrade_every: float = UPGRADE_EVERY
-    upgrade_try: float = UPGRADE_TRY
+    kick_every: float = KICK_EVERY
+    kick_max: int = KICK_MAX
 
 
 @dataclass(frozen=True)
@@ -97,11 +129,9 @@ class Decision:
     peers: Mapping[PublicKey, PeerPath]
     choices: Mapping[PublicKey, Endpoint]  # direct and trying peers: the endpoint to use
     relayed: frozenset[PublicKey]  # these get their relay proxy (paths.py)
-    probes: frozenset[PublicKey]  # make WireGuard send to these now
-
-
-def slot(now: float, every: float) -> int:
-    return math.floor(now / every)
+    checks: Mapping[PublicKey, tuple[Endpoint, ...]]  # send a check to each of these now
+    kicks: frozenset[PublicKey]  # start a handshake now (paths.py)
+    repoint: Mapping[PublicKey, Endpoint] = field(default_factory=dict)  # WireGuard roamed off it: put back
 
 
 def is_relay(endpoint: Endpoint) -> bool:
@@ -113,29 +143,37 @@ def decide(
     state: Mapping[PublicKey, PeerPath],
     candidates: Mapping[PublicKey, tuple[Endpoint, ...]],
     seen: Mapping[PublicKey, Seen],
+    heard: Heard,
     relay: bool,
     now: float,
     timing: Timing = Timing(),
 ) -> Decision:
-    """One tick. `candidates`: the netmap's peers, best first; `relay`: whether
-    there is a relay to fall back to now (a peer already relayed stays so)."""
+    """One step. `candidates`: the netmap's peers, best first; `relay`: whether a
+    relay is connected now; `now`: monotonic seconds (for the schedules)."""
     peers: dict[PublicKey, PeerPath] = {}
     choices: dict[PublicKey, Endpoint] = {}
     relayed: set[PublicKey] = set()
-    probes: set[PublicKey] = set()
+    checks: dict[PublicKey, tuple[Endpoint, ...]] = {}
+    kicks: set[PublicKey] = set()
+    repoint: dict[PublicKey, Endpoint] = {}
     for key, cands in candidates.items():
-        old = state.get(key)
-        path = _step(old, cands, seen.get(key), relay, now, timing)
-        peers[key] = path
+        path = _step(state.get(key), cands, seen.get(key), heard, key, relay, now, timing)
+        path, sent = _schedule(path, now, timing)
+        if sent:
+            checks[key] = sent
         chosen = _choice(path)
         if chosen is not None:
             choices[key] = chosen
         elif path.mode == "relayed":
             relayed.add(key)
-        waiting = path.unanswered_since is not None and now - path.unanswered_since >= timing.probe_after
-        if path.mode == "trying" or (path.mode == "direct" and waiting):
-            probes.add(key)  # trying: start a handshake; direct: draw an answer (or prove it dead)
-    return Decision(peers, choices, frozenset(relayed), frozenset(probes))
+        path, kick = _kick(path, seen.get(key), chosen, now, timing)
+        if kick:
+            kicks.add(key)
+        path, back = _repoint(path, seen.get(key), now, timing)
+        if back is not None:
+            repoint[key] = back
+        peers[key] = path
+    return Decision(peers, choices, frozenset(relayed), checks, frozenset(kicks), repoint)
 
 
 def rekeyed(
@@ -146,125 +184,141 @@ def rekeyed(
 ) -> dict[PublicKey, PeerPath]:
     """The state with each rotated peer's path carried to its new key (old key ->
     new key in `renamed`): the same node, the same path. Its counters start again
-    from what the kernel says of the new key."""
+    from what the kernel says of the new key, and it is proven afresh (its checks
+    use the new key)."""
     out = dict(state)
     for old_key, new_key in renamed.items():
         path = out.pop(old_key, None)
         if path is None or new_key in out:
             continue
         now_seen = seen.get(new_key)
-        rx, tx = (now_seen.rx, now_seen.tx) if now_seen is not None else (0, 0)
-        out[new_key] = replace(path, rx=rx, tx=tx, unanswered_since=None, baseline=None, since=now)
+        out[new_key] = replace(path, rx=now_seen.rx if now_seen is not None else 0, heard=now, since=now,
+                               next_check=now, kicked_for=None, kicks=0)  # fmt: skip
     return out
 
 
 def _choice(path: PeerPath) -> Endpoint | None:
     if path.mode == "direct":
         return path.endpoint
-    if path.mode == "trying" and path.index < len(path.candidates):
-        return path.candidates[path.index]
+    targets = path.targets()
+    if path.mode == "trying" and targets:
+        return targets[path.index % len(targets)]
     return None
 
 
-def _start(cands: tuple[Endpoint, ...], has_relay: bool, now: float, base: PeerPath | None) -> PeerPath:
-    """Try the candidates from the first; with none, the relay at once."""
-    rx, tx = (base.rx, base.tx) if base is not None else (0, 0)
-    given = base.given if base is not None else cands
-    mode: Mode = "relayed" if not cands and has_relay else "trying"
-    return PeerPath(mode, cands, since=now, rx=rx, tx=tx, given=given)
+def _fallback(path: PeerPath, has_relay: bool, now: float, t: Timing) -> PeerPath:
+    """Nothing proven (any more): the relay if there is one, else try; check at once."""
+    mode: Mode = "relayed" if has_relay else "trying"
+    return replace(
+        path, mode=mode, endpoint=None, since=now, index=0, next_check=now, gap=t.first_gap, active=now
+    )
 
 
 def _step(
     old: PeerPath | None,
     given: tuple[Endpoint, ...],
     seen: Seen | None,
+    heard: Heard,
+    key: PublicKey,
     has_relay: bool,
     now: float,
     t: Timing,
 ) -> PeerPath:
+    known = seen.endpoint if seen is not None and seen.endpoint is not None else None
+    direct_known = known if known is not None and not is_relay(known) else None
     if old is None:
-        known = seen.endpoint if seen is not None else None
-        if known is not None and is_relay(known):
-            known = None
-        if seen is not None and known is not None and _fresh(seen, now, t):
-            # The kernel already talks to it directly (the agent restarted): keep that.
-            return PeerPath("direct", given, known, since=now, rx=seen.rx, tx=seen.tx, given=given)
-        # What WireGuard already holds (carried over a key rotation, roamed to) is
-        # worth a try too, after the netmap's own.
-        cands = given + ((known,) if known is not None and known not in given else ())
-        old = replace(_start(cands, has_relay, now, None), given=given)
-        if seen is not None:
-            old = replace(old, rx=seen.rx, tx=seen.tx)  # counters from here on
+        path = PeerPath("trying", given, rx=seen.rx if seen is not None else 0)
+        if direct_known is not None and direct_known not in given:
+            path = replace(path, reflexive=(direct_known,))  # WireGuard's (a rotation's carried one)
+        if seen is not None and direct_known is not None and _fresh(seen, now, t):
+            # The kernel already talks to it directly (the agent restarted): keep
+            # that; the checks confirm it within DEAD_AFTER or the relay takes over.
+            return replace(path, mode="direct", endpoint=direct_known, since=now, heard=now, next_check=now)
+        return _fallback(path, has_relay, now, t)
     path = old
-    cands = old.candidates
-    if given != old.given:
-        cands = given
-        path = replace(path, candidates=cands, given=given)
+    if given != path.candidates:
+        path = replace(path, candidates=given)
         if path.mode != "direct":
-            path = _start(cands, has_relay, now, path)  # new candidates: try them now (fails reset)
-    if seen is None:
-        return path  # not in the kernel yet: nothing to learn
-    received = seen.rx > path.rx
-    sent = seen.tx > path.tx
-    unanswered = None if received else (path.unanswered_since or (now if sent else None))
-    path = replace(path, rx=seen.rx, tx=seen.tx, unanswered_since=unanswered)
-    direct_now = seen.endpoint is not None and not is_relay(seen.endpoint)
-    relayed_now = seen.endpoint is not None and is_relay(seen.endpoint)
+            path = replace(path, index=0, since=now, next_check=now, gap=t.first_gap, active=now)  # at once
+    asked = heard.asked.get(key, ())
+    for source in asked:
+        if source not in path.targets():
+            path = replace(path, reflexive=((source,) + path.reflexive)[:MAX_REFLEXIVE])
+    if asked:
+        path = replace(path, active=now)
+    if asked and path.mode != "direct":
+        path = replace(path, next_check=now, gap=t.first_gap)  # a triggered check: the hole is open now
+    received = seen is not None and seen.rx > path.rx and direct_known is not None
+    if seen is not None:
+        path = replace(path, rx=seen.rx, active=now if seen.rx > path.rx else path.active)
+    answers = heard.answers.get(key, ())
 
     if path.mode == "direct":
-        if received and relayed_now:
-            return replace(path, mode="relayed", endpoint=None, since=now)  # the other side fell back
-        if received and direct_now and seen.endpoint != path.endpoint:
-            path = replace(path, endpoint=seen.endpoint)  # WireGuard roamed: adopt it
-        dead = unanswered is not None and now - unanswered >= t.dead_after
-        # No handshake at all yet (a rotated key's first): one try's time for it.
-        stale = not _fresh(seen, now, t) and (
-            seen.last_handshake is not None or now - path.since >= t.try_each
+        if path.endpoint in answers or (received and direct_known == path.endpoint):
+            path = replace(path, heard=now)
+        if now - path.heard >= t.dead_after:
+            return _fallback(path, has_relay, now, t)
+        return path
+
+    if answers:
+        best = next((c for c in path.targets() if c in answers), answers[0])
+        return replace(
+            path, mode="direct", endpoint=best, since=now, heard=now, next_check=now + t.keep_every
         )
-        if dead or stale:
-            if has_relay:
-                return replace(path, mode="relayed", endpoint=None, since=now, unanswered_since=None)
-            return _start(cands, has_relay, now, path)
-        return path
-
-    if path.mode == "relayed":
-        if received and direct_now:
-            # punched from there
-            return replace(path, mode="direct", endpoint=seen.endpoint, since=now, fails=0)
-        every = t.upgrade_every * 2 ** min(path.fails, 3)  # both sides fail alike: still in step
-        if cands and slot(now, every) != slot(path.since, every):
-            return replace(path, mode="trying", index=0, since=now, baseline=None, upgrading=True)
-        return path
-
-    # trying
-    if path.index >= len(cands):
-        return _start(cands, has_relay, now, path) if not has_relay else _relayed(path, now)
-    candidate = cands[path.index]
-    if path.baseline is None and seen.endpoint == candidate:
-        # WireGuard holds the candidate from now on: its time starts now.
-        path = replace(path, baseline=seen.rx, since=now)
-        received = False
-    # A packet came from a direct address: the candidate (once WireGuard held it),
-    # or another address WireGuard roamed to (the peer punched from there).
-    took = path.baseline is not None and seen.rx > path.baseline
-    if received and direct_now and (took or seen.endpoint != candidate):
-        return replace(path, mode="direct", endpoint=seen.endpoint, since=now, upgrading=False, baseline=None,
-                       fails=0)  # fmt: skip
-    if now - path.since >= (t.upgrade_try if path.upgrading else t.try_each):
-        following = path.index + 1
-        if following < len(cands):
-            return replace(path, index=following, since=now, baseline=None)
-        if has_relay:
-            return _relayed(path, now)
-        return replace(path, index=0, since=now, baseline=None)  # no relay: go round again
+    if received and direct_known is not None and (path.mode == "relayed" or direct_known == _choice(path)):
+        # The peer's WireGuard reached ours directly from there (it proved the path
+        # first, or the candidate WireGuard was given answered).
+        return replace(path, mode="direct", endpoint=direct_known, since=now, heard=now,
+                       next_check=now + t.keep_every)  # fmt: skip
+    if path.mode == "relayed" and not has_relay:
+        return replace(path, mode="trying", since=now, index=0)
+    if path.mode == "trying" and has_relay:
+        return replace(path, mode="relayed", since=now)
+    if path.mode == "trying" and now - path.since >= t.try_each:
+        return replace(path, index=path.index + 1, since=now)
     return path
 
 
-def _relayed(path: PeerPath, now: float) -> PeerPath:
-    fails = path.fails + 1 if path.upgrading else path.fails
-    return replace(path, mode="relayed", endpoint=None, index=0, since=now, baseline=None, upgrading=False,
-                   fails=fails)  # fmt: skip
+def _schedule(path: PeerPath, now: float, t: Timing) -> tuple[PeerPath, tuple[Endpoint, ...]]:
+    """The checks due now, and when the next ones are."""
+    if now < path.next_check:
+        return path, ()
+    if path.mode == "direct":
+        assert path.endpoint is not None
+        late = now - path.heard >= t.keep_every + t.first_gap
+        return replace(path, next_check=now + (t.first_gap if late else t.keep_every)), (path.endpoint,)
+    targets = path.targets()
+    gap = min(path.gap * 2, t.relayed_every if now - path.active < t.active_for else t.idle_every)
+    return replace(path, next_check=now + path.gap, gap=gap), targets
+
+
+def _kick(
+    path: PeerPath, seen: Seen | None, chosen: Endpoint | None, now: float, t: Timing
+) -> tuple[PeerPath, bool]:
+    """Whether to make WireGuard send a handshake initiation now (see the module doc)."""
+    if seen is None or _fresh(seen, now, t) or seen.endpoint is None:
+        return path, False
+    if path.mode == "relayed":
+        if not is_relay(seen.endpoint):
+            return path, False  # the proxy is not applied yet
+    elif seen.endpoint != chosen:
+        return path, False
+    if path.kicked_for != seen.endpoint:
+        return replace(path, kicked_for=seen.endpoint, kicked_at=now, kicks=1), True
+    if path.kicks < t.kick_max and now - path.kicked_at >= t.kick_every:
+        return replace(path, kicked_at=now, kicks=path.kicks + 1), True
+    return path, False
+
+
+def _repoint(path: PeerPath, seen: Seen | None, now: float, t: Timing) -> tuple[PeerPath, Endpoint | None]:
+    if path.mode != "direct" or seen is None or seen.endpoint is None or not is_relay(seen.endpoint):
+        return path, None
+    if path.since == now:
+        return path, None  # direct from this step on: the loop applies it
+    if now - path.heard > t.keep_every + t.first_gap or now - path.repointed < t.keep_every:
+        return path, None  # not proven just now, or put back a moment ago
+    return replace(path, repointed=now), path.endpoint
 
 
 def _fresh(seen: Seen, now: float, t: Timing) -> bool:
-    return seen.last_handshake is not None and now - seen.last_handshake < t.stale_after
+    return seen.handshake_age is not None and seen.handshake_age < t.stale_after

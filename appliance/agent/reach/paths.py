@@ -1,35 +1,43 @@
-"""Path selection in the agent (control mode): hole punching through each peer's
-candidate endpoints, the relay when none works, back to direct when a punch
-succeeds later. The decisions are pathcore.py's (pure); this is the effects:
+"""Path selection in the agent (control mode): the relay from the first moment,
+direct paths proven beside it by connectivity checks from the WireGuard port,
+back to the relay within seconds when a direct path dies. The decisions are
+pathcore.py's (pure); the checks' codec and refusals are checkcore.py's; this
+is the effects, on a thread of its own ("meshpi-paths"), every STEP seconds and
+at once when a check or an answer arrives:
 
-- each tick (the loop's, every couple of seconds) reads the device's per-peer
-  handshake, endpoint and counters, asks `pathcore.decide`, posts `PathsChosen`
-  on the bus when the choices changed (the whole map), and probes the peers it
-  must hear from (an empty datagram into the tunnel: WireGuard starts a
-  handshake, or the peer's kernel answers with an ICMP error, which is traffic
-  back);
-- a RelayClient (relay.py), made from the login once a netmap is applied and
-  closed when it goes (logout) or the agent stops. A peer has its relay proxy
-  except while its candidates are tried.
+- reads the device's per-peer handshake, endpoint and counters (every step while
+  a peer has no session, else every SEEN_EVERY s);
+- reads the datagrams at the WireGuard port (checks.py): answers the peers'
+  authenticated checks (never bigger than the check), takes authenticated
+  answers to our own checks as proofs, refuses the rest unanswered;
+- asks `pathcore.decide`, posts `PathsChosen` on the bus when the choices changed
+  (the loop applies them), sends the checks it says, kicks the peers it says
+  (their WireGuard peer removed and added again: a handshake initiation now);
+- keeps a RelayClient (relay.py), made from the login once a netmap is applied
+  and closed when it goes (logout) or the agent stops, with a local proxy for
+  every peer: a direct peer keeps its proxy, so what the other side sends
+  through the relay (it fell back first, or has not upgraded yet) still arrives.
 
 Persistent keepalive is on for every peer with an endpoint (the planner), so a
-punched NAT mapping stays open.
+punched NAT mapping stays open; the checks keep it open too.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
-from appliance.agent.reach.pathcore import PeerPath, Seen, Timing, decide, rekeyed
-from appliance.base.keys import PublicKey
+from appliance.agent.reach.checks import Checker, PortFactory
+from appliance.agent.reach.pathcore import STEP, Decision, PeerPath, Seen, Timing, decide, rekeyed
+from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
-from appliance.kernel.base import KernelError, WgDevice
+from appliance.kernel.base import KernelError, WgDevice, WgUpdate
+from appliance.kernel.stunport import StunPort
 
 if TYPE_CHECKING:
     from appliance.agent.inputs import Inputs
@@ -39,16 +47,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Seconds between background tries of direct while relayed (pathcore.UPGRADE_EVERY);
-# the lab sets it shorter so a test need not wait a minute.
-UPGRADE_ENV = "MESHPI_PATH_UPGRADE_EVERY"
 GONE_KEPT = 120.0  # seconds a departed peer's path waits for the same node under a new key
+SEEN_EVERY = 1.0  # seconds between device reads once every peer has a session
 
 
 class AgentView(Protocol):
     """What the chooser needs of the agent (loop.py's Agent is one)."""
 
     system: System | None
+    key: PrivateKey  # the node key the kernel holds (or is about to)
+    lock: threading.RLock
 
     def applied(self) -> Inputs | None: ...
     def read_device(self) -> WgDevice | None: ...
@@ -82,72 +90,76 @@ def relay_from_login(state: StateDir) -> RelayFactory:
     return make
 
 
-def _timing() -> Timing:
-    raw = os.environ.get(UPGRADE_ENV)
-    if raw is None:
-        return Timing()
-    try:
-        every = float(raw)
-    except ValueError:
-        log.warning("%s=%r is not a number of seconds; using the default", UPGRADE_ENV, raw)
-        return Timing()
-    return Timing(upgrade_every=max(every, 5.0))
-
-
 class PathChooser:
     def __init__(
         self,
         agent: AgentView,
         post: Callable[[Update], None],
         relay: RelayFactory,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         timing: Timing | None = None,
+        port: PortFactory = StunPort,
     ) -> None:
         self.agent, self._post, self._make_relay, self._clock = agent, post, relay, clock
-        self.timing = timing or _timing()
+        self.timing = timing or Timing()
+        self.checks = Checker(lambda: self.agent.key, port)
         self._relay: RelayClient | None = None
         self._relay_for: tuple[object, ...] | None = None  # what the relay client was made for
         self._peers: Mapping[PublicKey, PeerPath] = {}
-        self._addresses: dict[PublicKey, tuple[object, ...]] = {}  # per peer, last tick: rotations
+        self._addresses: dict[PublicKey, tuple[object, ...]] = {}  # per peer, last step: rotations
         # Peers that left, by mesh addresses: a rotated key may come back a while later.
         self._gone: dict[tuple[object, ...], tuple[PublicKey, PeerPath, float]] = {}
         self._chosen: Mapping[PublicKey, Endpoint] = {}
+        self._seen: dict[PublicKey, Seen] = {}
+        self._seen_at = float("-inf")
         self._lock = threading.Lock()  # status() reads from the LocalAPI's threads
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the thread ------------------------------------------------------------------
 
     def tick(self) -> None:
+        """From the loop: start the thread on the first call (it runs by itself)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="meshpi-paths", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug here must not end path selection for good
+                log.exception("paths: step failed")
+                self._stop.wait(1.0)
+            if self.checks.port is not None:
+                self.checks.wait(STEP)  # wakes at once for a check or an answer
+            else:
+                self._stop.wait(STEP)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._close_relay()
+        self.checks.close()
+
+    # -- one step ------------------------------------------------------------------
+
+    def step(self) -> None:
         inputs = self.agent.applied()
         if inputs is None:
             self._drop_all()  # logged out: no netmap, no relay
             return
+        now = self._clock()
         relay = self._relay_client(inputs)
+        self.checks.open(inputs.prefs.listen_port, inputs.prefs.fwmark)
+        heard = self.checks.read({p.public_key for p in inputs.netmap.peers}, now)
         candidates = {p.public_key: _candidates(p.endpoints, p.endpoint) for p in inputs.netmap.peers}
-        try:
-            device = self.agent.read_device()
-        except KernelError as e:
-            log.debug("paths: cannot read the device: %s", e)
-            return
-        seen = {} if device is None else {k: Seen(s.last_handshake, s.endpoint, s.rx_bytes, s.tx_bytes)
-                                          for k, s in device.stats.items()}  # fmt: skip
-        self._peers = self._carry_rotated(inputs, seen)
-        # Fall back only to a relay that is there (it may be reconnecting after
-        # control restarted): else the candidates are tried again.
+        seen = self._read_seen(now)
+        state = self._carry_rotated(inputs, seen, now)
         relay_up = relay is not None and relay.connected
-        decision = decide(self._peers, candidates, seen, relay_up, self._clock(), self.timing)
-        choices = dict(decision.choices)
-        if relay is not None:
-            # The relay carries a peer except while trying (its relayed packets
-            # would roam WireGuard away from the candidate). A direct peer keeps
-            # its proxy: when the other side falls back first, its packets come
-            # in there and WireGuard roams to the relay (adopted), no waiting.
-            for key, path in decision.peers.items():
-                if path.mode == "trying":
-                    relay.release(key)
-                else:
-                    proxy = relay.endpoint_for(key)
-                    if key in decision.relayed:
-                        choices[key] = proxy
-            for key in set(self._peers) - set(candidates):
-                relay.release(key)
+        decision = decide(state, candidates, seen, heard, relay_up, now, self.timing)
+        choices = self._with_relay(decision, relay, set(state) | set(self._peers), candidates)
         for key, path in decision.peers.items():
             old = self._peers.get(key)
             if old is None or old.mode != path.mode or old.endpoint != path.endpoint:
@@ -157,12 +169,109 @@ class PathChooser:
         if choices != dict(self._chosen):
             self._chosen = choices
             self._post(PathsChosen(dict(choices)))
-        self._probe(inputs, decision.probes)
+        self.checks.send(inputs.netmap.self_node.public_key, decision.checks, now)
+        if decision.kicks or decision.repoint:
+            self._kick(inputs, decision.kicks, decision.repoint)
 
-    def _carry_rotated(self, inputs: Inputs, seen: Mapping[PublicKey, Seen]) -> dict[PublicKey, PeerPath]:
+    def _with_relay(
+        self, decision: Decision, relay: RelayClient | None, before: set[PublicKey],
+        candidates: Mapping[PublicKey, object],
+    ) -> dict[PublicKey, Endpoint]:  # fmt: skip
+        choices = dict(decision.choices)
+        if relay is None:
+            return choices
+        for key in decision.peers:
+            proxy = relay.endpoint_for(key)  # every peer: late relayed packets still arrive
+            if key in decision.relayed:
+                choices[key] = proxy
+        for key in before - set(candidates):
+            relay.release(key)
+        return choices
+
+    def _read_seen(self, now: float) -> dict[PublicKey, Seen]:
+        settled = all(
+            s.handshake_age is not None and s.handshake_age < self.timing.stale_after
+            for s in self._seen.values()
+        )
+        if self._seen and settled and now - self._seen_at < SEEN_EVERY:
+            return self._seen
+        try:
+            device = self.agent.read_device()
+        except KernelError as e:
+            log.debug("paths: cannot read the device: %s", e)
+            return self._seen
+        wall = time.time()
+        before = self._seen
+        self._seen = {} if device is None else {
+            k: Seen(None if s.last_handshake is None else max(0.0, wall - s.last_handshake), s.endpoint,
+                    s.rx_bytes, s.tx_bytes)
+            for k, s in device.stats.items()
+        }  # fmt: skip
+        self._seen_at = now
+        for key, now_seen in self._seen.items():
+            was = before.get(key)
+            if now_seen.handshake_age is not None and (was is None or was.handshake_age is None):
+                log.debug("paths: first handshake with %s, at %s", key.short, now_seen.endpoint)
+        return self._seen
+
+    # -- kicks -----------------------------------------------------------------------
+
+    def _kick(
+        self, inputs: Inputs, keys: frozenset[PublicKey], repoint: Mapping[PublicKey, Endpoint]
+    ) -> None:
+        """Remove and re-add each peer that has no session, and send it a datagram:
+        WireGuard forgets that it sent an initiation less than 5 s ago and sends one now.
+        Put the proven endpoint back for each peer WireGuard roamed off it."""
+        system = self.agent.system
+        if system is None:
+            return
+        ifname = inputs.scope.interface
+        addresses = {p.public_key: p.addresses for p in inputs.netmap.peers}
+        with self.agent.lock:
+            try:
+                device = system.wireguard.read(ifname)
+            except KernelError as e:
+                log.debug("paths: cannot read %s: %s", ifname, e)
+                return
+            if device is None:
+                return
+            for key, endpoint in repoint.items():
+                peer = device.peers.get(key)
+                if peer is None or peer.endpoint == endpoint:
+                    continue
+                try:
+                    system.wireguard.configure(ifname, WgUpdate(upsert=(replace(peer, endpoint=endpoint),)))
+                    log.debug(
+                        "paths: %s back at %s (WireGuard roamed to %s)", key.short, endpoint, peer.endpoint
+                    )
+                except KernelError as e:
+                    log.warning("paths: could not put %s back at %s: %s", key.short, endpoint, e)
+            for key in keys:
+                peer, stats = device.peers.get(key), device.stats.get(key)
+                handshake = stats.last_handshake if stats is not None else None
+                if peer is None or (
+                    handshake is not None and time.time() - handshake < self.timing.stale_after
+                ):
+                    continue  # a session came meanwhile: leave it
+                try:
+                    system.wireguard.configure(ifname, WgUpdate(remove=(key,)))
+                    system.wireguard.configure(ifname, WgUpdate(upsert=(peer,)))
+                    if addresses.get(key):
+                        # Traffic for it: the initiation goes now (with or without keepalive).
+                        system.links.probe(ifname, addresses[key][0])
+                    log.debug(
+                        "paths: handshake started with %s at %s (seen %s)", key.short, peer.endpoint, stats
+                    )
+                except KernelError as e:
+                    log.warning("paths: could not restart the handshake with %s: %s", key.short, e)
+
+    # -- rotations, status, teardown ------------------------------------------------
+
+    def _carry_rotated(
+        self, inputs: Inputs, seen: Mapping[PublicKey, Seen], now: float
+    ) -> dict[PublicKey, PeerPath]:
         """A peer that comes back under a new key (a rotation: control removes the
         old key first, adds the new one later) keeps the path it had."""
-        now = self._clock()
         current: dict[PublicKey, tuple[object, ...]] = {
             p.public_key: p.addresses for p in inputs.netmap.peers
         }
@@ -185,37 +294,27 @@ class PathChooser:
         with self._lock:
             return {key: path.label() for key, path in self._peers.items()}
 
-    def close(self) -> None:
-        if self._relay is not None:
-            self._relay.close()
-            self._relay, self._relay_for = None, None
-
     def _relay_client(self, inputs: Inputs) -> RelayClient | None:
         wanted = (inputs.prefs.listen_port, inputs.prefs.fwmark, inputs.netmap.self_node.public_key)
         if self._relay_for != wanted:
-            self.close()
+            self._close_relay()
             self._relay = self._make_relay(inputs)
             self._relay_for = wanted
         return self._relay
 
+    def _close_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+        self._relay, self._relay_for = None, None
+
     def _drop_all(self) -> None:
         if self._peers or self._relay is not None:
             log.info("paths: no netmap; relay closed")
-        self.close()
+        self._close_relay()
+        self.checks.close()
         with self._lock:
             self._peers = {}
-        self._chosen, self._addresses, self._gone = {}, {}, {}
-
-    def _probe(self, inputs: Inputs, keys: frozenset[PublicKey]) -> None:
-        system = self.agent.system
-        if system is None or not keys:
-            return
-        for peer in inputs.netmap.peers:
-            if peer.public_key in keys and peer.addresses:
-                try:
-                    system.links.probe(inputs.scope.interface, peer.addresses[0])
-                except KernelError as e:
-                    log.debug("paths: probe of %s failed: %s", peer.name, e)
+        self._chosen, self._addresses, self._gone, self._seen = {}, {}, {}, {}
 
 
 def _candidates(endpoints: tuple[Endpoint, ...], endpoint: Endpoint | None) -> tuple[Endpoint, ...]:

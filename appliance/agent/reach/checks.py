@@ -1,0 +1,169 @@
+"""Connectivity checks, the effects (path selection's, paths.py): raw sockets at
+the WireGuard port (kernel/stunport.py), checks sent to peers' candidates, the
+peers' checks answered, answers to ours taken as proofs. What each datagram is
+and whether it is authentic is checkcore.py's; this keeps the state around it:
+our transactions awaiting an answer, the transaction ids already answered
+(replays), the per-source rates, the pair keys. Every refusal is counted, and
+logged once a minute per reason with its count (a flood is one line).
+
+Runs on the path chooser's thread only: no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from appliance.agent.reach import checkcore
+from appliance.agent.reach.pathcore import Heard
+from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint
+from appliance.kernel.base import KernelError
+from appliance.kernel.stunport import StunPort
+from appliance.wire import stun
+
+log = logging.getLogger(__name__)
+
+PENDING_FOR = 5.0  # seconds an answer to our check is awaited
+REFUSAL_LOG_EVERY = 60.0
+MAX_KEYS = 4096
+
+PortFactory = Callable[[int, int], StunPort]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    peer: PublicKey
+    dest: Endpoint
+    sent: float
+
+
+class Checker:
+    def __init__(self, own_key: Callable[[], PrivateKey], port: PortFactory = StunPort) -> None:
+        """`own_key()`: this node's private key now (it changes on a rotation)."""
+        self._own_key, self._make_port = own_key, port
+        self.port: StunPort | None = None
+        self._port_for: tuple[int, int] | None = None
+        self._keys: dict[tuple[bytes, bytes], bytes] = {}
+        self._pending: dict[bytes, _Pending] = {}
+        self._replay = checkcore.ReplayCache()
+        self._rate = checkcore.RateLimit()
+        self.refused: dict[str, int] = {}
+        self._refusal_logged: dict[str, float] = {}
+        self.answered = 0
+
+    def open(self, listen_port: int, fwmark: int) -> None:
+        """The raw sockets for this WireGuard port (again if it moved); without the
+        capabilities, no checks: the relay alone carries the peers."""
+        wanted = (listen_port, fwmark)
+        if self._port_for == wanted:
+            return
+        self.close()
+        self._port_for = wanted
+        try:
+            self.port = self._make_port(*wanted)
+            log.info("paths: connectivity checks at WireGuard's port %d", listen_port)
+        except KernelError as e:
+            log.warning("paths: no connectivity checks (the relay only): %s", e)
+
+    def close(self) -> None:
+        if self.port is not None:
+            self.port.close()
+        self.port, self._port_for = None, None
+
+    def wait(self, timeout: float) -> None:
+        """Until a datagram is there to read, or `timeout` seconds."""
+        if self.port is not None:
+            self.port.wait(timeout)
+
+    def _pair_key(self, peer: PublicKey) -> bytes:
+        ours = self._own_key()
+        slot = (ours.public_key().raw, peer.raw)
+        key = self._keys.get(slot)
+        if key is None:
+            if len(self._keys) > MAX_KEYS:
+                self._keys.clear()
+            key = self._keys[slot] = checkcore.pair_key(ours, peer)
+        return key
+
+    def send(self, me: PublicKey, checks: Mapping[PublicKey, tuple[Endpoint, ...]], now: float) -> None:
+        """A check to each of these addresses of these peers (`me`: the netmap's key of this node)."""
+        port = self.port
+        if port is None or self._own_key().public_key() != me:
+            return  # no sockets; or a rotation in flight: the peers check with the new key
+        self._pending = {t: p for t, p in self._pending.items() if now - p.sent < PENDING_FOR}
+        for peer, targets in checks.items():
+            key = self._pair_key(peer)
+            for dest in targets:
+                txid = stun.new_transaction_id()
+                try:
+                    port.send(dest, checkcore.request(txid, me, key))
+                except KernelError as e:
+                    log.debug("paths: %s", e)
+                    continue
+                self._pending[txid] = _Pending(peer, dest, now)
+
+    def read(self, peers: set[PublicKey], now: float) -> Heard:
+        """What came since the last call: the peers' checks answered, our checks'
+        answers taken, the rest refused (`peers`: the netmap's keys)."""
+        port = self.port
+        if port is None:
+            return Heard()
+        answers: dict[PublicKey, list[Endpoint]] = {}
+        asked: dict[PublicKey, list[Endpoint]] = {}
+        for datagram in port.receive():
+            try:
+                got = checkcore.classify(datagram.payload)
+            except checkcore.ServerAnswer:
+                continue  # endpoint discovery's (reach/stun.py reads it through its own socket)
+            except checkcore.CheckRefused as e:
+                self._refuse("not a check", f"from {datagram.source}: {e}", now)
+                continue
+            if got.kind == stun.BINDING_SUCCESS:
+                pending = self._pending.get(got.txid)
+                if pending is None:
+                    self._refuse("answer to no check of ours", f"from {datagram.source}", now)
+                    continue
+                if pending.dest != datagram.source:
+                    self._refuse(
+                        "answer from elsewhere", f"from {datagram.source}, sent to {pending.dest}", now
+                    )
+                    continue
+                if not checkcore.authentic(datagram.payload, self._pair_key(pending.peer)):
+                    self._refuse("answer with a wrong HMAC", f"from {datagram.source}", now)
+                    continue
+                del self._pending[got.txid]
+                answers.setdefault(pending.peer, []).append(datagram.source)
+                continue
+            sender = got.sender
+            assert sender is not None
+            if sender not in peers:
+                self._refuse("check from no peer", f"from {datagram.source} as {sender.short}", now)
+                continue
+            key = self._pair_key(sender)
+            if not checkcore.authentic(datagram.payload, key):
+                self._refuse("check with a wrong HMAC", f"from {datagram.source} as {sender.short}", now)
+                continue
+            if not self._replay.fresh(got.txid, now):
+                self._refuse("check replayed", f"from {datagram.source} as {sender.short}", now)
+                continue
+            if not self._rate.allow(datagram.source, now):
+                self._refuse("checks over the rate", f"from {datagram.source}", now)
+                continue
+            reply = checkcore.answer(got.txid, datagram.source, key)
+            if len(reply) <= len(datagram.payload):  # never more than we were sent
+                try:
+                    port.send(datagram.source, reply)
+                    self.answered += 1
+                except KernelError as e:
+                    log.debug("paths: %s", e)
+            asked.setdefault(sender, []).append(datagram.source)
+        return Heard({k: tuple(v) for k, v in answers.items()}, {k: tuple(v) for k, v in asked.items()})
+
+    def _refuse(self, reason: str, detail: str, now: float) -> None:
+        count = self.refused[reason] = self.refused.get(reason, 0) + 1
+        last = self._refusal_logged.get(reason)
+        if last is None or now - last >= REFUSAL_LOG_EVERY:
+            self._refusal_logged[reason] = now
+            log.warning("paths: refused (%s, %d so far): %s", reason, count, detail)

@@ -70,8 +70,20 @@ def _prefs(st: dict[str, Any]) -> dict[str, Any]:
     return prefs if isinstance(prefs, dict) else {}
 
 
+def phones_reach(st: dict[str, Any]) -> dict[str, Any]:
+    """The agent's verdict on phones reaching this node from outside (status reach.phones)."""
+    reach = st.get("reach")
+    phones = reach.get("phones") if isinstance(reach, dict) else None
+    return phones if isinstance(phones, dict) else {}
+
+
 def default_endpoint(st: dict[str, Any]) -> str:
-    """The node's first advertised endpoint: the agent's own default for a phone's config."""
+    """What the agent would put in a phone's config when none is typed: the phones'
+    endpoint it found (the owner's name, the mapped port, a forward), else the first
+    advertised endpoint; empty when phones cannot reach this node from outside."""
+    phones = phones_reach(st)
+    if phones.get("reachable") and phones.get("endpoint"):
+        return str(phones["endpoint"])
     advertised = _prefs(st).get("advertise_endpoints")
     return str(advertised[0]) if isinstance(advertised, list) and advertised else ""
 
@@ -82,6 +94,7 @@ def index() -> str:
     _, error = _devices()
     return render_template("devices.html", st=st, **live_context(st), back="devices", devices_error=error,
                            modes=MODES, local_control=local_control(st), endpoint=default_endpoint(st),
+                           phones=phones_reach(st),
                            listen_port=_prefs(st).get("listen_port", 51820))  # fmt: skip
 
 
@@ -105,9 +118,11 @@ def add() -> Response | str:
         return redirect(url_for("devices.index"))
     log.info("device %s added (%s)", device.get("name", name), mode)
     qr, qr_size = qr_data_uri(config)
+    phones = answer.get("phones") if isinstance(answer, dict) else None
     return render_template(
         "device_new.html",
         device=device,
+        phones=phones if isinstance(phones, dict) else {},
         mode=MODES[mode],
         config=config,
         qr=qr,

@@ -95,7 +95,6 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     (keys / "test.pub").write_text(public_key_text(KEY.public_key()) + "\n")
     layout = Layout(tmp / "versions", tmp / "current")
     ns = f"mpupd{os.getpid() % 10000}"
-    netns.create(ns)
     state = tmp / "state"
     state.mkdir(mode=0o700)
     (tmp / "netmap.json").write_text(json.dumps(netmap_json("pi", [node("laptop")])))
@@ -117,8 +116,9 @@ echo $! > {tmp}/agent.pid
     with factory.open("rb") as f:
         manifest = verify_bundle(f, (KEY.public_key(),), tmp / "staging", None)
     switch(layout, install(layout, tmp / "staging", manifest))
-    subprocess.run([str(tmp / "restart")], check=True)
+    netns.create(ns)
     try:
+        subprocess.run([str(tmp / "restart")], check=True)
         _wait_for(lambda: rig.status().get("version") == "0.1.5", 30, tmp)
         yield rig
     finally:

@@ -58,8 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--db", help="sqlite path or postgresql://… URL (default STATE_DIR/control.db)")
     serve.add_argument("--public-url", help="the URL nodes use, for the login URL it prints")
-    serve.add_argument("--dns-domain", default=DEFAULT_DOMAIN, type=_domain,
-                       help=f"the mesh's DNS domain: nodes are NAME.DOMAIN (default {DEFAULT_DOMAIN})")  # fmt: skip
+    serve.add_argument(
+        "--dns-domain",
+        default=DEFAULT_DOMAIN,
+        type=_domain,
+        help=f"the mesh's DNS domain: nodes are NAME.DOMAIN (default {DEFAULT_DOMAIN})",
+    )
 
     server_opt = argparse.ArgumentParser(add_help=False)
     server_opt.add_argument(

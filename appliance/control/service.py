@@ -34,6 +34,7 @@ from appliance.control.store_records import (
     TooManyPending,
     utcnow,
 )
+from appliance.wire.dnsname import DEFAULT_DOMAIN, DnsConfig, parse_lan_dns
 from appliance.wire.fields import (
     ConfigError,
     Fields,
@@ -44,7 +45,6 @@ from appliance.wire.fields import (
     parse_public_key,
     parse_str,
 )
-from appliance.wire.dnsname import DEFAULT_DOMAIN, DnsConfig, parse_lan_dns
 from appliance.wire.netmap import EXIT_ROUTES
 
 log = logging.getLogger(__name__)

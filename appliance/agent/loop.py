@@ -53,6 +53,7 @@ from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import Netmap, load_netmap
 
 if TYPE_CHECKING:
+    from appliance.agent.dns.service import DnsService
     from appliance.agent.reach.paths import PathChooser
     from appliance.agent.reach.service import Reachability
 
@@ -105,6 +106,7 @@ class Agent(AgentLocal):
         self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self.paths: PathChooser | None = None  # hole punching and the relay, in control mode
+        self.dns: DnsService | None = None  # the node's resolver (agent/dns), once names come
         self._init_local(AgentLeds(leds))
 
     @classmethod
@@ -306,6 +308,10 @@ class Agent(AgentLocal):
         self.state.lock()
         self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
         source: StaticFiles | None = None
+        from appliance.agent.dns.service import DnsService
+
+        self.dns = DnsService()
+        self.bus.subscribe(self.dns.on_applied)
         if self.control:
             from appliance.agent.control.link import ControlLink
             from appliance.agent.reach.service import Reachability
@@ -350,6 +356,8 @@ class Agent(AgentLocal):
                 self.reach.close()
             if self.paths is not None:
                 self.paths.close()
+            if self.dns is not None:
+                self.dns.close()
             if source is not None:
                 source.stop()
             if self.snapshot is not None:
@@ -364,6 +372,9 @@ class Agent(AgentLocal):
         answers); False after `timeout` seconds."""
         with self.applied_once:
             return self.applied_once.wait_for(lambda: self.inputs is not None, timeout)
+
+    def dns_status(self) -> dict[str, Any] | None:
+        return self.dns.status() if self.dns is not None else None
 
     def path_status(self) -> dict[PublicKey, str]:
         return self.paths.status() if self.paths is not None else {}

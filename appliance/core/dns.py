@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from appliance.base.net import Endpoint, IPAddress
 from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import Prefs
+from appliance.wire.fields import parse_address
 from appliance.wire.netmap import Netmap, Node
 
 DNS_PORT = 53
@@ -46,6 +47,22 @@ class DnsPlan:
         lines.append(f"default ({self.via}) " + (" ".join(map(str, self.default)) or "SERVFAIL"))
         lines += [f"split {d} " + " ".join(map(str, e)) for d, e in sorted(self.split.items())]
         return "\n".join(lines) + "\n"
+
+
+def nameservers(resolv_conf: str) -> tuple[Endpoint, ...]:
+    """The `nameserver` addresses of a resolv.conf text, port 53, in order; lines
+    that are no address (a scope id, garbage) are skipped, as the libc resolver does."""
+    found: list[Endpoint] = []
+    for line in resolv_conf.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                endpoint = Endpoint(parse_address(words[1]), DNS_PORT)
+            except ValueError:
+                continue
+            if endpoint not in found:
+                found.append(endpoint)
+    return tuple(found)
 
 
 def plan_dns(netmap: Netmap, prefs: Prefs, host_resolvers: Iterable[Endpoint]) -> DnsPlan | None:

@@ -72,11 +72,14 @@ class Service(Protocol):
 def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
     """What this node tells control it offers (protocol v1, `update`): `endpoints`
     are its candidates (reach/service.py), else the owner's own."""
-    return {
+    out: dict[str, Any] = {
         "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
         "advertise_routes": [str(r) for r in prefs.advertise_routes],
         "advertise_exit_node": prefs.advertise_exit_node,
     }
+    if prefs.advertise_dns is not None:  # only when set: a control from before names refuses the field
+        out["advertise_dns"] = prefs.advertise_dns.to_json()
+    return out
 
 
 class Agent(AgentLocal):

@@ -39,6 +39,35 @@ log = logging.getLogger(__name__)
 
 RESOLV_CONF = Path("/etc/resolv.conf")
 RESOLVED_STUB = ip_address("127.0.0.53")
+NAMED_NETNS = Path("/run/netns")  # `ip netns add` names namespaces here
+
+
+def in_other_netns(proc: Path = Path("/proc")) -> bool:
+    """Does this process run in a network namespace that is not the host's (a
+    lab node under `ip netns exec`, a test)? Then /etc/resolv.conf is the host's
+    file, not this namespace's, and is never ours to change."""
+    try:
+        ours = os.stat(proc / "self/ns/net")
+    except OSError:
+        return False
+    try:
+        host = os.stat(proc / "1/ns/net")
+        if (host.st_dev, host.st_ino) != (ours.st_dev, ours.st_ino):
+            return True
+    except OSError:
+        pass  # without CAP_SYS_PTRACE (the image's sandbox) PID 1's namespace is hidden
+    try:
+        named = list(NAMED_NETNS.iterdir())
+    except OSError:
+        return False
+    for path in named:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+            return True
+    return False
 
 
 class HostDnsError(KernelError):
@@ -143,6 +172,7 @@ class HostDns:
         self.saved_path, self.resolv_conf = saved, resolv_conf
         self.resolved = resolved if resolved is not None else Resolved()
         self._applied: tuple[HostDnsConfig, int] | None = None  # resolved: the config and the link's index
+        self._confined: bool | None = None  # in a namespace of its own, with the host's resolv.conf
 
     # -- the record in the state directory ---------------------------------------------
 
@@ -173,7 +203,20 @@ class HostDns:
             return "resolved" if str(target).startswith(str(RESOLVED_STUB_DIR)) else "resolv.conf"
         return "resolved" if parse_nameservers(current.data) == (RESOLVED_STUB,) else "resolv.conf"
 
+    def confined(self) -> bool:
+        """True when apply() leaves the host alone: the default file, but another
+        network namespace than the host's (the lab passes --resolv-conf)."""
+        if self._confined is None:
+            self._confined = self.resolv_conf == RESOLV_CONF and in_other_netns()
+            if self._confined:
+                log.warning("host DNS: this is not the host's network namespace, so %s is not this node's "
+                            "to change; left alone (agent --resolv-conf names the namespace's own)",
+                            self.resolv_conf)  # fmt: skip
+        return self._confined
+
     def apply(self, cfg: HostDnsConfig) -> None:
+        if self.confined():
+            return
         backend = self.backend()
         saved = self._load()
         if saved is not None and saved.backend != backend:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from appliance.core.hostdns import HostDnsConfig, is_ours
-from appliance.kernel.hostdns import HostDns
+from appliance.kernel.hostdns import RESOLV_CONF, HostDns, in_other_netns
 from tests.lab.mesh import meshpi_binary
 from tests.unit.meshes import KEYS, netmap_json, node
 
@@ -213,3 +213,20 @@ def test_hostdns_agent_kill_9_restart_down_restores_the_original(
         _down(netns, state)
     log = (tmp_path / "agent.log").read_text()
     assert log.count("now asks") == 3, log  # once per start that changed it, never per apply
+
+
+def test_hostdns_in_a_lab_namespace_never_touches_the_hosts_resolv_conf(inside: str, tmp_path: Path) -> None:
+    """An agent under `ip netns exec` without --resolv-conf (every other lab test)
+    sees the host's own /etc/resolv.conf: it must stay exactly as it is."""
+    before = (RESOLV_CONF.read_bytes(), RESOLV_CONF.stat().st_mtime_ns) if RESOLV_CONF.exists() else None
+    assert in_other_netns()
+    host = HostDns(tmp_path / "hostdns.json")
+    assert host.confined()
+    host.apply(CFG)
+    host.restore()
+    after = (RESOLV_CONF.read_bytes(), RESOLV_CONF.stat().st_mtime_ns) if RESOLV_CONF.exists() else None
+    assert after == before and not (tmp_path / "hostdns.json").exists()
+
+
+def test_hostdns_the_hosts_own_namespace_is_not_confined() -> None:
+    assert not in_other_netns()

@@ -33,6 +33,7 @@ from appliance.control.relay import Relay, add_relay
 from appliance.control.service import ApiError, ControlService
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
+from appliance.wire.dnsname import DEFAULT_DOMAIN
 from appliance.wire.fields import ConfigError
 from appliance.wire.seal import Boxes, SealError, login_url, open_request
 
@@ -173,6 +174,7 @@ def serve(
     public_url: str | None,
     admin_listen: str,
     stun_listen: str | None = "off",
+    dns_domain: str = DEFAULT_DOMAIN,
 ) -> None:
     """stun_listen None: the default address, and a busy port there is a warning, not an end."""
     host, port = parse_listen("--listen", listen)
@@ -181,7 +183,7 @@ def serve(
     key = load_control_key(state_dir)
     token = load_admin_token(state_dir)
     url = db or str(state_dir / "control.db")
-    service = ControlService(lambda: open_store(url))
+    service = ControlService(lambda: open_store(url), dns_domain=dns_domain)
     app = create_app(service, key)
     if stun_at is not None:
         app.cleanup_ctx.append(_stun_ctx(*stun_at, required=stun_listen is not None))

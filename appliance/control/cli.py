@@ -1,8 +1,9 @@
 """`meshpi-control`: run the coordination server, and administer it.
 
     meshpi-control serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--stun-listen HOST:PORT|off]
+                         [--dns-domain DOMAIN]
                          [--db URL] [--state-dir D]
-    meshpi-control nodes list|approve ID|remove ID|expire ID
+    meshpi-control nodes list|approve ID|remove ID|expire ID|rename ID NAME
     meshpi-control routes list|approve ID CIDR...
     meshpi-control keys create [--reusable] [--expires SECONDS] [--tag T]...|list|revoke ID
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.control.keys import ControlKeyError
+from appliance.wire.dnsname import DEFAULT_DOMAIN, parse_domain
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshpi-control")
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -56,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--db", help="sqlite path or postgresql://… URL (default STATE_DIR/control.db)")
     serve.add_argument("--public-url", help="the URL nodes use, for the login URL it prints")
+    serve.add_argument(
+        "--dns-domain",
+        default=DEFAULT_DOMAIN,
+        type=_domain,
+        help=f"the mesh's DNS domain: nodes are NAME.DOMAIN (default {DEFAULT_DOMAIN})",
+    )
 
     server_opt = argparse.ArgumentParser(add_help=False)
     server_opt.add_argument(
@@ -68,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     nodes_sub.add_parser("list", parents=[server_opt])
     for verb in ("approve", "remove", "expire"):
         nodes_sub.add_parser(verb, parents=[server_opt]).add_argument("id", type=int)
+    rename = nodes_sub.add_parser("rename", parents=[server_opt], help="a new name (and DNS name) for a node")
+    rename.add_argument("id", type=int)
+    rename.add_argument("name")
 
     routes = sub.add_parser("routes", help="list advertised routes, approve them")
     routes_sub = routes.add_subparsers(dest="verb", required=True)
@@ -87,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("list", parents=[server_opt])
     keys_sub.add_parser("revoke", parents=[server_opt]).add_argument("id", type=int)
     return p
+
+
+def _domain(text: str) -> str:
+    try:
+        return parse_domain(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
 
 
 class AdminError(Exception):
@@ -141,6 +159,9 @@ def _admin(args: argparse.Namespace) -> int:
         case "nodes", "approve" | "expire" as verb:
             n = call("POST", f"/admin/v1/nodes/{args.id}/{verb}")
             print(f"{n['name']}: {verb}d")
+        case "nodes", "rename":
+            n = call("POST", f"/admin/v1/nodes/{args.id}/rename", {"name": args.name})
+            print(f"node {args.id} is now {n['name']} ({n['dns_name'] or 'no DNS name while pending'})")
         case "nodes", "remove":
             call("DELETE", f"/admin/v1/nodes/{args.id}")
             print(f"node {args.id} removed")
@@ -181,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from appliance.control.app import serve
 
-            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen)
+            serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen,
+                  args.dns_domain)  # fmt: skip
             return 0
         return _admin(args)
     except (AdminError, ControlKeyError) as e:

@@ -7,7 +7,7 @@ from ipaddress import ip_address
 import pytest
 
 from appliance.agent.bus import Applied
-from appliance.agent.dns.host import planned
+from appliance.agent.dns.host import mesh_domains, planned
 from appliance.core.hostdns import (
     HostDnsConfig,
     host_dns_config,
@@ -80,3 +80,19 @@ def test_hostdns_plan_follows_exit_node_and_accept_dns() -> None:
     assert without is not None and not without.default_route
     assert planned(Applied(nm, Prefs(accept_dns=False), 0)) is None  # type: ignore[arg-type]
     assert planned(Applied(None, Prefs(), 0)) is None
+
+
+def test_hostdns_domains_are_the_mesh_and_the_accepted_lan_domains() -> None:
+    pi = {"name": "pi", "public_key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", "addresses": ["100.64.0.1"],
+          "routes": ["0.0.0.0/0", "192.168.77.0/24"],
+          "lan_dns": {"domains": ["fritz.box", "home.arpa"], "resolver": "192.168.77.1"}}  # fmt: skip
+    nm = parse_netmap({
+        "capver": 3, "dns": {"domain": "mesh.internal"},
+        "mesh": {"ipv4": "100.64.0.0/10", "ipv6": "fd7a:6d70:6900::/48"},
+        "self": {"name": "laptop", "public_key": KEY, "addresses": [str(V4)]},
+        "peers": [pi],
+    })  # fmt: skip
+    assert mesh_domains(nm, Prefs()) == ("mesh.internal", ("fritz.box", "home.arpa"))
+    assert mesh_domains(nm, Prefs(accept_routes=False)) == ("mesh.internal", ())
+    cfg = planned(Applied(nm, Prefs(exit_node="pi"), 0))
+    assert cfg is not None and cfg.domains == ("mesh.internal", "fritz.box", "home.arpa")

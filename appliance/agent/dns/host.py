@@ -21,25 +21,31 @@ from pathlib import Path
 from appliance.agent.bus import Applied
 from appliance.base.net import IPAddress
 from appliance.core.hostdns import HostDnsConfig, host_dns_config
+from appliance.core.prefs import Prefs
 from appliance.kernel.base import KernelError
 from appliance.kernel.hostdns import RESOLV_CONF, HostDns
 from appliance.wire.netmap import Netmap
 
 log = logging.getLogger(__name__)
 
-# netmap -> (the mesh domain, the split-DNS domains this node accepts)
-DomainsOf = Callable[[Netmap], tuple[str | None, tuple[str, ...]]]
+
+def mesh_domains(netmap: Netmap, prefs: Prefs) -> tuple[str | None, tuple[str, ...]]:
+    """The mesh domain, and the split-DNS domains of the subnet routers whose
+    routes this node accepts (their LAN's names go to their LAN's resolver)."""
+    domain = netmap.dns.domain if netmap.dns is not None else None
+    split: list[str] = []
+    if prefs.accept_routes:
+        for peer in netmap.peers:
+            if peer.lan_dns is not None and peer.subnet_routes:
+                split += [d for d in peer.lan_dns.domains if d not in split]
+    return domain, tuple(split)
 
 
-def no_domains(_netmap: Netmap) -> tuple[str | None, tuple[str, ...]]:
-    return None, ()
-
-
-def planned(event: Applied, domains_of: DomainsOf = no_domains) -> HostDnsConfig | None:
+def planned(event: Applied) -> HostDnsConfig | None:
     """What the host's DNS should be after this apply; None: as it was before meshpi."""
     if event.netmap is None or not event.prefs.accept_dns:
         return None
-    mesh_domain, split = domains_of(event.netmap)
+    mesh_domain, split = mesh_domains(event.netmap, event.prefs)
     return host_dns_config(
         event.prefs.interface,
         event.netmap.self_node.addresses,
@@ -52,15 +58,12 @@ def planned(event: Applied, domains_of: DomainsOf = no_domains) -> HostDnsConfig
 class HostDnsLink:
     """Subscribes to the bus's Applied; quick (a file compare, or resolvectl on a change)."""
 
-    def __init__(
-        self, saved: Path, resolv_conf: Path | None = None, domains_of: DomainsOf = no_domains
-    ) -> None:
+    def __init__(self, saved: Path, resolv_conf: Path | None = None) -> None:
         self.host = HostDns(saved, resolv_conf or RESOLV_CONF)
-        self.domains_of = domains_of
         self._last_error: str | None = None
 
     def on_applied(self, event: Applied) -> None:
-        cfg = planned(event, self.domains_of)
+        cfg = planned(event)
         self._guard(lambda: self.host.restore() if cfg is None else self.host.apply(cfg))
 
     def restore(self) -> None:

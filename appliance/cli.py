@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where the local control listens (default {DEFAULT_CONTROL_URL})",
     )
 
+    agent.add_argument(
+        "--resolv-conf",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="the resolv.conf to manage when systemd-resolved does not (default /etc/resolv.conf; "
+        "in a network namespace /etc/netns/NAME/resolv.conf, which `ip netns exec` mounts)",
+    )
+
     down = sub.add_parser(
         "down",
         help="stop the agent and remove the interface, rules, routes, nft table; restore sysctls",
@@ -175,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="the dashboard's port here, LAN only (0: none)")  # fmt: skip
         cmd.add_argument("--ssh-port", type=int, default=None, metavar="PORT",
                          help="SSH's port, LAN and mesh only (0: left alone)")  # fmt: skip
+        cmd.add_argument("--accept-dns", action=argparse.BooleanOptionalAction, default=None,
+                         help="point the host's DNS at the mesh's resolver (default: yes)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 
@@ -298,9 +309,9 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
         print(f"meshpi: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.netmap is None:
-        agent = Agent.for_control(state, _make_system(state))
+        agent = Agent.for_control(state, _make_system(state), resolv_conf=args.resolv_conf)
     else:
-        agent = Agent(args.netmap, args.prefs, state, _make_system(state))
+        agent = Agent(args.netmap, args.prefs, state, _make_system(state), resolv_conf=args.resolv_conf)
 
     def serve(agent: Agent) -> Any:
         from appliance.agent.localapi.routes import build_router

@@ -31,6 +31,7 @@ from appliance.leds import LedFacts
 
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
+    from appliance.agent.dns.host import HostDnsLink
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
     from appliance.agent.reach.service import Reachability
     from appliance.core.conflicts import RouteConflict
@@ -56,6 +57,7 @@ class AgentLocal:
     snapshot: Snapshot | None
     conflicts: tuple[RouteConflict, ...]
     reach: Reachability | None
+    host_dns: HostDnsLink
 
     def _init_local(self, leds: AgentLeds) -> None:
         # The reconcile loop and the LocalAPI's threads take turns on the kernel.
@@ -194,6 +196,7 @@ class AgentLocal:
             self.reach.release()
         with self.lock:
             self.take_down()
+            self.host_dns.restore()
             self.wanted = self.wanted.patched(updates.NetmapGone())
             if self.snapshot is not None:
                 self.snapshot.mark(None)

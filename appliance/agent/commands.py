@@ -50,6 +50,7 @@ PREF_FLAGS = {
     "dashboard_from_mesh": "dashboard_from_mesh",
     "dashboard_port": "dashboard_port",
     "ssh_port": "ssh_port",
+    "accept_dns": "accept_dns",
 }
 
 

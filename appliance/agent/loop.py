@@ -34,6 +34,7 @@ from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
 from appliance.agent.commands import current_prefs, set_prefs
 from appliance.agent.devices.hosted import load_devices
+from appliance.agent.dns.host import HostDnsLink, restore_after_down
 from appliance.agent.handshakes import carry_endpoints, start_handshakes, with_paths
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
@@ -91,8 +92,11 @@ class Agent(AgentLocal):
         make_system: SystemFactory,
         control: bool = False,
         leds: LedOpener | None = None,
+        resolv_conf: Path | None = None,
     ) -> None:
         self.netmap_path, self.prefs_path = netmap_path, prefs_path
+        # The host's DNS follows the mesh; resolv_conf: the file managed (None: /etc/resolv.conf).
+        self.host_dns = HostDnsLink(state.hostdns_file, resolv_conf)
         self.state, self.make_system, self.control = state, make_system, control
         self.key = state.node_key()
         self.bus = updates.Bus()
@@ -113,8 +117,11 @@ class Agent(AgentLocal):
         self._init_local(AgentLeds(leds))
 
     @classmethod
-    def for_control(cls, state: StateDir, make_system: SystemFactory, leds: LedOpener | None = None) -> Agent:
-        return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds)
+    def for_control(
+        cls, state: StateDir, make_system: SystemFactory, leds: LedOpener | None = None,
+        resolv_conf: Path | None = None,
+    ) -> Agent:  # fmt: skip
+        return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds, resolv_conf)
 
     def load_prefs(self) -> Prefs:
         """Static mode needs its prefs file; in control mode none yet means defaults
@@ -311,10 +318,13 @@ class Agent(AgentLocal):
         self.state.lock()
         self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
         source: StaticFiles | None = None
-        from appliance.agent.dns.service import DnsService
+        from appliance.agent.dns.service import DnsService, host_resolvers
 
-        self.dns = DnsService()
+        # The resolver first, then the host pointed at it; names it does not know go to
+        # the host's resolvers as they were before meshpi (host_dns keeps the original).
+        self.dns = DnsService(host_resolvers(self.host_dns.original_servers))
         self.bus.subscribe(self.dns.on_applied)
+        self.bus.subscribe(self.host_dns.on_applied)
         if self.control:
             from appliance.agent.control.link import ControlLink
             from appliance.agent.reach.service import Reachability
@@ -365,6 +375,7 @@ class Agent(AgentLocal):
                 source.stop()
             if self.snapshot is not None:
                 self.snapshot.flush(force=True)
+            self.host_dns.restore()  # its resolver stops with the agent
             self.leds.close()
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
@@ -462,6 +473,7 @@ def down(state: StateDir, make_system: SystemFactory) -> int:
     pid = state.stop_running_agent()
     if pid is not None:
         log.info("stopped agent pid %d", pid)
+    restore_after_down(state.hostdns_file)
     owned = state.owned()
     if owned is None:
         log.info("meshpi owns nothing here (%s has no record); nothing to do", state.path)

@@ -85,6 +85,9 @@ class Prefs:
     dashboard_port: int = 0
     dashboard_from_mesh: bool = False
     ssh_port: int = 0
+    # Point the host's DNS (systemd-resolved's link settings, or resolv.conf) at
+    # the mesh's resolver; false: the host's DNS is left (put back) as it was.
+    accept_dns: bool = True
 
     @property
     def guards_ports(self) -> bool:
@@ -137,6 +140,7 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         dashboard_port=f.get("dashboard_port", int_range(0, 65535), d.dashboard_port),
         dashboard_from_mesh=f.get("dashboard_from_mesh", parse_bool, d.dashboard_from_mesh),
         ssh_port=f.get("ssh_port", int_range(0, 65535), d.ssh_port),
+        accept_dns=f.get("accept_dns", parse_bool, d.accept_dns),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

@@ -19,33 +19,55 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
 from appliance.agent.bus import Applied
 from appliance.agent.dns.server import DnsServer
 from appliance.agent.dns.zone import Upstreams, Zone
-from appliance.base.net import Endpoint
-from appliance.core.dns import DnsPlan, nameservers, plan_dns
+from appliance.base.net import Endpoint, IPAddress
+from appliance.core.dns import DNS_PORT, DnsPlan, nameservers, plan_dns
 
 log = logging.getLogger(__name__)
 
-# Where the host's own resolvers are listed: systemd-resolved's list of the real
-# upstreams first (its stub, 127.0.0.53, in /etc/resolv.conf would send a query
-# back to whatever resolved routes it to), then the classic file.
-RESOLV_FILES = (Path("/run/systemd/resolve/resolv.conf"), Path("/etc/resolv.conf"))
+RESOLV_CONF = Path("/etc/resolv.conf")
+# systemd-resolved's list of the real upstreams: its stub (127.0.0.53) in
+# /etc/resolv.conf would send a query back to whatever resolved routes it to.
+RESOLVED_UPSTREAMS = Path("/run/systemd/resolve/resolv.conf")
+RESOLVED_STUB = Endpoint(ip_address("127.0.0.53"), DNS_PORT)
 
 ServerFactory = Callable[[Sequence[Endpoint], Zone, Upstreams], DnsServer]
 
 
-def read_host_resolvers(files: Sequence[Path] = RESOLV_FILES) -> tuple[Endpoint, ...]:
-    """The `nameserver` lines of the first of `files` that can be read."""
-    for path in files:
-        try:
-            return nameservers(path.read_text(errors="replace"))
-        except OSError:
-            continue
-    return ()
+def read_host_resolvers(
+    resolv_conf: Path = RESOLV_CONF, resolved: Path = RESOLVED_UPSTREAMS
+) -> tuple[Endpoint, ...]:
+    """The `nameserver`s of resolv.conf; resolved's upstreams instead of its stub."""
+    found = _nameservers(resolv_conf)
+    if found == (RESOLVED_STUB,):
+        return _nameservers(resolved)
+    return found
+
+
+def _nameservers(path: Path) -> tuple[Endpoint, ...]:
+    try:
+        return nameservers(path.read_text(errors="replace"))
+    except OSError:
+        return ()
+
+
+def host_resolvers(original: Callable[[], Sequence[IPAddress]]) -> Callable[[], tuple[Endpoint, ...]]:
+    """The host's resolvers from the host integration's saved original (agent/dns/host.py),
+    port 53; when it has none to say, the files as they are now."""
+
+    def read() -> tuple[Endpoint, ...]:
+        servers = original()
+        if not servers:
+            return read_host_resolvers()
+        return tuple(dict.fromkeys(Endpoint(a, DNS_PORT) for a in servers))
+
+    return read
 
 
 class DnsService:

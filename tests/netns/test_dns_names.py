@@ -33,7 +33,7 @@ from tests.lab.dns_lab import (
     netns_resolv_conf,
 )
 from tests.lab.host import Host, wait_for
-from tests.lab.topology import Lab
+from tests.lab.topology import PI_V4, Lab
 from tests.netns.meshworld import World, mesh_world
 
 DOMAIN = "mesh.internal"
@@ -139,6 +139,11 @@ def test_dns_names_through_the_exit_node_and_fail_closed(world: World, resolvers
         for i in range(20):
             assert dig(laptop.host, me, f"n{i}.{LEAK_DOMAIN}", "A") == ("NOERROR", [HOME_ANSWER])
         assert {f"n{i}.{LEAK_DOMAIN}" for i in range(20)} <= home.names(LEAK_DOMAIN)
+        # asked by the pi's resolver (from the pi's LAN address), not by the laptop
+        asked_by = {
+            q.client for q in home.all_queries() if q.name.startswith("n") and q.name.endswith(LEAK_DOMAIN)
+        }
+        assert asked_by == {PI_V4}
         assert cafe.queries(LEAK_DOMAIN) == asked_at_cafe  # not one more
         dns = laptop.status()["dns"]
         assert dns["upstreams"] == [f"{a}:53" if ":" not in a else f"[{a}]:53"  # type: ignore[index]

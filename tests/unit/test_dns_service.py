@@ -118,3 +118,21 @@ def test_dns_service_nft_input_drops_mesh_dns_from_other_interfaces() -> None:
     assert 'iifname != "meshpi0" ip daddr 100.64.0.0/10 meta l4proto { tcp, udp } th dport 53' in text
     assert 'iifname != "meshpi0" ip6 daddr fd7a:6d70:6900::/48 meta l4proto { tcp, udp } th dport 53' in text
     assert "local_v4" not in text  # no guarded ports: no LAN sets
+
+
+def test_dns_service_status_text_shows_names_and_where_other_names_go() -> None:
+    from appliance.agent.localapi.status import format_status
+
+    st = {
+        "agent": "running", "control": {"state": "connected"},
+        "self": {"name": "laptop", "addresses": ["100.64.0.2"], "dns_name": "laptop.mesh.internal"},
+        "dns": {"domain": "mesh.internal", "serving": ["100.64.0.2:53"], "upstreams": [], "error": None},
+        "peers": [{"name": "pi", "addresses": ["100.64.0.1"], "online": True, "last_handshake": None,
+                   "rx_bytes": 0, "tx_bytes": 0, "endpoint": None, "dns_name": "pi.mesh.internal"}],
+        "devices": [{"name": "phone", "addresses": ["100.64.0.9"], "online": False,
+                     "dns_name": "phone.mesh.internal"}],
+    }  # fmt: skip
+    text = format_status(st)
+    assert "dns name: laptop.mesh.internal" in text
+    assert "dns: mesh.internal on 100.64.0.2:53; other names to nowhere (fail closed)" in text
+    assert "pi.mesh.internal" in text and "phone.mesh.internal" in text

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.bus import Applied
+from appliance.agent.dns.server import BindError
 from appliance.agent.dns.service import DnsService, host_resolvers, read_host_resolvers
 from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint
@@ -93,6 +94,21 @@ def test_dns_service_a_failed_bind_is_shown_and_retried() -> None:
     service = DnsService(lambda: HOST, Refusing())  # type: ignore[arg-type]
     service.on_applied(Applied(netmap(), Prefs(), 1))
     assert service.status() == {"serving": [], "error": "[Errno 99] Cannot assign requested address"}
+
+
+def test_dns_service_a_partial_bind_serves_and_binds_the_rest_at_the_next_apply() -> None:
+    class Partial(Recorder):
+        def start(self) -> None:
+            raise BindError("dns: could not bind [fd7a:6d70:6900::2]:53 (Cannot assign requested address)")
+
+    server = Partial()
+    service = DnsService(lambda: HOST, server)  # type: ignore[arg-type]
+    service.on_applied(Applied(netmap(), Prefs(), 1))
+    status = service.status()
+    assert status is not None and "could not bind" in status["error"]
+    service.on_applied(Applied(netmap(), Prefs(), 0))
+    assert server.calls[-1][0] == "rebind" and service.status()["error"] is None  # type: ignore[index]
+    assert [c[0] for c in server.calls].count("new") == 1
 
 
 def test_dns_service_host_resolvers_from_resolv_conf(tmp_path: Path) -> None:

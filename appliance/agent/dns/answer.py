@@ -1,5 +1,5 @@
-"""Queries in, answers out, without sockets: parse and judge a query, answer it from
-the mesh zone, or turn a (cached) upstream answer into the answer to this query.
+"""Queries in, answers out, without sockets: parse and judge a query, or turn a
+(cached) upstream answer into the answer to this query (local.py answers mesh names).
 
 The wire format is dnspython's; this module decides only what goes into it and how
 big it may be: over UDP never more than the client allows (512 bytes without EDNS0,
@@ -8,9 +8,7 @@ its EDNS0 size up to ours otherwise), so the resolver amplifies nothing.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 
 import dns.edns
 import dns.exception
@@ -22,8 +20,6 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
-
-from appliance.agent.dns.zone import MESH_TTL, NEGATIVE_TTL, ZoneIndex, under
 
 # What we accept and advertise over UDP: the DNS flag day 2020 size, below common MTUs,
 # so an answer is never fragmented.
@@ -132,55 +128,11 @@ def refuse(query: Query, kind: str, rcode: dns.rcode.Rcode) -> Refused:
     return Refused(kind, rcode, _error(query.message, rcode, query.limit))
 
 
-def is_local(index: ZoneIndex, query: Query) -> bool:
-    return under(query.name, index.zone.domain) or query.name in index.ptr
-
-
-def _response(query: Query) -> dns.message.Message:
+def response(query: Query) -> dns.message.Message:
+    """The start of any answer to query: its ID and question, RD and CD as asked, RA, EDNS0 if it had it."""
     reply = dns.message.make_response(query.message, recursion_available=True, our_payload=OUR_PAYLOAD, pad=0)
     reply.flags |= query.message.flags & dns.flags.CD
     return reply
-
-
-def _soa(index: ZoneIndex) -> dns.rrset.RRset:
-    domain = index.zone.domain
-    serial = zlib.crc32(repr(sorted(index.zone.records.items())).encode())
-    text = f"ns.{domain}. hostmaster.{domain}. {serial} 3600 600 86400 {NEGATIVE_TTL}"
-    return dns.rrset.from_text_list(domain + ".", NEGATIVE_TTL, "IN", "SOA", [text])
-
-
-def _address_rrsets(
-    query: Query, v4: tuple[IPv4Address, ...], v6: tuple[IPv6Address, ...]
-) -> list[dns.rrset.RRset]:
-    owner = query.message.question[0].name
-    found = []
-    if v4 and query.qtype in (dns.rdatatype.A, dns.rdatatype.ANY):
-        found.append(dns.rrset.from_text_list(owner, MESH_TTL, "IN", "A", [str(a) for a in v4]))
-    if v6 and query.qtype in (dns.rdatatype.AAAA, dns.rdatatype.ANY):
-        found.append(dns.rrset.from_text_list(owner, MESH_TTL, "IN", "AAAA", [str(a) for a in v6]))
-    return found
-
-
-def local_answer(index: ZoneIndex, query: Query) -> bytes:
-    """The answer from the mesh zone (is_local(query) must hold): authoritative, with
-    the SOA in the authority section of NXDOMAIN and NODATA."""
-    reply = _response(query)
-    reply.flags |= dns.flags.AA
-    owner = query.message.question[0].name
-    if query.name in index.ptr:
-        if query.qtype in (dns.rdatatype.PTR, dns.rdatatype.ANY):
-            targets = [t + "." for t in index.ptr[query.name]]
-            reply.answer.append(dns.rrset.from_text_list(owner, MESH_TTL, "IN", "PTR", targets))
-    elif query.name in index.v4:
-        reply.answer.extend(_address_rrsets(query, index.v4[query.name], index.v6[query.name]))
-    elif query.name == index.zone.domain and query.qtype == dns.rdatatype.SOA:
-        soa = _soa(index)
-        reply.answer.append(dns.rrset.from_rdata(owner, soa.ttl, soa[0]))
-    elif query.name not in index.nodes:
-        reply.set_rcode(dns.rcode.NXDOMAIN)
-    if not reply.answer and query.name not in index.ptr:
-        reply.authority.append(_soa(index))
-    return reply.to_wire(max_size=query.limit, prefer_truncation=True)
 
 
 def upstream_query(query: Query) -> dns.message.Message:
@@ -214,7 +166,7 @@ def cache_ttl(answer: dns.message.Message) -> int:
 def forwarded_answer(query: Query, answer: dns.message.Message, age: int) -> bytes:
     """The answer to this client from an upstream answer received `age` seconds ago:
     the client's question and ID, TTLs counted down, sized to the client's limit."""
-    reply = _response(query)
+    reply = response(query)
     reply.set_rcode(answer.rcode())
     if answer.flags & dns.flags.AD and query.dnssec:
         reply.flags |= dns.flags.AD

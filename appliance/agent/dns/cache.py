@@ -19,6 +19,12 @@ import dns.message
 
 # Upstream answers are kept at most this long whatever their TTL says (a day, as most resolvers).
 MAX_TTL = 86400
+# Memory stays small whatever clients ask and upstreams answer (an upstream may send 64 KiB
+# over TCP): the answer cache holds at most this much wire format (parsed, about ten times
+# that in Python objects), the packet cache no queries or answers bigger than these.
+MAX_ANSWER_BYTES = 1 << 20
+MAX_QUERY_BYTES = 512
+MAX_REPLY_BYTES = 4096
 
 K = TypeVar("K")
 
@@ -28,11 +34,13 @@ class Cached:
     message: dns.message.Message
     stored: float  # monotonic seconds
     expires: float
+    size: int  # bytes of wire format
 
 
 class AnswerCache(Generic[K]):
-    def __init__(self, size: int = 4096) -> None:
-        self._size = size
+    def __init__(self, size: int = 1024, max_bytes: int = MAX_ANSWER_BYTES) -> None:
+        self._size, self._max_bytes = size, max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[K, Cached] = OrderedDict()
 
     def __len__(self) -> int:
@@ -43,7 +51,7 @@ class AnswerCache(Generic[K]):
         if entry is None:
             return None
         if entry.expires <= now:
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry
@@ -51,13 +59,22 @@ class AnswerCache(Generic[K]):
     def put(self, key: K, message: dns.message.Message, now: float, ttl: int) -> None:
         if ttl <= 0:
             return
-        self._entries[key] = Cached(message, now, now + min(ttl, MAX_TTL))
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        size = len(message.to_wire())
+        if size > self._max_bytes // 16:
+            return  # one answer may not push out the whole cache
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = Cached(message, now, now + min(ttl, MAX_TTL), size)
+        self._bytes += size
+        while len(self._entries) > self._size or self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: K) -> None:
+        self._bytes -= self._entries.pop(key).size
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,7 @@ class Packet:
 
 
 class PacketCache:
-    def __init__(self, size: int = 4096) -> None:
+    def __init__(self, size: int = 2048) -> None:
         self._size = size
         self._entries: dict[tuple[bool, bytes], Packet] = {}
 
@@ -86,6 +103,8 @@ class PacketCache:
         return entry
 
     def put(self, key: tuple[bool, bytes], packet: Packet) -> None:
+        if len(key[1]) > MAX_QUERY_BYTES or len(packet.wire) > MAX_REPLY_BYTES:
+            return
         if len(self._entries) >= self._size:
             # Oldest first (dicts keep insertion order): a flood of distinct queries
             # churns the cache but never grows it.

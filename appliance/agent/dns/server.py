@@ -21,15 +21,16 @@ import threading
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import dns.rcode
 import dns.rdatatype
 
 from appliance.agent.dns import answer
 from appliance.agent.dns.cache import AnswerCache, Packet, PacketCache
+from appliance.agent.dns.local import LocalZone
 from appliance.agent.dns.upstream import Forwarder, Overloaded
-from appliance.agent.dns.zone import Upstreams, Zone, ZoneIndex
+from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ _LOCAL_PACKET_SECONDS = 3600.0
 TCP_IDLE = 10.0  # seconds a TCP client may stay silent (RFC 7766 suggests a few seconds)
 TCP_CLIENTS = 64  # connections at once; a client over the limit is closed at once
 _LOG_EVERY = 60.0
+_UDP_BATCH = 64  # datagrams answered per wake-up before the loop serves others
 # Linux: bind an address the interface does not have yet (the agent adds the mesh
 # address after it starts the resolver), as dnsmasq --bind-dynamic does.
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
@@ -53,7 +55,7 @@ class BindError(OSError):
 class _State:
     generation: int  # every update: packet-cache entries of older ones are stale
     upstream_generation: int  # every change of upstreams: the answer cache is flushed
-    index: ZoneIndex
+    local: LocalZone
     upstreams: Upstreams
 
 
@@ -111,22 +113,11 @@ def _socket(endpoint: Endpoint, kind: socket.SocketKind) -> socket.socket:
     return sock
 
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self, server: DnsServer) -> None:
-        self._server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # The selector loop's datagram transport (not a registered DatagramTransport subclass).
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        assert self.transport is not None
-        self._server._udp(data, addr, self.transport)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for answers to clients that went away: nothing to do.
-        log.debug("dns: udp: %s", exc)
+def _send(sock: socket.socket, reply: bytes, peer: tuple[Any, ...]) -> None:
+    try:
+        sock.sendto(reply, peer)
+    except OSError as e:  # a full send buffer in a flood, or the client's address went away: UDP drops
+        log.debug("dns: udp send to %s: %s", peer, e)
 
 
 class DnsServer:
@@ -135,7 +126,7 @@ class DnsServer:
     ) -> None:
         self._binds = _check_binds(binds)
         self._lock = threading.Lock()
-        self._state = _State(0, 0, ZoneIndex.build(zone), upstreams)
+        self._state = _State(0, 0, LocalZone.build(zone), upstreams)
         self._answers: AnswerCache[tuple[str, int, bool]] = AnswerCache()
         self._answers_generation = 0
         self._packets = PacketCache()
@@ -144,13 +135,15 @@ class DnsServer:
         self._refusals = _RateLog()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._listening: dict[Endpoint, tuple[asyncio.DatagramTransport, asyncio.Server]] = {}
+        self._listening: dict[Endpoint, tuple[socket.socket, asyncio.Server]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._tcp_clients = 0
 
     # -- the interface other threads use --------------------------------------------
 
     def start(self) -> None:
+        """Serve on every bind address. BindError names those that failed; the others
+        serve all the same (stop() ends it either way)."""
         if self._loop is not None:
             return
         self._loop = asyncio.new_event_loop()
@@ -158,6 +151,8 @@ class DnsServer:
         self._thread.start()
         try:
             self._call(self._bind(self._binds))
+        except BindError:
+            raise
         except BaseException:
             self.stop()
             raise
@@ -175,11 +170,11 @@ class DnsServer:
     def update(self, zone: Zone, upstreams: Upstreams) -> None:
         """Serve a new zone and upstreams from the next query on; answers forwarded
         under other upstreams are forgotten (they may be what the old ones said)."""
-        index = ZoneIndex.build(zone)
+        local = LocalZone.build(zone)
         with self._lock:
             old = self._state
             upstream_generation = old.upstream_generation + (upstreams != old.upstreams)
-            self._state = _State(old.generation + 1, upstream_generation, index, upstreams)
+            self._state = _State(old.generation + 1, upstream_generation, local, upstreams)
 
     def rebind(self, binds: Sequence[Endpoint]) -> None:
         wanted = _check_binds(binds)
@@ -210,54 +205,71 @@ class DnsServer:
                 continue
             try:
                 udp = _socket(endpoint, socket.SOCK_DGRAM)
-                transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
                 try:
                     tcp = _socket(endpoint, socket.SOCK_STREAM)
                     server = await asyncio.start_server(self._tcp, sock=tcp, backlog=TCP_CLIENTS)
                 except OSError:
-                    transport.close()
+                    udp.close()
                     raise
             except OSError as e:
                 errors.append(f"{endpoint}: {e.strerror or e}")
                 continue
-            self._listening[endpoint] = (transport, server)
+            loop.add_reader(udp, self._udp, udp)
+            self._listening[endpoint] = (udp, server)
             log.info("dns: serving on %s (udp and tcp)", endpoint)
         if errors:
             raise BindError(f"dns: could not bind {', '.join(errors)}")
 
     async def _close(self, endpoint: Endpoint) -> None:
-        transport, server = self._listening.pop(endpoint)
-        transport.close()
+        udp, server = self._listening.pop(endpoint)
+        asyncio.get_running_loop().remove_reader(udp)
+        udp.close()
         server.close()
         log.info("dns: stopped serving on %s", endpoint)
 
     async def _close_all(self) -> None:
         for endpoint in list(self._listening):
             await self._close(endpoint)
-        for task in list(self._tasks):
+        tasks = list(self._tasks)  # TCP clients and questions upstream
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- queries (in the loop) -------------------------------------------------------
 
-    def _udp(self, wire: bytes, peer: tuple[Any, ...], transport: asyncio.DatagramTransport) -> None:
-        try:
-            reply = self._answer(wire, False, peer)
-        except Exception:  # noqa: BLE001 - one bad packet must never stop the resolver
-            self._internal_error(peer)
-            return
-        if isinstance(reply, bytes):
-            transport.sendto(reply, peer)
-        elif reply is not None:
-            task = asyncio.get_running_loop().create_task(self._send_later(reply, peer, transport))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _udp(self, sock: socket.socket) -> None:
+        """The UDP socket is readable: answer what is queued (a burst costs one wake-up), up
+        to a bound, so TCP clients and upstream answers get their turn in a flood."""
+        for _ in range(_UDP_BATCH):
+            try:
+                wire, peer = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # an ICMP error for an earlier answer: nothing to do
+                log.debug("dns: udp: %s", e)
+                continue
+            try:
+                reply = self._answer(wire, False, peer)
+            except Exception:  # noqa: BLE001 - one bad packet must never stop the resolver
+                self._internal_error(peer)
+                continue
+            if isinstance(reply, bytes):
+                _send(sock, reply, peer)
+            elif reply is not None:
+                task = asyncio.get_running_loop().create_task(self._send_later(reply, peer, sock))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _send_later(
-        self, pending: Coroutine[Any, Any, bytes], peer: tuple[Any, ...], transport: asyncio.DatagramTransport
+        self, pending: Coroutine[Any, Any, bytes], peer: tuple[Any, ...], sock: socket.socket
     ) -> None:
-        reply = await pending
-        if not transport.is_closing():
-            transport.sendto(reply, peer)
+        try:
+            reply = await pending
+        except Exception:  # noqa: BLE001 - one bad answer upstream must never stop the resolver
+            self._internal_error(peer)
+            return
+        if sock.fileno() >= 0:  # not closed by a rebind meanwhile
+            _send(sock, reply, peer)
 
     async def _tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -266,6 +278,9 @@ class DnsServer:
             writer.close()
             return
         self._tcp_clients += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             while True:
                 size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), TCP_IDLE), "big")
@@ -285,6 +300,7 @@ class DnsServer:
             pass  # the client left, went quiet, or broke the framing
         finally:
             self._tcp_clients -= 1
+            self._tasks.discard(task)
             writer.close()
 
     def _answer(self, wire: bytes, tcp: bool, peer: object) -> bytes | Coroutine[Any, Any, bytes] | None:
@@ -300,8 +316,8 @@ class DnsServer:
             return wire[:2] + hit.wire[2:]
         try:
             query = answer.parse(wire, tcp)
-            if answer.is_local(state.index, query):
-                reply = answer.local_answer(state.index, query)
+            if state.local.serves(query):
+                reply = state.local.answer(query)
                 stats["answered_local"] += 1
                 self._packets.put(
                     key, Packet(reply, "answered_local", state.generation, now + _LOCAL_PACKET_SECONDS)

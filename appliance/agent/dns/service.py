@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.agent.bus import Applied
-from appliance.agent.dns.server import DnsServer
+from appliance.agent.dns.server import BindError, DnsServer
 from appliance.agent.dns.zone import Upstreams, Zone
 from appliance.base.net import Endpoint, IPAddress
 from appliance.core.dns import DNS_PORT, DnsPlan, nameservers, plan_dns
@@ -106,12 +106,17 @@ class DnsService:
         before, server = self._plan, self._server
         if server is None:
             server = self._make_server(planned.binds, zone, upstreams)
-            server.start()
+            try:
+                server.start()
+            except BindError:
+                # The other addresses serve; the next apply binds the rest (rebind).
+                self._server, self._plan = server, planned
+                raise
             self._server = server
             log.info("mesh DNS: serving %s on %s; other names: %s", planned.domain,
                      ", ".join(map(str, planned.binds)), _where(planned))  # fmt: skip
         else:
-            if before is None or before.binds != planned.binds:
+            if before is None or before.binds != planned.binds or self._error is not None:
                 server.rebind(planned.binds)
                 log.info("mesh DNS: now on %s", ", ".join(map(str, planned.binds)))
             if before is None or _served(before) != _served(planned):

@@ -34,7 +34,7 @@ from appliance.control.store_records import (
     TooManyPending,
     utcnow,
 )
-from appliance.wire.dnsname import DEFAULT_DOMAIN, DnsConfig, parse_lan_dns
+from appliance.wire.dnsname import DEFAULT_DOMAIN, MAX_LAN_DOMAINS, DnsConfig, parse_lan_dns
 from appliance.wire.fields import (
     ConfigError,
     Fields,
@@ -264,6 +264,9 @@ class ControlService:
                 items = body.get(field) if isinstance(body, dict) else None
                 if isinstance(items, list):
                     limits.check_count(field, items, cap)
+            offer = body.get("advertise_dns") if isinstance(body, dict) else None
+            if isinstance(offer, dict) and isinstance(offer.get("domains"), list):
+                limits.check_count("advertise_dns.domains", offer["domains"], MAX_LAN_DOMAINS)
             endpoints = f.get_list("endpoints", parse_endpoint)
             routes = list(f.get_list("advertise_routes", parse_network))
             exit_node = f.get("advertise_exit_node", parse_bool, False)

@@ -17,6 +17,8 @@ from ipaddress import (
 )
 from types import MappingProxyType
 
+from immutables import Map
+
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPInterface, IPNetwork
 
@@ -157,8 +159,9 @@ class State:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sysctls", _frozen(self.sysctls))
-        peers = self.peers.copy() if type(self.peers) is dict else dict(self.peers)  # a fast clone
-        object.__setattr__(self, "peers", MappingProxyType(peers))
+        # A persistent map (immutable; the planner shares it between plans) as is.
+        if not isinstance(self.peers, Map):
+            object.__setattr__(self, "peers", Map(self.peers))
 
     def changed_peers_since(self, other: State) -> frozenset[PublicKey] | None:
         """The peers that may differ from `other`, if this State was planned from

@@ -9,6 +9,8 @@ import weakref
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_interface
 
+from immutables import Map
+
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import IPNetwork
 from appliance.core.conflicts import RouteConflict, in_mesh, route_conflicts
@@ -52,8 +54,10 @@ class PeerMemo:
 
     settings: tuple[object, ...] = ()
     netmap: Netmap | None = None
-    planned: dict[PublicKey, Peer] = field(default_factory=dict)
-    routed: dict[PublicKey, Node] = field(default_factory=dict)  # the peers with subnet routes
+    # Persistent maps: the next plan changes its own version, O(change), while the
+    # State made from this one keeps it as it was.
+    planned: Map[PublicKey, Peer] = field(default_factory=Map)
+    routed: Map[PublicKey, Node] = field(default_factory=Map)  # the peers with subnet routes
     devices: tuple[HostedDevice, ...] = ()
     state: State | None = None
 
@@ -118,10 +122,14 @@ def make_plan(
     aside = frozenset((c.peer, c.route) for c in conflicts if c.set_aside)
     if devices != memo.devices:
         touched = None
-    for i, d in enumerate(devices):
-        if d.public_key in peers or d.public_key == me.public_key:
-            raise ConfigError("devices.json", f"[{i}].public_key", str(d.public_key), "is a node's key too")
-        peers[d.public_key] = Peer(d.public_key, sorted_networks(d.prefixes), name=d.name)
+    with peers.mutate() as with_devices:
+        for i, d in enumerate(devices):
+            if d.public_key in with_devices or d.public_key == me.public_key:
+                raise ConfigError(
+                    "devices.json", f"[{i}].public_key", str(d.public_key), "is a node's key too"
+                )
+            with_devices[d.public_key] = Peer(d.public_key, sorted_networks(d.prefixes), name=d.name)
+        peers = with_devices.finish()
     addresses = frozenset(
         host_prefix(a, netmap.mesh.ipv4 if a.version == 4 else netmap.mesh.ipv6) for a in me.addresses
     )
@@ -181,7 +189,7 @@ def make_plan(
 
 def _peers(
     netmap: Netmap, prefs: Prefs, exit_peer: Node | None, facts: HostFacts, memo: PeerMemo
-) -> tuple[dict[PublicKey, Peer], dict[PublicKey, Node], frozenset[PublicKey] | None]:
+) -> tuple[Map[PublicKey, Peer], Map[PublicKey, Node], frozenset[PublicKey] | None]:
     """Every peer's Peer, the peers with subnet routes, and which peers changed
     since the memo's plan (None: unknown, treat all as changed). Set-aside routes
     depend on the host's networks: those are part of the settings."""
@@ -197,22 +205,24 @@ def _peers(
         return _peer(node, accept, keepalive, node is exit_peer, mesh, aside)
 
     if memo.settings == settings and origin is not None and origin[0]() is memo.netmap is not None:
-        planned, routed, touched = memo.planned.copy(), memo.routed.copy(), origin[1]
+        touched = origin[1]
         assert netmap.index is not None
-        for key in touched:
-            node = netmap.index.peers.get(key)
-            planned.pop(key, None)
-            routed.pop(key, None)
-            if node is not None:
-                planned[key] = one(node)
-                if node.subnet_routes:
-                    routed[key] = node
+        with memo.planned.mutate() as planned_m, memo.routed.mutate() as routed_m:
+            for key in touched:
+                node = netmap.index.peers.get(key)
+                planned_m.pop(key, None)
+                routed_m.pop(key, None)
+                if node is not None:
+                    planned_m[key] = one(node)
+                    if node.subnet_routes:
+                        routed_m[key] = node
+            planned, routed = planned_m.finish(), routed_m.finish()
     else:
         touched = None
-        planned = {n.public_key: one(n) for n in netmap.peers}
-        routed = {n.public_key: n for n in netmap.peers if n.subnet_routes}
+        planned = Map({n.public_key: one(n) for n in netmap.peers})
+        routed = Map({n.public_key: n for n in netmap.peers if n.subnet_routes})
     memo.settings, memo.netmap, memo.planned, memo.routed = settings, netmap, planned, routed
-    return planned.copy(), routed, touched
+    return planned, routed, touched
 
 
 def _peer(

@@ -23,6 +23,7 @@ from appliance.wire.netmap import (
     Mesh,
     Netmap,
     Node,
+    PeerList,
     dns_json,
     node_json,
     parse_dns,
@@ -82,18 +83,19 @@ def apply_delta(netmap: Netmap, delta: MapDelta, source: str = "delta") -> Netma
     assert netmap.index is not None
     index = netmap.index.copy()
     touched: set[PublicKey] = set()
-    for key in delta.removed:
-        if key in index.peers:
-            index.remove(key)
-            touched.add(key)
-    if delta.self_node is not None:
-        index.set_me(source, delta.self_node)
-    for i, node in enumerate(delta.changed):
-        index.put(source, f"changed[{i}]", node)
-        touched.add(node.public_key)
+    with index.editing():
+        for key in delta.removed:
+            if key in index.peers:
+                index.remove(key)
+                touched.add(key)
+        if delta.self_node is not None:
+            index.set_me(source, delta.self_node)
+        for i, node in enumerate(delta.changed):
+            index.put(source, f"changed[{i}]", node)
+            touched.add(node.public_key)
     origin = (weakref.ref(netmap), frozenset(touched))
     dns = netmap.dns if delta.dns is None else delta.dns
-    return Netmap(netmap.mesh, index.me, tuple(index.peers.values()), index, origin, dns)
+    return Netmap(netmap.mesh, index.me, PeerList(index), index, origin, dns)
 
 
 def _list(value: object) -> list[Any]:

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+from immutables import Map
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
@@ -98,21 +102,52 @@ class Node:
 class Index:
     """Who holds each key, name and address: built once per full map and
     carried forward by deltas (mapdelta.py), so a delta is checked in O(change).
-    `peers` keeps the netmap's order: a replaced peer keeps its place."""
 
-    def __init__(self, me: Node, peers: dict[PublicKey, Node], owner_of: dict[object, PublicKey]) -> None:
-        self.me, self.peers, self.owner_of = me, peers, owner_of
+    Persistent maps (HAMTs): a copy is O(1) and a change O(log n), so a delta to
+    a mesh of 5,000 costs what it costs at 100; the netmap a delta was applied to
+    stays as it was. `order` keeps the netmap's order: a replaced peer keeps its
+    place, a new one goes last. Edit through `editing()`, which ends frozen."""
+
+    def __init__(
+        self,
+        me: Node,
+        peers: Map[PublicKey, Node],
+        owner_of: Map[object, PublicKey],
+        order: Map[PublicKey, int],
+        seq: int,
+    ) -> None:
+        self.me, self.peers, self.owner_of, self.order, self.seq = me, peers, owner_of, order, seq
 
     @classmethod
     def build(cls, source: str, me: Node, peers: tuple[Node, ...]) -> Index:
-        index = cls(me, {}, {})
-        index._claim(source, "self", me)
-        for i, node in enumerate(peers):
-            index.put(source, f"peers[{i}]", node, replace=False)
+        index = cls(me, Map(), Map(), Map(), 0)
+        with index.editing():
+            index._claim(source, "self", me)
+            for i, node in enumerate(peers):
+                index.put(source, f"peers[{i}]", node, replace=False)
         return index
+
+    def copy(self) -> Index:
+        return Index(self.me, self.peers, self.owner_of, self.order, self.seq)
+
+    @contextmanager
+    def editing(self) -> Iterator[None]:
+        """Batch the changes inside on mutable views; frozen again at the end,
+        whether or not they raised (a refused delta leaves a copy, not the original)."""
+        peers, owner_of, order = self.peers.mutate(), self.owner_of.mutate(), self.order.mutate()
+        self.peers, self.owner_of, self.order = peers, owner_of, order  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            self.peers, self.owner_of, self.order = peers.finish(), owner_of.finish(), order.finish()
 
     def node(self, key: PublicKey) -> Node | None:
         return self.me if key == self.me.public_key else self.peers.get(key)
+
+    def ordered_peers(self) -> tuple[Node, ...]:
+        """The peers in the netmap's order: O(n log n), for readers of the whole map."""
+        rank = self.order
+        return tuple(sorted(self.peers.values(), key=lambda n: rank[n.public_key]))
 
     def put(self, source: str, path: str, node: Node, replace: bool = True) -> None:
         """Add a peer, or replace the one with its key (in place) if `replace`."""
@@ -131,7 +166,10 @@ class Index:
             if old is not None:
                 self._claim(source, path, old)
             raise
-        self.peers[key] = node
+        self.peers[key] = node  # type: ignore[index]
+        if old is None:
+            self.order[key] = self.seq  # type: ignore[index]
+            self.seq += 1
 
     def set_me(self, source: str, node: Node) -> None:
         if node.public_key in self.peers:
@@ -142,13 +180,11 @@ class Index:
         self.me = node
 
     def remove(self, key: PublicKey) -> None:
-        node = self.peers.pop(key, None)
+        node = self.peers.get(key)
         if node is not None:
+            del self.peers[key]  # type: ignore[attr-defined]
+            del self.order[key]  # type: ignore[attr-defined]
             self._unclaim(node)
-
-    def copy(self) -> Index:
-        # .copy(), not dict(): it stays a fast clone after deletions.
-        return Index(self.me, self.peers.copy(), self.owner_of.copy())
 
     def _claim(self, source: str, path: str, node: Node) -> None:
         for fieldname, value in _claims(node):
@@ -159,12 +195,50 @@ class Index:
                 reason = f"is already used by {other.name if other else holder}"
                 raise ConfigError(source, f"{path}.{fieldname}", shown, reason)
         for _field, value in _claims(node):
-            self.owner_of[value] = node.public_key
+            self.owner_of[value] = node.public_key  # type: ignore[index]
 
     def _unclaim(self, node: Node) -> None:
         for _field, value in _claims(node):
             if self.owner_of.get(value) == node.public_key:
-                del self.owner_of[value]
+                del self.owner_of[value]  # type: ignore[attr-defined]
+
+
+class PeerList(Sequence[Node]):
+    """A delta-made netmap's peers: the tuple is made when first read, not per
+    delta (a one-peer change must not cost O(mesh)). Equal to a tuple of the same."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._nodes: tuple[Node, ...] | None = None
+
+    def _all(self) -> tuple[Node, ...]:
+        if self._nodes is None:
+            self._nodes = self._index.ordered_peers()
+        return self._nodes
+
+    def __len__(self) -> int:
+        return len(self._index.peers)
+
+    @overload
+    def __getitem__(self, i: int) -> Node: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Node, ...]: ...
+    def __getitem__(self, i: int | slice) -> Node | tuple[Node, ...]:
+        return self._all()[i]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (PeerList, tuple)):
+            return self._all() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
 
 
 def _claims(node: Node) -> list[tuple[str, object]]:
@@ -175,7 +249,7 @@ def _claims(node: Node) -> list[tuple[str, object]]:
 class Netmap:
     mesh: Mesh
     self_node: Node
-    peers: tuple[Node, ...]
+    peers: Sequence[Node]  # a tuple, or a PeerList (made from an Index, for a delta)
     index: Index | None = field(default=None, compare=False, repr=False)
     # Made from another netmap by a delta: (that netmap, weakly; the peer keys the
     # delta touched). The planner then re-plans those peers only. Weak, so a
@@ -187,7 +261,7 @@ class Netmap:
 
     def __post_init__(self) -> None:
         if self.index is None:
-            object.__setattr__(self, "index", Index.build("netmap", self.self_node, self.peers))
+            object.__setattr__(self, "index", Index.build("netmap", self.self_node, tuple(self.peers)))
 
     def touched_since(self, other: Netmap) -> frozenset[PublicKey] | None:
         """The peer keys a delta changed or removed, if this netmap was made from

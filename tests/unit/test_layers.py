@@ -9,6 +9,7 @@
     control     the coordination server                        -> core, wire, base (never agent, kernel)
     firstboot   meshpi.toml on the image                       -> client, core, wire, base
     webui       the dashboard                                  -> client, base
+    update      release bundles: signed, checked, installed     -> client, base
     agent, cli  the daemon and the commands                    -> anything but webui and firstboot
 
 Every import counts, including those inside functions and under TYPE_CHECKING:
@@ -34,8 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     "control": {"core", "wire", "base"},
     "firstboot": {"client", "core", "wire", "base"},
     "webui": {"client", "base"},
-    "agent": {"base", "wire", "core", "kernel", "leds", "client", "control"},
-    "cli": {"base", "wire", "core", "kernel", "leds", "client", "control", "agent"},
+    "update": {"client", "base"},
+    "agent": {"base", "wire", "core", "kernel", "leds", "client", "control", "update"},
+    "cli": {"base", "wire", "core", "kernel", "leds", "client", "control", "agent", "update"},
 }
 
 

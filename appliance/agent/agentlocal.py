@@ -32,6 +32,7 @@ from appliance.leds import LedFacts
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
     from appliance.agent.dns.host import HostDnsLink
+    from appliance.agent.dns.service import DnsService
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
     from appliance.agent.reach.service import Reachability
     from appliance.core.conflicts import RouteConflict
@@ -58,6 +59,7 @@ class AgentLocal:
     conflicts: tuple[RouteConflict, ...]
     reach: Reachability | None
     host_dns: HostDnsLink
+    dns: DnsService | None
 
     def _init_local(self, leds: AgentLeds) -> None:
         # The reconcile loop and the LocalAPI's threads take turns on the kernel.
@@ -197,11 +199,11 @@ class AgentLocal:
         with self.lock:
             self.take_down()
             self.host_dns.restore()
+            if self.dns is not None:
+                self.dns.close()  # its addresses are gone; the next login's apply starts it again
             self.wanted = self.wanted.patched(updates.NetmapGone())
             if self.snapshot is not None:
                 self.snapshot.mark(None)
-            # The kernel holds nothing now: subscribers (the resolver) let go too.
-            self.bus.publish(updates.Applied(None, self.wanted.prefs, 0))
         self.tick()
         return detail
 

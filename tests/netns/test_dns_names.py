@@ -57,6 +57,9 @@ def world(resolvers: dict[str, Dnsmasq]) -> Iterator[World]:
             wait_for(
                 lambda n=node: (n.status().get("dns") or {}).get("serving"), 10, f"{node.name}'s resolver"
             )
+        pi_v4 = w.nodes["pi"].mesh_v4()
+        for node in (w.nodes["laptop"], w.nodes["laptop2"]):  # the tunnels up (a first handshake)
+            wait_for(lambda n=node: n.host.ping(pi_v4, count=1)[1] == 1, 20, f"{node.name} -> pi")
         yield w
 
 
@@ -173,3 +176,14 @@ def test_dns_names_mesh_port_53_refused_from_the_lan(world: World) -> None:
         assert dig(laptop.host, pi_v4, f"pi.{DOMAIN}", "A")[0] == "NOERROR"  # from the mesh: yes
     finally:
         lab.lanhost.run(["ip", "route", "del", f"{pi_v4}/32"], check=False)
+
+
+def test_dns_names_logout_stops_the_resolver(world: World) -> None:
+    """Last in the module: laptop2 leaves the mesh."""
+    laptop2 = world.nodes["laptop2"]
+    address = laptop2.mesh_v4()
+    assert dig(laptop2.host, address, f"pi.{DOMAIN}", "A")[0] == "NOERROR"
+    laptop2.meshpi("logout")
+    assert laptop2.status()["dns"] is None
+    listening = laptop2.host.run(["ss", "-Hlnu", f"src {address}"], check=False).stdout
+    assert listening.strip() == "", listening

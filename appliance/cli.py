@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where the local control listens (default {DEFAULT_CONTROL_URL})",
     )
 
+    agent.add_argument(
+        "--resolv-conf",
+        type=Path,
+        metavar="FILE",
+        default=None,
+        help="the resolv.conf to manage when systemd-resolved does not (default /etc/resolv.conf; "
+        "in a network namespace /etc/netns/NAME/resolv.conf, which `ip netns exec` mounts)",
+    )
+
     down = sub.add_parser(
         "down",
         help="stop the agent and remove the interface, rules, routes, nft table; restore sysctls",
@@ -146,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
             help="what phones dial to reach this node: a (dynamic) DNS name or address ('' for: found out)",
         )
         cmd.add_argument(
+            "--advertise-dns",
+            metavar="DOMAIN,...@RESOLVER",
+            type=_lan_dns,
+            default=None,
+            help="split DNS: names under these LAN domains go to this LAN resolver ('' for none)",
+        )
+        cmd.add_argument(
             "--exit-node",
             metavar="NAME|IP",
             default=None,
@@ -174,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="the dashboard's port here, LAN only (0: none)")  # fmt: skip
         cmd.add_argument("--ssh-port", type=int, default=None, metavar="PORT",
                          help="SSH's port, LAN and mesh only (0: left alone)")  # fmt: skip
+        cmd.add_argument("--accept-dns", action=argparse.BooleanOptionalAction, default=None,
+                         help="point the host's DNS at the mesh's resolver (default: yes)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 
@@ -245,6 +263,19 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _lan_dns(text: str) -> dict[str, Any]:
+    """`fritz.box,lan@192.168.178.1` -> the advertise_dns pref ('' -> {}: none); the
+    agent checks the values (prefs.py) and names what is wrong."""
+    if not text.strip():
+        return {}
+    domains, sep, resolver = text.rpartition("@")
+    if not sep or not domains:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not DOMAIN,...@RESOLVER (e.g. fritz.box@192.168.178.1)"
+        )
+    return {"domains": _csv(domains), "resolver": resolver.strip()}
+
+
 def _pins(text: str) -> list[int]:
     try:
         return [int(part) for part in _csv(text)]
@@ -259,6 +290,8 @@ def _pref_changes(args: argparse.Namespace) -> dict[str, Any]:
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes.get("exit_node") == "":
         changes["exit_node"] = None
+    if changes.get("advertise_dns") == {}:
+        changes["advertise_dns"] = None
     return changes
 
 
@@ -282,9 +315,9 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
         print(f"meshpi: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.netmap is None:
-        agent = Agent.for_control(state, _make_system(state))
+        agent = Agent.for_control(state, _make_system(state), resolv_conf=args.resolv_conf)
     else:
-        agent = Agent(args.netmap, args.prefs, state, _make_system(state))
+        agent = Agent(args.netmap, args.prefs, state, _make_system(state), resolv_conf=args.resolv_conf)
 
     def serve(agent: Agent) -> Any:
         from appliance.agent.localapi.routes import build_router

@@ -39,6 +39,8 @@ from appliance.wire.fields import ConfigError
 
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink
+    from appliance.agent.dns.host import HostDnsLink
+    from appliance.agent.dns.service import DnsService
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
     from appliance.agent.reach.phones import PhoneReach
     from appliance.agent.reach.service import Reachability
@@ -66,6 +68,8 @@ class AgentLocal:
     snapshot: Snapshot | None
     conflicts: tuple[RouteConflict, ...]
     reach: Reachability | None
+    host_dns: HostDnsLink
+    dns: DnsService | None
 
     def _init_local(self, leds: AgentLeds) -> None:
         # The reconcile loop and the LocalAPI's threads take turns on the kernel.
@@ -245,6 +249,9 @@ class AgentLocal:
             self.reach.release()
         with self.lock:
             self.take_down()
+            self.host_dns.restore()
+            if self.dns is not None:
+                self.dns.close()  # its addresses are gone; the next login's apply starts it again
             self.wanted = self.wanted.patched(updates.NetmapGone())
             if self.snapshot is not None:
                 self.snapshot.mark(None)

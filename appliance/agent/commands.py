@@ -37,6 +37,7 @@ PREF_FLAGS = {
     "advertise_routes": "advertise_routes",
     "advertise_endpoints": "advertise_endpoints",
     "public_endpoint": "public_endpoint",
+    "advertise_dns": "advertise_dns",
     "exit_node": "exit_node",
     "exit_node_allow_lan_access": "exit_node_allow_lan_access",
     "hostname": "hostname",
@@ -50,6 +51,7 @@ PREF_FLAGS = {
     "dashboard_from_mesh": "dashboard_from_mesh",
     "dashboard_port": "dashboard_port",
     "ssh_port": "ssh_port",
+    "accept_dns": "accept_dns",
 }
 
 

@@ -34,6 +34,7 @@ from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
 from appliance.agent.commands import current_prefs, set_prefs
 from appliance.agent.devices.hosted import kernel_devices, load_devices
+from appliance.agent.dns.host import HostDnsLink, restore_after_down
 from appliance.agent.handshakes import carry_endpoints, start_handshakes, with_paths
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
@@ -53,6 +54,7 @@ from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import Netmap, load_netmap
 
 if TYPE_CHECKING:
+    from appliance.agent.dns.service import DnsService
     from appliance.agent.reach.paths import PathChooser
     from appliance.agent.reach.service import Reachability
 
@@ -71,11 +73,14 @@ class Service(Protocol):
 def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
     """What this node tells control it offers (protocol v1, `update`): `endpoints`
     are its candidates (reach/service.py), else the owner's own."""
-    return {
+    out: dict[str, Any] = {
         "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
         "advertise_routes": [str(r) for r in prefs.advertise_routes],
         "advertise_exit_node": prefs.advertise_exit_node,
     }
+    if prefs.advertise_dns is not None:  # only when set: a control from before names refuses the field
+        out["advertise_dns"] = prefs.advertise_dns.to_json()
+    return out
 
 
 class Agent(AgentLocal):
@@ -87,8 +92,11 @@ class Agent(AgentLocal):
         make_system: SystemFactory,
         control: bool = False,
         leds: LedOpener | None = None,
+        resolv_conf: Path | None = None,
     ) -> None:
         self.netmap_path, self.prefs_path = netmap_path, prefs_path
+        # The host's DNS follows the mesh; resolv_conf: the file managed (None: /etc/resolv.conf).
+        self.host_dns = HostDnsLink(state.hostdns_file, resolv_conf)
         self.state, self.make_system, self.control = state, make_system, control
         self.key = state.node_key()
         self.bus = updates.Bus()
@@ -105,11 +113,15 @@ class Agent(AgentLocal):
         self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self.paths: PathChooser | None = None  # hole punching and the relay, in control mode
+        self.dns: DnsService | None = None  # the node's resolver (agent/dns), once names come
         self._init_local(AgentLeds(leds))
 
     @classmethod
-    def for_control(cls, state: StateDir, make_system: SystemFactory, leds: LedOpener | None = None) -> Agent:
-        return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds)
+    def for_control(
+        cls, state: StateDir, make_system: SystemFactory, leds: LedOpener | None = None,
+        resolv_conf: Path | None = None,
+    ) -> Agent:  # fmt: skip
+        return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds, resolv_conf)
 
     def load_prefs(self) -> Prefs:
         """Static mode needs its prefs file; in control mode none yet means defaults
@@ -306,6 +318,13 @@ class Agent(AgentLocal):
         self.state.lock()
         self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
         source: StaticFiles | None = None
+        from appliance.agent.dns.service import DnsService, host_resolvers
+
+        # The resolver first, then the host pointed at it; names it does not know go to
+        # the host's resolvers as they were before meshpi (host_dns keeps the original).
+        self.dns = DnsService(host_resolvers(self.host_dns.original_servers))
+        self.bus.subscribe(self.dns.on_applied)
+        self.bus.subscribe(self.host_dns.on_applied)
         if self.control:
             from appliance.agent.control.link import ControlLink
             from appliance.agent.reach.service import Reachability
@@ -351,11 +370,14 @@ class Agent(AgentLocal):
                 self.reach.close()
             if self.paths is not None:
                 self.paths.close()
+            if self.dns is not None:
+                self.dns.close()
             if source is not None:
                 source.stop()
             if self.snapshot is not None:
                 self.snapshot.flush(force=True)
             self.traffic.flush(force=True)
+            self.host_dns.restore()  # its resolver stops with the agent
             self.leds.close()
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
@@ -366,6 +388,9 @@ class Agent(AgentLocal):
         answers); False after `timeout` seconds."""
         with self.applied_once:
             return self.applied_once.wait_for(lambda: self.inputs is not None, timeout)
+
+    def dns_status(self) -> dict[str, Any] | None:
+        return self.dns.status() if self.dns is not None else None
 
     def path_status(self) -> dict[PublicKey, str]:
         return self.paths.status() if self.paths is not None else {}
@@ -453,6 +478,7 @@ def down(state: StateDir, make_system: SystemFactory) -> int:
     pid = state.stop_running_agent()
     if pid is not None:
         log.info("stopped agent pid %d", pid)
+    restore_after_down(state.hostdns_file)
     owned = state.owned()
     if owned is None:
         log.info("meshpi owns nothing here (%s has no record); nothing to do", state.path)

@@ -12,6 +12,8 @@
 - netmap.json    the last netmap, a snapshot for the next start (written coalesced)
 - devices.json   the phones this node hosts (public keys only)
 - firstboot.json what first boot did with meshpi.toml (written by meshpi-firstboot)
+- hostdns.json   the host's DNS as it was before meshpi (resolv.conf's bytes, or
+                 resolved's link), so `meshpi down` restores it even after a crash
 
 Everything here is a snapshot for the next start; at run time the agent's
 threads hand each other typed updates in memory (bus.py).
@@ -77,6 +79,10 @@ class StateDir:
     @property
     def netmap_file(self) -> Path:
         return self.path / "netmap.json"
+
+    @property
+    def hostdns_file(self) -> Path:
+        return self.path / "hostdns.json"
 
     @property
     def devices_file(self) -> Path:

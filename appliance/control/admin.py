@@ -49,6 +49,8 @@ def node_json(node: NodeRecord, online: bool) -> dict[str, Any]:
         "key_expiry": node.key_expiry.isoformat() if node.key_expiry else None,
         "expiry_exempt": node.expiry_exempt,
         "devices": [d.to_json() for d in node.devices],
+        "dns_name": node.dns_name,
+        "advertised_dns": None if node.advertised_dns is None else node.advertised_dns.to_json(),
     }
 
 
@@ -121,6 +123,16 @@ async def set_exempt(request: web.Request) -> web.Response:
     exempt = f.require("exempt", parse_bool)
     f.done()
     node = await s.changed(s.store.set_expiry_exempt, _id(request), exempt)
+    return web.json_response(node_json(node, node.id in s.metrics.online))
+
+
+async def rename_node(request: web.Request) -> web.Response:
+    """`{"name": str}`: the node's name and DNS label follow; peers hear it like any change."""
+    s = request.app[SERVICE]
+    f = await _body(request)
+    name = f.require("name", parse_str)
+    f.done()
+    node = await s.changed(s.store.rename_node, _id(request), name)
     return web.json_response(node_json(node, node.id in s.metrics.online))
 
 
@@ -197,6 +209,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/v1/nodes/{id}/exempt", set_exempt)
     app.router.add_post("/admin/v1/nodes/{id}/routes", approve_routes)
     app.router.add_delete("/admin/v1/nodes/{id}", remove_node)
+    app.router.add_post("/admin/v1/nodes/{id}/rename", rename_node)
     app.router.add_get("/admin/v1/keys", list_keys)
     app.router.add_post("/admin/v1/keys", create_key)
     app.router.add_delete("/admin/v1/keys/{id}", revoke_key)

@@ -34,6 +34,7 @@ from appliance.control.relay_limits import RelayLimits
 from appliance.control.service import ApiError, ControlService
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
+from appliance.wire.dnsname import DEFAULT_DOMAIN
 from appliance.wire.fields import ConfigError
 from appliance.wire.seal import Boxes, SealError, login_url, open_request
 
@@ -177,6 +178,7 @@ def serve(
     admin_listen: str,
     stun_listen: str | None = "off",
     relay_limits: RelayLimits | None = None,
+    dns_domain: str = DEFAULT_DOMAIN,
 ) -> None:
     """stun_listen None: the default address, and a busy port there is a warning, not an end."""
     host, port = parse_listen("--listen", listen)
@@ -185,7 +187,7 @@ def serve(
     key = load_control_key(state_dir)
     token = load_admin_token(state_dir)
     url = db or str(state_dir / "control.db")
-    service = ControlService(lambda: open_store(url))
+    service = ControlService(lambda: open_store(url), dns_domain=dns_domain)
     limits = relay_limits or RelayLimits()
     app = create_app(service, key, limits)
     log.info("relay limits per node: %g frames/s (burst %g), %g bytes/s (burst %g); at most %d nodes",

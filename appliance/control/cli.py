@@ -3,7 +3,8 @@
     meshpi-control serve [--listen HOST:PORT] [--admin-listen HOST:PORT] [--stun-listen HOST:PORT|off]
                          [--db URL] [--state-dir D] [--relay-frames-per-s N] [--relay-frame-burst N]
                          [--relay-bytes-per-s N] [--relay-byte-burst N] [--relay-max-connections N]
-    meshpi-control nodes list|approve ID|remove ID|expire ID
+                         [--dns-domain DOMAIN]
+    meshpi-control nodes list|approve ID|remove ID|expire ID|rename ID NAME
     meshpi-control routes list|approve ID CIDR...
     meshpi-control keys create [--reusable] [--expires SECONDS] [--tag T]...|list|revoke ID
 
@@ -28,6 +29,7 @@ from typing import Any
 
 from appliance.control.keys import ControlKeyError
 from appliance.control.relay_limits import RelayLimits, parse_amount
+from appliance.wire.dnsname import DEFAULT_DOMAIN, parse_domain
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshpi-control")
 DEFAULT_LISTEN = "0.0.0.0:8080"
@@ -78,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
         whole = flag == "--relay-max-connections"
         relay.add_argument(flag, type=_amount(whole), default=default, metavar="N",
                            help=f"{words} (default {default:.0f})")  # fmt: skip
+    serve.add_argument(
+        "--dns-domain",
+        default=DEFAULT_DOMAIN,
+        type=_domain,
+        help=f"the mesh's DNS domain: nodes are NAME.DOMAIN (default {DEFAULT_DOMAIN})",
+    )
 
     server_opt = argparse.ArgumentParser(add_help=False)
     server_opt.add_argument(
@@ -90,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     nodes_sub.add_parser("list", parents=[server_opt])
     for verb in ("approve", "remove", "expire"):
         nodes_sub.add_parser(verb, parents=[server_opt]).add_argument("id", type=int)
+    rename = nodes_sub.add_parser("rename", parents=[server_opt], help="a new name (and DNS name) for a node")
+    rename.add_argument("id", type=int)
+    rename.add_argument("name")
 
     routes = sub.add_parser("routes", help="list advertised routes, approve them")
     routes_sub = routes.add_subparsers(dest="verb", required=True)
@@ -130,6 +141,13 @@ def relay_limits(args: argparse.Namespace) -> RelayLimits:
         byte_burst=args.relay_byte_burst,
         max_connections=int(args.relay_max_connections),
     )
+
+
+def _domain(text: str) -> str:
+    try:
+        return parse_domain(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
 
 
 class AdminError(Exception):
@@ -184,6 +202,9 @@ def _admin(args: argparse.Namespace) -> int:
         case "nodes", "approve" | "expire" as verb:
             n = call("POST", f"/admin/v1/nodes/{args.id}/{verb}")
             print(f"{n['name']}: {verb}d")
+        case "nodes", "rename":
+            n = call("POST", f"/admin/v1/nodes/{args.id}/rename", {"name": args.name})
+            print(f"node {args.id} is now {n['name']} ({n['dns_name'] or 'no DNS name while pending'})")
         case "nodes", "remove":
             call("DELETE", f"/admin/v1/nodes/{args.id}")
             print(f"node {args.id} removed")
@@ -225,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             from appliance.control.app import serve
 
             serve(args.state_dir, args.listen, args.db, args.public_url, args.admin_listen, args.stun_listen,
-                  relay_limits(args))  # fmt: skip
+                  relay_limits(args), args.dns_domain)  # fmt: skip
             return 0
         return _admin(args)
     except (AdminError, ControlKeyError) as e:

@@ -180,16 +180,38 @@ _POSTGRES_V3 = (
     "CREATE INDEX nodes_pending ON nodes (state, source)",
 )
 
+# DNS names (wire/dnsname.py): each approved node's label, and every label held in
+# the mesh (nodes' and their devices', whose own sit in the devices JSON) in one
+# table, so a new name is checked against all of them with one indexed read and the
+# primary key is the backstop. Split DNS a subnet router offers: JSON text or NULL.
+# Labels of nodes that were there before are given at open (store_names.backfill).
+_SQLITE_V4 = (
+    "ALTER TABLE nodes ADD COLUMN dns_name TEXT",
+    "ALTER TABLE nodes ADD COLUMN advertised_dns TEXT",
+    "CREATE UNIQUE INDEX nodes_dns_name ON nodes (dns_name)",
+    "CREATE TABLE dns_names (label TEXT PRIMARY KEY, node_id INTEGER NOT NULL) STRICT",
+    "CREATE INDEX dns_names_node ON dns_names (node_id)",
+)
+_POSTGRES_V4 = (
+    "ALTER TABLE nodes ADD COLUMN dns_name TEXT",
+    "ALTER TABLE nodes ADD COLUMN advertised_dns TEXT",
+    "CREATE UNIQUE INDEX nodes_dns_name ON nodes (dns_name)",
+    "CREATE TABLE dns_names (label TEXT PRIMARY KEY, node_id BIGINT NOT NULL)",
+    "CREATE INDEX dns_names_node ON dns_names (node_id)",
+)
+
 MIGRATIONS: dict[Dialect, tuple[Migration, ...]] = {
     "sqlite": (
         Migration(1, "meta, nodes, tombstones, preauth_keys", _SQLITE_V1),
         Migration(2, "nodes.devices", _V2),
         Migration(3, "pending nodes have no address; nodes.source", _SQLITE_V3),
+        Migration(4, "dns names: nodes.dns_name, nodes.advertised_dns, dns_names", _SQLITE_V4),
     ),
     "postgresql": (
         Migration(1, "meta, nodes, tombstones, preauth_keys", _POSTGRES_V1),
         Migration(2, "nodes.devices", _V2),
         Migration(3, "pending nodes have no address; nodes.source", _POSTGRES_V3),
+        Migration(4, "dns names: nodes.dns_name, nodes.advertised_dns, dns_names", _POSTGRES_V4),
     ),
 }
 

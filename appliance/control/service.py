@@ -27,6 +27,7 @@ from appliance.control.store_records import (
     Changes,
     DeltaUnavailable,
     MeshFull,
+    NameInvalid,
     NodeExists,
     NodeRecord,
     NodeState,
@@ -34,6 +35,7 @@ from appliance.control.store_records import (
     TooManyPending,
     utcnow,
 )
+from appliance.wire.dnsname import DEFAULT_DOMAIN, MAX_LAN_DOMAINS, DnsConfig, parse_lan_dns
 from appliance.wire.fields import (
     ConfigError,
     Fields,
@@ -84,7 +86,9 @@ class ControlService:
         maintenance_every: float = MAINTENANCE_EVERY,
         tombstone_keep: float = TOMBSTONE_KEEP,
         pending_caps: tuple[int, int] = (limits.PENDING_PER_SOURCE, limits.PENDING_TOTAL),
+        dns_domain: str = DEFAULT_DOMAIN,
     ) -> None:
+        self.dns = DnsConfig(dns_domain)  # sent in every map (capver 3)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshpi-db")
         self.store: Store = self._executor.submit(open_db).result()
         self.map_timeout, self.now = map_timeout, now
@@ -261,12 +265,18 @@ class ControlService:
                 items = body.get(field) if isinstance(body, dict) else None
                 if isinstance(items, list):
                     limits.check_count(field, items, cap)
+            offer = body.get("advertise_dns") if isinstance(body, dict) else None
+            if isinstance(offer, dict) and isinstance(offer.get("domains"), list):
+                limits.check_count("advertise_dns.domains", offer["domains"], MAX_LAN_DOMAINS)
             endpoints = f.get_list("endpoints", parse_endpoint)
             routes = list(f.get_list("advertise_routes", parse_network))
             exit_node = f.get("advertise_exit_node", parse_bool, False)
+            # Split DNS for its LAN (optional: an agent from before names sends none).
+            lan_dns = None if f.obj.get("advertise_dns") is None else parse_lan_dns(f.sub("advertise_dns"))
+            f.get("advertise_dns", _any, None)
             f.done()
             limits.check_routes(self.store.mesh, routes)
-        except limits.LimitError as e:
+        except (limits.LimitError, ConfigError) as e:
             raise ApiError(400, str(e)) from None
         if exit_node:
             routes += [r for r in EXIT_ROUTES if r not in routes]
@@ -277,6 +287,8 @@ class ControlService:
                      ", ".join(map(str, approved)), AUTO_APPROVE)  # fmt: skip
         await self.changed(self.store.set_endpoints, node.id, endpoints)
         await self.changed(self.store.set_advertised_routes, node.id, routes)
+        if lan_dns != node.advertised_dns:
+            await self.changed(self.store.set_advertised_dns, node.id, lan_dns)
         return {}
 
     async def map(self, machine: PublicKey, body: object) -> dict[str, Any]:
@@ -317,7 +329,7 @@ class ControlService:
                 self._sent(changes.version)
                 return {
                     "version": changes.version,
-                    "delta": mapper.delta(node, changes, self.now(), capver),
+                    "delta": mapper.delta(node, changes, self.now(), capver, self.dns),
                 }
         current, records = self._nodes_version, list(self._nodes.values())
         me = next((r for r in records if r.id == node.id), None)
@@ -326,7 +338,7 @@ class ControlService:
         self._sent(current)
         return {
             "version": current,
-            "full": mapper.full_map(self.store.mesh, me, records, self.now(), capver),
+            "full": mapper.full_map(self.store.mesh, me, records, self.now(), capver, self.dns),
         }
 
     def _sent(self, version: int) -> None:
@@ -354,7 +366,7 @@ class ControlService:
                 node = await self.changed(self.store.add_device, node.id, name, public_key)
                 device = store_devices.find(node, public_key)
                 log.info("node %s hosts device %s (%s, %s)", node.name, name, device.ipv4, device.ipv6)
-                return {"addresses": [str(device.ipv4), str(device.ipv6)]}
+                return {"addresses": [str(device.ipv4), str(device.ipv6)], "dns_name": device.dns_name}
             if action == "rename" and name is not None:
                 await self.changed(self.store.rename_device, node.id, public_key, name)
                 log.info("node %s renamed device %s to %s", node.name, public_key.short, name)
@@ -367,6 +379,8 @@ class ControlService:
             raise ApiError(409, str(e)) from None
         except NotFound as e:
             raise ApiError(404, str(e)) from None
+        except NameInvalid as e:
+            raise ApiError(400, f"request: body.name: {e}") from None
         raise ApiError(400, f"request: body.action: {action!r} is not add, rename (with a name) or remove")
 
     async def logout(self, machine: PublicKey, body: object) -> dict[str, Any]:
@@ -381,6 +395,7 @@ def _registered(node: NodeRecord, now: datetime) -> dict[str, Any]:
     return {
         "state": node.state.value,
         "name": node.name,
+        "dns_name": node.dns_name,  # None while pending
         # Sealed, so the node can trust it: a node whose key expired rotates it.
         "key_expired": node.key_expired(now),
         "addresses": [str(a) for a in node.addresses],  # none while pending
@@ -399,6 +414,10 @@ def _fields(body: object) -> Fields:
         return Fields("request", "", body)
     except ConfigError as e:
         raise ApiError(400, str(e)) from None
+
+
+def _any(value: object) -> object:
+    return value
 
 
 def _optional_str(value: object) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPNetwork
-from appliance.control import store_devices, store_pending, store_preauth
+from appliance.control import store_devices, store_names, store_pending, store_preauth
 from appliance.control.migrations import ensure_mesh, migrate, random_ula
 from appliance.control.store_records import (
     NODE_COLUMNS,
@@ -39,6 +39,7 @@ from appliance.control.store_records import (
     KeyRevoked,
     KeyUsed,
     MeshFull,
+    NameInvalid,
     NodeExists,
     NodeRecord,
     NodeState,
@@ -52,6 +53,7 @@ from appliance.control.store_records import (
     Tombstone,
     TooManyPending,
     dump_endpoints,
+    dump_lan_dns,
     dump_routes,
     dump_tags,
     name_base,
@@ -61,6 +63,7 @@ from appliance.control.store_records import (
     utcnow,
 )
 from appliance.control.store_sql import Database, Tx, connect
+from appliance.wire.dnsname import LanDns
 from appliance.wire.netmap import Mesh
 
 # Node changes log at debug: the service logs them once, in its own words, with
@@ -75,8 +78,10 @@ _BUMP = "UPDATE meta SET mesh_version = mesh_version + 1 WHERE id = 1 RETURNING 
 def open_store(url_or_path: str | Path) -> Store:
     db = connect(url_or_path)
     try:
-        migrate(db)
+        schema = migrate(db)
         mesh = ensure_mesh(db)
+        if schema >= store_names.SCHEMA:
+            store_names.backfill(db)
     except BaseException:
         db.close()
         raise
@@ -222,6 +227,11 @@ class Store:
                 source if pending else None,
             )
             assert row is not None
+            if not pending:
+                label = store_names.take(tx, store_names.node_base(hostname, name), int(row[0]))
+                row = tx.one(f"UPDATE nodes SET dns_name = ? WHERE id = ? RETURNING {NODE_COLUMNS}",
+                             label, row[0])  # fmt: skip
+                assert row is not None
             return node_from_row(self.mesh, row), True
 
         node, new = self.db.run(work, lock_meta=True)
@@ -279,14 +289,37 @@ class Store:
         """Approve the node; a node that registered pending gets its addresses now."""
 
         def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
-            if node.address_index is not None:
-                return {"state": NodeState.APPROVED.value}
-            return {
-                "state": NodeState.APPROVED.value,
-                "address_index": store_pending.take_address(tx, self.mesh),
-            }
+            out: dict[str, Any] = {"state": NodeState.APPROVED.value}
+            if node.address_index is None:
+                out["address_index"] = store_pending.take_address(tx, self.mesh)
+            if node.dns_name is None:  # a pending node holds no label: a flood of them could squat names
+                out["dns_name"] = store_names.take(tx, store_names.node_base(node.name, "node"), node.id)
+            return out
 
         return self._change(node_id, values)
+
+    def rename_node(self, node_id: int, new_name: str) -> NodeRecord:
+        """The node is now called `new_name`: its name and its DNS label follow (each
+        made unique as at registration); NameInvalid when it makes no DNS label."""
+        base, label_base = name_base(new_name), store_names.rename_base(new_name)
+
+        def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
+            taken = tx.all("SELECT name FROM nodes WHERE (name = ? OR name LIKE ?) AND id != ?",
+                           base, base + "-%", node_id)  # fmt: skip
+            store_names.release(tx, node.dns_name)
+            out: dict[str, Any] = {"name": pick_name(base, (row[0] for row in taken))}
+            if node.state is NodeState.APPROVED:
+                out["dns_name"] = store_names.take(tx, label_base, node.id)
+            return out
+
+        node = self._change(node_id, values)
+        log.debug("node %d is now %s (%s)", node_id, node.name, node.dns_name)
+        return node
+
+    def set_advertised_dns(self, node_id: int, offer: LanDns | None) -> NodeRecord:
+        """The split DNS the node offers; peers see it while a route it serves holds the resolver."""
+        text = dump_lan_dns(offer)
+        return self._change(node_id, lambda _tx, _node: {"advertised_dns": text})
 
     def prune_pending(self, created_before: datetime) -> int:
         """Forget registrations nobody approved before `created_before`; how many."""
@@ -348,6 +381,7 @@ class Store:
                 return row[0], Tombstone(PublicKey(bytes(row[1])), 0)
             (version,) = _one(tx, _BUMP)
             tomb = _bury(tx, PublicKey(bytes(row[1])), version)
+            store_names.release_node(tx, node_id)
             tx.run("DELETE FROM nodes WHERE id = ?", node_id)
             return row[0], tomb
 
@@ -443,6 +477,7 @@ __all__ = [
     "KeyRevoked",
     "KeyUsed",
     "MeshFull",
+    "NameInvalid",
     "NodeExists",
     "NodeRecord",
     "NodeState",

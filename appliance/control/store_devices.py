@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from appliance.base.keys import PublicKey
+from appliance.control import store_names
 from appliance.control.store_records import (
     DeviceRecord,
     MeshFull,
@@ -33,6 +34,7 @@ def adding(mesh: Mesh, name: str, public_key: PublicKey) -> Any:
     """The `new_values` of Store._change that hosts one more device on a node."""
 
     def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
+        base = store_names.device_base(name)  # NameInvalid before anything is taken
         if any(d.name == name for d in node.devices):
             raise NodeExists(f"node {node.name} already has a device named {name!r}")
         if len(node.devices) >= MAX_DEVICES:
@@ -48,7 +50,8 @@ def adding(mesh: Mesh, name: str, public_key: PublicKey) -> Any:
         if index > last_index(mesh):
             raise MeshFull(f"all {index - 1} addresses of {mesh.ipv4} were handed out")
         tx.run("UPDATE meta SET next_address_index = ? WHERE id = 1", index + 1)
-        device = DeviceRecord(name, public_key, index, *address_pair(mesh, index))
+        label = store_names.take(tx, base, node.id)
+        device = DeviceRecord(name, public_key, index, *address_pair(mesh, index), label)
         return {"devices": dump_devices([*node.devices, device])}
 
     return values
@@ -57,10 +60,13 @@ def adding(mesh: Mesh, name: str, public_key: PublicKey) -> Any:
 def removing(public_key: PublicKey) -> Any:
     """The `new_values` of Store._change that drops a hosted device."""
 
-    def values(_tx: Tx, node: NodeRecord) -> dict[str, Any]:
+    def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
         kept = [d for d in node.devices if d.public_key != public_key]
         if len(kept) == len(node.devices):
             raise NotFound(f"node {node.name} hosts no device with key {public_key.short}")
+        for gone in node.devices:
+            if gone.public_key == public_key:
+                store_names.release(tx, gone.dns_name)
         return {"devices": dump_devices(kept)}
 
     return values
@@ -69,11 +75,17 @@ def removing(public_key: PublicKey) -> Any:
 def renaming(public_key: PublicKey, name: str) -> Any:
     """The `new_values` of Store._change that gives a hosted device a new name."""
 
-    def values(_tx: Tx, node: NodeRecord) -> dict[str, Any]:
-        find(node, public_key)
+    base = store_names.device_base(name)  # NameInvalid before anything changes
+
+    def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
+        device = find(node, public_key)
         if any(d.name == name and d.public_key != public_key for d in node.devices):
             raise NodeExists(f"node {node.name} already has a device named {name!r}")
-        renamed = [replace(d, name=name) if d.public_key == public_key else d for d in node.devices]
+        # Its DNS name follows, as a node's does (made unique as when it was added).
+        store_names.release(tx, device.dns_name)
+        label = store_names.take(tx, base, node.id)
+        renamed = [replace(d, name=name, dns_name=label) if d.public_key == public_key else d
+                   for d in node.devices]  # fmt: skip
         return {"devices": dump_devices(renamed)}
 
     return values

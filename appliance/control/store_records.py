@@ -19,7 +19,8 @@ from typing import Any
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
 from appliance.core.model import sorted_networks
-from appliance.wire.fields import parse_endpoint
+from appliance.wire.dnsname import LanDns, parse_lan_dns
+from appliance.wire.fields import Fields, parse_endpoint
 from appliance.wire.netmap import Mesh
 
 # --- errors -------------------------------------------------------------------------
@@ -51,6 +52,10 @@ class NotFound(StoreError, LookupError):
 
 class NodeExists(StoreError):
     """The machine key or node key already belongs to a node."""
+
+
+class NameInvalid(StoreError, ValueError):
+    """A name that cannot become a DNS label; the message quotes it."""
 
 
 class TooManyPending(StoreError):
@@ -109,6 +114,18 @@ class NodeRecord:
     expiry_exempt: bool
     version: int  # the mesh version at which this node last changed
     devices: tuple[DeviceRecord, ...] = ()  # stock WireGuard clients it hosts
+    dns_name: str | None = None  # its DNS label; None while pending (schema version 4)
+    advertised_dns: LanDns | None = None  # split DNS it offers for its subnet routes
+
+    @property
+    def served_lan_dns(self) -> LanDns | None:
+        """The split DNS peers are told of: only while its resolver lies inside a
+        subnet route the node serves (approved with the route, reached over the mesh)."""
+        offer = self.advertised_dns
+        if offer is None:
+            return None
+        subnets = [r for r in self.served_routes if r.prefixlen > 0 and r.version == offer.resolver.version]
+        return offer if any(offer.resolver in r for r in subnets) else None
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -139,6 +156,7 @@ class DeviceRecord:
     index: int
     ipv4: IPv4Address
     ipv6: IPv6Address
+    dns_name: str | None = None  # its DNS label (schema version 4)
 
     @property
     def prefixes(self) -> tuple[IPNetwork, IPNetwork]:
@@ -146,7 +164,7 @@ class DeviceRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "public_key": str(self.public_key),
-                "addresses": [str(self.ipv4), str(self.ipv6)]}  # fmt: skip
+                "addresses": [str(self.ipv4), str(self.ipv6)], "dns_name": self.dns_name}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -267,12 +285,17 @@ Row = Sequence[Any]
 
 NODE_COLUMNS = (
     "id, machine_key, node_key, name, address_index, state, tags, advertised_routes, "
-    "approved_routes, endpoints, created, last_seen, key_expiry, expiry_exempt, version, devices"
+    "approved_routes, endpoints, created, last_seen, key_expiry, expiry_exempt, version, devices, "
+    "dns_name, advertised_dns"
 )
 
 
 def dump_devices(devices: Iterable[DeviceRecord]) -> str:
-    return json.dumps([{"name": d.name, "public_key": str(d.public_key), "index": d.index} for d in devices])
+    return json.dumps([
+        {"name": d.name, "public_key": str(d.public_key), "index": d.index}
+        | ({} if d.dns_name is None else {"dns_name": d.dns_name})
+        for d in devices
+    ])  # fmt: skip
 
 
 def load_devices(mesh: Mesh, text: str) -> tuple[DeviceRecord, ...]:
@@ -280,14 +303,14 @@ def load_devices(mesh: Mesh, text: str) -> tuple[DeviceRecord, ...]:
     for doc in json.loads(text):
         index = int(doc["index"])
         key = PublicKey.from_base64(doc["public_key"])
-        out.append(DeviceRecord(doc["name"], key, index, *address_pair(mesh, index)))
+        out.append(DeviceRecord(doc["name"], key, index, *address_pair(mesh, index), doc.get("dns_name")))
     return tuple(out)
 
 
 def node_from_row(mesh: Mesh, row: Row) -> NodeRecord:
     """A nodes row, selected as NODE_COLUMNS, as a record."""
     (id_, machine_key, node_key, name, index, state, tags, advertised, approved, endpoints,
-     created, last_seen, key_expiry, exempt, version, devices) = row  # fmt: skip
+     created, last_seen, key_expiry, exempt, version, devices, dns_name, advertised_dns) = row  # fmt: skip
     ipv4, ipv6 = (None, None) if index is None else address_pair(mesh, index)
     return NodeRecord(
         id=id_,
@@ -308,7 +331,17 @@ def node_from_row(mesh: Mesh, row: Row) -> NodeRecord:
         expiry_exempt=bool(exempt),
         version=version,
         devices=load_devices(mesh, devices),
+        dns_name=dns_name,
+        advertised_dns=load_lan_dns(advertised_dns),
     )
+
+
+def dump_lan_dns(offer: LanDns | None) -> str | None:
+    return None if offer is None else json.dumps(offer.to_json())
+
+
+def load_lan_dns(text: str | None) -> LanDns | None:
+    return None if text is None else parse_lan_dns(Fields("store", "advertised_dns", json.loads(text)))
 
 
 PREAUTH_COLUMNS = "id, reusable, created, expires, tags, used, revoked"

@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.base.net import Endpoint, IPNetwork
 from appliance.core.hostport import HostPort, parse_host_port
+from appliance.wire.dnsname import LanDns, parse_lan_dns
 from appliance.wire.fields import (
     Fields,
     int_range,
@@ -37,6 +38,10 @@ def _parse_backend(value: object) -> str:
 
 def _parse_optional_name(value: object) -> str | None:
     return None if value is None else parse_name(value)
+
+
+def _any(value: object) -> object:
+    return value
 
 
 def _parse_optional_str(value: object) -> str | None:
@@ -71,6 +76,9 @@ class Prefs:
     # owner keeps pointed at home (dynamic DNS), host[:port]; None: found out
     # (reach/phones.py: the mapped port, else a forward's public address).
     public_endpoint: HostPort | None = None
+    # Split DNS for the LAN this node routes (a subnet router): its search domains and
+    # resolver, told to control, served to peers with the route that holds the resolver.
+    advertise_dns: LanDns | None = None
     # Status LEDs: one on each of these BCM GPIO pins, and the board's own ACT
     # (or led0) LED under /sys/class/leds when there is one.
     led_pins: tuple[int, ...] = ()
@@ -86,6 +94,9 @@ class Prefs:
     dashboard_port: int = 0
     dashboard_from_mesh: bool = False
     ssh_port: int = 0
+    # Point the host's DNS (systemd-resolved's link settings, or resolv.conf) at
+    # the mesh's resolver; false: the host's DNS is left (put back) as it was.
+    accept_dns: bool = True
 
     @property
     def guards_ports(self) -> bool:
@@ -107,6 +118,7 @@ class Prefs:
         out["public_endpoint"] = str(self.public_endpoint) if self.public_endpoint is not None else None
         out["led_pins"] = list(self.led_pins)
         out["stun_servers"] = [str(e) for e in self.stun_servers]
+        out["advertise_dns"] = None if self.advertise_dns is None else self.advertise_dns.to_json()
         return out
 
 
@@ -131,6 +143,7 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         hostname=f.get("hostname", _parse_optional_name, d.hostname),
         advertise_endpoints=f.get_list("advertise_endpoints", parse_endpoint),
         public_endpoint=f.get("public_endpoint", _parse_public_endpoint, d.public_endpoint),
+        advertise_dns=None if f.obj.get("advertise_dns") is None else parse_lan_dns(f.sub("advertise_dns")),
         led_pins=f.get_list("led_pins", int_range(0, GPIO_PINS)),
         act_led=f.get("act_led", parse_bool, d.act_led),
         port_mapping=f.get("port_mapping", parse_bool, d.port_mapping),
@@ -138,6 +151,7 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         dashboard_port=f.get("dashboard_port", int_range(0, 65535), d.dashboard_port),
         dashboard_from_mesh=f.get("dashboard_from_mesh", parse_bool, d.dashboard_from_mesh),
         ssh_port=f.get("ssh_port", int_range(0, 65535), d.ssh_port),
+        accept_dns=f.get("accept_dns", parse_bool, d.accept_dns),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")
@@ -148,6 +162,13 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
                 str(route),
                 "is a default route: use advertise_exit_node to offer an exit node",
             )
+    f.get("advertise_dns", _any, None)
+    offer = prefs.advertise_dns
+    if offer is not None and not any(
+        offer.resolver in r for r in prefs.advertise_routes if r.version == offer.resolver.version
+    ):
+        why = "is in none of advertise_routes: peers reach the LAN's resolver through those"
+        raise f.error("advertise_dns.resolver", str(offer.resolver), why)
     if prefs.ssh_port and prefs.ssh_port == prefs.dashboard_port:
         raise f.error("ssh_port", prefs.ssh_port, "is the dashboard's port too")
     for i, pin in enumerate(prefs.led_pins):

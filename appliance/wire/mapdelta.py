@@ -1,7 +1,8 @@
 """Netmap deltas: what changed since the version a node has (protocol v1, `map`).
 
 `{"changed": [node…], "removed": [public key…], "self": node?}`, plus the
-`capver`/`optional` fields of netmap.py from capability version 2. The agent
+`capver`/`optional` fields of netmap.py from capability version 2, and the mesh's
+`dns` settings from version 3 (O(1); they replace the netmap's when present). The agent
 parses a delta into a typed `MapDelta` (O(change): only the nodes in it) and
 patches its typed netmap with `apply_delta`, which checks every changed node as
 strictly as a full netmap (unique keys, names and addresses; inside the mesh) —
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.base.keys import PublicKey
+from appliance.wire.dnsname import DnsConfig
 from appliance.wire.fields import Fields, parse_public_key
 from appliance.wire.netmap import (
     CAPVER,
@@ -22,7 +24,9 @@ from appliance.wire.netmap import (
     Netmap,
     Node,
     PeerList,
+    dns_json,
     node_json,
+    parse_dns,
     parse_node,
     read_version,
     version_fields,
@@ -34,14 +38,19 @@ class MapDelta:
     changed: tuple[Node, ...] = ()
     removed: tuple[PublicKey, ...] = ()
     self_node: Node | None = None
+    dns: DnsConfig | None = None  # the mesh's DNS settings (capver 3), None: as they were
 
     @property
     def empty(self) -> bool:
-        return not self.changed and not self.removed and self.self_node is None
+        return not self.changed and not self.removed and self.self_node is None and self.dns is None
 
 
 def delta_json(
-    changed: list[Node], removed: list[PublicKey], self_node: Node | None = None, capver: int = CAPVER
+    changed: list[Node],
+    removed: list[PublicKey],
+    self_node: Node | None = None,
+    capver: int = CAPVER,
+    dns: DnsConfig | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         **version_fields(capver),
@@ -50,7 +59,7 @@ def delta_json(
     }
     if self_node is not None:
         out["self"] = node_json(self_node, capver)
-    return out
+    return out | dns_json(dns, capver)
 
 
 def parse_delta(obj: object, mesh: Mesh, source: str = "delta") -> MapDelta:
@@ -62,8 +71,9 @@ def parse_delta(obj: object, mesh: Mesh, source: str = "delta") -> MapDelta:
     removed = f.get_list("removed", parse_public_key)
     raw_self = f.get("self", _any, None)
     self_node = None if raw_self is None else parse_node(source, "self", raw_self, mesh, optional)
+    dns = parse_dns(f)
     f.done()
-    return MapDelta(changed, removed, self_node)
+    return MapDelta(changed, removed, self_node, dns)
 
 
 def apply_delta(netmap: Netmap, delta: MapDelta, source: str = "delta") -> Netmap:
@@ -84,7 +94,8 @@ def apply_delta(netmap: Netmap, delta: MapDelta, source: str = "delta") -> Netma
             index.put(source, f"changed[{i}]", node)
             touched.add(node.public_key)
     origin = (weakref.ref(netmap), frozenset(touched))
-    return Netmap(netmap.mesh, index.me, PeerList(index), index, origin)
+    dns = netmap.dns if delta.dns is None else delta.dns
+    return Netmap(netmap.mesh, index.me, PeerList(index), index, origin, dns)
 
 
 def _list(value: object) -> list[Any]:

@@ -10,6 +10,9 @@ older map finds every field it needs (new fields are optional by rule).
   1  the first netmap (no capver field: a map without one is version 1)
   2  `capver` and `optional` themselves; `endpoints` per node: every candidate
      endpoint (local, mapped, reflexive), best first; `endpoint` stays the first
+  3  DNS (wire/dnsname.py): top-level `dns` (the mesh domain; in deltas too), and per
+     node `dns_name` (its label), `devices` (the label and addresses of each device
+     it hosts) and `lan_dns` (split DNS: its LAN's domains and resolver)
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from immutables import Map
 
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
+from appliance.wire.dnsname import (
+    DnsConfig,
+    LanDns,
+    NamedDevice,
+    parse_dns_config,
+    parse_label,
+    parse_lan_dns,
+    parse_named_device,
+)
 from appliance.wire.fields import (
     ConfigError,
     Fields,
@@ -39,11 +51,12 @@ from appliance.wire.fields import (
     parse_public_key,
 )
 
-CAPVER = 2
+CAPVER = 3
 # The fields each version added: what a reader of an older version must not be sent.
-ADDED_IN: dict[str, int] = {"endpoints": 2}
+ADDED_IN: dict[str, int] = {"endpoints": 2, "dns": 3, "dns_name": 3, "devices": 3, "lan_dns": 3}
 EXIT_ROUTES: tuple[IPNetwork, ...] = (IPv4Network("0.0.0.0/0"), IPv6Network("::/0"))
 MAX_ENDPOINTS = 16
+MAX_DEVICES = 64  # hosted by one node (control's cap)
 
 # How often a whole netmap was parsed or rendered: the in-memory path from
 # control to the kernel does neither for a delta (scripts/bench/apply shows it).
@@ -64,10 +77,14 @@ class Node:
     endpoint: Endpoint | None = None  # the best candidate, what WireGuard is given
     routes: tuple[IPNetwork, ...] = ()  # approved routes: exit (0/0, ::/0) and subnets
     endpoints: tuple[Endpoint, ...] = ()  # every candidate, best first (capver 2)
+    dns_name: str | None = None  # its DNS label under the mesh domain (capver 3)
+    devices: tuple[NamedDevice, ...] = ()  # the devices it hosts, by DNS label (capver 3)
+    lan_dns: LanDns | None = None  # split DNS for its subnet routes (capver 3)
 
     def __post_init__(self) -> None:
         # Nodes are looked up by value on every re-plan: hash once, not per lookup.
-        fields = (self.name, self.public_key, self.addresses, self.endpoint, self.routes, self.endpoints)
+        fields = (self.name, self.public_key, self.addresses, self.endpoint, self.routes, self.endpoints,
+                  self.dns_name, self.devices, self.lan_dns)  # fmt: skip
         object.__setattr__(self, "_hash", hash(fields))
 
     def __hash__(self) -> int:
@@ -240,6 +257,7 @@ class Netmap:
     origin: tuple[weakref.ref[Netmap], frozenset[PublicKey]] | None = field(
         default=None, compare=False, repr=False
     )
+    dns: DnsConfig | None = None  # None: a control from before names (capver < 3)
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -305,8 +323,27 @@ def parse_node(
     endpoints = f.get_list("endpoints", parse_endpoint)
     if len(endpoints) > MAX_ENDPOINTS:
         raise f.error("endpoints", len(endpoints), f"is more candidates than {MAX_ENDPOINTS}")
+    dns_name = f.get("dns_name", _optional_label, None)
+    raw_devices = f.get("devices", _any, None) or []
+    if not isinstance(raw_devices, list) or len(raw_devices) > MAX_DEVICES:
+        raise f.error("devices", raw_devices, f"must be a list of at most {MAX_DEVICES} devices")
+    devices = tuple(
+        parse_named_device(Fields(source, f.where(f"devices[{i}]"), d)) for i, d in enumerate(raw_devices)
+    )
+    lan_dns = None if f.obj.get("lan_dns") is None else parse_lan_dns(f.sub("lan_dns"))
+    f.get("lan_dns", _any, None)
     f.done(_UPGRADE)
-    return Node(name, key, addresses, endpoint, routes, endpoints)
+    return Node(name, key, addresses, endpoint, routes, endpoints, dns_name, devices, lan_dns)
+
+
+def _optional_label(value: object) -> str | None:
+    return None if value is None else parse_label(value)
+
+
+def parse_dns(top: Fields) -> DnsConfig | None:
+    """The top-level `dns` of a map or delta (capver 3), if there is one."""
+    top.get("dns", _any, None)
+    return None if top.obj.get("dns") is None else parse_dns_config(top.sub("dns"))
 
 
 _UPGRADE = f"; this agent reads netmaps up to capability version {CAPVER}: upgrade meshpi"
@@ -340,8 +377,9 @@ def parse_netmap(obj: object, source: str = "netmap") -> Netmap:
     if not isinstance(raw_peers, list):
         raise top.error("peers", raw_peers, "must be a list")
     peers = tuple(parse_node(source, f"peers[{i}]", p, mesh, optional) for i, p in enumerate(raw_peers))
+    dns = parse_dns(top)
     top.done(_UPGRADE)
-    return Netmap(mesh, self_node, peers, Index.build(source, self_node, peers))
+    return Netmap(mesh, self_node, peers, Index.build(source, self_node, peers), dns=dns)
 
 
 def load_netmap(path: Path) -> Netmap:
@@ -368,7 +406,16 @@ def node_json(node: Node, capver: int = CAPVER) -> dict[str, Any]:
     }
     if capver >= ADDED_IN["endpoints"]:
         out["endpoints"] = [str(e) for e in node.endpoints]
+    if capver >= ADDED_IN["dns_name"]:
+        out["dns_name"] = node.dns_name
+        out["devices"] = [d.to_json() for d in node.devices]
+        out["lan_dns"] = None if node.lan_dns is None else node.lan_dns.to_json()
     return out
+
+
+def dns_json(dns: DnsConfig | None, capver: int = CAPVER) -> dict[str, Any]:
+    """The top-level `dns` field, for a reader that knows it."""
+    return {"dns": dns.to_json()} if dns is not None and capver >= ADDED_IN["dns"] else {}
 
 
 def netmap_json(netmap: Netmap, capver: int = CAPVER) -> dict[str, Any]:
@@ -378,4 +425,5 @@ def netmap_json(netmap: Netmap, capver: int = CAPVER) -> dict[str, Any]:
         "mesh": {"ipv4": str(netmap.mesh.ipv4), "ipv6": str(netmap.mesh.ipv6)},
         "self": node_json(netmap.self_node, capver),
         "peers": [node_json(p, capver) for p in netmap.peers],
+        **dns_json(netmap.dns, capver),
     }

@@ -114,3 +114,19 @@ def test_app_authenticated_nonsense_is_4xx_never_5xx(
         client.call(op, body, timeout=5)
     except ControlRefused as e:
         assert 400 <= e.status < 500, e
+
+
+def test_app_admin_rename_over_http_and_a_name_without_a_label_is_400(server: Server) -> None:
+    key = server.admin("POST", "/admin/v1/keys", {"reusable": True, "expires_in": 600})
+    client = server.client()
+    assert _register(client, 4, key["key"])["dns_name"] == "n4"  # type: ignore[index]
+    (node,) = server.admin("GET", "/admin/v1/nodes")  # type: ignore[misc]
+    renamed = server.admin("POST", f"/admin/v1/nodes/{node['id']}/rename", {"name": "Wohnzimmer Pi"})
+    assert renamed["name"] == renamed["dns_name"] == "wohnzimmer-pi"  # type: ignore[index]
+    for bad in ({"name": "😀"}, {"name": 5}, {"nom": "x"}):
+        with pytest.raises(AdminError, match="400"):
+            server.admin("POST", f"/admin/v1/nodes/{node['id']}/rename", bad)
+    assert server.admin("GET", "/admin/v1/nodes")[0]["dns_name"] == "wohnzimmer-pi"  # type: ignore[index]
+    with pytest.raises(ControlRefused) as e:  # a flood of split-DNS domains is refused before parsing
+        client.call("update", {"advertise_dns": {"domains": ["x"] * 10_000, "resolver": "10.0.0.1"}})
+    assert e.value.status == 400 and "advertise_dns.domains: 10000 entries" in e.value.message

@@ -109,3 +109,28 @@ def test_capver_todays_agent_speaks_v1_to_a_v1_control(tmp_path: Path) -> None:
     assert v1.bodies == [{"version": None, "capver": CAPVER}, {"version": None}]
     link._map(v1, 7)  # type: ignore[arg-type]
     assert v1.bodies[-1] == {"version": 7}  # no second try with capver in this session
+
+
+def test_capver_a_v2_agent_gets_no_names_and_todays_gets_them(tmp_path: Path) -> None:
+    async def scenario(s: ControlService) -> None:
+        key = await auth_key(s)
+        await join(s, 1, "pi", key)
+        await join(s, 2, "laptop", key)
+        v2 = await s.map(machine(2), {"version": None, "capver": 2})
+        assert "dns" not in v2["full"] and not {"dns_name", "devices", "lan_dns"} & set(
+            v2["full"]["peers"][0]
+        )
+        assert parse_netmap(v2["full"]).dns is None  # and reads as a map without names
+        pi_id = (await s.db(s.store.get_node_by_machine_key, machine(1))).id  # type: ignore[union-attr]
+        await s.changed(s.store.rename_node, pi_id, "home")
+        delta = await s.map(machine(2), {"version": v2["version"], "capver": 2})
+        assert "dns" not in delta["delta"] and delta["delta"]["changed"][0]["name"] == "home"
+        assert "dns_name" not in delta["delta"]["changed"][0]
+        new = await s.map(machine(2), {"version": None, "capver": CAPVER})
+        assert (
+            new["full"]["dns"] == {"domain": "mesh.internal"}
+            and new["full"]["peers"][0]["dns_name"] == "home"
+        )
+        assert {"dns", "dns_name", "devices", "lan_dns"} <= set(new["full"]["optional"])
+
+    run(tmp_path, scenario)

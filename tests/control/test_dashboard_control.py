@@ -89,8 +89,10 @@ def test_service_device_rename_frees_the_old_name_and_refuses_a_taken_one(tmp_pa
             assert refused.value.status == status, (body, refused.value)
         await s.device(machine(1), {"action": "rename", "public_key": phone, "name": "Anna's phone"})
         other = str(PrivateKey(bytes([80]) * 32).public_key())
-        await s.device(
-            machine(1), {"action": "add", "name": "phone", "public_key": other}
-        )  # the old name is free
+        answer = await s.device(machine(1), {"action": "add", "name": "phone", "public_key": other})
+        assert answer["dns_name"] == "phone"  # the old name is free, and so is its DNS label
+        (pi,) = await s.db(s.store.list_nodes)
+        labels = {d.name: d.dns_name for d in pi.devices}
+        assert labels["Anna's phone"] == "anna-s-phone", labels  # the DNS label follows the rename
 
     run(tmp_path, scenario)

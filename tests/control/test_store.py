@@ -101,18 +101,20 @@ def test_store_existing_db_runs_only_missing_migrations(
         )
     )
     old.close()
-    # ... opened by this one: versions 2 (nodes.devices) and 3 (pending without address) run.
+    # ... opened by this one: versions 2 (nodes.devices), 3 (pending without address)
+    # and 4 (DNS names, given to the nodes already there) run.
     monkeypatch.setitem(migrations.MIGRATIONS, dialect, real[dialect])
     upgraded = open_stores()
-    assert [row[0] for row in raw_rows(upgraded, "schema_version")] == [1, 2, 3]
+    assert [row[0] for row in raw_rows(upgraded, "schema_version")] == [1, 2, 3, 4]
     (node,) = upgraded.list_nodes()
     assert node.name == "laptop" and node.address_index == 5 and node.devices == ()
+    assert node.dns_name == "laptop" and node.version == upgraded.mesh_version() == 1  # woken: a new version
     with_phone = upgraded.add_device(node.id, "phone", PublicKey(bytes(range(32))))
-    assert [d.name for d in with_phone.devices] == ["phone"]
+    assert [(d.name, d.dns_name) for d in with_phone.devices] == [("phone", "phone")]
     # Ids are still never handed out twice (SQLite's table rebuild kept the counter).
     assert register(upgraded, "desk").id == node.id + 1
     upgraded.close()
-    assert [row[0] for row in raw_rows(open_stores(), "schema_version")] == [1, 2, 3]
+    assert [row[0] for row in raw_rows(open_stores(), "schema_version")] == [1, 2, 3, 4]
 
 
 def test_store_db_from_a_newer_meshpi_is_refused(open_stores: Callable[[], Store]) -> None:

@@ -5,7 +5,8 @@ the whole tier takes ~12 min), so it only runs when asked:
 
     MESHPI_IMAGE_TESTS=1 ./scripts/test tests/image      # as root
 
-One throwaway copy of the image, made 1 GiB bigger (a bigger card), boots twice:
+One throwaway copy of the image, made 1 GiB bigger (a bigger card), boots twice (the
+fixtures, shared by every file here, are in conftest.py):
 
 1. with a BAD meshpi.toml, the self-test (meshpi.imgtest) and the test disk from
    image/imgtest/make-disk: first boot grows the root file system and makes the SSH
@@ -23,118 +24,30 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
-import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.image.vmnet import CLIENT_V4, SERVER_V4, TAP, VM_V4, VmNet
+from tests.image.machine import (
+    ADMIN_PASSWORD,
+    HOSTNAME,
+    REPO,
+    ROOT_OFFSET,
+    TIMINGS,
+    WIFI_PASSWORD,
+    Boot,
+    Vm,
+    run,
+)
+from tests.image.vmnet import CLIENT_V4, SERVER_V4, VM_V4
 from tests.lab.host import LabError, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-FAT_OFFSET, ROOT_OFFSET = 4194304, 536870912  # scripts/build-image
-HOSTNAME = "meshpi-vm"
-ADMIN_PASSWORD = "first-boot-secret-1"
-WIFI_PASSWORD = "wifi-secret-42"
-TIMINGS: dict[str, float] = {}
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("MESHPI_IMAGE_TESTS") != "1",
     reason="builds and boots the arm64 image under qemu (minutes to ~30 min): "
     "set MESHPI_IMAGE_TESTS=1 and run as root to enable",
 )
-
-BAD_TOML = f"""hostname = "{HOSTNAME}"
-admin_password = "{ADMIN_PASSWORD}"
-{{ssh}}
-[wifi]
-ssid = "home"
-password = "{WIFI_PASSWORD}"
-country = "Germany"
-"""
-GOOD_TOML = BAD_TOML.replace('"Germany"', '"DE"') + '\n[mesh]\nmode = "create"\n'
-
-
-@dataclass(frozen=True)
-class Boot:
-    console: str
-    result: dict[str, Any]
-    returncode: int
-
-    def lines(self) -> str:
-        return "\n".join(line for line in self.console.splitlines() if "MESHPI-IMGTEST:" in line)
-
-    def facts(self) -> dict[str, str]:
-        return dict(re.findall(r"MESHPI-IMGTEST: fact ([^=\s]+)=(.*?)\r?$", self.console, re.MULTILINE))
-
-
-def _last_json(stdout: str) -> dict[str, Any]:
-    lines = stdout.strip().splitlines()
-    assert lines, "no output"
-    parsed: dict[str, Any] = json.loads(lines[-1])
-    return parsed
-
-
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.fail("the image tests need root (mmdebstrap --mode=root, binfmt, namespaces)")
-    return tmp_path_factory.mktemp("image")
-
-
-@pytest.fixture(scope="module")
-def image(work: Path) -> Path:
-    started = time.monotonic()
-    build = _run(["scripts/build-image", "--no-compress"], timeout=3 * 3600)
-    assert build.returncode == 0, f"build-image failed:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
-    TIMINGS["build_s"] = _last_json(build.stdout)["build_s"]
-    TIMINGS["build_wall_s"] = round(time.monotonic() - started, 1)
-    path = REPO / "out" / f"meshpi-{VERSION}-arm64.img"
-    assert path.is_file(), f"build-image did not write {path}"
-    return path
-
-
-@pytest.fixture(scope="module")
-def card(image: Path, work: Path) -> Path:
-    """The card both boots use (boot-image --in-place): first boot's work carries over."""
-    copy = work / "card.img"
-    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
-    return copy
-
-
-@pytest.fixture(scope="module")
-def ssh_key(work: Path) -> Path:
-    key = work / "id_ed25519"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "image-test", "-f", str(key)], check=True
-    )
-    return key
-
-
-@pytest.fixture(scope="module")
-def first_boot(card: Path, work: Path) -> Boot:
-    disk = work / "testdisk.img"
-    made = _run(["image/imgtest/make-disk", str(disk)], timeout=600)
-    assert made.returncode == 0, f"make-disk failed:\n{made.stdout}\n{made.stderr}"
-    toml, log = work / "bad.toml", work / "console-1.log"
-    toml.write_text(BAD_TOML.format(ssh=""))
-    booted = _run(["scripts/boot-image", str(card), "--in-place", "--grow", "1G",
-                   "--boot-file", f"meshpi.toml={toml}", "--append-extra", "meshpi.imgtest",
-                   "--disk2", str(disk), "--log", str(log), "--timeout", "2400"], timeout=2700)  # fmt: skip
-    boot = Boot(log.read_text(errors="replace"), _last_json(booted.stdout), booted.returncode)
-    TIMINGS["boot1_to_ready_s"] = boot.result["boot_to_ready_s"]
-    TIMINGS["boot1_total_s"] = boot.result["total_s"]
-    return boot
 
 
 # -- boot 1: a bad meshpi.toml, self-test, contract tests -------------------------------
@@ -201,7 +114,7 @@ def test_image_root_file_system_grows_to_fill_the_card(first_boot: Boot) -> None
 
 def test_image_ssh_host_keys_are_made_on_first_boot_not_baked_in(first_boot: Boot, image: Path) -> None:
     assert "ssh_host_ed25519_key" in first_boot.facts()["ssh_host_keys"].split(","), first_boot.facts()
-    listing = _run(["debugfs", "-R", "ls -l /etc/ssh", f"{image}?offset={ROOT_OFFSET}"], timeout=60)
+    listing = run(["debugfs", "-R", "ls -l /etc/ssh", f"{image}?offset={ROOT_OFFSET}"], timeout=60)
     assert listing.returncode == 0 and "sshd_config" in listing.stdout, listing.stderr
     assert "ssh_host_" not in listing.stdout, listing.stdout
 
@@ -236,53 +149,6 @@ def test_image_web_ui_answers_on_port_80(first_boot: Boot) -> None:
 
 
 # -- boot 2: the file fixed; a client outside the VM uses it as its exit node -----------
-
-
-class Vm:
-    def __init__(self, net: VmNet, key: Path, log: Path) -> None:
-        self.net, self.key, self.log = net, key, log
-
-    def ssh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        opts = ["-i", str(self.key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]  # fmt: skip
-        return self.net.vmnet.run(["ssh", *opts, f"root@{VM_V4}", command], check=check, timeout=timeout)
-
-    def out(self, command: str) -> str:
-        return self.ssh(command).stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def vm(first_boot: Boot, card: Path, ssh_key: Path, work: Path) -> Iterator[Vm]:
-    toml, log = work / "good.toml", work / "console-2.log"
-    key = ssh_key.with_suffix(".pub").read_text().strip()
-    toml.write_text(GOOD_TOML.format(ssh=f'ssh_authorized_key = "{key}"'))
-    with VmNet() as net:
-        out = work / "boot-image-2.out"
-        proc = net.vmnet.popen([str(REPO / "scripts/boot-image"), str(card), "--in-place",
-                                "--boot-file", f"meshpi.toml={toml}", "--net", f"tap:{TAP}",
-                                "--append-extra", "meshpi.imgtest=hold", "--log", str(log),
-                                "--timeout", "2400"], log=out)  # fmt: skip
-        started = time.monotonic()
-
-        def held() -> bool:
-            if proc.poll() is not None:
-                raise LabError(
-                    f"the VM stopped: {out.read_text()[-2000:]}\n{log.read_text(errors='replace')[-3000:]}"
-                )
-            return log.exists() and "MESHPI-IMGTEST: HOLD" in log.read_text(errors="replace")
-
-        wait_for(held, 1200, "the second boot's self-test", interval=1)
-        TIMINGS["boot2_to_ready_s"] = round(time.monotonic() - started, 1)
-        vm = Vm(net, ssh_key, log)
-        try:
-            yield vm
-        finally:
-            vm.ssh("systemctl --no-block poweroff", check=False, timeout=30)
-            try:
-                proc.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                net.stop_process(proc)
-            TIMINGS["boot2_total_s"] = round(time.monotonic() - started, 1)
 
 
 def test_image_fixed_meshpi_toml_is_applied_and_forgets_its_secrets(vm: Vm) -> None:
@@ -347,8 +213,8 @@ def test_image_agent_runs_sandboxed_with_its_four_capabilities(
     status = dict(
         line.split(":", 1) for line in vm.out(f"cat /proc/{pid}/status").splitlines() if ":" in line
     )
-    # CAP_CHOWN (0), CAP_DAC_READ_SEARCH (2), CAP_NET_ADMIN (12), CAP_NET_RAW (13)
-    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0x3005, status
+    # CAP_CHOWN (0), CAP_DAC_READ_SEARCH (2), CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_NET_RAW (13)
+    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0x3405, status
     assert status["NoNewPrivs"].strip() == "1"
     mounts = vm.out(f"cat /proc/{pid}/mountinfo")
     assert any(

@@ -159,7 +159,8 @@ def test_install_help() -> None:
 def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None:
     first = chroot.install("--wheels", "/root/wheels")
     assert (
-        '"changed": ["packages","venv","commands","keys","users","units","enable"]' in first.stdout.splitlines()[-1]
+        '"changed": ["packages","venv","commands","keys","users","units","enable"]'
+        in first.stdout.splitlines()[-1]
     ), first.stdout
     assert "systemd is not running here (or --no-start): enabled, not started" in first.stdout
     for rel in ("opt/meshpi/bin/meshpi", "opt/meshpi/bin/meshpi-control", "usr/local/lib/systemd/system/meshpi-agent.service",

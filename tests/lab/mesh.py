@@ -90,6 +90,7 @@ class MeshNode:
         self.approved_routes: list[str] | None = None  # None: approve what is advertised
         self.public_key: str | None = None
         self.agent: subprocess.Popen[bytes] | None = None
+        self.resolv_conf: Path | None = None  # the host's DNS the agent manages (agent --resolv-conf)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
 
@@ -135,6 +136,8 @@ class MeshNode:
         cmd = [str(meshpi_binary()), "agent", "--netmap", str(self.netmap_path),
                "--prefs", str(self.prefs_path), "--state-dir", str(self.state_dir),
                "--local-api", str(self.local_api)]  # fmt: skip
+        if self.resolv_conf is not None:
+            cmd += ["--resolv-conf", str(self.resolv_conf)]
         self.agent = self.host.popen(cmd, log=self.log_path)
         return self.agent
 

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +93,15 @@ def start_control(lab: Lab, state: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def mesh_world() -> Iterator[World]:
-    """The lab with control in `inet` and the pi, laptop and laptop2 joined."""
-    with Lab(laptop2=True, keep=bool(os.environ.get("MESHPI_KEEP_LAB"))) as lab:
+def mesh_world(prepare: Callable[[Lab, contextlib.ExitStack[None]], None] | None = None) -> Iterator[World]:
+    """The lab with control in `inet` and the pi, laptop and laptop2 joined;
+    `prepare(lab, stack)` runs before anything starts (resolvers, resolv.conf files)."""
+    with (
+        Lab(laptop2=True, keep=bool(os.environ.get("MESHPI_KEEP_LAB"))) as lab,
+        contextlib.ExitStack() as stack,
+    ):
+        if prepare is not None:
+            prepare(lab, stack)
         control_state = lab.scratch / "control"
         control = start_control(lab, control_state)
         key = (control_state / "control.key").read_text().strip()

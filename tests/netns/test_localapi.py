@@ -110,7 +110,9 @@ def test_localapi_status_reports_the_applied_netmap(world: World) -> None:
     assert st["agent"] == "running" and st["version"] == "0.1.0"
     assert st["control"]["state"] == "static"
     assert st["self"] == {"name": "pi", "addresses": ["100.64.0.1", "fd7a:6d70:6900::1"],
-                          "public_key": str(KEYS["pi"].public_key())}  # fmt: skip
+                          "public_key": str(KEYS["pi"].public_key()),
+                          "dns_name": None}  # fmt: skip
+    assert st["dns"] is None  # a static netmap without names: no resolver
     assert st["interface"] == PI_IF
     assert st["prefs"]["interface"] == PI_IF and st["prefs"]["led_pins"] == []
     (laptop,) = st["peers"]

@@ -46,6 +46,7 @@ class StatusView(Protocol):
     def traffic_active(self) -> Mapping[PublicKey, float]: ...
     def exit_users(self) -> frozenset[IPAddress]: ...
     def reach_report(self) -> dict[str, Any] | None: ...
+    def dns_status(self) -> dict[str, Any] | None: ...
 
 
 EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
@@ -75,19 +76,30 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
         me = inputs.netmap.self_node
         out["self"] = {"name": me.name, "addresses": [str(a) for a in me.addresses],
                        "public_key": str(me.public_key)}  # fmt: skip
+        out["self"]["dns_name"] = fqdn(inputs.netmap, me.dns_name)
     out["prefs"] = agent.stored_prefs().to_json()
     paths = agent.path_status()
     peers = peer_rows(inputs.netmap if inputs is not None else None, stats, time.time(), paths)
     out["peers"] = peers
     devices = device_rows(inputs.devices if inputs is not None else (), stats, time.time())
+    if inputs is not None:
+        named = {a: d.dns_name for d in inputs.netmap.self_node.devices for a in d.addresses}
+        for row, d in zip(devices, inputs.devices, strict=True):
+            row["dns_name"] = next((fqdn(inputs.netmap, named[a]) for a in d.addresses if a in named), None)
     out["devices"] = devices
+    out["dns"] = agent.dns_status()
     out["led"] = agent.led_state()
     out["route_conflicts"] = agent.route_conflicts()
     out["reach"] = agent.reach_status()
     hosted = agent.hosted_rows()
+    names: dict[PublicKey, str] = {}
+    if inputs is not None:
+        names = {p.public_key: n for p in inputs.netmap.peers if (n := fqdn(inputs.netmap, p.dns_name))}
+        names |= {d.public_key: row["dns_name"] for row, d in zip(devices, inputs.devices, strict=True)
+                  if row.get("dns_name")}  # fmt: skip
     connected = connected_rows(
         inputs.netmap if inputs is not None else None, hosted, stats, time.time(), paths,
-        agent.traffic_active(), agent.exit_users(),
+        agent.traffic_active(), agent.exit_users(), names,
     )  # fmt: skip
     out["connected"] = connected
     # Every byte the kernel counts is a row's: the totals are the rows' sums.
@@ -194,8 +206,16 @@ def peer_rows(
             "exit_node": bool(EXIT_ROUTES & set(routes)),
             "path": path,
             "direct": path.startswith("direct"),
+            "dns_name": fqdn(netmap, peer.dns_name),
         })  # fmt: skip
     return rows
+
+
+def fqdn(netmap: Netmap | None, label: str | None) -> str | None:
+    """`label.domain`, or None without a name (control from before names, static mode)."""
+    if netmap is None or netmap.dns is None or label is None:
+        return None
+    return netmap.dns.fqdn(label)
 
 
 def detect_lan(connected: Sequence[Connected]) -> dict[str, Any] | None:
@@ -252,6 +272,14 @@ def format_status(st: Mapping[str, Any]) -> str:
     if "self" in st:
         me = st["self"]
         lines.append(f"this node: {me['name']} {' '.join(me['addresses'])} on {st.get('interface') or '-'}")
+        if me.get("dns_name"):
+            lines.append(f"dns name: {me['dns_name']}")
+    dns = st.get("dns")
+    if dns:
+        serving = ", ".join(dns.get("serving") or []) or "not serving"
+        other = ", ".join(dns.get("upstreams") or []) or "nowhere (fail closed)"
+        lines.append(f"dns: {dns.get('domain', '-')} on {serving}; other names to {other}"
+                     + (f"; error: {dns['error']}" if dns.get("error") else ""))  # fmt: skip
     if "error" in st:
         lines.append(f"error: {st['error']}")
     reach = st.get("reach")
@@ -273,5 +301,6 @@ def format_status(st: Mapping[str, Any]) -> str:
             + (" exit-node" if p["id"] in exits else "")
             + (" uses-this-exit" if p["uses_exit"] else "")
             + (f" {p['path']}" if p["path"] else "")
+            + (f" {p['dns_name']}" if p.get("dns_name") else "")
         )
     return "\n".join(lines)

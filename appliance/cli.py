@@ -149,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
             help="where the internet reaches this node (a port forward); repeatable",
         )
         cmd.add_argument(
+            "--advertise-dns",
+            metavar="DOMAIN,...@RESOLVER",
+            type=_lan_dns,
+            default=None,
+            help="split DNS: names under these LAN domains go to this LAN resolver ('' for none)",
+        )
+        cmd.add_argument(
             "--exit-node",
             metavar="NAME|IP",
             default=None,
@@ -250,6 +257,19 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _lan_dns(text: str) -> dict[str, Any]:
+    """`fritz.box,lan@192.168.178.1` -> the advertise_dns pref ('' -> {}: none); the
+    agent checks the values (prefs.py) and names what is wrong."""
+    if not text.strip():
+        return {}
+    domains, sep, resolver = text.rpartition("@")
+    if not sep or not domains:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not DOMAIN,...@RESOLVER (e.g. fritz.box@192.168.178.1)"
+        )
+    return {"domains": _csv(domains), "resolver": resolver.strip()}
+
+
 def _pins(text: str) -> list[int]:
     try:
         return [int(part) for part in _csv(text)]
@@ -264,6 +284,8 @@ def _pref_changes(args: argparse.Namespace) -> dict[str, Any]:
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes.get("exit_node") == "":
         changes["exit_node"] = None
+    if changes.get("advertise_dns") == {}:
+        changes["advertise_dns"] = None
     return changes
 
 

@@ -200,6 +200,8 @@ class AgentLocal:
             self.wanted = self.wanted.patched(updates.NetmapGone())
             if self.snapshot is not None:
                 self.snapshot.mark(None)
+            # The kernel holds nothing now: subscribers (the resolver) let go too.
+            self.bus.publish(updates.Applied(None, self.wanted.prefs, 0))
         self.tick()
         return detail
 

@@ -36,6 +36,7 @@ PREF_FLAGS = {
     "advertise_exit_node": "advertise_exit_node",
     "advertise_routes": "advertise_routes",
     "advertise_endpoints": "advertise_endpoints",
+    "advertise_dns": "advertise_dns",
     "exit_node": "exit_node",
     "exit_node_allow_lan_access": "exit_node_allow_lan_access",
     "hostname": "hostname",

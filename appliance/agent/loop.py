@@ -54,6 +54,7 @@ from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import Netmap, load_netmap
 
 if TYPE_CHECKING:
+    from appliance.agent.dns.service import DnsService
     from appliance.agent.reach.paths import PathChooser
     from appliance.agent.reach.service import Reachability
 
@@ -72,11 +73,14 @@ class Service(Protocol):
 def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
     """What this node tells control it offers (protocol v1, `update`): `endpoints`
     are its candidates (reach/service.py), else the owner's own."""
-    return {
+    out: dict[str, Any] = {
         "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
         "advertise_routes": [str(r) for r in prefs.advertise_routes],
         "advertise_exit_node": prefs.advertise_exit_node,
     }
+    if prefs.advertise_dns is not None:  # only when set: a control from before names refuses the field
+        out["advertise_dns"] = prefs.advertise_dns.to_json()
+    return out
 
 
 class Agent(AgentLocal):
@@ -109,6 +113,7 @@ class Agent(AgentLocal):
         self.applied_once = threading.Condition()  # notified after every apply (wait_applied)
         self.reach: Reachability | None = None  # port mapping and STUN, in control mode
         self.paths: PathChooser | None = None  # hole punching and the relay, in control mode
+        self.dns: DnsService | None = None  # the node's resolver (agent/dns), once names come
         self._init_local(AgentLeds(leds))
 
     @classmethod
@@ -313,6 +318,12 @@ class Agent(AgentLocal):
         self.state.lock()
         self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
         source: StaticFiles | None = None
+        from appliance.agent.dns.service import DnsService, host_resolvers
+
+        # The resolver first, then the host pointed at it; names it does not know go to
+        # the host's resolvers as they were before meshpi (host_dns keeps the original).
+        self.dns = DnsService(host_resolvers(self.host_dns.original_servers))
+        self.bus.subscribe(self.dns.on_applied)
         self.bus.subscribe(self.host_dns.on_applied)
         if self.control:
             from appliance.agent.control.link import ControlLink
@@ -358,6 +369,8 @@ class Agent(AgentLocal):
                 self.reach.close()
             if self.paths is not None:
                 self.paths.close()
+            if self.dns is not None:
+                self.dns.close()
             if source is not None:
                 source.stop()
             if self.snapshot is not None:
@@ -373,6 +386,9 @@ class Agent(AgentLocal):
         answers); False after `timeout` seconds."""
         with self.applied_once:
             return self.applied_once.wait_for(lambda: self.inputs is not None, timeout)
+
+    def dns_status(self) -> dict[str, Any] | None:
+        return self.dns.status() if self.dns is not None else None
 
     def path_status(self) -> dict[PublicKey, str]:
         return self.paths.status() if self.paths is not None else {}

@@ -48,6 +48,9 @@ class FirewallPlan:
     dashboard_port: int = 0
     dashboard_from_mesh: bool = False
     ssh_port: int = 0
+    # The node's resolver (agent/dns) on its mesh addresses, port 53: for the mesh
+    # only. A query for a mesh address arriving on any other interface is dropped.
+    mesh_dns: bool = False
 
 
 def _set(name: str, family: str, nets: Iterable[IPNetwork]) -> list[str]:
@@ -86,19 +89,26 @@ def _render_input(plan: FirewallPlan, forwarding: list[str]) -> str:
         ("dashboard", plan.dashboard_port, plan.dashboard_from_mesh),
         ("ssh", plan.ssh_port, True),
     ) if port]  # fmt: skip
-    if not guarded:
+    if not guarded and not plan.mesh_dns:
         return "\n".join(forwarding) + "\n"
     wg = f'"{plan.interface}"'
     local = sorted_networks([*LAN_SOURCES, *plan.lan])
     lines: list[str] = []
-    for fam, version in (("ipv4", 4), ("ipv6", 6)):
-        lines += _set(f"local_{fam[-2:]}", fam, [n for n in local if n.version == version])
+    if guarded:
+        for fam, version in (("ipv4", 4), ("ipv6", 6)):
+            lines += _set(f"local_{fam[-2:]}", fam, [n for n in local if n.version == version])
     lines += forwarding
     input_chain = [
         "type filter hook input priority filter; policy accept;",
         'iifname "lo" accept',
         *(f"tcp dport {port} jump {name}" for name, port, _ in guarded),
     ]
+    if plan.mesh_dns:
+        input_chain += [
+            f"iifname != {wg} {ip} daddr {net} meta l4proto {{ tcp, udp }} th dport 53 "
+            f'counter drop comment "mesh DNS answers the mesh only"'
+            for ip, net in (("ip", plan.mesh_v4), ("ip6", plan.mesh_v6))
+        ]
     chains = [("input", input_chain)]
     for name, _, from_mesh in guarded:
         chains.append((name, [

@@ -158,9 +158,10 @@ def make_plan(
     forwarding = prefs.forwards or bool(devices)
     if forwarding:
         sysctls.update(FORWARDING_SYSCTLS)
-    if forwarding or prefs.guards_ports:
-        # A node that only guards its ports (a dashboard, no routing) gets a table
-        # with the input policy alone: no forwarding sysctls, no forward chain.
+    if forwarding or prefs.guards_ports or netmap.dns is not None:
+        # A node that only guards its ports (a dashboard, no routing) or serves mesh
+        # DNS gets a table with the input policy alone: no forwarding sysctls, no
+        # forward chain.
         nft = NftRuleset.from_text(render(_firewall_plan(netmap, prefs, facts, devices, forwarding)))
 
     previous = memo.state
@@ -309,6 +310,7 @@ def _firewall_plan(
         dashboard_port=prefs.dashboard_port,
         dashboard_from_mesh=prefs.dashboard_from_mesh,
         ssh_port=prefs.ssh_port,
+        mesh_dns=netmap.dns is not None,
     )
 
 

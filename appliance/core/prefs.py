@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.base.net import Endpoint, IPNetwork
+from appliance.wire.dnsname import LanDns, parse_lan_dns
 from appliance.wire.fields import (
     Fields,
     int_range,
@@ -38,6 +39,10 @@ def _parse_optional_name(value: object) -> str | None:
     return None if value is None else parse_name(value)
 
 
+def _any(value: object) -> object:
+    return value
+
+
 def _parse_optional_str(value: object) -> str | None:
     return None if value is None else parse_str(value) or None
 
@@ -62,6 +67,9 @@ class Prefs:
     # Where peers can reach this node from the internet (a port forward on the home
     # router): until NAT traversal finds them, the owner says so.
     advertise_endpoints: tuple[Endpoint, ...] = ()
+    # Split DNS for the LAN this node routes (a subnet router): its search domains and
+    # resolver, told to control, served to peers with the route that holds the resolver.
+    advertise_dns: LanDns | None = None
     # Status LEDs: one on each of these BCM GPIO pins, and the board's own ACT
     # (or led0) LED under /sys/class/leds when there is one.
     led_pins: tuple[int, ...] = ()
@@ -100,6 +108,7 @@ class Prefs:
         out["advertise_endpoints"] = [str(e) for e in self.advertise_endpoints]
         out["led_pins"] = list(self.led_pins)
         out["stun_servers"] = [str(e) for e in self.stun_servers]
+        out["advertise_dns"] = None if self.advertise_dns is None else self.advertise_dns.to_json()
         return out
 
 
@@ -123,6 +132,7 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         ),
         hostname=f.get("hostname", _parse_optional_name, d.hostname),
         advertise_endpoints=f.get_list("advertise_endpoints", parse_endpoint),
+        advertise_dns=None if f.obj.get("advertise_dns") is None else parse_lan_dns(f.sub("advertise_dns")),
         led_pins=f.get_list("led_pins", int_range(0, GPIO_PINS)),
         act_led=f.get("act_led", parse_bool, d.act_led),
         port_mapping=f.get("port_mapping", parse_bool, d.port_mapping),
@@ -141,6 +151,13 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
                 str(route),
                 "is a default route: use advertise_exit_node to offer an exit node",
             )
+    f.get("advertise_dns", _any, None)
+    offer = prefs.advertise_dns
+    if offer is not None and not any(
+        offer.resolver in r for r in prefs.advertise_routes if r.version == offer.resolver.version
+    ):
+        why = "is in none of advertise_routes: peers reach the LAN's resolver through those"
+        raise f.error("advertise_dns.resolver", str(offer.resolver), why)
     if prefs.ssh_port and prefs.ssh_port == prefs.dashboard_port:
         raise f.error("ssh_port", prefs.ssh_port, "is the dashboard's port too")
     for i, pin in enumerate(prefs.led_pins):

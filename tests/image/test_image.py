@@ -213,8 +213,8 @@ def test_image_agent_runs_sandboxed_with_its_four_capabilities(
     status = dict(
         line.split(":", 1) for line in vm.out(f"cat /proc/{pid}/status").splitlines() if ":" in line
     )
-    # CAP_CHOWN (0), CAP_DAC_READ_SEARCH (2), CAP_NET_ADMIN (12), CAP_NET_RAW (13)
-    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0x3005, status
+    # CAP_CHOWN (0), CAP_DAC_READ_SEARCH (2), CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_NET_RAW (13)
+    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0x3405, status
     assert status["NoNewPrivs"].strip() == "1"
     mounts = vm.out(f"cat /proc/{pid}/mountinfo")
     assert any(

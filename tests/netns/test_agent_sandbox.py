@@ -27,7 +27,8 @@ from tests.unit.test_agent_unit import CAPABILITIES, settings
 
 BIN = REPO_ROOT / ".venv" / "bin"
 # /proc/<pid>/status bit numbers (linux/capability.h).
-CAP_BITS = {"CAP_CHOWN": 0, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+CAP_BITS = {"CAP_CHOWN": 0, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12,
+            "CAP_NET_RAW": 13}  # fmt: skip
 
 
 @dataclass

@@ -145,6 +145,11 @@ class Devices:
         endpoint = f.get("endpoint", parse_str, None)
         dns = f.get_list("dns", lambda v: str(parse_address(v)))
         f.done()
+        netmap = inputs.netmap
+        if "dns" not in f.obj and netmap.dns is not None:
+            # This node's resolver, through the tunnel: mesh names, split DNS, and
+            # no query to whatever network the phone is on ("dns": [] for none).
+            dns = tuple(str(a) for a in netmap.self_node.addresses)
         prefs = inputs.prefs
         if endpoint is None:
             if not prefs.advertise_endpoints:
@@ -167,7 +172,6 @@ class Devices:
             self._save([*entries, entry])
         log.info("hosting device %s (%s, %s), %s traffic", name, *map(str, addresses),
                  "all" if mode == "all" else "mesh and LAN")  # fmt: skip
-        netmap = inputs.netmap
         config = ClientConfig(
             private_key=key,
             prefixes=entry.hosted().prefixes,
@@ -177,7 +181,10 @@ class Devices:
             mtu=prefs.mtu,
             dns=dns,
         )
-        return {"device": entry.to_json(), "config": config.render()}
+        shown = entry.to_json()
+        if answer.get("dns_name") and netmap.dns is not None:
+            shown["dns_name"] = netmap.dns.fqdn(str(answer["dns_name"]))
+        return {"device": shown, "config": config.render()}
 
     def remove(self, device_id: str) -> dict[str, Any]:
         link = self.agent.link

@@ -37,6 +37,7 @@ class StatusView(Protocol):
     def route_conflicts(self) -> list[str]: ...
     def reach_status(self) -> dict[str, Any] | None: ...
     def path_status(self) -> Mapping[PublicKey, str]: ...
+    def dns_status(self) -> dict[str, Any] | None: ...
 
 
 # WireGuard rekeys every 2 minutes while traffic flows: a handshake in the last
@@ -69,12 +70,18 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
         me = inputs.netmap.self_node
         out["self"] = {"name": me.name, "addresses": [str(a) for a in me.addresses],
                        "public_key": str(me.public_key)}  # fmt: skip
+        out["self"]["dns_name"] = fqdn(inputs.netmap, me.dns_name)
     out["prefs"] = agent.stored_prefs().to_json()
     paths = agent.path_status()
     peers = peer_rows(inputs.netmap if inputs is not None else None, stats, time.time(), paths)
     out["peers"] = peers
     devices = device_rows(inputs.devices if inputs is not None else (), stats, time.time())
+    if inputs is not None:
+        named = {a: d.dns_name for d in inputs.netmap.self_node.devices for a in d.addresses}
+        for row, d in zip(devices, inputs.devices, strict=True):
+            row["dns_name"] = next((fqdn(inputs.netmap, named[a]) for a in d.addresses if a in named), None)
     out["devices"] = devices
+    out["dns"] = agent.dns_status()
     out["led"] = agent.led_state()
     out["route_conflicts"] = agent.route_conflicts()
     out["reach"] = agent.reach_status()
@@ -146,8 +153,16 @@ def peer_rows(
             "exit_node": bool(EXIT_ROUTES & set(routes)),
             "path": path,
             "direct": path.startswith("direct"),
+            "dns_name": fqdn(netmap, peer.dns_name),
         })  # fmt: skip
     return rows
+
+
+def fqdn(netmap: Netmap | None, label: str | None) -> str | None:
+    """`label.domain`, or None without a name (control from before names, static mode)."""
+    if netmap is None or netmap.dns is None or label is None:
+        return None
+    return netmap.dns.fqdn(label)
 
 
 def detect_lan(connected: Sequence[Connected]) -> dict[str, Any] | None:
@@ -202,6 +217,14 @@ def format_status(st: Mapping[str, Any]) -> str:
     if "self" in st:
         me = st["self"]
         lines.append(f"this node: {me['name']} {' '.join(me['addresses'])} on {st.get('interface') or '-'}")
+        if me.get("dns_name"):
+            lines.append(f"dns name: {me['dns_name']}")
+    dns = st.get("dns")
+    if dns:
+        serving = ", ".join(dns.get("serving") or []) or "not serving"
+        other = ", ".join(dns.get("upstreams") or []) or "nowhere (fail closed)"
+        lines.append(f"dns: {dns.get('domain', '-')} on {serving}; other names to {other}"
+                     + (f"; error: {dns['error']}" if dns.get("error") else ""))  # fmt: skip
     if "error" in st:
         lines.append(f"error: {st['error']}")
     reach = st.get("reach")
@@ -220,5 +243,10 @@ def format_status(st: Mapping[str, Any]) -> str:
             f" handshake {ago:<10} rx {p['rx_bytes']} tx {p['tx_bytes']}"
             + (" exit-node" if p.get("exit_node") else "")
             + (f" via {p['endpoint']}" if p["endpoint"] else "")
+            + (f" {p['dns_name']}" if p.get("dns_name") else "")
         )
+    for d in st.get("devices", []):
+        first = d["addresses"][0] if d["addresses"] else "-"
+        lines.append(f"  device {d['name']:<9} {first:<15} {'online' if d['online'] else 'offline':<8}"
+                     + (f" {d['dns_name']}" if d.get("dns_name") else ""))  # fmt: skip
     return "\n".join(lines)

@@ -171,9 +171,9 @@ def test_hostdns_agent_kill_9_restart_down_restores_the_original(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     (state / "node.key").write_text(KEYS["laptop"].secret_base64() + "\n")
-    (tmp_path / "netmap.json").write_text(
-        json.dumps(netmap_json("laptop", [node("pi", ["0.0.0.0/0", "::/0"])]))
-    )
+    netmap = netmap_json("laptop", [node("pi", ["0.0.0.0/0", "::/0"])])
+    names = {"capver": 3, "dns": {"domain": "mesh.internal"}}  # control's names: the agent runs its resolver
+    (tmp_path / "netmap.json").write_text(json.dumps(netmap | names))
     interface = f"mpd{os.getpid() % 100000}"
     prefs = {"interface": interface, "backend": "userspace", "exit_node": "pi"}
     (tmp_path / "prefs.json").write_text(json.dumps(prefs))

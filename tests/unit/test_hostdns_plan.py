@@ -23,8 +23,9 @@ V4, V6 = ip_address("100.64.0.2"), ip_address("fd7a:6d70:6900::2")
 KEY = "CzzdLnSKWkyuuKDQc4jTtyMfo2X3FKzlrKgQVdXSjQY="  # any 32 bytes
 
 
-def netmap() -> object:
+def netmap(names: bool = True) -> object:
     return parse_netmap({
+        **({"capver": 3, "dns": {"domain": "mesh.internal"}} if names else {}),
         "mesh": {"ipv4": "100.64.0.0/10", "ipv6": "fd7a:6d70:6900::/48"},
         "self": {"name": "laptop", "public_key": KEY, "addresses": [str(V6), str(V4)]},
         "peers": [],
@@ -80,6 +81,7 @@ def test_hostdns_plan_follows_exit_node_and_accept_dns() -> None:
     assert without is not None and not without.default_route
     assert planned(Applied(nm, Prefs(accept_dns=False), 0)) is None  # type: ignore[arg-type]
     assert planned(Applied(None, Prefs(), 0)) is None
+    assert planned(Applied(netmap(names=False), Prefs(), 0)) is None  # type: ignore[arg-type]  # no resolver runs
 
 
 def test_hostdns_domains_are_the_mesh_and_the_accepted_lan_domains() -> None:

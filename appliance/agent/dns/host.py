@@ -42,8 +42,10 @@ def mesh_domains(netmap: Netmap, prefs: Prefs) -> tuple[str | None, tuple[str, .
 
 
 def planned(event: Applied) -> HostDnsConfig | None:
-    """What the host's DNS should be after this apply; None: as it was before meshpi."""
-    if event.netmap is None or not event.prefs.accept_dns:
+    """What the host's DNS should be after this apply; None: as it was before meshpi.
+    A netmap without names (a control from before capver 3) runs no resolver
+    (service.py), so the host keeps its own DNS then too."""
+    if event.netmap is None or event.netmap.dns is None or not event.prefs.accept_dns:
         return None
     mesh_domain, split = mesh_domains(event.netmap, event.prefs)
     return host_dns_config(

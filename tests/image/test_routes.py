@@ -53,6 +53,7 @@ def test_image_peer_endpoint_inside_its_subnet_route_handshakes_with_kernel_wire
             lambda: f"{LAPTOP_NET} dev meshpi0" in vm.out("ip route show table 51820"),
             60,
             "the laptop's network in the VM's meshpi table",
+            interval=2,
         )
         assert LAPTOP_NET not in vm.out("ip route show")  # not in main
         assert "dev meshpi0" in vm.out(f"ip route get {CLIENT_V4}")  # plain packets: the tunnel
@@ -79,7 +80,12 @@ def test_image_peer_endpoint_inside_its_subnet_route_handshakes_with_kernel_wire
             return endpoint == f"{CLIENT_V4}:{PORT}" and handshake >= since - 5
 
         wait_for(fresh, 90, "a handshake under the laptop's new key, direct to 10.98.0.2", interval=2)
-        wait_for(lambda: old_key not in vm.out("wg show meshpi0 peers"), 60, "the old key to leave the VM")
+        wait_for(
+            lambda: old_key not in vm.out("wg show meshpi0 peers"),
+            60,
+            "the old key to leave the VM",
+            interval=2,
+        )
         # Traffic both ways: the laptop's internet through the VM, the VM to the laptop.
         wait_for(laptop.via_vm, 60, "the laptop's traffic to leave through the VM", interval=1)
         mesh_v4 = next(a.split("/")[0] for a in laptop.status()["self"]["addresses"] if ":" not in a)
@@ -95,4 +101,5 @@ def test_image_peer_endpoint_inside_its_subnet_route_handshakes_with_kernel_wire
                 lambda: LAPTOP_NET not in vm.out("ip route show table 51820"),
                 60,
                 "the laptop's network to leave the VM's table",
+                interval=2,
             )

@@ -70,7 +70,7 @@ def test_image_stun_beside_kernel_wireguard_finds_the_public_endpoint(vm: Vm) ->
             res = net.vmnet.run(["turnutils_stunclient", COTURN_V4], check=False, timeout=10)
             return "reflexive addr" in res.stdout
 
-        wait_for(answers, 15, "coturn")
+        wait_for(answers, 15, "coturn", interval=0.5)
         assert vm.out("wg show meshpi0 listen-port") == "51820"
         assert "wireguard" in vm.out("ip -d link show meshpi0")  # the kernel's, not wireguard-go
         vm.out(f"/opt/meshpi/bin/python -c '{SET_STUN}' {COTURN_V4}:3478")
@@ -86,7 +86,9 @@ def test_image_stun_beside_kernel_wireguard_finds_the_public_endpoint(vm: Vm) ->
         status = json.loads(vm.out("meshpi status --json"))
         assert status["reach"]["stun"]["ipv4"] == want, status["reach"]
         # Reported: a candidate endpoint the agent tells control about.
-        wait_for(lambda: want in status_endpoints(vm), 30, "the endpoint in the agent's candidates")
+        wait_for(
+            lambda: want in status_endpoints(vm), 30, "the endpoint in the agent's candidates", interval=2
+        )
         journal = vm.out("journalctl -b -u meshpi-agent.service --no-pager -o cat")
         assert any("this node's endpoints:" in line and want in line for line in journal.splitlines()), (
             journal

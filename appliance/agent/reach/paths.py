@@ -146,8 +146,9 @@ class PathChooser:
                     proxy = relay.endpoint_for(key)
                     if key in decision.relayed:
                         choices[key] = proxy
-            for key in set(self._peers) - set(candidates):
-                relay.release(key)
+            # Peers gone from the netmap (removed, or rotated away: _carry_rotated
+            # has already dropped them from self._peers) give their proxies back.
+            relay.release_others(candidates)
         for key, path in decision.peers.items():
             old = self._peers.get(key)
             if old is None or old.mode != path.mode or old.endpoint != path.endpoint:

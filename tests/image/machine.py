@@ -86,7 +86,10 @@ class Vm:
         return self.ssh(command).stdout.strip()
 
     def console(self) -> str:
-        return self.log.read_text(errors="replace")
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:  # boot-image has not started qemu yet (it edits the card first)
+            return ""
 
     def holds(self) -> int:
         """How many times the self-test said HOLD: once per boot of this VM."""

@@ -20,6 +20,7 @@ host wants back, and it is never overwritten by a stale copy.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -134,11 +135,31 @@ def put_back(path: Path, original: Original) -> None:
             os.symlink(original.target, tmp)
             os.replace(tmp, path)
             fsync_dir(path.parent)
-        else:
-            atomic_write(path, original.data, original.mode)
+        elif write_file(path, original.data, original.mode):
             os.chown(path, original.uid, original.gid)
     except OSError as e:
         raise HostDnsError(f"{path}: cannot restore it ({e.strerror})") from None
+
+
+def write_file(path: Path, data: bytes, mode: int) -> bool:
+    """Atomically (True) where the directory can be written; else in place (False),
+    as resolvconf does: a file bind-mounted into a read-only /etc (a container's
+    resolv.conf, or the agent's sandbox, ReadWritePaths=-/etc/resolv.conf) can be
+    written but not renamed over. A symlink is never written through."""
+    try:
+        atomic_write(path, data, mode)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EBUSY, errno.EACCES, errno.EPERM) or path.is_symlink():
+            raise
+        if not path.is_file():
+            raise
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+    return False
 
 
 @dataclass
@@ -278,7 +299,7 @@ class HostDns:
         if not path.parent.is_dir():
             raise HostDnsError(f"{path}: its directory {path.parent} does not exist")
         try:
-            atomic_write(path, wanted, 0o644)
+            write_file(path, wanted, 0o644)
         except OSError as e:
             raise HostDnsError(f"{path}: cannot write it ({e.strerror})") from None
         was, now = ", ".join(map(str, saved.servers)) or "none", ", ".join(map(str, cfg.servers))

@@ -106,20 +106,27 @@ class Soak:
         self.changes: dict[str, int] = {}
         self.errors: list[str] = []
         self.serial = 0
+        self.memtrace: Path | None = None  # --tracemalloc: the agent's snapshots go here
 
-    def spawn(self, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def spawn(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
             proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], stdout=out, stderr=out,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=None if env is None else {**os.environ, **env})  # fmt: skip
         self.procs.append(proc)
         return proc
 
     def start(self) -> subprocess.Popen[bytes]:
         self.spawn([str(BIN / "meshpi-control"), "--state-dir", str(self.control_state), "serve",
                     "--listen", "127.0.0.1:8443"], self.logdir / "control.log")  # fmt: skip
-        wait_for(lambda: (self.control_state / "admin.token").exists(), 20, "control")
+        # admin.url: control's admin API listens apart, on a free loopback port it writes there.
+        wait_for(lambda: (self.control_state / "admin.url").exists(), 20, "control")
+        env = None
+        if self.memtrace is not None:
+            self.memtrace.mkdir()
+            env = {"PYTHONPATH": str(ROOT / "scripts/bench/memtrace"), "MESHPI_MEMTRACE": str(self.memtrace)}
         agent = self.spawn([str(BIN / "meshpi"), "agent", "--state-dir", str(self.state),
-                            "--local-api", str(self.sock)], self.log)  # fmt: skip
+                            "--local-api", str(self.sock)], self.log, env)  # fmt: skip
         wait_for(lambda: LocalClient(self.sock, 2).get("/v1/status"), 20, "the agent")
         return agent
 
@@ -190,12 +197,28 @@ class Soak:
         self.changes[kind] = self.changes.get(kind, 0) + 1
 
 
+def memtrace_growth(folder: Path, after: int, top: int = 12) -> list[str]:
+    """What grew in the agent between its first snapshot after `after` and its last one,
+    by the line that allocated it (the last frames of its traceback), biggest first."""
+    import tracemalloc
+
+    snaps = sorted(folder.glob("snap-*.trace"))
+    if len(snaps) < after + 2:
+        return [f"too few tracemalloc snapshots ({len(snaps)})"]
+    first, last = tracemalloc.Snapshot.load(str(snaps[after])), tracemalloc.Snapshot.load(str(snaps[-1]))
+    lines = []
+    for stat in last.compare_to(first, "traceback")[:top]:
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in list(stat.traceback)[::-1][:4])
+        lines.append(f"{stat.size_diff / 1024:+.1f} KiB {stat.count_diff:+d} blocks: {where}")
+    return lines
+
+
 async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, Any]:
     key_text = (soak.control_state / "control.key").read_text().strip()
     control = ControlPublicKey(bytes(NaclPrivateKey(base64.b64decode(key_text)).public_key))
     token = (soak.control_state / "admin.token").read_text().strip()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-        sim = Sim(URL, token, http)
+        sim = Sim(URL, token, http, (soak.control_state / "admin.url").read_text().strip())
         t0 = time.monotonic()
         nodes, secret = await soak.setup(sim, control)
         wait_for(lambda: kernel_figures(soak.ns)["wg_peers"] >= args.peers, 60, "the peers in the kernel")
@@ -210,6 +233,7 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
         await asyncio.sleep(5)  # the last warm-up change applied
 
         start, kstart, logstart = proc_figures(pid), kernel_figures(soak.ns), soak.log.stat().st_size
+        traced = len(list(soak.memtrace.glob("snap-*.trace"))) if soak.memtrace else 0
         t_start = time.monotonic()
         next_print = t_start + 15
         done = 0
@@ -237,6 +261,9 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
         # Let the last changes settle (a delta in flight), then compare like with like.
         await asyncio.sleep(3)
         end, kend, logend = proc_figures(pid), kernel_figures(soak.ns), soak.log.stat().st_size
+        growth = memtrace_growth(soak.memtrace, traced) if soak.memtrace else []
+        for line in growth:
+            print(f"tracemalloc: {line}", flush=True)
         churn_rate = (end["write_bytes"] - start["write_bytes"]) * 3600 / elapsed
         # Idle after the churn: first the coalesced netmap snapshot (at most one a
         # minute) catches up, then nothing at all is supposed to be written.
@@ -284,6 +311,7 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
                 -(-snapshot // 4096) * 4096 * done * 3600 / elapsed
             ),
             "netmap_snapshot_bytes": snapshot,
+            **({"tracemalloc_growth": growth} if growth else {}),
         }
 
 
@@ -298,6 +326,8 @@ def main() -> int:
     p.add_argument(
         "--kinds", default=",".join(KINDS), help=f"the changes to make (default {','.join(KINDS)})"
     )
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="trace the agent's allocations, show what grew over the churn")  # fmt: skip
     args = p.parse_args()
     # The state on disk (write_bytes counts block-backed writes), the logs on tmpfs.
     scratch = Path(tempfile.mkdtemp(prefix="meshpi-soak-", dir="/var/tmp"))
@@ -305,6 +335,8 @@ def main() -> int:
     ns = f"mps{os.getpid()}"
     netns.create(ns)
     soak = Soak(scratch, logdir, ns, args.peers, args.seed, tuple(args.kinds.split(",")))
+    if args.tracemalloc:
+        soak.memtrace = scratch / "memtrace"
     result: list[dict[str, Any]] = []
     failure: list[BaseException] = []
 

@@ -125,7 +125,7 @@ def vm(first_boot: Boot, card: Path, ssh_key: Path, work: Path) -> Iterator[Vm]:
         proc = net.vmnet.popen([str(REPO / "scripts/boot-image"), str(card), "--in-place",
                                 "--boot-file", f"meshpi.toml={toml}", "--net", f"tap:{TAP}",
                                 "--append-extra", "meshpi.imgtest=hold", "--log", str(log),
-                                "--monitor", str(monitor), "--timeout", "3600"], log=out)  # fmt: skip
+                                "--monitor", str(monitor), "--timeout", "7200"], log=out)  # fmt: skip
         vm = Vm(net, ssh_key, log, proc, monitor)
         started = time.monotonic()
         try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.image.vmnet import VM_V4, VmNet
+from tests.image.vmnet import SERVER_V4, VM_V4, VmNet
 from tests.lab.host import LabError, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,7 +86,10 @@ class Vm:
         return self.ssh(command).stdout.strip()
 
     def console(self) -> str:
-        return self.log.read_text(errors="replace")
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:  # boot-image has not started qemu yet (it edits the card first)
+            return ""
 
     def holds(self) -> int:
         """How many times the self-test said HOLD: once per boot of this VM."""
@@ -113,6 +117,15 @@ class Vm:
                 answer += chunk
             return answer.decode(errors="replace")
 
+    def power_off(self, timeout: float = 300) -> None:
+        """Shut the VM down cleanly and wait for qemu to end."""
+        self.ssh("systemctl --no-block poweroff", check=False, timeout=30)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.net.stop_process(self.proc)
+
     def wait_held(self, boots: int, timeout: float) -> float:
         """Wait for the self-test's HOLD of boot number `boots`; seconds it took."""
         started = time.monotonic()
@@ -124,3 +137,70 @@ class Vm:
 
         wait_for(held, timeout, f"the self-test's HOLD #{boots}", interval=1)
         return round(time.monotonic() - started, 1)
+
+
+MESHPI = str(REPO / ".venv/bin/meshpi")
+
+
+class Laptop:
+    """A laptop outside the VM: wireguard-go and the meshpi agent in the client
+    namespace, joined to the VM's mesh with an auth key from the VM's control."""
+
+    def __init__(self, vm: Vm, name: str, port: int = 51820) -> None:
+        self.vm, self.name, self.port = vm, name, port
+        self.state = vm.net.scratch / name
+        self.interface = f"mp{name[:4]}{os.getpid() % 10000}"
+        self.local = ["--state-dir", str(self.state), "--local-api", str(self.state / "local.sock")]
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Laptop:
+        self.state.mkdir(mode=0o700)
+        self.agent = self.vm.net.client.popen(
+            [MESHPI, "agent", *self.local], log=self.vm.net.scratch / f"{self.name}-agent.log"
+        )
+        wait_for(lambda: (self.state / "local.sock").exists(), 30, f"{self.name}'s agent")
+        return self
+
+    def up(self, *flags: str) -> None:
+        status = json.loads(self.vm.out("meshpi status --json"))
+        login = status["local_control"]["login_url"]
+        auth_key = self.vm.out("meshpi-control keys create --expires 600").splitlines()[-1]
+        up = self.vm.net.client.run([MESHPI, "up", "--login-server", login, "--auth-key", auth_key,
+                                     "--hostname", self.name, "--backend", "userspace",
+                                     "--interface", self.interface, "--listen-port", str(self.port),
+                                     *flags, *self.local],
+                                    check=False, timeout=90)  # fmt: skip
+        assert up.stdout.startswith("connected"), up.stdout + up.stderr
+
+    def set(self, *flags: str) -> None:
+        self.vm.net.client.run([MESHPI, "set", *flags, *self.local], timeout=60)
+
+    def status(self) -> dict[str, Any]:
+        got: dict[str, Any] = json.loads(
+            self.vm.net.client.run([MESHPI, "status", "--json", *self.local]).stdout
+        )
+        return got
+
+    def via_vm(self) -> bool:
+        """Does the laptop's traffic to the internet leave through the VM?"""
+        try:
+            return self.vm.net.client.fetch(SERVER_V4, timeout=3) == VM_V4
+        except LabError:
+            return False
+
+    def log(self) -> str:
+        return (self.vm.net.scratch / f"{self.name}-agent.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.vm.net.client.run([MESHPI, "down", *self.local], check=False, timeout=60)
+        if self.agent is not None:
+            self.vm.net.stop_process(self.agent)
+            self.agent = None
+
+
+def node_id(vm: Vm, name: str) -> str:
+    """The id of the node called `name` in the VM's control (meshpi-control nodes list)."""
+    nodes = vm.out("meshpi-control nodes list")
+    found = [line.split()[0] for line in nodes.splitlines()[1:] if line.split()[1:2] == [name]]
+    assert found, f"no node {name!r} in the VM's control:\n{nodes}"
+    return found[-1]

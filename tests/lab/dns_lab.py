@@ -6,7 +6,9 @@ every query it gets, so a test can count who asked what.
                                 the home LAN's split DNS (nas.home.arpa, fritz.box)
 
 Both answer every name under `leak.test` (and nothing else: no upstream, no
-internet), each with its own address, so a lookup's answer says who gave it.
+internet), each with its own address, so a lookup's answer says who gave it;
+AAAA there is NODATA (`--local`: without it dnsmasq, having no upstream, answers
+REFUSED, and glibc retries every server).
 
     with lab_resolvers(lab) as (cafe, home):
         lab.laptop.run(["getent", "hosts", "n1.leak.test"])
@@ -61,7 +63,7 @@ class Dnsmasq:
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             "--no-poll", "--bind-interfaces", f"--listen-address={self.address}", "--user=root",
             "--pid-file=", "--log-queries", f"--log-facility={self.log}", "--cache-size=0",
-            f"--address=/{LEAK_DOMAIN}/{self.answer}",
+            f"--address=/{LEAK_DOMAIN}/{self.answer}", f"--local=/{LEAK_DOMAIN}/",
         ] + [f"--host-record={name},{ip}" for name, ip in self.records.items()]  # fmt: skip
         proc = self.host.popen(cmd, log=self.log.with_suffix(".out"))
 

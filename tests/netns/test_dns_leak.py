@@ -19,7 +19,6 @@ which `ip netns exec` mounts), managed by its agent (--resolv-conf).
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,13 +46,6 @@ from tests.lab.topology import Lab
 
 MESH_DOMAIN = "mesh.internal"
 LOOKUPS = 100
-
-# The resolver must run in the agent (appliance/agent/dns/service.py: the DnsServer on
-# the node's mesh addresses, its upstreams planned from the netmap and prefs).
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("appliance.agent.dns.service") is None,
-    reason="waiting on the agent's resolver wiring (appliance/agent/dns/service.py, branch dnsnames)",
-)
 
 
 class DnsMesh(Mesh):

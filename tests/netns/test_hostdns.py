@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -170,9 +171,9 @@ def test_hostdns_agent_kill_9_restart_down_restores_the_original(
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
     (state / "node.key").write_text(KEYS["laptop"].secret_base64() + "\n")
-    (tmp_path / "netmap.json").write_text(
-        json.dumps(netmap_json("laptop", [node("pi", ["0.0.0.0/0", "::/0"])]))
-    )
+    netmap = netmap_json("laptop", [node("pi", ["0.0.0.0/0", "::/0"])])
+    names = {"capver": 3, "dns": {"domain": "mesh.internal"}}  # control's names: the agent runs its resolver
+    (tmp_path / "netmap.json").write_text(json.dumps(netmap | names))
     interface = f"mpd{os.getpid() % 100000}"
     prefs = {"interface": interface, "backend": "userspace", "exit_node": "pi"}
     (tmp_path / "prefs.json").write_text(json.dumps(prefs))
@@ -230,3 +231,39 @@ def test_hostdns_in_a_lab_namespace_never_touches_the_hosts_resolv_conf(inside: 
 
 def test_hostdns_the_hosts_own_namespace_is_not_confined() -> None:
     assert not in_other_netns()
+
+
+_READ_ONLY_ETC = """
+import subprocess, sys
+from ipaddress import ip_address
+from pathlib import Path
+from appliance.core.hostdns import HostDnsConfig
+from appliance.kernel.hostdns import HostDns
+etc, source, saved = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+for cmd in (["mount", "--bind", str(etc), str(etc)], ["mount", "-o", "remount,bind,ro", str(etc), str(etc)],
+            ["mount", "--bind", source, str(etc / "resolv.conf")]):
+    subprocess.run(cmd, check=True)
+host = HostDns(saved, etc / "resolv.conf")
+host.apply(HostDnsConfig("meshpi0", (ip_address("100.64.0.2"),), (), False))
+print("applied:", (etc / "resolv.conf").read_text().splitlines()[1])
+host.restore()
+"""
+
+
+def test_hostdns_read_only_etc_with_a_bind_mounted_resolv_conf_is_written_in_place(tmp_path: Path) -> None:
+    """/etc read-only but resolv.conf bind-mounted writable (the agent's sandbox with
+    ReadWritePaths=-/etc/resolv.conf, a container): no rename is possible, so the
+    file is written in place, and restored in place. Mounts in a private mount namespace."""
+    etc, source = tmp_path / "etc", tmp_path / "source-resolv.conf"
+    etc.mkdir()
+    (etc / "resolv.conf").write_bytes(b"")
+    source.write_bytes(ORIGINAL)
+    res = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", _READ_ONLY_ETC,
+         str(etc), str(source), str(tmp_path / "hostdns.json")],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "applied: nameserver 100.64.0.2" in res.stdout, res.stdout + res.stderr
+    assert source.read_bytes() == ORIGINAL
+    assert not (tmp_path / "hostdns.json").exists()

@@ -12,6 +12,7 @@ and a control-mode agent that finds control's key and token in its state dir.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from tests.netns.kernelstate import sh
 PORT = 18080
 IFACE = f"mpc{os.getpid() % 10000}"
 BIN = REPO_ROOT / ".venv" / "bin"
+RESOLV_CONF = b"# the LAN's DHCP\nnameserver 10.98.0.254\n"  # the agent's host DNS: managed, then restored
 
 
 @dataclass
@@ -47,6 +49,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("localapi-control")
     name = f"mpc{os.getpid() % 10000}n"
     ns.create(name)
+    (Path("/etc/netns") / name).mkdir(parents=True, exist_ok=True)
+    (Path("/etc/netns") / name / "resolv.conf").write_bytes(RESOLV_CONF)
     agent = None
     control = None
     try:
@@ -63,7 +67,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         agent = start_agent(name, state_dir(base / "state", "pi"), base / "local.sock",
                             "--control-state-dir", str(base / "control"),
                             "--control-url", f"http://127.0.0.1:{PORT}",
-                            "--control-start", f"touch {base / 'control-started'}")  # fmt: skip
+                            "--control-start", f"touch {base / 'control-started'}",
+                            "--resolv-conf", f"/etc/netns/{name}/resolv.conf")  # fmt: skip
         yield World(agent, control, base)
     finally:
         if agent is not None:
@@ -72,6 +77,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             control.terminate()
             control.wait(timeout=10)
         ns.delete(name)
+        shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
 
 
 def _connected(status: dict[str, Any]) -> bool:
@@ -106,6 +112,10 @@ def test_localapi_control_create_mesh_logout_and_up_again(world: World) -> None:
     assert login_url.startswith(f"http://10.98.0.1:{PORT}/#") and login_url in res.stdout
     assert _has_link(agent.ns, IFACE)
     wait_status(agent, lambda s: s["led"] == "ready", what="the LED to show ready")
+    resolv_conf = Path("/etc/netns") / agent.ns / "resolv.conf"
+    wait_for(
+        lambda: b"nameserver 100.64.0.1" in resolv_conf.read_bytes(), 10, "the host's DNS pointed at the mesh"
+    )
 
     # The control's admin API, through the agent (with the token only root can read).
     # The mesh is the owner's own: the Pi's exit node is approved without asking (issue 16).
@@ -126,6 +136,7 @@ def test_localapi_control_create_mesh_logout_and_up_again(world: World) -> None:
         logout
     )
     assert not _has_link(agent.ns, IFACE)
+    assert resolv_conf.read_bytes() == RESOLV_CONF  # the host's DNS as it was
     assert client.get("/v1/control/nodes") == []
     st = wait_status(agent, lambda s: s["control"]["state"] == "needs-login" and s["led"] == "offline",
                      what="the link to notice the logout")  # fmt: skip

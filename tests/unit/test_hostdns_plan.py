@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
 from appliance.agent.bus import Applied
-from appliance.agent.dns.host import mesh_domains, planned
+from appliance.agent.dns import host as host_module
+from appliance.agent.dns.host import HostDnsLink, mesh_domains, planned
 from appliance.core.hostdns import (
     HostDnsConfig,
     host_dns_config,
@@ -23,8 +25,9 @@ V4, V6 = ip_address("100.64.0.2"), ip_address("fd7a:6d70:6900::2")
 KEY = "CzzdLnSKWkyuuKDQc4jTtyMfo2X3FKzlrKgQVdXSjQY="  # any 32 bytes
 
 
-def netmap() -> object:
+def netmap(names: bool = True) -> object:
     return parse_netmap({
+        **({"capver": 3, "dns": {"domain": "mesh.internal"}} if names else {}),
         "mesh": {"ipv4": "100.64.0.0/10", "ipv6": "fd7a:6d70:6900::/48"},
         "self": {"name": "laptop", "public_key": KEY, "addresses": [str(V6), str(V4)]},
         "peers": [],
@@ -80,6 +83,7 @@ def test_hostdns_plan_follows_exit_node_and_accept_dns() -> None:
     assert without is not None and not without.default_route
     assert planned(Applied(nm, Prefs(accept_dns=False), 0)) is None  # type: ignore[arg-type]
     assert planned(Applied(None, Prefs(), 0)) is None
+    assert planned(Applied(netmap(names=False), Prefs(), 0)) is None  # type: ignore[arg-type]  # no resolver runs
 
 
 def test_hostdns_domains_are_the_mesh_and_the_accepted_lan_domains() -> None:
@@ -96,3 +100,24 @@ def test_hostdns_domains_are_the_mesh_and_the_accepted_lan_domains() -> None:
     assert mesh_domains(nm, Prefs(accept_routes=False)) == ("mesh.internal", ())
     cfg = planned(Applied(nm, Prefs(exit_node="pi"), 0))
     assert cfg is not None and cfg.domains == ("mesh.internal", "fritz.box", "home.arpa")
+
+
+def test_hostdns_link_looks_at_the_host_again_only_on_a_change_or_after_recheck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 10.77.0.1\n")
+    link = HostDnsLink(tmp_path / "hostdns.json", resolv)
+    clock = [1000.0]
+    monkeypatch.setattr(host_module.time, "monotonic", lambda: clock[0])
+    event = Applied(netmap(), Prefs(exit_node="pi"), 0)  # type: ignore[arg-type]
+    link.on_applied(event)
+    assert is_ours(resolv.read_text())
+    resolv.write_text("nameserver 10.77.0.254\n")  # a DHCP client, between two deltas
+    link.on_applied(event)  # the same plan, 1 s later: not even a file read
+    assert resolv.read_text() == "nameserver 10.77.0.254\n"
+    clock[0] += host_module.RECHECK
+    link.on_applied(event)
+    assert is_ours(resolv.read_text()) and link.original_servers() == (ip_address("10.77.0.254"),)
+    link.on_applied(Applied(netmap(), Prefs(exit_node="pi", accept_dns=False), 0))  # type: ignore[arg-type]
+    assert resolv.read_text() == "nameserver 10.77.0.254\n"  # a changed plan acts at once

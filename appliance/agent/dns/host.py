@@ -15,6 +15,7 @@ node is away names fail rather than fall back.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from appliance.kernel.hostdns import RESOLV_CONF, HostDns
 from appliance.wire.netmap import Netmap
 
 log = logging.getLogger(__name__)
+
+RECHECK = 30.0  # seconds between looks at the host's DNS while the plan stays the same
 
 
 def mesh_domains(netmap: Netmap, prefs: Prefs) -> tuple[str | None, tuple[str, ...]]:
@@ -42,8 +45,10 @@ def mesh_domains(netmap: Netmap, prefs: Prefs) -> tuple[str | None, tuple[str, .
 
 
 def planned(event: Applied) -> HostDnsConfig | None:
-    """What the host's DNS should be after this apply; None: as it was before meshpi."""
-    if event.netmap is None or not event.prefs.accept_dns:
+    """What the host's DNS should be after this apply; None: as it was before meshpi.
+    A netmap without names (a control from before capver 3) runs no resolver
+    (service.py), so the host keeps its own DNS then too."""
+    if event.netmap is None or event.netmap.dns is None or not event.prefs.accept_dns:
         return None
     mesh_domain, split = mesh_domains(event.netmap, event.prefs)
     return host_dns_config(
@@ -56,19 +61,27 @@ def planned(event: Applied) -> HostDnsConfig | None:
 
 
 class HostDnsLink:
-    """Subscribes to the bus's Applied; quick (a file compare, or resolvectl on a change)."""
+    """Subscribes to the bus's Applied. A netmap delta that changes nothing here
+    costs a comparison: the host is looked at again only when the plan changes, or
+    RECHECK seconds later (a DHCP client may have rewritten resolv.conf)."""
 
     def __init__(self, saved: Path, resolv_conf: Path | None = None) -> None:
         self.host = HostDns(saved, resolv_conf or RESOLV_CONF)
         self._last_error: str | None = None
+        self._done: tuple[HostDnsConfig | None, float] | None = None  # the plan last made so, and when
 
     def on_applied(self, event: Applied) -> None:
         cfg = planned(event)
-        self._guard(lambda: self.host.restore() if cfg is None else self.host.apply(cfg))
+        now = time.monotonic()
+        if self._done is not None and self._done[0] == cfg and now - self._done[1] < RECHECK:
+            return
+        done = self._guard(lambda: self.host.restore() if cfg is None else self.host.apply(cfg))
+        self._done = (cfg, now) if done else None
 
     def restore(self) -> None:
         """Logout, a clean stop: the host's DNS as before (the resolver stops with us)."""
         self._guard(self.host.restore)
+        self._done = None
 
     def original_servers(self) -> tuple[IPAddress, ...]:
         """Where the resolver forwards when no exit node is chosen."""
@@ -78,15 +91,16 @@ class HostDnsLink:
             log.warning("host DNS: %s", e)
             return ()
 
-    def _guard(self, action: Callable[[], None]) -> None:
+    def _guard(self, action: Callable[[], None]) -> bool:
         try:
             action()
         except (KernelError, OSError) as e:
             if str(e) != self._last_error:  # once, not at every apply
                 log.error("host DNS: %s; will retry at the next apply", e)
             self._last_error = str(e)
-            return
+            return False
         self._last_error = None
+        return True
 
 
 def restore_after_down(saved: Path) -> None:

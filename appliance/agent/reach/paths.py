@@ -159,7 +159,7 @@ class PathChooser:
         state = self._carry_rotated(inputs, seen, now)
         relay_up = relay is not None and relay.connected
         decision = decide(state, candidates, seen, heard, relay_up, now, self.timing)
-        choices = self._with_relay(decision, relay, set(state) | set(self._peers), candidates)
+        choices = self._with_relay(decision, relay, candidates)
         for key, path in decision.peers.items():
             old = self._peers.get(key)
             if old is None or old.mode != path.mode or old.endpoint != path.endpoint:
@@ -174,9 +174,8 @@ class PathChooser:
             self._kick(inputs, decision.kicks, decision.repoint)
 
     def _with_relay(
-        self, decision: Decision, relay: RelayClient | None, before: set[PublicKey],
-        candidates: Mapping[PublicKey, object],
-    ) -> dict[PublicKey, Endpoint]:  # fmt: skip
+        self, decision: Decision, relay: RelayClient | None, candidates: Mapping[PublicKey, object]
+    ) -> dict[PublicKey, Endpoint]:
         choices = dict(decision.choices)
         if relay is None:
             return choices
@@ -184,8 +183,9 @@ class PathChooser:
             proxy = relay.endpoint_for(key)  # every peer: late relayed packets still arrive
             if key in decision.relayed:
                 choices[key] = proxy
-        for key in before - set(candidates):
-            relay.release(key)
+        # Peers gone from the netmap (removed, or rotated to a new key) give their
+        # proxies back, whether or not this chooser still tracks them.
+        relay.release_others(candidates)
         return choices
 
     def _read_seen(self, now: float) -> dict[PublicKey, Seen]:

@@ -30,7 +30,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from urllib.parse import urlsplit
@@ -161,6 +161,15 @@ class RelayClient:
         if proxy is not None:
             log.info("relay: peer %s no longer relayed (%s closed)", peer.short, proxy.endpoint)
             self._defer(lambda: self._unregister(proxy))
+
+    def release_others(self, keep: Collection[PublicKey]) -> None:
+        """Stop relaying for every peer not in `keep`: peers that left the mesh or
+        rotated to a new key (each proxy holds a socket)."""
+        wanted = {key.raw for key in keep}
+        with self._lock:
+            gone = [proxy.peer for raw, proxy in self._proxies.items() if raw not in wanted]
+        for peer in gone:
+            self.release(peer)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)

@@ -143,10 +143,14 @@ def test_dns_service_status_text_shows_names_and_where_other_names_go() -> None:
         "agent": "running", "control": {"state": "connected"},
         "self": {"name": "laptop", "addresses": ["100.64.0.2"], "dns_name": "laptop.mesh.internal"},
         "dns": {"domain": "mesh.internal", "serving": ["100.64.0.2:53"], "upstreams": [], "error": None},
-        "peers": [{"name": "pi", "addresses": ["100.64.0.1"], "online": True, "last_handshake": None,
-                   "rx_bytes": 0, "tx_bytes": 0, "endpoint": None, "dns_name": "pi.mesh.internal"}],
-        "devices": [{"name": "phone", "addresses": ["100.64.0.9"], "online": False,
-                     "dns_name": "phone.mesh.internal"}],
+        "connected": [
+            {"id": "k1", "name": "pi", "kind": "pi", "addresses": ["100.64.0.1"], "state": "online",
+             "last_seen": None, "rx_bytes": 0, "tx_bytes": 0, "uses_exit": False, "path": None, "enabled": True,
+             "dns_name": "pi.mesh.internal"},
+            {"id": "k2", "name": "phone", "kind": "phone", "addresses": ["100.64.0.9"], "state": "never",
+             "last_seen": None, "rx_bytes": 0, "tx_bytes": 0, "uses_exit": False, "path": None, "enabled": True,
+             "dns_name": "phone.mesh.internal"},
+        ],
     }  # fmt: skip
     text = format_status(st)
     assert "dns name: laptop.mesh.internal" in text

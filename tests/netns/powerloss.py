@@ -205,7 +205,9 @@ class Rig:
             self.api(5).patch("/v1/prefs", {"advertise_routes": routes, "keepalive": rng.choice([15, 25])})
         elif what == "device_add":
             self.devices += 1
-            self.api(10).post("/v1/devices", {"name": f"phone{self.devices}", "endpoint": "127.0.0.1:51820"})
+            self.api(10).post(
+                "/v1/devices", {"name": f"phone{self.devices}", "endpoint": "198.51.100.7:51820"}
+            )
         elif what == "device_remove":
             listing = self.api(5).get("/v1/devices")["devices"]
             if listing:

@@ -139,7 +139,8 @@ def reach() -> str:
     router's port mapping) and says whether the internet can reach this Pi, and why."""
     from flask import current_app
 
-    from webui.agent import LocalAPIError, LocalClient
+    from appliance.client.localapi import LocalClient
+    from webui.agent import LocalAPIError
 
     try:
         # A few STUN round trips and the router's answer: longer than a page's usual wait.

@@ -133,6 +133,26 @@ def approve_routes(node_id: int) -> Response:
     return redirect(url_for("dashboard.index"))
 
 
+@bp.get("/reach")
+def reach() -> str:
+    """`meshpi netcheck`, for a person: probes now (STUN from the WireGuard port, the
+    router's port mapping) and says whether the internet can reach this Pi, and why."""
+    from flask import current_app
+
+    from appliance.client.localapi import LocalClient
+    from webui.agent import LocalAPIError
+
+    try:
+        # A few STUN round trips and the router's answer: longer than a page's usual wait.
+        report = LocalClient(current_app.config["LOCALAPI_SOCKET"], 30).get("/v1/netcheck")
+        error = None
+    except LocalAPIError as e:  # static mode (409), or the probe failed: said, not a 500
+        if e.status == 503:
+            raise
+        report, error = {}, e.message
+    return render_template("reach.html", r=report if isinstance(report, dict) else {}, error=error)
+
+
 @bp.get("/logs")
 def logs() -> str:
     doc = agent().get("/v1/logs")

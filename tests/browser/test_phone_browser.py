@@ -252,6 +252,10 @@ def test_phone_logs_newest_first_with_a_filter_and_settings(tab: Tab, home: Home
     page.click("#advanced summary")
     assert page.is_visible("#mtu")
     shoot(page, "settings")
+    page.goto("/reach")  # netcheck for a person: the verdict and the facts, in words
+    assert page.inner_text("#reach-verdict").split(":")[0] in ("Yes", "Not directly")
+    assert page.inner_text("#reach-udp") in ("works", "no answer from a STUN server")
+    shoot(page, "reach")
     assert re.fullmatch(r"meshpi \S+", page.inner_text("#version"))
     _no_errors(tab)
 

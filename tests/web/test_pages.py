@@ -246,3 +246,15 @@ def test_web_phone_device_endpoint_is_asked_for_or_prefilled(
         assert re.search(r'id="device-endpoint" value="198.51.100.7:41641"\s', page), page
     finally:
         meshed.client.patch("/v1/prefs", {"advertise_endpoints": []})
+
+
+def test_web_reach_page_says_whether_the_internet_reaches_this_pi(
+    client: FlaskClient, token: str, meshed: AgentNode
+) -> None:
+    """netcheck for a person: the lab node has no STUN server and no router, so
+    the verdict is no, with the reason; the headline links here."""
+    assert 'id="reach-link"' in client.get("/").get_data(as_text=True)
+    page = client.get("/reach").get_data(as_text=True)
+    assert 'id="reach-verdict"' in page and "Not directly:" in page, page
+    assert re.search(r'id="reach-udp">(works|no answer from a STUN server)</dd>', page), page
+    assert "Port mapping on the router" in page and "meshpi netcheck" in page

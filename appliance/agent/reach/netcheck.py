@@ -14,6 +14,7 @@ from typing import Any
 from appliance.agent.reach.phones import cgnat_reason
 from appliance.agent.reach.portmap import PortMapState
 from appliance.agent.reach.stun import Discovery
+from appliance.base.net import Endpoint
 from appliance.core.prefs import Prefs
 
 CGNAT = IPv4Network("100.64.0.0/10")  # RFC 6598: a carrier's NAT in front of the home router
@@ -58,14 +59,20 @@ def verdict(prefs: Prefs, mapping: PortMapState | None, stun: Discovery | None) 
     )
 
 
+def _public(seen: Endpoint | None) -> str | None:
+    """A reflexive address as the internet sees it; a control on this very node
+    answers STUN from loopback, which says nothing about the internet."""
+    return None if seen is None or seen.host.is_loopback else str(seen)
+
+
 def report(prefs: Prefs, mapping: PortMapState | None, stun: Discovery | None,
            endpoints: list[str]) -> dict[str, Any]:  # fmt: skip
     """The LocalAPI's /v1/netcheck."""
     v = verdict(prefs, mapping, stun)
     return {
         "udp": stun is not None and (stun.v4 is not None or stun.v6 is not None),
-        "ipv4": str(stun.v4) if stun is not None and stun.v4 else None,
-        "ipv6": str(stun.v6) if stun is not None and stun.v6 else None,
+        "ipv4": _public(stun.v4 if stun is not None else None),
+        "ipv6": _public(stun.v6 if stun is not None else None),
         "varies_by_destination": stun.varies_by_destination if stun is not None else None,
         "stun_errors": list(stun.errors) if stun is not None else [],
         "port_mapping": mapping.protocol if mapping is not None else None,

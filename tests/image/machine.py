@@ -86,7 +86,11 @@ class Vm:
         return self.ssh(command).stdout.strip()
 
     def console(self) -> str:
-        return self.log.read_text(errors="replace")
+        """The serial console so far ("" until boot-image has made the file)."""
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def holds(self) -> int:
         """How many times the self-test said HOLD: once per boot of this VM."""

@@ -86,9 +86,10 @@ class Vm:
         return self.ssh(command).stdout.strip()
 
     def console(self) -> str:
+        """The serial console so far ("" until boot-image has made the file)."""
         try:
             return self.log.read_text(errors="replace")
-        except FileNotFoundError:  # boot-image has not started qemu yet (it edits the card first)
+        except FileNotFoundError:
             return ""
 
     def holds(self) -> int:

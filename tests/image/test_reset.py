@@ -37,7 +37,8 @@ from tests.lab.host import wait_for
 
 pytestmark = [
     pytest.mark.skipif(
-        os.environ.get("MESHPI_IMAGE_TESTS") != "1", reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1"
+        os.environ.get("MESHPI_IMAGE_TESTS") != "1",
+        reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1",
     ),
     # Not yet in CI: in its one run so far its own laptop never got out through the VM
     # before the first reset (the other image tests' laptops did), and each reset is a

@@ -19,7 +19,7 @@ from typing import Any
 from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint, IPAddress, IPNetwork
 from appliance.core.model import sorted_networks
-from appliance.wire.dnsname import LanDns, parse_lan_dns
+from appliance.wire.dnsname import LanDns, parse_lan_dns, unique_label
 from appliance.wire.fields import Fields, parse_endpoint
 from appliance.wire.netmap import Mesh
 
@@ -269,14 +269,8 @@ def name_base(hostname: str) -> str:
 
 
 def pick_name(base: str, taken: Iterable[str]) -> str:
-    """`base`, or `base-2`, `base-3`, …: the lowest one not in `taken`."""
-    used = set(taken)
-    if base not in used:
-        return base
-    n = 2
-    while f"{base}-{n}" in used:
-        n += 1
-    return f"{base}-{n}"
+    """`base`, or `base-2`, `base-3`, …: the lowest one not in `taken` (as DNS labels are made)."""
+    return unique_label(base, set(taken))
 
 
 # A row as the driver returns it: sqlite3 and psycopg agree on int, str and bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zxingcpp
+from PIL import Image
 
 from appliance.client.localapi import LocalAPIError, LocalClient
 from tests.lab.host import REPO_ROOT, Host, wait_for
@@ -224,3 +227,10 @@ def tab(browser: Any, home: Home) -> Iterator[Tab]:
             if not r.url.startswith((home.url, "data:")) else None)  # fmt: skip
     yield Tab(page, errors)
     context.close()
+
+
+def qr_text(png: bytes) -> str:
+    """What the QR code in a screenshot says (zxing-cpp, as a phone's camera would read it)."""
+    found = zxingcpp.read_barcode(Image.open(io.BytesIO(png)))
+    assert found is not None and found.format == zxingcpp.BarcodeFormat.QRCode, found
+    return found.text

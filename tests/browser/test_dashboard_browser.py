@@ -8,17 +8,14 @@ The tests run in order on one browser tab, as one person would.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from pathlib import Path
 
-import zxingcpp
-from PIL import Image
 from playwright.sync_api import expect
 
-from tests.browser.conftest import Home, Tab
-from tests.lab.host import Host, LabError, wait_for
+from tests.browser.conftest import Home, Tab, qr_text
+from tests.lab.host import wait_for
 from tests.lab.phone import stock_client
 from tests.lab.topology import HOME_WAN_V4, SERVER_V4
 
@@ -119,19 +116,6 @@ def test_browser_exit_toggle_changes_the_pis_kernel_live(tab: Tab, home: Home) -
     _no_errors(tab)
 
 
-def _qr_text(png: bytes) -> str:
-    found = zxingcpp.read_barcode(Image.open(io.BytesIO(png)))
-    assert found is not None and found.format == zxingcpp.BarcodeFormat.QRCode, found
-    return found.text
-
-
-def _fetch_or_none(host: Host, dst: str) -> str | None:
-    try:
-        return host.fetch(dst, timeout=1)
-    except LabError:
-        return None
-
-
 def test_browser_add_a_phone_whose_qr_goes_out_through_home(tab: Tab, home: Home, tmp_path: Path) -> None:
     page = tab.page
     page.goto("/devices")
@@ -144,7 +128,7 @@ def test_browser_add_a_phone_whose_qr_goes_out_through_home(tab: Tab, home: Home
     config = page.locator("#config").text_content() or ""  # inside a closed <details>
     assert config.startswith("[Interface]") and f"\nEndpoint = {PHONE_ENDPOINT}\n" in config
     # What the phone's camera gets: the QR as the page draws it, and the PNG it carries.
-    scanned = _qr_text(qr.screenshot())
+    scanned = qr_text(qr.screenshot())
     assert scanned == config
     assert (qr.get_attribute("src") or "").startswith("data:image/svg+xml")  # nothing fetched
     with page.expect_download() as download:
@@ -163,7 +147,7 @@ def test_browser_add_a_phone_whose_qr_goes_out_through_home(tab: Tab, home: Home
     lab.internet.whoami_server()
     phone = lab.laptop
     with stock_client(phone, scanned, f"mpp{os.getpid() % 100000}", gateway="10.77.0.1"):
-        wait_for(lambda: _fetch_or_none(phone, SERVER_V4) == HOME_WAN_V4, 10, "the phone out through home")
+        wait_for(lambda: phone.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 10, "the phone out through home")
 
 
 def _pi_peers(home: Home) -> str:

@@ -10,7 +10,6 @@ overrides): artifacts to look at, never compared pixel by pixel.
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from collections.abc import Iterator
@@ -18,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zxingcpp
-from PIL import Image
 from playwright.sync_api import expect
 
-from tests.browser.conftest import Home, Tab, lab_home
-from tests.lab.host import REPO_ROOT, Host, LabError, wait_for
+from tests.browser.conftest import Home, Tab, lab_home, qr_text
+from tests.lab.host import REPO_ROOT, wait_for
 from tests.lab.phone import stock_client
 from tests.lab.topology import HOME_WAN_V4, SERVER_V4
 
@@ -123,19 +120,6 @@ def test_phone_first_run_in_plain_words_ends_with_a_working_exit(tab: Tab, home:
     _no_errors(tab)
 
 
-def _qr_text(png: bytes) -> str:
-    found = zxingcpp.read_barcode(Image.open(io.BytesIO(png)))
-    assert found is not None and found.format == zxingcpp.BarcodeFormat.QRCode, found
-    return found.text
-
-
-def _fetch_or_none(host: Host, dst: str) -> str | None:
-    try:
-        return host.fetch(dst, timeout=1)
-    except LabError:
-        return None
-
-
 def _row(page: Any, name: str) -> Any:
     return page.locator(f'#connected-rows tr[data-name="{name}"]')
 
@@ -157,14 +141,14 @@ def test_phone_added_by_qr_shows_online_with_its_traffic(tab: Tab, home: Home) -
         box = page.locator("#qr").bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= width, (label, box)
         assert box["width"] >= int(page.get_attribute("#qr", "data-min") or 0), (label, box)
-        assert _qr_text(page.locator("#qr").screenshot()) == config, label
+        assert qr_text(page.locator("#qr").screenshot()) == config, label
     shoot(page, "device-new")
     page.click("text=Done")
 
     home.lab.internet.whoami_server()
     phone = home.lab.laptop
     with stock_client(phone, config, f"mpq{os.getpid() % 100000}", gateway="10.77.0.1"):
-        wait_for(lambda: _fetch_or_none(phone, SERVER_V4) == HOME_WAN_V4, 10, "the phone out through home")
+        wait_for(lambda: phone.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 10, "the phone out through home")
         for _ in range(5):
             phone.fetch(SERVER_V4)
         page.goto("/")

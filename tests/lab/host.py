@@ -161,6 +161,13 @@ class Host:
         """One request to a whoami server; returns what the client printed."""
         return self._tool(["fetch", dst, str(port), request, "--timeout", str(timeout)], timeout)
 
+    def fetch_or_none(self, dst: str, timeout: float = 1) -> str | None:
+        """fetch(), or None when nothing answered (for polling a path that comes and goes)."""
+        try:
+            return self.fetch(dst, timeout=timeout)
+        except LabError:
+            return None
+
     def udp(self, dst: str, port: int, message: str = "hello", timeout: float = 2) -> str:
         return self._tool(["udp", dst, str(port), message, "--timeout", str(timeout)], timeout)
 

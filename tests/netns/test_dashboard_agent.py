@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from appliance.client.localapi import LocalAPIError
-from tests.lab.host import REPO_ROOT, Host, LabError, wait_for
+from tests.lab.host import REPO_ROOT, Host, wait_for
 from tests.lab.phone import stock_client
 from tests.lab.topology import HOME_WAN_V4, PI_V4, SERVER_V4, Lab
 from tests.netns.agents import RunningAgent, start_agent, state_dir, wait_status
@@ -85,13 +85,6 @@ def world() -> Iterator[World]:
             control.wait(timeout=10)
 
 
-def _fetch_or_none(host: Host, dst: str) -> str | None:
-    try:
-        return host.fetch(dst, timeout=1)
-    except LabError:
-        return None
-
-
 def _row(status: dict[str, Any], name: str) -> dict[str, Any]:
     rows = [r for r in status["connected"] if r["name"] == name]
     assert len(rows) == 1, status["connected"]
@@ -119,7 +112,7 @@ def test_dashboard_first_run_waits_for_nothing_and_the_exit_node_works(world: Wo
     chose = laptop.meshpi("set", "--exit-node", "pi")
     assert chose.returncode == 0, chose.stdout + chose.stderr
     world.lab.internet.whoami_server()
-    wait_for(lambda: _fetch_or_none(world.lab.lanhost, SERVER_V4) == HOME_WAN_V4, 15, "the laptop out via pi")
+    wait_for(lambda: world.lab.lanhost.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 15, "the laptop out via pi")
     st = wait_status(world.pi, lambda s: _row(s, "laptop")["uses_exit"], 10, "the laptop to use the exit")
     st = wait_status(world.pi, lambda s: (_row(s, "laptop")["path"] or "").startswith("direct "), 30,
                      "paths.py to settle on a direct path")  # fmt: skip
@@ -136,7 +129,7 @@ def test_dashboard_lists_a_hosted_phone_online_with_traffic_and_totals_match(wor
     device, config = answer["device"], answer["config"]
     phone = world.lab.laptop
     with stock_client(phone, config, PHONE_IF, gateway="10.77.0.1"):
-        wait_for(lambda: _fetch_or_none(phone, SERVER_V4) == HOME_WAN_V4, 15, "the phone out through home")
+        wait_for(lambda: phone.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 15, "the phone out through home")
         for _ in range(5):
             phone.fetch(SERVER_V4)
         st = wait_status(world.pi, lambda s: _row(s, "Anna's phone")["state"] == "online"
@@ -174,15 +167,13 @@ def test_dashboard_lists_a_hosted_phone_online_with_traffic_and_totals_match(wor
         wait_for(
             lambda: device["public_key"] not in _kernel_peers(world.lab.pi), 5, "the pi to drop the phone"
         )
-        assert _fetch_or_none(phone, SERVER_V4) is None
+        assert phone.fetch_or_none(SERVER_V4) is None
         st = pi.get("/v1/status")
         row = _row(st, "Anna's old phone")
         assert row["enabled"] is False and row["rx_bytes"] == 0 and row["uses_exit"] is False
         assert _sums_are_totals(st)
         assert pi.patch(url, {"enabled": True})["device"]["enabled"] is True
-        wait_for(
-            lambda: _fetch_or_none(phone, SERVER_V4) == HOME_WAN_V4, 15, "the phone back out through home"
-        )
+        wait_for(lambda: phone.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 15, "the phone back out through home")
         assert _row(pi.get("/v1/status"), "Anna's old phone")["enabled"] is True
 
 

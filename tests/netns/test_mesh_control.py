@@ -74,13 +74,6 @@ def test_mesh_route_approval_takes_effect_within_2s_and_exit_works(world: World)
     wait_for(lambda: lab.laptop.fetch(SERVER_V4, timeout=1) == "192.0.2.1", 5, "direct again")
 
 
-def _fetch_or_none(host: Host, dst: str) -> str | None:
-    try:
-        return host.fetch(dst, timeout=1)
-    except LabError:
-        return None
-
-
 def test_mesh_exit_node_withdrawn_fails_closed(world: World) -> None:
     lab, laptop, pi_id = world.lab, world.nodes["laptop"], str(world.node_id("pi"))
     lab.internet.whoami_server()
@@ -90,15 +83,15 @@ def test_mesh_exit_node_withdrawn_fails_closed(world: World) -> None:
     assert laptop.status()["prefs"]["exit_node"] is None  # type: ignore[index]
     laptop.meshpi("set", "--exit-node", "pi")
     try:
-        wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) == HOME_WAN_V4, 5, "exit via the pi")
+        wait_for(lambda: lab.laptop.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 5, "exit via the pi")
         world.admin("routes", "approve", pi_id, "192.168.77.0/24")  # the exit is withdrawn
-        wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) is None, 5, "internet traffic to stop")
+        wait_for(lambda: lab.laptop.fetch_or_none(SERVER_V4) is None, 5, "internet traffic to stop")
         # Blocked, not leaking out of the laptop's own uplink (192.0.2.1).
-        seen = {_fetch_or_none(lab.laptop, SERVER_V4) for _ in range(3)}
+        seen = {lab.laptop.fetch_or_none(SERVER_V4) for _ in range(3)}
         assert seen == {None}
         assert _reaches(lab.laptop, LANHOST_V4)  # the rest of the mesh still works
         world.admin("routes", "approve", pi_id, "192.168.77.0/24", "0.0.0.0/0", "::/0")
-        wait_for(lambda: _fetch_or_none(lab.laptop, SERVER_V4) == HOME_WAN_V4, 5, "the exit back")
+        wait_for(lambda: lab.laptop.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 5, "the exit back")
     finally:
         world.admin("routes", "approve", pi_id, "192.168.77.0/24", "0.0.0.0/0", "::/0")
         laptop.meshpi("set", "--exit-node", "")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.lab.host import Host, LabError, wait_for
+from tests.lab.host import Host, wait_for
 from tests.lab.phone import stock_client
 from tests.lab.topology import HOME_WAN_V4, LANHOST_V4, PI_V4, SERVER_V4
 from tests.netns.meshworld import Node, World, mesh_world
@@ -67,13 +67,6 @@ def test_rotating_a_node_key_loses_at_most_one_packet(world: World, who: str) ->
     assert not (rotating.state / "node.key.next").exists()
 
 
-def _fetch_or_none(host: Host, dst: str) -> str | None:
-    try:
-        return host.fetch(dst, timeout=1)
-    except LabError:
-        return None
-
-
 def test_a_phone_hosted_by_the_pi_goes_out_through_home_and_is_reachable(world: World) -> None:
     lab, pi, laptop, laptop2 = world.lab, world.nodes["pi"], world.nodes["laptop"], world.nodes["laptop2"]
     lab.internet.whoami_server()
@@ -93,9 +86,9 @@ def test_a_phone_hosted_by_the_pi_goes_out_through_home_and_is_reachable(world: 
     with stock_client(phone, config, f"{laptop2.interface}p", gateway="10.77.0.1") as quick:
         assert quick.allowed_ips == ("0.0.0.0/0", "::/0")
         # The internet server sees the home router: phone -> pi (NAT) -> home (NAT).
-        wait_for(lambda: _fetch_or_none(phone, SERVER_V4) == HOME_WAN_V4, 10, "the phone out through home")
+        wait_for(lambda: phone.fetch_or_none(SERVER_V4) == HOME_WAN_V4, 10, "the phone out through home")
         lab.lanhost.whoami_server()
-        assert _fetch_or_none(phone, LANHOST_V4) == PI_V4  # the home LAN too, NATed by the pi
+        assert phone.fetch_or_none(LANHOST_V4) == PI_V4  # the home LAN too, NATed by the pi
         phone_v4 = device["addresses"][0]
         # The rest of the mesh reaches the phone through the pi, and the phone the mesh.
         wait_for(lambda: phone_v4 + "/32" in laptop.peers_in_kernel(), 5, "the laptop to route the phone")
@@ -105,5 +98,5 @@ def test_a_phone_hosted_by_the_pi_goes_out_through_home_and_is_reachable(world: 
         pi.api().delete(f"/v1/devices/{device['id']}")
         assert pi.api().get("/v1/devices")["devices"] == []
         wait_for(lambda: device["public_key"] not in pi.peers_in_kernel(), 5, "the pi to drop the phone")
-        assert _fetch_or_none(phone, SERVER_V4) is None
+        assert phone.fetch_or_none(SERVER_V4) is None
         wait_for(lambda: phone_v4 + "/32" not in laptop.peers_in_kernel(), 5, "the laptop to forget it")

@@ -15,7 +15,16 @@ from tests.web.node import AgentNode
 from webui.passwords import PasswordFile, verify_password
 
 # Every page and API call the app has, with a method that reaches its view.
-PROTECTED_PAGES = ["/", "/logs", "/reach", "/settings", "/devices", "/setup/mesh", "/setup/share", "/part/live"]
+PROTECTED_PAGES = [
+    "/",
+    "/logs",
+    "/reach",
+    "/settings",
+    "/devices",
+    "/setup/mesh",
+    "/setup/share",
+    "/part/live",
+]
 PROTECTED_POSTS = ["/share", "/nodes/1/approve", "/nodes/1/routes", "/settings", "/settings/password",
                    "/settings/leave", "/devices", "/devices/7/revoke", "/devices/7/rename", "/devices/7/enable", "/devices/laptop", "/setup/mesh",
                    "/setup/share", "/logout"]  # fmt: skip

@@ -45,6 +45,11 @@ class Errors(logging.Handler):
         if record.levelno >= logging.WARNING:
             self.records.append(record)
 
+    def failures(self) -> list[str]:
+        """The warnings and errors, each with its traceback if it had one."""
+        formatter = logging.Formatter()
+        return [formatter.format(record) for record in self.records]
+
 
 @dataclass
 class Target:
@@ -214,7 +219,7 @@ def test_dns_fuzz_udp_no_answer_above_the_allowed_size(target: Target) -> None:
         (i, size, target.allowed[i]) for i, size in target.answers if size > target.allowed.get(i, 512)
     ]
     assert too_big == []
-    assert [r.getMessage() for r in target.errors.records] == []
+    assert target.errors.failures() == []
     # Thousands of refusals, a handful of log lines: at most one per kind per minute.
     refusals = [line for line in target.errors.lines if line.startswith(("dns: refused", "dns: servfail"))]
     kinds = {line.split(" (from ")[0] for line in refusals}
@@ -256,4 +261,4 @@ def test_dns_fuzz_tcp_streams(target: Target, stream: bytes) -> None:
         received = received[2 + size :]
     query = dns.message.make_query("pi.mesh.internal", "A")
     assert dns.query.tcp(query, str(target.bind.host), port=target.bind.port, timeout=5).answer
-    assert target.errors.records == []
+    assert target.errors.failures() == []

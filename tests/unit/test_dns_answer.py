@@ -174,6 +174,9 @@ def test_dns_odd_queries_refused_with_the_right_code(build, kind: str, rcode: dn
         (["bücher".encode(), b"mesh", b"internal"], "A", "IN", "name"),  # raw UTF-8: IDNs travel as xn--
         ([b"a\x00b", b"example", b"com"], "A", "IN", "name"),
         ([b"sp ace", b"example", b"com"], "A", "IN", "name"),
+        ([b"a.", b"example", b"com"], "A", "IN", "name"),  # its text would have an empty label
+        ([b"a.b", b"example", b"com"], "A", "IN", "name"),  # its text would be a.b.example.com's
+        ([b"a\\", b"example", b"com"], "A", "IN", "name"),
     ],
 )
 def test_dns_classes_types_and_names_refused(

@@ -127,15 +127,14 @@ class ControlClient:
     def abort_polls(self) -> int:
         """End the long-polls in flight at once (their callers get ControlUnreachable):
         after this host's address changed they ride a connection nobody answers on
-        any more. Other ops are left alone. Returns how many were ended."""
+        any more. Other ops are left alone. Returns how many were ended: a poll still
+        connecting has no connection to end yet, and the one it makes uses the new address."""
         with self._lock:
-            polls = list(self._polls)
-        for conn in polls:
-            sock = conn.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        return len(polls)
+            socks = [conn.sock for conn in self._polls if conn.sock is not None]
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        return len(socks)
 
     def hello(self) -> str:
         """Start a new session (call() does this by itself); returns its id."""

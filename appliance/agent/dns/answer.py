@@ -88,12 +88,18 @@ def _error(message: dns.message.Message, rcode: dns.rcode.Rcode, limit: int) -> 
     return reply.to_wire(max_size=limit, prefer_truncation=True, want_shuffle=False)
 
 
+# Bytes no host name has: the text form would need escapes (a dot or backslash inside a
+# label), and such a name would share its text, our cache key, with another name.
+_NOT_IN_NAMES = frozenset(b".\\")
+
+
 def _name_text(name: dns.name.Name) -> str | None:
     """The name as lowercase ASCII, or None if a label holds bytes no DNS name has
-    (spaces, control characters, raw UTF-8: IDNs travel as xn-- labels, RFC 5890)."""
+    (spaces, control characters, dots or backslashes, raw UTF-8: IDNs travel as xn--
+    labels, RFC 5890)."""
     labels = name.labels[:-1] if name.is_absolute() else name.labels
     for label in labels:
-        if any(byte <= 0x20 or byte >= 0x7F for byte in label):
+        if any(byte <= 0x20 or byte >= 0x7F or byte in _NOT_IN_NAMES for byte in label):
             return None
     return b".".join(labels).decode("ascii").lower()
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from appliance.agent.dns.host import HostDnsLink
     from appliance.agent.dns.service import DnsService
     from appliance.agent.inputs import Inputs, Snapshot, Wanted
+    from appliance.agent.reach.paths import PathChooser
     from appliance.agent.reach.phones import PhoneReach
     from appliance.agent.reach.service import Reachability
     from appliance.core.conflicts import RouteConflict
@@ -68,6 +69,7 @@ class AgentLocal:
     snapshot: Snapshot | None
     conflicts: tuple[RouteConflict, ...]
     reach: Reachability | None
+    paths: PathChooser | None
     host_dns: HostDnsLink
     dns: DnsService | None
 
@@ -118,7 +120,12 @@ class AgentLocal:
         self.bus.put(updates.DevicesChanged(devices))
 
     def netcheck(self) -> dict[str, Any] | None:
-        return self.reach.netcheck() if self.reach is not None else None
+        if self.reach is None:
+            return None
+        report = self.reach.netcheck()
+        latency = self.paths.relay_latency() if self.paths is not None else None
+        report["relay_ms"] = None if latency is None else round(latency * 1000, 1)
+        return report
 
     def phones_reach(self) -> PhoneReach:
         """What a hosted phone's config dials (reach/phones.py), with the owner's newest prefs."""

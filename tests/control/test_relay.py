@@ -187,6 +187,16 @@ def test_relay_carries_datagrams_both_ways_between_proxies(server: Server, pair:
     assert "meshpi_relay_connections 2" in metrics
 
 
+def test_relay_latency_is_a_ping_to_control_and_none_when_closed(
+    server: Server, pair: tuple[Side, Side]
+) -> None:
+    a, _ = pair
+    latency = a.client.latency()
+    assert latency is not None and 0 < latency < 2, latency
+    a.client.close()
+    assert a.client.latency() is None
+
+
 def test_relay_datagrams_not_from_wireguard_port_are_not_relayed(pair: tuple[Side, Side]) -> None:
     a, b = pair
     stranger = FakeWireGuard()

@@ -115,7 +115,9 @@ def test_reach_pi_behind_nat_without_port_forward_is_reached_through_its_mapping
     check = json.loads(pi.meshpi("netcheck", "--json").stdout)
     assert check["reachable"] and check["mapped"] == mapped and check["udp"], check
     assert check["ipv4"].startswith(WAN_V4) and not check["cgnat"], check
-    assert "reachable from outside: yes" in pi.meshpi("netcheck").stdout
+    assert check["relay_ms"] is not None and 0 < check["relay_ms"] < 2000, check  # a ping to control's relay
+    text = pi.meshpi("netcheck").stdout
+    assert "reachable from outside: yes" in text and " ms round trip" in text
 
     # Logging out removes the mapping from the router.
     pi.meshpi("logout")

@@ -93,6 +93,7 @@ def format_report(r: dict[str, Any]) -> str:
         + {True: "yes", False: "no", None: "unknown (one STUN server)"}[r["varies_by_destination"]],
         f"port mapping: {r['port_mapping'] or 'none'}{' ' + r['mapped'] if r['mapped'] else ''}",
         f"endpoints told to peers: {', '.join(r['endpoints']) or 'none'}",
+        "relay: " + ("not connected" if r.get("relay_ms") is None else f"{r['relay_ms']} ms round trip"),
         f"reachable from outside: {r['why']}",
     ]
     phones = r.get("phones")

@@ -302,6 +302,11 @@ class PathChooser:
             self._relay_for = wanted
         return self._relay
 
+    def relay_latency(self) -> float | None:
+        """A ping to control's relay now, in seconds (None: no relay connected)."""
+        relay = self._relay
+        return relay.latency() if relay is not None else None
+
     def _close_relay(self) -> None:
         if self._relay is not None:
             self._relay.close()

@@ -178,6 +178,19 @@ class RelayClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def latency(self, timeout: float = 2.0) -> float | None:
+        """Seconds for a WebSocket ping to control's relay and back (netcheck's relay
+        latency); None while not connected or when no pong came in time."""
+        conn = self._conn
+        if conn is None or not self.connected:
+            return None
+        started = time.monotonic()
+        try:
+            pong = conn.ping()
+        except (ConnectionClosed, OSError, RuntimeError):
+            return None
+        return time.monotonic() - started if pong.wait(timeout) else None
+
     def stats(self) -> RelayStats:
         c = self._counts
         with self._lock:

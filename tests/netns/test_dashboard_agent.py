@@ -211,7 +211,10 @@ def test_dashboard_traffic_history_survives_an_agent_restart(world: World) -> No
     assert sum(after["total"]["rx"]) >= sum(before["total"]["rx"][shift:]) > 0
     for key, series in before["peers"].items():
         if sum(series["rx"][shift:]):
-            assert after["peers"][key]["rx"][: 60 - shift] == series["rx"][shift:], key
+            kept, restored = series["rx"][shift:], after["peers"][key]["rx"][: 60 - shift]
+            # Past minutes come back as they were; the minute `before` was read in may
+            # still have counted a keepalive or two before the agent stopped.
+            assert restored[:-1] == kept[:-1] and restored[-1] >= kept[-1], key
 
 
 def test_dashboard_headline_says_control_is_unreachable(world: World) -> None:

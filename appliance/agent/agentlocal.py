@@ -65,6 +65,7 @@ class AgentLocal:
     reconciler: Reconciler | None
     inputs: Inputs | None
     wanted: Wanted
+    chosen_prefs: Prefs | None
     bus: updates.Bus
     snapshot: Snapshot | None
     conflicts: tuple[RouteConflict, ...]
@@ -105,8 +106,10 @@ class AgentLocal:
         return self.link.status.to_json()
 
     def stored_prefs(self) -> Prefs:
-        """The prefs the owner chose last (what PATCH /v1/prefs changes)."""
-        return self.wanted.prefs
+        """The prefs the owner chose last (what PATCH /v1/prefs changes), even
+        before the loop has taken them."""
+        chosen = self.chosen_prefs
+        return chosen if chosen is not None else self.wanted.prefs
 
     def applied(self) -> Inputs | None:
         """The inputs the kernel holds now (None before the first apply)."""

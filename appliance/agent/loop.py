@@ -103,6 +103,7 @@ class Agent(AgentLocal):
         self.system: System | None = None
         self.reconciler: Reconciler | None = None
         self.wanted = Wanted(None, Prefs())
+        self.chosen_prefs: Prefs | None = None  # set by the LocalAPI until the loop has taken it
         self.inputs: Inputs | None = None  # what was last applied
         self.exit_problem: str | None = None  # why the chosen exit node carries nothing
         self.conflicts: tuple[RouteConflict, ...] = ()  # peers' routes that collide with this host's networks
@@ -288,6 +289,8 @@ class Agent(AgentLocal):
                 continue
             if self.link is not None and offers(before.prefs) != offers(self.wanted.prefs):
                 self.link.offers_changed(self.wanted.prefs)  # tell control now, not after the long-poll
+            if isinstance(update, updates.PrefsChanged) and self.chosen_prefs is update.prefs:
+                self.chosen_prefs = None  # the loop has caught up with the owner's last choice
             changed = changed or self.wanted != before
         return changed
 
@@ -309,6 +312,7 @@ class Agent(AgentLocal):
         """The owner's change (LocalAPI): checked, stored for the next start, and
         handed to the loop. Raises ConfigError naming the field, changing nothing."""
         prefs = set_prefs(self.prefs_path, changes)
+        self.chosen_prefs = prefs  # a GET right after this answers with it, not the loop's older copy
         self.bus.put(updates.PrefsChanged(prefs))
         return prefs
 

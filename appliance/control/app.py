@@ -29,6 +29,7 @@ from appliance.base.files import atomic_write
 from appliance.base.keys import PublicKey
 from appliance.control import admin, stun
 from appliance.control.keys import load_admin_token, load_control_key
+from appliance.control.mapcache import FullMap
 from appliance.control.relay import Relay, add_relay
 from appliance.control.relay_limits import RelayLimits
 from appliance.control.service import ApiError, ControlService
@@ -88,6 +89,9 @@ async def node_op(request: web.Request) -> web.Response:
     if op in TRUSTING_OPS or (op == "register" and body.get("state") == "approved"):
         # Only an approved node gets here with these: its session outlives hello floods.
         sessions.trust(opened.plaintext.get("session"))
+    full = body.get("full")
+    if isinstance(full, FullMap):  # shared encoding, sealed without a JSON round trip
+        return _sealed(full.sealed(opened.box, opened.nonce))
     return _sealed(opened.reply(body))
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from appliance.base.keys import PublicKey
 from appliance.control import limits, mapper, store_devices
 from appliance.control.autoapprove import AUTO_APPROVE, auto_approved
+from appliance.control.mapcache import MapCache
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
@@ -107,6 +108,7 @@ class ControlService:
         self._nodes = {r.machine_key.raw: r for r in self.store.list_nodes()}
         # The changes since version v, shared by every poll that held v.
         self._deltas: dict[int, asyncio.Future[Changes]] = {}
+        self.maps = MapCache()  # full maps: the peer list encoded once per version (mapcache.py)
         self.maintenance_every, self.tombstone_keep = maintenance_every, tombstone_keep
         self.pending_caps = pending_caps
         # (monotonic time, mesh version) at each maintenance round: tombstones up to
@@ -336,10 +338,8 @@ class ControlService:
         if me is None:
             raise ApiError(403, "this node was removed")
         self._sent(current)
-        return {
-            "version": current,
-            "full": mapper.full_map(self.store.mesh, me, records, self.now(), capver, self.dns),
-        }
+        full = self.maps.full(self.store.mesh, me, current, records, self.now(), capver, self.dns)
+        return {"version": current, "full": full}
 
     def _sent(self, version: int) -> None:
         self.metrics.map_updates_sent += 1

@@ -35,7 +35,7 @@ from appliance.control import mapper
 from appliance.control.store_records import NodeRecord
 from appliance.wire import mapzip
 from appliance.wire.dnsname import DnsConfig
-from appliance.wire.netmap import CAPVER, Mesh, Netmap, node_json, netmap_json
+from appliance.wire.netmap import CAPVER, Mesh, Netmap, netmap_json, node_json
 from appliance.wire.seal import b64, encode_json
 
 CHUNK = 64  # peers per deflated chunk: ~10 KiB, what a node's own chunk costs it unpacked
@@ -123,7 +123,9 @@ class MapCache:
         dns: DnsConfig | None,
     ) -> Shared:
         self.builds += 1
-        entries, position, cache = [], {}, {}
+        entries: list[bytes] = []
+        position: dict[int, int] = {}
+        cache: dict[tuple[int, int], tuple[NodeRecord, bytes]] = {}
         lo: datetime | None = None
         hi: datetime | None = None
         for r in records:
@@ -135,7 +137,11 @@ class MapCache:
             if not mapper.visible(r, now):
                 continue
             known = self._entries.get((capver, r.id))
-            entry = known[1] if known is not None and known[0] is r else encode_json(node_json(mapper.wire_node(r), capver))
+            entry = (
+                known[1]
+                if known is not None and known[0] is r
+                else encode_json(node_json(mapper.wire_node(r), capver))
+            )
             cache[(capver, r.id)] = (r, entry)
             position[r.id] = len(entries)
             entries.append(entry)
@@ -145,8 +151,8 @@ class MapCache:
         # The template: the map as mapper renders it, with markers where per-node parts go.
         body = netmap_json(Netmap(mesh, mapper.wire_node(viewer), (), dns=dns), capver)
         body["peers"], body["self"] = [_PEERS], _SELF
-        shared = Shared(version, capver, dns, (lo, hi), _segments(
-            encode_json({"re": _RE, "body": {"version": version, "full": body}})), entries, position)  # fmt: skip
+        template = encode_json({"re": _RE, "body": {"version": version, "full": body}})
+        shared = Shared(version, capver, dns, (lo, hi), _segments(template), entries, position)
         starts, at = [], 0
         for entry in entries:
             starts.append(at)
@@ -163,8 +169,10 @@ class MapCache:
             for c in range((n + k - 1) // k):
                 part = shared.entries[c * k : (c + 1) * k]
                 known = self._chunks.get((shared.capver, c))
-                if known is not None and len(known[0]) == len(part) and all(
-                    a is b for a, b in zip(known[0], part, strict=True)
+                if (
+                    known is not None
+                    and len(known[0]) == len(part)
+                    and all(a is b for a, b in zip(known[0], part, strict=True))
                 ):
                     chunks.append(known[1])
                     continue

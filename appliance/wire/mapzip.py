@@ -78,10 +78,14 @@ def inflate(data: bytes, limit: int = MAX_INFLATED) -> bytes:
     inflates to exactly the length it states, at most `limit` bytes. Never allocates
     more than `limit` (+1) bytes of output, whatever the stream says."""
     if len(data) < HEADER.size:
-        raise MapZipError(f"compressed answer of {len(data)} bytes is shorter than its {HEADER.size}-byte header")
+        raise MapZipError(
+            f"compressed answer of {len(data)} bytes is shorter than its {HEADER.size}-byte header"
+        )
     mark, method, length = HEADER.unpack_from(data)
     if mark != MARK[0] or method != METHOD_DEFLATE:
-        raise MapZipError(f"compressed answer uses method {method}, this agent reads only {METHOD_DEFLATE} (deflate)")
+        raise MapZipError(
+            f"compressed answer uses method {method}, this agent reads only {METHOD_DEFLATE} (deflate)"
+        )
     if length > limit:
         raise MapZipError(f"compressed answer states {length} bytes, over this agent's limit of {limit}")
     z = zlib.decompressobj(-15)

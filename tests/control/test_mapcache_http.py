@@ -67,14 +67,20 @@ def _join(server: Server, n: int) -> list[RawAgent]:
     agents = []
     for i in range(1, n + 1):
         agent = RawAgent(server)
-        body = {"node_key": str(PrivateKey(bytes([i]) * 32).public_key()), "hostname": f"n{i}", "auth_key": secret}
+        body = {
+            "node_key": str(PrivateKey(bytes([i]) * 32).public_key()),
+            "hostname": f"n{i}",
+            "auth_key": secret,
+        }
         assert agent.client.call("register", body)["state"] == "approved"
         agents.append(agent)
     return agents
 
 
 def _body(plaintext: bytes) -> dict[str, Any]:
-    return decode_json_object(mapzip.inflate(plaintext) if mapzip.compressed(plaintext) else plaintext)["body"]  # type: ignore[no-any-return]
+    return decode_json_object(mapzip.inflate(plaintext) if mapzip.compressed(plaintext) else plaintext)[
+        "body"
+    ]  # type: ignore[no-any-return]
 
 
 def test_mapcache_http_old_agents_get_json_and_new_ones_the_same_deflated(server: Server) -> None:
@@ -87,7 +93,9 @@ def test_mapcache_http_old_agents_get_json_and_new_ones_the_same_deflated(server
     assert mapzip.compressed(new) and len(new) < len(v3) * 0.75
     full_old, full_v3, full_new = _body(old)["full"], _body(v3)["full"], _body(new)["full"]
     assert "capver" not in full_old and full_v3["capver"] == 3 and full_new["capver"] == CAPVER
-    assert {k: v for k, v in full_new.items() if k != "capver"} == {k: v for k, v in full_v3.items() if k != "capver"}
+    assert {k: v for k, v in full_new.items() if k != "capver"} == {
+        k: v for k, v in full_v3.items() if k != "capver"
+    }
     assert [p["name"] for p in full_new["peers"]] == [f"n{i}" for i in range(1, 151) if i != 8]
     assert full_new["self"]["name"] == "n8"
     # the agent's own client reads both
@@ -107,7 +115,9 @@ def test_mapcache_http_private_views_stay_private(server: Server) -> None:
     server.admin("POST", f"/admin/v1/nodes/{rid}/routes", {"approved_routes": ["192.168.77.0/24"]})
     # a pending stranger
     stranger = RawAgent(server)
-    stranger.client.call("register", {"node_key": str(PrivateKey(bytes([250]) * 32).public_key()), "hostname": "stranger"})
+    stranger.client.call(
+        "register", {"node_key": str(PrivateKey(bytes([250]) * 32).public_key()), "hostname": "stranger"}
+    )
     for agent in (viewer, router, hub, agents[-1]):
         for body in ({"version": None}, {"version": None, "capver": CAPVER}):
             text = json.dumps(_body(agent.raw_map(body))).encode()

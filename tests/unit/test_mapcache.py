@@ -38,9 +38,16 @@ def mesh_records() -> list[NodeRecord]:
     return [
         # a subnet router: the exit route advertised, not approved; a LAN approved;
         # another approved but no longer advertised; split DNS for an unserved resolver
-        record(1, "pi", advertised_routes=(EXIT, LAN), approved_routes=(LAN, OTHER),
-               endpoints=(), dns_name="pi", devices=(device(1),),
-               advertised_dns=LanDns(("corp.test",), ip_address("10.9.0.53"))),  # fmt: skip
+        record(
+            1,
+            "pi",
+            advertised_routes=(EXIT, LAN),
+            approved_routes=(LAN, OTHER),
+            endpoints=(),
+            dns_name="pi",
+            devices=(device(1),),
+            advertised_dns=LanDns(("corp.test",), ip_address("10.9.0.53")),
+        ),  # fmt: skip
         record(2, "laptop", dns_name="laptop"),
         record(3, "stranger", state=NodeState.PENDING, ipv4=None, ipv6=None, address_index=None),
         record(4, "old", key_expiry=NOW - timedelta(days=1), dns_name="old"),
@@ -148,7 +155,9 @@ def test_mapcache_edges_a_lone_node_and_its_own_chunk_first() -> None:
     alone = [record(1, "alone")]
     cache = MapCache(1)
     full = cache.full(MESH, alone[0], 1, alone, NOW, CAPVER, DNS)
-    assert full["peers"] == [] and mapzip.inflate(full.packed("r")) == reference(alone[0], alone, 1, CAPVER, "r")
+    assert full["peers"] == [] and mapzip.inflate(full.packed("r")) == reference(
+        alone[0], alone, 1, CAPVER, "r"
+    )
     two = [record(1, "a"), record(2, "b"), record(3, "c")]
     for viewer in two:
         got = cache.full(MESH, viewer, 2, two, NOW, CAPVER, DNS)

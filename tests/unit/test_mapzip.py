@@ -43,10 +43,14 @@ def test_mapzip_refuses_a_bomb_without_inflating_it() -> None:
     stream = bomb(64 << 20)  # 64 MiB of zeros in ~64 KiB
     assert len(stream) < 100_000
     honest = mapzip.HEADER.pack(0, 1, 64 << 20) + stream
-    with pytest.raises(mapzip.MapZipError, match=r"states 67108864 bytes, over this agent's limit of 33554432"):
+    with pytest.raises(
+        mapzip.MapZipError, match=r"states 67108864 bytes, over this agent's limit of 33554432"
+    ):
         mapzip.inflate(honest)
     lying = mapzip.HEADER.pack(0, 1, 1000) + stream  # says small, is not
-    with pytest.raises(mapzip.MapZipError, match=r"inflates past the 1000 bytes it states \(refused at 1001\)"):
+    with pytest.raises(
+        mapzip.MapZipError, match=r"inflates past the 1000 bytes it states \(refused at 1001\)"
+    ):
         mapzip.inflate(lying)
 
 
@@ -58,7 +62,10 @@ def test_mapzip_refuses_a_bomb_without_inflating_it() -> None:
         (struct.pack(">BBI", 0, 1, 10) + b"\xff\xff\xff", "is not a deflate stream"),
         (mapzip.compress(b"hello world")[:-3], "is truncated"),
         (mapzip.compress(b"hello") + b"junk", "4 bytes after its stream ends"),
-        (mapzip.HEADER.pack(0, 1, 50) + mapzip.compress(b"hello")[mapzip.HEADER.size :], "inflates to 5 bytes, it states 50"),
+        (
+            mapzip.HEADER.pack(0, 1, 50) + mapzip.compress(b"hello")[mapzip.HEADER.size :],
+            "inflates to 5 bytes, it states 50",
+        ),
     ],
 )
 def test_mapzip_refuses_malformed_answers(data: bytes, message: str) -> None:

@@ -27,7 +27,7 @@ from nacl.public import PublicKey as NaclPublicKey
 
 from appliance.base.files import atomic_write
 from appliance.base.keys import PublicKey
-from appliance.control import admin, stun
+from appliance.control import admin, mapsend, stun
 from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.mapcache import FullMap
 from appliance.control.relay import Relay, add_relay
@@ -50,7 +50,7 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 BOXES: web.AppKey[Boxes] = web.AppKey("boxes", Boxes)
 
 
-async def node_op(request: web.Request) -> web.Response:
+async def node_op(request: web.Request) -> web.StreamResponse:
     op = request.match_info["op"]
     service, key = request.app[admin.SERVICE], request.app[CONTROL_KEY]
     sessions = request.app[SESSIONS]
@@ -91,7 +91,7 @@ async def node_op(request: web.Request) -> web.Response:
         sessions.trust(opened.plaintext.get("session"))
     full = body.get("full")
     if isinstance(full, FullMap):  # shared encoding, sealed without a JSON round trip
-        return _sealed(full.sealed(opened.box, opened.nonce))
+        return await mapsend.send(request, opened, full)
     return _sealed(opened.reply(body))
 
 
@@ -129,6 +129,7 @@ def create_app(
     app[CONTROL_KEY] = control_key
     app[SESSIONS] = Sessions()
     app[BOXES] = TrustedBoxes(control_key, app[SESSIONS])
+    app[mapsend.GATE] = asyncio.Semaphore(mapsend.IN_FLIGHT)  # full maps being sent
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
     add_relay(app, Relay(service, control_key, app[BOXES], relay_limits))

@@ -69,14 +69,16 @@ class Shared:
             and (hi is None or now < hi)
         )
 
-    def peers_text(self, me: int | None) -> bytes:
-        """The peer list's inside without entry `me`."""
+    def peers_parts(self, me: int | None) -> list[memoryview]:
+        """The peer list's inside without entry `me`, as views of the shared text
+        (a map is ~800 KiB at 5,000 nodes: no copy but the one that joins them)."""
+        text = memoryview(self.text)
         if me is None:
-            return self.text
+            return [text]
         start, end = self.starts[me], self.starts[me] + len(self.entries[me])
         if me + 1 < len(self.entries):
-            return self.text[:start] + self.text[end + 1 :]  # its comma after it goes too
-        return self.text[: max(0, start - 1)]  # the last one: the comma before it
+            return [text[:start], text[end + 1 :]]  # its comma after it goes too
+        return [text[: max(0, start - 1)]]  # the last one: the comma before it
 
 
 class MapCache:
@@ -214,18 +216,16 @@ class FullMap(Mapping[str, Any]):
         return self.shared.capver >= mapzip.COMPRESS_CAPVER
 
     def _fill(self, hole: str, re: str) -> bytes:
-        if hole == _PEERS:
-            return self.shared.peers_text(self.me)
-        if hole == _SELF:
-            return self.own
-        return b'"' + re.encode() + b'"'
+        return self.own if hole == _SELF else b'"' + re.encode() + b'"'
 
     def plaintext(self, re: str) -> bytes:
         """The answer's plaintext for the request whose nonce is `re` (base64)."""
-        parts = []
+        parts: list[bytes | memoryview] = []
         for literal, hole in self.shared.segments:
             parts.append(literal)
-            if hole is not None:
+            if hole == _PEERS:
+                parts += self.shared.peers_parts(self.me)
+            elif hole is not None:
                 parts.append(self._fill(hole, re))
         return b"".join(parts)
 
@@ -267,11 +267,13 @@ class FullMap(Mapping[str, Any]):
             length = max(0, length - len(entries[me]) - 1)
         return pieces, length
 
-    def sealed(self, box: Box, request_nonce: bytes) -> bytes:
-        """The sealed answer, compressed for an agent that reads it (capver 4)."""
+    def body(self, request_nonce: bytes) -> bytes:
+        """What is sealed: compressed for an agent that reads it (capver 4)."""
         re = b64(request_nonce)
-        plaintext = self.packed(re) if self.compressed else self.plaintext(re)
-        return bytes(box.encrypt(plaintext))
+        return self.packed(re) if self.compressed else self.plaintext(re)
+
+    def sealed(self, box: Box, request_nonce: bytes) -> bytes:
+        return bytes(box.encrypt(self.body(request_nonce)))
 
     # -- as a Mapping: the full map's JSON -------------------------------------------
 

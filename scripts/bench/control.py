@@ -434,7 +434,8 @@ async def _measure(
     changer_id = next(x["id"] for x in listed if x["node_key"] == nodes[0].node_pub)
     sim.changer_pub = nodes[0].node_pub
     rss_registered = rss_mb(pid)[0]
-    resynced, pid = await resync(sim, nodes, restart, db)  # everyone at once after a restart
+    offers = {0: {"endpoints": ["192.0.2.1:41641"], "advertise_routes": routes}}
+    resynced, pid = await resync(sim, nodes, restart, db, offers)  # everyone at once after a restart
 
     # Initial sync: a sample fetches full maps, all at once, as after a mass start.
     sample = nodes[: min(n, full_sync)]

@@ -142,7 +142,9 @@ class ControlService:
             version = changes.version
             updated = {r.machine_key.raw: r for r in changes.nodes}
             gone = {t.public_key for t in changes.tombstones}
-            for machine, record in list(self._nodes.items()):
+            # O(mesh), so only when a key went: agents repeat their offers on every
+            # reconnect, and 5,000 of those (no change each) must not cost 5,000^2.
+            for machine, record in list(self._nodes.items()) if gone else ():
                 if machine not in updated and record.node_key in gone:
                     del self._nodes[machine]  # removed (a rotation comes back in `updated`)
             self._nodes.update(updated)

@@ -124,6 +124,8 @@ class ControlService:
     async def changed(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A store change: run it, then let the long-polls know the new version."""
         result = await self.db(fn, *args, **kw)
+        if isinstance(result, NodeRecord) and result.version <= self._nodes_version:
+            return result  # nothing new (agents repeat their offers): the copy has it already
         version = await self._refresh()
         if version > self.watch.version:
             self._published_at.setdefault(version, time.monotonic())

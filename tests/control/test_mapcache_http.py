@@ -186,3 +186,22 @@ def test_mapcache_http_agent_refuses_hostile_compressed_answers(make: Any, messa
         assert control.served == 2  # hello, then the map it refused
     finally:
         control.close()
+
+
+def test_mapcache_http_full_maps_wait_their_turn_at_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One full map in flight at a time (mapsend.IN_FLIGHT): the others wait, none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.control import mapsend
+
+    monkeypatch.setattr(mapsend, "IN_FLIGHT", 1)
+    with running_server(tmp_path) as server:
+        agents = _join(server, 24)
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(
+                pool.map(lambda a: a.client.call("map", {"version": None, "capver": CAPVER}), agents)
+            )
+        for i, answer in enumerate(answers):
+            assert answer["full"]["self"]["name"] == f"n{i + 1}" and len(answer["full"]["peers"]) == 23

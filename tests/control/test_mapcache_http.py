@@ -205,3 +205,18 @@ def test_mapcache_http_full_maps_wait_their_turn_at_the_gate(
             )
         for i, answer in enumerate(answers):
             assert answer["full"]["self"]["name"] == f"n{i + 1}" and len(answer["full"]["peers"]) == 23
+
+
+def test_mapcache_http_a_new_agent_against_a_control_from_before_compression(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control that knows capver 3 at most answers a capver-4 agent in version 3,
+    uncompressed (as it always capped the version), and the agent reads that."""
+    from appliance.control import mapcache
+
+    monkeypatch.setattr(mapcache, "CAPVER", 3)
+    with running_server(tmp_path) as server:
+        agents = _join(server, 3)
+        plaintext = agents[0].raw_map({"version": None, "capver": CAPVER})
+        assert plaintext.startswith(b'{"body":') and _body(plaintext)["full"]["capver"] == 3
+        assert len(agents[0].client.call("map", {"version": None, "capver": CAPVER})["full"]["peers"]) == 2

@@ -44,8 +44,8 @@ from appliance.wire.netmap import CAPVER, parse_netmap
 from appliance.wire.seal import b64, decode_json_object, encode_json
 from scripts.bench.leanhttp import LeanConnection
 
-OLD_EVERY = 5  # one node in 5 is an agent from before compression
-VERIFY_EVERY = 50
+OLD_EVERY = 20  # one node in 20 is an agent from before compression (a fleet mostly upgraded)
+VERIFY_EVERY = 40  # a multiple of OLD_EVERY: index 0 is a new agent, 1 an old one
 SINGLE = 50
 REFERENCE_SAMPLE = 10
 

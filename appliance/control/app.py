@@ -27,8 +27,9 @@ from nacl.public import PublicKey as NaclPublicKey
 
 from appliance.base.files import atomic_write
 from appliance.base.keys import PublicKey
-from appliance.control import admin, stun
+from appliance.control import admin, mapsend, stun
 from appliance.control.keys import load_admin_token, load_control_key
+from appliance.control.mapcache import FullMap
 from appliance.control.relay import Relay, add_relay
 from appliance.control.relay_limits import RelayLimits
 from appliance.control.service import ApiError, ControlService
@@ -41,6 +42,7 @@ from appliance.wire.seal import Boxes, SealError, login_url, open_request
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 ADMIN_URL_FILE = "admin.url"
 # Ops only an approved node can make succeed (service._approved).
 TRUSTING_OPS = frozenset({"map", "update", "device"})
@@ -49,7 +51,7 @@ SESSIONS: web.AppKey[Sessions] = web.AppKey("sessions", Sessions)
 BOXES: web.AppKey[Boxes] = web.AppKey("boxes", Boxes)
 
 
-async def node_op(request: web.Request) -> web.Response:
+async def node_op(request: web.Request) -> web.StreamResponse:
     op = request.match_info["op"]
     service, key = request.app[admin.SERVICE], request.app[CONTROL_KEY]
     sessions = request.app[SESSIONS]
@@ -88,6 +90,9 @@ async def node_op(request: web.Request) -> web.Response:
     if op in TRUSTING_OPS or (op == "register" and body.get("state") == "approved"):
         # Only an approved node gets here with these: its session outlives hello floods.
         sessions.trust(opened.plaintext.get("session"))
+    full = body.get("full")
+    if isinstance(full, FullMap):  # shared encoding, sealed without a JSON round trip
+        return await mapsend.send(request, opened, full)
     return _sealed(opened.reply(body))
 
 
@@ -125,6 +130,7 @@ def create_app(
     app[CONTROL_KEY] = control_key
     app[SESSIONS] = Sessions()
     app[BOXES] = TrustedBoxes(control_key, app[SESSIONS])
+    app[mapsend.GATE] = asyncio.Semaphore(mapsend.IN_FLIGHT)  # full maps being sent
     app.router.add_get("/", index)
     app.router.add_post("/v1/{op}", node_op)
     add_relay(app, Relay(service, control_key, app[BOXES], relay_limits))
@@ -218,7 +224,9 @@ async def _serve(
     try:
         for runner, (host, port) in zip(runners, (public_at, admin_at), strict=True):
             await runner.setup()
-            await web.TCPSite(runner, host or None, port).start()
+            # After a restart every node connects at once: aiohttp's default backlog
+            # (128) would drop their SYNs, and each dropped one waits 1 s, 3 s, 7 s.
+            await web.TCPSite(runner, host or None, port, backlog=LISTEN_BACKLOG).start()
         admin_host, admin_port = runners[1].addresses[0][:2]
         shown = f"[{admin_host}]" if ":" in admin_host else admin_host
         # Where the admin API is, beside the token: `meshpi-control nodes …` and the

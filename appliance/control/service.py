@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from appliance.base.keys import PublicKey
 from appliance.control import limits, mapper, store_devices
 from appliance.control.autoapprove import AUTO_APPROVE, auto_approved
+from appliance.control.mapcache import MapCache
 from appliance.control.notify import VersionWatch
 from appliance.control.store import Store
 from appliance.control.store_records import (
@@ -107,6 +108,7 @@ class ControlService:
         self._nodes = {r.machine_key.raw: r for r in self.store.list_nodes()}
         # The changes since version v, shared by every poll that held v.
         self._deltas: dict[int, asyncio.Future[Changes]] = {}
+        self.maps = MapCache()  # full maps: the peer list encoded once per version (mapcache.py)
         self.maintenance_every, self.tombstone_keep = maintenance_every, tombstone_keep
         self.pending_caps = pending_caps
         # (monotonic time, mesh version) at each maintenance round: tombstones up to
@@ -122,6 +124,8 @@ class ControlService:
     async def changed(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """A store change: run it, then let the long-polls know the new version."""
         result = await self.db(fn, *args, **kw)
+        if isinstance(result, NodeRecord) and result.version <= self._nodes_version:
+            return result  # nothing new (agents repeat their offers): the copy has it already
         version = await self._refresh()
         if version > self.watch.version:
             self._published_at.setdefault(version, time.monotonic())
@@ -140,7 +144,9 @@ class ControlService:
             version = changes.version
             updated = {r.machine_key.raw: r for r in changes.nodes}
             gone = {t.public_key for t in changes.tombstones}
-            for machine, record in list(self._nodes.items()):
+            # O(mesh), so only when a key went: agents repeat their offers on every
+            # reconnect, and 5,000 of those (no change each) must not cost 5,000^2.
+            for machine, record in list(self._nodes.items()) if gone else ():
                 if machine not in updated and record.node_key in gone:
                     del self._nodes[machine]  # removed (a rotation comes back in `updated`)
             self._nodes.update(updated)
@@ -336,10 +342,8 @@ class ControlService:
         if me is None:
             raise ApiError(403, "this node was removed")
         self._sent(current)
-        return {
-            "version": current,
-            "full": mapper.full_map(self.store.mesh, me, records, self.now(), capver, self.dns),
-        }
+        full = self.maps.full(self.store.mesh, me, current, records, self.now(), capver, self.dns)
+        return {"version": current, "full": full}
 
     def _sent(self, version: int) -> None:
         self.metrics.map_updates_sent += 1

@@ -13,6 +13,8 @@ older map finds every field it needs (new fields are optional by rule).
   3  DNS (wire/dnsname.py): top-level `dns` (the mesh domain; in deltas too), and per
      node `dns_name` (its label), `devices` (the label and addresses of each device
      it hosts) and `lan_dns` (split DNS: its LAN's domains and resolver)
+  4  no new field: the agent reads a compressed sealed answer (wire/mapzip.py), which
+     control sends for a full map; the JSON inside is the same
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from appliance.wire.fields import (
     parse_public_key,
 )
 
-CAPVER = 3
+CAPVER = 4
 # The fields each version added: what a reader of an older version must not be sent.
 ADDED_IN: dict[str, int] = {"endpoints": 2, "dns": 3, "dns_name": 3, "devices": 3, "lan_dns": 3}
 EXIT_ROUTES: tuple[IPNetwork, ...] = (IPv4Network("0.0.0.0/0"), IPv6Network("::/0"))

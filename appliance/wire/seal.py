@@ -31,6 +31,8 @@ from nacl.public import Box
 from nacl.public import PrivateKey as NaclPrivateKey
 from nacl.public import PublicKey as NaclPublicKey
 
+from appliance.wire import mapzip
+
 VERSION = 1
 KEY_LEN = 32
 NONCE_LEN = Box.NONCE_SIZE  # 24
@@ -321,10 +323,15 @@ def seal_request(
 
 
 def open_response(
-    machine: MachineKey, control_pub: ControlPublicKey, body: bytes, request_nonce: bytes
+    machine: MachineKey,
+    control_pub: ControlPublicKey,
+    body: bytes,
+    request_nonce: bytes,
+    max_inflated: int = mapzip.MAX_INFLATED,
 ) -> dict[str, Any]:
     """Open an answer and return its `body`; BadResponse unless it is control's
-    answer to exactly this request."""
+    answer to exactly this request. A compressed answer (wire/mapzip.py, which the
+    agent asks for with capver 4) is inflated first, to at most `max_inflated` bytes."""
     box = Box(machine.nacl(), control_pub.nacl())
     if len(body) < NONCE_LEN + MAC_LEN:
         raise BadResponse(f"answer of {len(body)} bytes is too short to be sealed")
@@ -332,6 +339,11 @@ def open_response(
         plaintext = box.decrypt(body)
     except CryptoError:
         raise BadResponse("answer is not sealed by the pinned control key") from None
+    if mapzip.compressed(plaintext):
+        try:
+            plaintext = mapzip.inflate(plaintext, max_inflated)
+        except mapzip.MapZipError as e:
+            raise BadResponse(str(e)) from None
     try:
         doc = decode_json_object(plaintext)
     except NotJSONObject as e:

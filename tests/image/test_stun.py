@@ -26,11 +26,6 @@ pytestmark = [
         os.environ.get("MESHPI_IMAGE_TESTS") != "1",
         reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1",
     ),
-    # Its one run found the reflexive address beside kernel WireGuard (203.0.113.1:51820)
-    # but asserted a symmetric-NAT guess; fixed since, not yet run again: opt-in until then.
-    pytest.mark.skipif(
-        os.environ.get("MESHPI_IMAGE_STUN") != "1", reason="opt-in until rerun: MESHPI_IMAGE_STUN=1"
-    ),
 ]
 
 COTURN_V4 = "203.0.113.11"

@@ -78,8 +78,8 @@ def discover(servers: Sequence[Endpoint], port: Port, probe: Probe = kstun.probe
             varies = mapped != found[version][0]
         else:
             found[version] = (mapped, server)
-    for version, answer in inside.items():
-        found.setdefault(version, answer)
+    for family, answer in inside.items():
+        found.setdefault(family, answer)
     v4, v6 = found.get(4), found.get(6)
     return Discovery(
         v4=v4[0] if v4 else None,

@@ -263,6 +263,19 @@ def test_paths_peer_readded_to_the_kernel_is_kicked_afresh() -> None:
     assert PEER in d.kicks
 
 
+def test_paths_peer_readded_between_two_reads_is_kicked_afresh() -> None:
+    """Removed and re-added before the chooser looked: the kernel's entry has never
+    had a handshake, where the one before had."""
+    w = World()
+    for _ in range(T.kick_max + 4):
+        w.step(dt=T.kick_every)  # no session at the relay's proxy: kicked KICK_MAX times
+    w.step(session=True)  # then a session
+    w.step(dt=T.kick_every)
+    assert w.last is not None and PEER not in w.last.kicks
+    w.step(session=False)  # the new entry at the same proxy: never a handshake
+    assert PEER in w.last.kicks
+
+
 def test_paths_peer_gone_is_forgotten() -> None:
     w = World()
     w.step()

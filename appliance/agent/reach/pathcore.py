@@ -119,6 +119,7 @@ class PeerPath:
     busy: float = float("-inf")  # direct: the last data either way, or when it was proven
     probing: float = float("inf")  # direct: the first of our checks still unanswered
     checked: float = float("-inf")  # direct: our last check went then
+    shook: bool = False  # the kernel has held a handshake with it (its entry is not new)
     kicked_for: Endpoint | None = None
     kicked_at: float = 0.0
     kicks: int = 0
@@ -354,7 +355,12 @@ def _kick(
 ) -> tuple[PeerPath, bool]:
     """Whether to make WireGuard send a handshake initiation now (see the module doc)."""
     if seen is None:  # not in the kernel (yet, or any more): once back, it is kicked afresh
-        return (replace(path, kicked_for=None, kicks=0) if path.kicked_for is not None else path), False
+        return (replace(path, kicked_for=None, kicks=0, shook=False) if path.kicked_for or path.shook
+                else path), False  # fmt: skip
+    if seen.handshake_age is not None:
+        path = replace(path, shook=True) if not path.shook else path
+    elif path.shook:  # the kernel forgot every handshake: the peer was re-added (or WireGuard restarted)
+        path = replace(path, kicked_for=None, kicks=0, shook=False)
     if _fresh(seen, now, t) or seen.endpoint is None:
         return path, False
     if path.mode == "relayed":

@@ -128,6 +128,7 @@ class AgentLocal:
         report = self.reach.netcheck()
         latency = self.paths.relay_latency() if self.paths is not None else None
         report["relay_ms"] = None if latency is None else round(latency * 1000, 1)
+        report["checks"] = self.paths.check_counters() if self.paths is not None else None
         return report
 
     def phones_reach(self) -> PhoneReach:
@@ -138,8 +139,13 @@ class AgentLocal:
         return self.reach.phones(prefs) if self.reach is not None else phones(prefs, None, None)
 
     def reach_status(self) -> dict[str, Any] | None:
-        """Port mapping, STUN and the endpoints told to control (None in static mode)."""
-        return self.reach.status() if self.reach is not None else None
+        """Port mapping, STUN, the endpoints told to control and the peers' connectivity
+        checks' counts (None in static mode)."""
+        if self.reach is None:
+            return None
+        status = self.reach.status()
+        status["checks"] = self.paths.check_counters() if self.paths is not None else None
+        return status
 
     def route_conflicts(self) -> list[str]:
         """Peers' routes this host's own networks win over (set aside, or narrowed)."""

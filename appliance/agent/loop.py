@@ -450,6 +450,8 @@ class Agent(AgentLocal):
                     self.reach.stun.probe_now()  # a new network: maybe a new public address
                 if self.link is not None:
                     self.link.network_changed()  # the long-poll rode the old address
+                if self.paths is not None:
+                    self.paths.network_changed()  # direct paths may have moved: check them now
             if batch or time.monotonic() >= next_tick:
                 self.tick()
                 if self.reach is not None:

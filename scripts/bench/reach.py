@@ -6,8 +6,11 @@ joined (`meshpi up` returned) until a ping through the mesh is answered, the p50
 of those, and the path the pair settles on. Then, in one restricted-restricted
 lab: the failover (seconds from an nft rule cutting the direct path until both
 sides are relayed) and the upgrade (from the cut healed until both are direct
-again), `--tries` times each (p50); TCP throughput a -> b over the direct path
-and over the relay: their ratio. The last line is one JSON object:
+again), `--tries` times each (p50); the idle failover (the direct path cut
+after BUSY_FOR s without data, when it is checked every 25 s only: seconds from
+the cut and the first ping until a ping is answered, through the relay),
+`--idle-tries` times (p50); TCP throughput a -> b over the direct path and over
+the relay: their ratio. The last line is one JSON object:
 `pairs: [{a, b, path, first_packet_s}]`, `failover_s`, `upgrade_s`, ...
 
 Everything runs on this machine (2 shared cores here): the figures compare paths
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from appliance.agent.reach.pathcore import BUSY_FOR
 from tests.lab.nat_mesh import NatMesh, nat_mesh
 
 PAIRS = [
@@ -93,10 +97,21 @@ def first_packets(kind_a: str, kind_b: str, tries: int) -> dict[str, object]:
             "first_packet_all_s": [round(t, 2) for t in times], "paths": paths}  # fmt: skip
 
 
+def answered_after(mesh: NatMesh, timeout: float = 60.0) -> float:
+    """Seconds until a ping a -> b is answered (one every 50 ms until then)."""
+    started = time.monotonic()
+    cmd = ["ping", "-n", "-q", "-c", "1", "-i", "0.05", "-w", str(int(timeout)), mesh.b.mesh_v4()]
+    res = mesh.a.host.run(cmd, check=False, timeout=timeout + 10)
+    if res.returncode != 0:
+        raise RuntimeError(f"no answer a -> b within {timeout:g}s: {res.stdout}")
+    return time.monotonic() - started
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tries", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0, help="of each throughput run")
+    parser.add_argument("--idle-tries", type=int, default=3, help="of the idle failover (~15 s each)")
     args = parser.parse_args()
     pairs = [first_packets(a, b, args.tries) for a, b in PAIRS]
     for row in pairs:
@@ -119,6 +134,15 @@ def main() -> int:
             took = f"failover {failovers[-1]:.2f}s, upgrade {upgrades[-1]:.2f}s"
             print(f"{took} (try {i + 1})", file=sys.stderr)
             time.sleep(2)
+        idle_failovers = []
+        for i in range(args.idle_tries):
+            time.sleep(BUSY_FOR + 2)  # no data either way: both sides check every 25 s only
+            mesh.lab.block_direct()
+            idle_failovers.append(answered_after(mesh))
+            mesh.wait_path("relayed", 30)
+            print(f"idle failover {idle_failovers[-1]:.2f}s (try {i + 1})", file=sys.stderr)
+            mesh.lab.unblock_direct()
+            mesh.wait_path("direct", 30)
         direct = throughput(mesh, args.seconds)
         mesh.lab.block_direct()
         mesh.wait_path("relayed", 30)
@@ -126,11 +150,16 @@ def main() -> int:
         relayed = throughput(mesh, args.seconds)
     ratio = relayed / direct if direct else 0.0
     failover, upgrade = statistics.median(failovers), statistics.median(upgrades)
+    idle = statistics.median(idle_failovers) if idle_failovers else None
     print(f"failover direct -> relay p50 {failover:.2f}s, upgrade relay -> direct p50 {upgrade:.2f}s")
+    if idle is not None:
+        print(f"idle failover (cut, then the first ping, until one is answered) p50 {idle:.2f}s")
     print(f"throughput: direct {direct:.1f} Mbit/s, relayed {relayed:.1f} Mbit/s, ratio {ratio:.2f}")
     print(json.dumps({"pairs": pairs, "failover_s": round(failover, 2), "upgrade_s": round(upgrade, 2),
                       "failover_all_s": [round(t, 2) for t in failovers],
                       "upgrade_all_s": [round(t, 2) for t in upgrades],
+                      "idle_failover_s": None if idle is None else round(idle, 2),
+                      "idle_failover_all_s": [round(t, 2) for t in idle_failovers],
                       "direct_mbit_s": round(direct, 1), "relayed_mbit_s": round(relayed, 1),
                       "relayed_vs_direct": round(ratio, 3)}))  # fmt: skip
     return 0

@@ -14,8 +14,11 @@ from ipaddress import ip_address
 import pytest
 
 from appliance.agent.reach import checkcore
+from appliance.agent.reach.checks import Checker
+from appliance.agent.reach.netcheck import format_checks
 from appliance.base.keys import PrivateKey
 from appliance.base.net import Endpoint
+from appliance.kernel.stunport import Datagram
 from appliance.wire import stun
 
 ALICE, BOB, EVE = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
@@ -146,3 +149,52 @@ def test_pathchecks_rate_limit_per_source_and_in_all() -> None:
     total = sum(rate.allow(f"s{i}", 2.0) for i in range(1000))
     assert total <= 50
     assert len(rate._buckets) <= 8
+
+
+class _FakePort:
+    """kernel/stunport.py's StunPort, in memory: what arrives, what was sent."""
+
+    def __init__(self, listen_port: int, fwmark: int) -> None:
+        self.inbox: list[Datagram] = []
+        self.sent: list[tuple[Endpoint, bytes]] = []
+
+    def send(self, dest: Endpoint, payload: bytes) -> None:
+        self.sent.append((dest, payload))
+
+    def receive(self) -> list[Datagram]:
+        got, self.inbox = self.inbox, []
+        return got
+
+    def wait(self, timeout: float) -> bool:
+        return bool(self.inbox)
+
+    def close(self) -> None:
+        pass
+
+
+def test_pathchecks_refusals_are_counted_by_reason_and_nothing_answered() -> None:
+    ours, peer = PrivateKey.generate(), PrivateKey.generate()
+    checker = Checker(lambda: ours, _FakePort)  # type: ignore[arg-type]
+    checker.open(51820, 0)
+    port = checker.port
+    assert isinstance(port, _FakePort)
+    key = checkcore.pair_key(peer, ours.public_key())
+    src = Endpoint(ip_address("203.0.113.5"), 40000)
+    genuine = checkcore.request(os.urandom(12), peer.public_key(), key)
+    port.inbox = [Datagram(src, p) for p in (
+        b"garbage",
+        stun.binding_request(os.urandom(12), "evil", 64),
+        checkcore.request(os.urandom(12), peer.public_key(), os.urandom(32)),
+        checkcore.request(os.urandom(12), PrivateKey.generate().public_key(), key),
+        genuine, genuine, genuine,
+    )]  # fmt: skip
+    heard = checker.read({peer.public_key()}, 100.0)
+    assert heard.asked == {peer.public_key(): (src,)} and len(port.sent) == 1  # the genuine one, once
+    counters = checker.counters()
+    assert counters["answered"] == 1 and counters["sent"] == 0 and counters["proven"] == 0
+    assert counters["refused"] == {
+        "malformed": 2, "unknown_peer": 1, "bad_integrity": 1, "replay": 2, "over_rate": 0,
+        "unsolicited_answer": 0, "answer_from_elsewhere": 0, "answer_bad_integrity": 0,
+    }  # fmt: skip
+    text = format_checks(counters)
+    assert "1 answered" in text and "2 replay" in text and "1 bad integrity" in text, text

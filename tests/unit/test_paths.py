@@ -32,22 +32,24 @@ class World:
     def __init__(self, cands: tuple[Endpoint, ...] = (A, B), relay: bool = True, now: float = 1000.0) -> None:
         self.cands, self.now, self.relay = cands, now, relay
         self.state: Mapping[PublicKey, PeerPath] = {}
-        self.rx = 0
+        self.rx = self.tx = 0
         self.handshake_age: float | None = None
         self.endpoint: Endpoint | None = None
         self.last: Decision | None = None
 
     def step(self, dt: float = 0.25, answers: tuple[Endpoint, ...] = (), asked: tuple[Endpoint, ...] = (),
-             rx: int = 0, session: bool | None = None, endpoint: Endpoint | None = None) -> PeerPath:  # fmt: skip
+             rx: int = 0, session: bool | None = None, endpoint: Endpoint | None = None,
+             tx: int = 0, woke: bool = False) -> PeerPath:  # fmt: skip
         self.now += dt
         self.rx += rx
+        self.tx += tx
         if session is not None:
             self.handshake_age = 1.0 if session else None
         if endpoint is not None:
             self.endpoint = endpoint  # WireGuard roamed (a packet came from there)
-        seen = {PEER: Seen(self.handshake_age, self.endpoint, self.rx, 0)}
+        seen = {PEER: Seen(self.handshake_age, self.endpoint, self.rx, self.tx)}
         heard = Heard({PEER: answers} if answers else {}, {PEER: asked} if asked else {})
-        self.last = decide(self.state, {PEER: self.cands}, seen, heard, self.relay, self.now, T)
+        self.last = decide(self.state, {PEER: self.cands}, seen, heard, self.relay, self.now, T, woke)
         self.state = self.last.peers
         if self.chosen is not None:
             self.endpoint = self.chosen  # the loop applied the choice
@@ -70,6 +72,16 @@ class World:
             self.step()
             sent.append(self.checked)
         return sent
+
+    def answered_for(self, seconds: float, rx: int = 0, tx: int = 0) -> list[float]:
+        """Steps through `seconds`, each check answered at the next step (keepalives
+        or data `rx`/`tx` bytes every step); the times checks went, from the start."""
+        start, times = self.now, []
+        for _ in range(round(seconds / 0.25)):
+            self.step(answers=(A,) if self.checked else (), rx=rx, tx=tx)
+            if self.checked:
+                times.append(round(self.now - start, 2))
+        return times
 
 
 def test_paths_new_peer_is_relayed_at_once_and_every_candidate_checked() -> None:
@@ -238,6 +250,32 @@ def test_paths_kicks_stop_after_kick_max() -> None:
     assert kicks == T.kick_max
 
 
+def test_paths_peer_readded_to_the_kernel_is_kicked_afresh() -> None:
+    """A peer the kernel lost (removed and re-added, WireGuard restarted) has no
+    session at the same endpoint: its kicks start again."""
+    w = World()
+    for _ in range(40):
+        w.step(dt=T.kick_every)
+    assert w.last is not None and PEER not in w.last.kicks  # KICK_MAX used up at the relay's proxy
+    gone = decide(w.state, {PEER: w.cands}, {}, Heard(), True, w.now + 1, T)  # not in the kernel
+    back = {PEER: Seen(None, RELAY, 0, 0)}
+    d = decide(gone.peers, {PEER: w.cands}, back, Heard(), True, w.now + 1.25, T)
+    assert PEER in d.kicks
+
+
+def test_paths_peer_readded_between_two_reads_is_kicked_afresh() -> None:
+    """Removed and re-added before the chooser looked: the kernel's entry has never
+    had a handshake, where the one before had."""
+    w = World()
+    for _ in range(T.kick_max + 4):
+        w.step(dt=T.kick_every)  # no session at the relay's proxy: kicked KICK_MAX times
+    w.step(session=True)  # then a session
+    w.step(dt=T.kick_every)
+    assert w.last is not None and PEER not in w.last.kicks
+    w.step(session=False)  # the new entry at the same proxy: never a handshake
+    assert PEER in w.last.kicks
+
+
 def test_paths_peer_gone_is_forgotten() -> None:
     w = World()
     w.step()
@@ -288,3 +326,72 @@ def test_paths_absent_peer_is_checked_seldom_until_it_shows_up() -> None:
     assert w.checked
     sent = w.steps_until(10.0)
     assert sum(1 for s in sent if s) >= 5
+
+
+def _direct_at_a() -> World:
+    w = World()
+    w.step()
+    w.step(answers=(A,))
+    return w
+
+
+def test_paths_idle_direct_path_is_checked_only_as_often_as_a_keepalive() -> None:
+    w = _direct_at_a()
+    times = w.answered_for(T.busy_for + 3 * T.idle_direct_every)
+    idle = [t for t in times if t > T.busy_for + 1]
+    gaps = [b - a for a, b in zip(idle, idle[1:], strict=False)]
+    assert len(idle) == 3 and all(g == T.idle_direct_every for g in gaps), times
+    assert sum(1 for t in times if t <= T.busy_for) >= T.busy_for - 1  # every second while young
+    assert w.state[PEER].mode == "direct"
+
+
+def test_paths_keepalives_and_handshakes_leave_a_direct_path_idle() -> None:
+    w = _direct_at_a()
+    w.answered_for(T.busy_for + 1)
+    times = w.answered_for(60.0, rx=32)  # the peer's keepalive (and ours) read at each step
+    assert len(times) <= 3, times
+    times = w.answered_for(2.0, tx=148, rx=92)  # a rekey's handshake
+    assert len(times) <= 1, times
+
+
+def test_paths_busy_direct_path_is_checked_every_second() -> None:
+    w = _direct_at_a()
+    w.answered_for(T.busy_for + 1)
+    times = w.answered_for(20.0, tx=128, rx=128)  # pings through the tunnel
+    assert times[0] == 0.25 and len(times) >= 19, times  # at once when data flows again
+
+
+def test_paths_data_after_idle_checks_at_once_and_falls_back_fast_when_dead() -> None:
+    w = _direct_at_a()
+    w.answered_for(T.busy_for + 5)  # idle, last proven up to 25 s ago
+    resumed = w.now
+    w.step(tx=128)  # the owner sends: the path is looked at now, and it is dead
+    assert w.checked == (A,)
+    while w.step(tx=128).mode == "direct":
+        assert w.now - resumed <= T.dead_after
+    assert w.now - resumed <= T.dead_after - T.keep_every + 0.5 and w.chosen == RELAY
+
+
+def test_paths_idle_path_whose_check_is_unanswered_falls_back_after_retries() -> None:
+    w = _direct_at_a()
+    w.answered_for(T.busy_for + T.idle_direct_every - 0.5)
+    sent = w.steps_until(T.idle_direct_every)  # the next idle check is not answered
+    assert w.state[PEER].mode == "relayed"
+    first = next(i for i, s in enumerate(sent) if s)
+    fell = next(i for i, s in enumerate(sent) if s == (A, B))  # relayed: every candidate checked
+    assert sum(1 for s in sent[first:fell] if s) >= 3  # retried every FIRST_GAP, not dropped at once
+    assert (fell - first) * 0.25 <= T.dead_after - T.keep_every + 0.25, (first, fell)
+
+
+def test_paths_network_change_or_roam_checks_an_idle_direct_path_now() -> None:
+    w = _direct_at_a()
+    w.answered_for(T.busy_for + 5)
+    w.step(woke=True)  # this host's networks changed
+    assert w.checked == (A,)
+    w.step(answers=(A,))
+    w.answered_for(T.busy_for + 5)
+    w.step(endpoint=REFLEXIVE)  # WireGuard roamed: the peer's packet came from elsewhere
+    assert w.checked == (A,)
+    w.answered_for(T.busy_for + 5)
+    w.step(asked=(REFLEXIVE,))  # the peer checks us from a new address
+    assert w.checked == (A,)

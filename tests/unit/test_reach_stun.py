@@ -61,6 +61,22 @@ def test_reach_stun_discover_falls_back_to_the_next_server() -> None:
     assert d.varies_by_destination is None and d.failed == (A4,) and "no answer" in d.errors[0]
 
 
+def test_reach_stun_discover_control_on_this_node_is_no_second_view_of_the_nat() -> None:
+    """Control on this very node answers from loopback: it sees 127.0.0.1, which says
+    nothing about the NAT (the image's VM found "symmetric NAT" beside coturn so)."""
+    here = Endpoint(ip_address("127.0.0.1"), 3478)
+    probe = Script({A4: ep("198.51.100.1:51820"), here: ep("127.0.0.1:51820")})
+    for order in ([A4, here], [here, A4]):
+        d = discover(order, PORT, probe)
+        assert d.v4 == ep("198.51.100.1:51820") and d.server_v4 == A4, order
+        assert d.varies_by_destination is None, order
+    alone = discover([here], PORT, probe)  # no other server: UDP works, at least
+    assert alone.v4 == ep("127.0.0.1:51820") and alone.varies_by_destination is None
+    symmetric = discover([here, A4, B4], PORT, Script({here: ep("127.0.0.1:51820"), A4: ep("198.51.100.1:1"),
+                                                       B4: ep("198.51.100.1:2")}))  # fmt: skip
+    assert symmetric.varies_by_destination is True and symmetric.v4 == ep("198.51.100.1:1")
+
+
 def test_reach_stun_loop_logs_address_change_and_failures_once(caplog: pytest.LogCaptureFixture) -> None:
     table: dict[Endpoint, Endpoint | Exception] = {A4: ep("198.51.100.1:51820")}
     disc = StunDiscovery(lambda: [A4], lambda: PORT, probe=Script(table))

@@ -4,14 +4,16 @@ peers' checks answered, answers to ours taken as proofs. What each datagram is
 and whether it is authentic is checkcore.py's; this keeps the state around it:
 our transactions awaiting an answer, the transaction ids already answered
 (replays), the per-source rates, the pair keys. Every refusal is counted, and
-logged once a minute per reason with its count (a flood is one line).
+logged once a minute per reason with its count (a flood is one line); the counts
+are in status (`counters`, the LocalAPI's reach.checks) for `meshpi netcheck`.
 
-Runs on the path chooser's thread only: no locks.
+Runs on the path chooser's thread; only `counters` is read from others (a lock).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +33,18 @@ MAX_KEYS = 4096
 
 PortFactory = Callable[[int, int], StunPort]
 
+# Each refusal's key in status (reach.checks.refused), by the reason the log gives.
+REFUSALS = {
+    "not a check": "malformed",
+    "check from no peer": "unknown_peer",
+    "check with a wrong HMAC": "bad_integrity",
+    "check replayed": "replay",
+    "checks over the rate": "over_rate",
+    "answer to no check of ours": "unsolicited_answer",
+    "answer from elsewhere": "answer_from_elsewhere",
+    "answer with a wrong HMAC": "answer_bad_integrity",
+}
+
 
 @dataclass(frozen=True)
 class _Pending:
@@ -49,9 +63,12 @@ class Checker:
         self._pending: dict[bytes, _Pending] = {}
         self._replay = checkcore.ReplayCache()
         self._rate = checkcore.RateLimit()
-        self.refused: dict[str, int] = {}
+        self.refused: dict[str, int] = {}  # by the reason logged
         self._refusal_logged: dict[str, float] = {}
-        self.answered = 0
+        self.answered = 0  # the peers' checks answered
+        self.sent = 0  # our checks sent
+        self.proven = 0  # authenticated answers to ours taken
+        self._counting = threading.Lock()
 
     def open(self, listen_port: int, fwmark: int) -> None:
         """The raw sockets for this WireGuard port (again if it moved); without the
@@ -103,6 +120,8 @@ class Checker:
                     log.debug("paths: %s", e)
                     continue
                 self._pending[txid] = _Pending(peer, dest, now)
+                with self._counting:
+                    self.sent += 1
 
     def read(self, peers: set[PublicKey], now: float) -> Heard:
         """What came since the last call: the peers' checks answered, our checks'
@@ -134,6 +153,8 @@ class Checker:
                     self._refuse("answer with a wrong HMAC", f"from {datagram.source}", now)
                     continue
                 del self._pending[got.txid]
+                with self._counting:
+                    self.proven += 1
                 answers.setdefault(pending.peer, []).append(datagram.source)
                 continue
             sender = got.sender
@@ -155,14 +176,23 @@ class Checker:
             if len(reply) <= len(datagram.payload):  # never more than we were sent
                 try:
                     port.send(datagram.source, reply)
-                    self.answered += 1
+                    with self._counting:
+                        self.answered += 1
                 except KernelError as e:
                     log.debug("paths: %s", e)
             asked.setdefault(sender, []).append(datagram.source)
         return Heard({k: tuple(v) for k, v in answers.items()}, {k: tuple(v) for k, v in asked.items()})
 
+    def counters(self) -> dict[str, object]:
+        """For status: checks sent, answers taken, checks answered, refusals by key
+        (every key, 0 included, so a reader sees what is counted)."""
+        with self._counting:
+            refused = {key: self.refused.get(reason, 0) for reason, key in REFUSALS.items()}
+            return {"sent": self.sent, "proven": self.proven, "answered": self.answered, "refused": refused}
+
     def _refuse(self, reason: str, detail: str, now: float) -> None:
-        count = self.refused[reason] = self.refused.get(reason, 0) + 1
+        with self._counting:
+            count = self.refused[reason] = self.refused.get(reason, 0) + 1
         last = self._refusal_logged.get(reason)
         if last is None or now - last >= REFUSAL_LOG_EVERY:
             self._refusal_logged[reason] = now

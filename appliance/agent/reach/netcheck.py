@@ -96,6 +96,9 @@ def format_report(r: dict[str, Any]) -> str:
         "relay: " + ("not connected" if r.get("relay_ms") is None else f"{r['relay_ms']} ms round trip"),
         f"reachable from outside: {r['why']}",
     ]
+    checks = r.get("checks")
+    if checks is not None:
+        lines.append(format_checks(checks))
     phones = r.get("phones")
     if phones is not None and phones["endpoint"] is not None:
         lines.append(f"phones dial: {phones['endpoint']} ({phones['source']}: {phones['why']})")
@@ -107,3 +110,11 @@ def format_report(r: dict[str, Any]) -> str:
         url = control["url"] or "not reachable from outside"
         lines.append(f"control on this node: {url} ({control['why']}{fix})")
     return "\n".join(lines)
+
+
+def format_checks(checks: dict[str, Any]) -> str:
+    """The peers' connectivity checks at the WireGuard port (reach/checks.py's counters)."""
+    refused = {k: n for k, n in checks["refused"].items() if n}
+    why = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(refused.items())) or "none"
+    return (f"path checks: {checks['sent']} sent, {checks['proven']} proven, "
+            f"{checks['answered']} answered; refused: {why}")  # fmt: skip

@@ -17,10 +17,14 @@ Per peer, one of three modes:
            RELAYED_EVERY (IDLE_EVERY once nothing came from the peer for
            ACTIVE_FOR). An authenticated answer makes the peer direct. The
            relay keeps carrying the peer meanwhile: trying costs no traffic.
-- direct:  a proven candidate is WireGuard's endpoint. It is checked every
-           KEEP_EVERY (every FIRST_GAP once an answer is late); no answer (and
-           no packet through WireGuard from it) for DEAD_AFTER and the relay
-           carries the peer again. When WireGuard roamed to the relay's proxy
+- direct:  a proven candidate is WireGuard's endpoint. While busy (data
+           either way, or the path proven, within BUSY_FOR) it is checked every
+           KEEP_EVERY; idle, every IDLE_DIRECT_EVERY only (as a keepalive), and
+           at once when data flows again, WireGuard roams, the peer checks from
+           elsewhere or this host's networks change (`woke`). Every FIRST_GAP
+           once an answer is late; no answer (and no packet through WireGuard
+           from it) for DEAD_AFTER, a check unanswered for DEAD_AFTER - KEEP_EVERY,
+           and the relay carries the peer again. When WireGuard roamed to the relay's proxy
            (the other side still relays, or did for a moment) while the path
            answers, the proven address is put back (`repoint`, at most every
            KEEP_EVERY): else both WireGuards could stay on the relay for good.
@@ -55,7 +59,11 @@ RELAYED_EVERY = 2.0  # a relayed peer's candidates are checked this often: upgra
 # is that recent); an idle or absent peer's are checked every IDLE_EVERY only.
 ACTIVE_FOR = 60.0
 IDLE_EVERY = 15.0
-KEEP_EVERY = 1.0  # a direct path's liveness check; every STEP once an answer is late
+KEEP_EVERY = 1.0  # a busy direct path's liveness check; every FIRST_GAP once an answer is late
+# A direct path with no data either way for BUSY_FOR s (and proven longer ago) is idle:
+# checked as often as WireGuard's keepalive goes (prefs' default), not every second.
+BUSY_FOR = 10.0
+IDLE_DIRECT_EVERY = 25.0
 DEAD_AFTER = 2.5  # no answer nor packet from the direct path for this long: the relay takes over
 TRY_EACH = 5.0  # no relay: WireGuard's REKEY_TIMEOUT per candidate
 STALE_AFTER = 180.0  # WireGuard's REJECT_AFTER_TIME: an older handshake is no session
@@ -74,6 +82,16 @@ class Seen:
     endpoint: Endpoint | None
     rx: int
     tx: int
+
+
+# What WireGuard sends by itself, in bytes as its counters count them (header and tag
+# included): a keepalive (32), a cookie reply (64), a handshake response (92) or
+# initiation (148). A counter that grew by such a sum over one read carried no data.
+_BY_ITSELF = frozenset(k * 32 + r * 92 + i * 148 for k in range(4) for r in range(2) for i in range(2))
+
+
+def carried_data(grew: int) -> bool:
+    return grew > 0 and grew not in _BY_ITSELF
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,11 @@ class PeerPath:
     gap: float = FIRST_GAP
     reflexive: tuple[Endpoint, ...] = ()  # where the peer's checks came from (newest first)
     rx: int = 0
+    tx: int = 0
+    busy: float = float("-inf")  # direct: the last data either way, or when it was proven
+    probing: float = float("inf")  # direct: the first of our checks still unanswered
+    checked: float = float("-inf")  # direct: our last check went then
+    shook: bool = False  # the kernel has held a handshake with it (its entry is not new)
     kicked_for: Endpoint | None = None
     kicked_at: float = 0.0
     kicks: int = 0
@@ -117,6 +140,8 @@ class Timing:
     active_for: float = ACTIVE_FOR
     idle_every: float = IDLE_EVERY
     keep_every: float = KEEP_EVERY
+    busy_for: float = BUSY_FOR
+    idle_direct_every: float = IDLE_DIRECT_EVERY
     dead_after: float = DEAD_AFTER
     try_each: float = TRY_EACH
     stale_after: float = STALE_AFTER
@@ -147,9 +172,11 @@ def decide(
     relay: bool,
     now: float,
     timing: Timing = Timing(),
+    woke: bool = False,
 ) -> Decision:
     """One step. `candidates`: the netmap's peers, best first; `relay`: whether a
-    relay is connected now; `now`: monotonic seconds (for the schedules)."""
+    relay is connected now; `now`: monotonic seconds (for the schedules); `woke`:
+    this host's networks changed (every direct path is checked now)."""
     peers: dict[PublicKey, PeerPath] = {}
     choices: dict[PublicKey, Endpoint] = {}
     relayed: set[PublicKey] = set()
@@ -157,7 +184,7 @@ def decide(
     kicks: set[PublicKey] = set()
     repoint: dict[PublicKey, Endpoint] = {}
     for key, cands in candidates.items():
-        path = _step(state.get(key), cands, seen.get(key), heard, key, relay, now, timing)
+        path = _step(state.get(key), cands, seen.get(key), heard, key, relay, now, timing, woke)
         path, sent = _schedule(path, now, timing)
         if sent:
             checks[key] = sent
@@ -192,8 +219,10 @@ def rekeyed(
         if path is None or new_key in out:
             continue
         now_seen = seen.get(new_key)
-        out[new_key] = replace(path, rx=now_seen.rx if now_seen is not None else 0, heard=now, since=now,
-                               next_check=now, kicked_for=None, kicks=0)  # fmt: skip
+        out[new_key] = replace(path, rx=now_seen.rx if now_seen is not None else 0,
+                               tx=now_seen.tx if now_seen is not None else 0, heard=now, since=now,
+                               next_check=now, kicked_for=None, kicks=0, busy=now,
+                               probing=float("inf"))  # fmt: skip
     return out
 
 
@@ -210,7 +239,15 @@ def _fallback(path: PeerPath, has_relay: bool, now: float, t: Timing) -> PeerPat
     """Nothing proven (any more): the relay if there is one, else try; check at once."""
     mode: Mode = "relayed" if has_relay else "trying"
     return replace(
-        path, mode=mode, endpoint=None, since=now, index=0, next_check=now, gap=t.first_gap, active=now
+        path,
+        mode=mode,
+        endpoint=None,
+        since=now,
+        index=0,
+        next_check=now,
+        gap=t.first_gap,
+        active=now,
+        probing=float("inf"),
     )
 
 
@@ -223,17 +260,21 @@ def _step(
     has_relay: bool,
     now: float,
     t: Timing,
+    woke: bool = False,
 ) -> PeerPath:
     known = seen.endpoint if seen is not None and seen.endpoint is not None else None
     direct_known = known if known is not None and not is_relay(known) else None
     if old is None:
-        path = PeerPath("trying", given, rx=seen.rx if seen is not None else 0)
+        path = PeerPath("trying", given, rx=seen.rx if seen is not None else 0,
+                        tx=seen.tx if seen is not None else 0)  # fmt: skip
         if direct_known is not None and direct_known not in given:
             path = replace(path, reflexive=(direct_known,))  # WireGuard's (a rotation's carried one)
         if seen is not None and direct_known is not None and _fresh(seen, now, t):
             # The kernel already talks to it directly (the agent restarted): keep
             # that; the checks confirm it within DEAD_AFTER or the relay takes over.
-            return replace(path, mode="direct", endpoint=direct_known, since=now, heard=now, next_check=now)
+            return replace(
+                path, mode="direct", endpoint=direct_known, since=now, heard=now, next_check=now, busy=now
+            )
         return _fallback(path, has_relay, now, t)
     path = old
     if given != path.candidates:
@@ -249,27 +290,34 @@ def _step(
     if asked and path.mode != "direct":
         path = replace(path, next_check=now, gap=t.first_gap)  # a triggered check: the hole is open now
     received = seen is not None and seen.rx > path.rx and direct_known is not None
+    data = False
     if seen is not None:
-        path = replace(path, rx=seen.rx, active=now if seen.rx > path.rx else path.active)
+        data = carried_data(seen.rx - path.rx) or carried_data(seen.tx - path.tx)
+        path = replace(path, rx=seen.rx, tx=seen.tx, active=now if seen.rx > path.rx else path.active)
     answers = heard.answers.get(key, ())
 
     if path.mode == "direct":
         if path.endpoint in answers or (received and direct_known == path.endpoint):
-            path = replace(path, heard=now)
-        if now - path.heard >= t.dead_after:
+            path = replace(path, heard=now, probing=float("inf"))
+        roamed = known is not None and known != path.endpoint  # WireGuard follows the peer elsewhere
+        moved = any(source != path.endpoint for source in asked)  # the peer checks from elsewhere
+        if data or roamed or moved or woke:
+            if woke or now - path.busy >= t.busy_for:
+                path = replace(path, next_check=min(path.next_check, now))  # it was idle: look now
+            path = replace(path, busy=now)
+        if now - path.heard >= t.dead_after and now - path.probing >= t.dead_after - t.keep_every:
             return _fallback(path, has_relay, now, t)
         return path
 
     if answers:
         best = next((c for c in path.targets() if c in answers), answers[0])
-        return replace(
-            path, mode="direct", endpoint=best, since=now, heard=now, next_check=now + t.keep_every
-        )
+        return replace(path, mode="direct", endpoint=best, since=now, heard=now,
+                       next_check=now + t.keep_every, busy=now, probing=float("inf"))  # fmt: skip
     if received and direct_known is not None and (path.mode == "relayed" or direct_known == _choice(path)):
         # The peer's WireGuard reached ours directly from there (it proved the path
         # first, or the candidate WireGuard was given answered).
         return replace(path, mode="direct", endpoint=direct_known, since=now, heard=now,
-                       next_check=now + t.keep_every)  # fmt: skip
+                       next_check=now + t.keep_every, busy=now, probing=float("inf"))  # fmt: skip
     if path.mode == "relayed" and not has_relay:
         return replace(path, mode="trying", since=now, index=0)
     if path.mode == "trying" and has_relay:
@@ -281,22 +329,39 @@ def _step(
 
 def _schedule(path: PeerPath, now: float, t: Timing) -> tuple[PeerPath, tuple[Endpoint, ...]]:
     """The checks due now, and when the next ones are."""
+    if path.mode == "direct":
+        return _schedule_direct(path, now, t)
     if now < path.next_check:
         return path, ()
-    if path.mode == "direct":
-        assert path.endpoint is not None
-        late = now - path.heard >= t.keep_every + t.first_gap
-        return replace(path, next_check=now + (t.first_gap if late else t.keep_every)), (path.endpoint,)
     targets = path.targets()
     gap = min(path.gap * 2, t.relayed_every if now - path.active < t.active_for else t.idle_every)
     return replace(path, next_check=now + path.gap, gap=gap), targets
+
+
+def _schedule_direct(path: PeerPath, now: float, t: Timing) -> tuple[PeerPath, tuple[Endpoint, ...]]:
+    """Every KEEP_EVERY while busy, IDLE_DIRECT_EVERY while idle; a check still
+    unanswered is sent again every FIRST_GAP (the regular schedule goes on)."""
+    assert path.endpoint is not None
+    unanswered = path.probing <= now
+    if now < path.next_check and not (unanswered and now - path.checked >= t.first_gap):
+        return path, ()
+    every = t.keep_every if now - path.busy < t.busy_for else t.idle_direct_every
+    next_check = path.next_check if now < path.next_check else now + every
+    return replace(path, next_check=next_check, checked=now, probing=min(path.probing, now)), (path.endpoint,)
 
 
 def _kick(
     path: PeerPath, seen: Seen | None, chosen: Endpoint | None, now: float, t: Timing
 ) -> tuple[PeerPath, bool]:
     """Whether to make WireGuard send a handshake initiation now (see the module doc)."""
-    if seen is None or _fresh(seen, now, t) or seen.endpoint is None:
+    if seen is None:  # not in the kernel (yet, or any more): once back, it is kicked afresh
+        return (replace(path, kicked_for=None, kicks=0, shook=False) if path.kicked_for or path.shook
+                else path), False  # fmt: skip
+    if seen.handshake_age is not None:
+        path = replace(path, shook=True) if not path.shook else path
+    elif path.shook:  # the kernel forgot every handshake: the peer was re-added (or WireGuard restarted)
+        path = replace(path, kicked_for=None, kicks=0, shook=False)
+    if _fresh(seen, now, t) or seen.endpoint is None:
         return path, False
     if path.mode == "relayed":
         if not is_relay(seen.endpoint):

@@ -114,6 +114,7 @@ class PathChooser:
         self._seen_at = float("-inf")
         self._lock = threading.Lock()  # status() reads from the LocalAPI's threads
         self._stop = threading.Event()
+        self._woke = threading.Event()  # this host's networks changed (network_changed)
         self._thread: threading.Thread | None = None
 
     # -- the thread ------------------------------------------------------------------
@@ -158,7 +159,10 @@ class PathChooser:
         seen = self._read_seen(now)
         state = self._carry_rotated(inputs, seen, now)
         relay_up = relay is not None and relay.connected
-        decision = decide(state, candidates, seen, heard, relay_up, now, self.timing)
+        woke = self._woke.is_set()
+        if woke:
+            self._woke.clear()
+        decision = decide(state, candidates, seen, heard, relay_up, now, self.timing, woke)
         choices = self._with_relay(decision, relay, candidates)
         for key, path in decision.peers.items():
             old = self._peers.get(key)
@@ -171,7 +175,7 @@ class PathChooser:
             self._post(PathsChosen(dict(choices)))
         self.checks.send(inputs.netmap.self_node.public_key, decision.checks, now)
         if decision.kicks or decision.repoint:
-            self._kick(inputs, decision.kicks, decision.repoint)
+            self._kick(inputs, decision.kicks, decision.repoint, decision.peers)
 
     def _with_relay(
         self, decision: Decision, relay: RelayClient | None, candidates: Mapping[PublicKey, object]
@@ -217,7 +221,11 @@ class PathChooser:
     # -- kicks -----------------------------------------------------------------------
 
     def _kick(
-        self, inputs: Inputs, keys: frozenset[PublicKey], repoint: Mapping[PublicKey, Endpoint]
+        self,
+        inputs: Inputs,
+        keys: frozenset[PublicKey],
+        repoint: Mapping[PublicKey, Endpoint],
+        paths: Mapping[PublicKey, PeerPath],
     ) -> None:
         """Remove and re-add each peer that has no session, and send it a datagram:
         WireGuard forgets that it sent an initiation less than 5 s ago and sends one now.
@@ -259,9 +267,11 @@ class PathChooser:
                     if addresses.get(key):
                         # Traffic for it: the initiation goes now (with or without keepalive).
                         system.links.probe(ifname, addresses[key][0])
-                    log.debug(
-                        "paths: handshake started with %s at %s (seen %s)", key.short, peer.endpoint, stats
-                    )
+                    # A change to the kernel: logged once per endpoint (the first of its kicks).
+                    first = (path := paths.get(key)) is not None and path.kicks == 1
+                    log.log(logging.INFO if first else logging.DEBUG,
+                            "paths: handshake restarted with %s at %s (no session: peer re-added)",
+                            key.short, peer.endpoint)  # fmt: skip
                 except KernelError as e:
                     log.warning("paths: could not restart the handshake with %s: %s", key.short, e)
 
@@ -289,6 +299,11 @@ class PathChooser:
         self._addresses = current
         return rekeyed(state, renamed, seen, now)
 
+    def network_changed(self) -> None:
+        """From the loop (netwatch's HostChanged): this host roamed, or its networks
+        moved; every direct path is checked at the next step, idle or not."""
+        self._woke.set()
+
     def status(self) -> dict[PublicKey, str]:
         """Per peer: "direct <endpoint>", "relayed" or "trying"."""
         with self._lock:
@@ -301,6 +316,10 @@ class PathChooser:
             self._relay = self._make_relay(inputs)
             self._relay_for = wanted
         return self._relay
+
+    def check_counters(self) -> dict[str, object]:
+        """The connectivity checks' counts (checks.py): sent, proven, answered, refused by reason."""
+        return self.checks.counters()
 
     def relay_latency(self) -> float | None:
         """A ping to control's relay now, in seconds (None: no relay connected)."""

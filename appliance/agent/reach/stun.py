@@ -51,14 +51,20 @@ Probe = Callable[[Endpoint, int, int, float], Endpoint]  # kernel.stun.probe's s
 def discover(servers: Sequence[Endpoint], port: Port, probe: Probe = kstun.probe,
              timeout: float = TIMEOUT) -> Discovery:  # fmt: skip
     """One round: the first server of each family that answers; a second v4 server,
-    if there is one, tells whether the mapping varies by destination."""
+    if there is one, tells whether the mapping varies by destination. A server on
+    loopback (control on this very node) sees this node from inside, not through its
+    NAT: its answer is used only when no other server answers, and never compared."""
     found: dict[int, tuple[Endpoint, Endpoint]] = {}
+    inside: dict[int, tuple[Endpoint, Endpoint]] = {}  # loopback servers' answers
     errors: list[str] = []
     failed: list[Endpoint] = []
     varies: bool | None = None
     for server in servers:
         version = server.host.version
-        if version in found and (version == 6 or varies is not None):
+        loopback = server.host.is_loopback
+        if loopback and (version in found or version in inside):
+            continue
+        if not loopback and version in found and (version == 6 or varies is not None):
             continue
         try:
             mapped = probe(server, port.listen_port, port.fwmark, timeout)
@@ -66,10 +72,14 @@ def discover(servers: Sequence[Endpoint], port: Port, probe: Probe = kstun.probe
             errors.append(str(e))
             failed.append(server)
             continue
-        if version in found:
+        if loopback:
+            inside[version] = (mapped, server)
+        elif version in found:
             varies = mapped != found[version][0]
         else:
             found[version] = (mapped, server)
+    for family, answer in inside.items():
+        found.setdefault(family, answer)
     v4, v6 = found.get(4), found.get(6)
     return Discovery(
         v4=v4[0] if v4 else None,

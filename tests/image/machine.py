@@ -155,6 +155,7 @@ class Laptop:
         self.agent: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Laptop:
+        self.vm.net.internet()  # what via_vm() asks
         self.state.mkdir(mode=0o700)
         self.agent = self.vm.net.client.popen(
             [MESHPI, "agent", *self.local], log=self.vm.net.scratch / f"{self.name}-agent.log"
@@ -191,6 +192,22 @@ class Laptop:
 
     def log(self) -> str:
         return (self.vm.net.scratch / f"{self.name}-agent.log").read_text(errors="replace")
+
+    def diagnose(self) -> str:
+        """Both ends of the laptop's tunnel, for a failure message: the VM's agent and
+        kernel state and the laptop's."""
+        vm_side = "; ".join([
+            "meshpi status --json", "wg show meshpi0", "ip rule", "ip route show table 51820",
+            "nft list ruleset | head -80", "systemctl --failed --no-legend",
+            "journalctl -b -u meshpi-agent.service -u meshpi-control.service --no-pager -o short-monotonic | tail -60",
+        ])  # fmt: skip
+        got = self.vm.ssh(vm_side, check=False, timeout=60)
+        laptop = self.vm.net.client.run(
+            ["sh", "-c", f"wg show {self.interface}; ip rule; ip route show table all | grep -v local"],
+            check=False,
+        )
+        return (f"--- the VM:\n{got.stdout}{got.stderr}\n--- the laptop:\n{laptop.stdout}{laptop.stderr}"
+                f"\n--- the laptop's agent log:\n{self.log()[-4000:]}")  # fmt: skip
 
     def stop(self) -> None:
         self.vm.net.client.run([MESHPI, "down", *self.local], check=False, timeout=60)

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.image.machine import HOSTNAME, REPO, ROOT_OFFSET, TIMINGS, Laptop, Vm, node_id, run
-from tests.lab.host import wait_for
+from tests.lab.host import LabError, wait_for
 
 pytestmark = [
     pytest.mark.skipif(
@@ -106,6 +106,13 @@ def _boot_checks(vm: Vm, console: str) -> dict[str, object]:
     }
 
 
+def _exits_through_vm(laptop: Laptop, timeout: float, what: str) -> None:
+    try:
+        wait_for(laptop.via_vm, timeout, what, interval=1)
+    except LabError as error:
+        raise AssertionError(f"{error}\n{laptop.diagnose()}") from error
+
+
 @pytest.mark.disturbs_vm
 def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
     vm: Vm, card: Path, capsys: pytest.CaptureFixture[str]
@@ -117,7 +124,7 @@ def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
         vm_id = node_id(vm, HOSTNAME)
         vm.out(f"meshpi-control routes approve {vm_id} {EXIT_ROUTES}")
         laptop.set("--exit-node", HOSTNAME)
-        wait_for(laptop.via_vm, 90, "the laptop's traffic to leave through the VM", interval=1)
+        _exits_through_vm(laptop, 90, "the laptop's traffic to leave through the VM")
         addresses = json.loads(vm.out("meshpi status --json"))["self"]["addresses"]
         script = WRITER.format(vm_id=vm_id, exit_routes=EXIT_ROUTES)
         seen: list[dict[str, object]] = []
@@ -144,7 +151,7 @@ def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
             now = json.loads(vm.out("meshpi status --json"))["self"]
             assert now["addresses"] == addresses, now
             started = time.monotonic()
-            wait_for(laptop.via_vm, 240, f"the laptop's exit through the VM after reset {n}", interval=2)
+            _exits_through_vm(laptop, 240, f"the laptop's exit through the VM after reset {n}")
             seen.append({"reset": n, "writer_rounds": rounds, "boot_to_hold_s": took,
                          "exit_back_s": round(time.monotonic() - started, 1), **facts})  # fmt: skip
         TIMINGS["resets"] = len(seen)

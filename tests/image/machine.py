@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -16,6 +17,8 @@ from typing import Any
 
 from tests.image.vmnet import SERVER_V4, VM_V4, VmNet
 from tests.lab.host import LabError, wait_for
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -210,7 +213,14 @@ class Laptop:
                 f"\n--- the laptop's agent log:\n{self.log()[-4000:]}")  # fmt: skip
 
     def stop(self) -> None:
-        self.vm.net.client.run([MESHPI, "down", *self.local], check=False, timeout=60)
+        # `down` takes the state directory only (it stops the agent by its pid file): it
+        # removes wireguard-go's interface, the policy rules and table 51820, which a
+        # killed agent leaves behind for the next laptop in this namespace to trip on.
+        down = self.vm.net.client.run(
+            [MESHPI, "down", "--state-dir", str(self.state)], check=False, timeout=60
+        )
+        if down.returncode != 0:
+            log.warning("%s: meshpi down: %s", self.name, down.stderr.strip())
         if self.agent is not None:
             self.vm.net.stop_process(self.agent)
             self.agent = None

@@ -140,6 +140,10 @@ class Vm:
             return self.holds() >= boots
 
         wait_for(held, timeout, f"the self-test's HOLD #{boots}", interval=1)
+        # HOLD comes after multi-user.target, but on the boot that applied meshpi.toml
+        # first boot starts ssh.service with --no-block, outside that transaction: sshd
+        # may listen a little later (a -k run's first test saw "Connection refused").
+        wait_for(lambda: self.ssh("true", check=False, timeout=60).returncode == 0, 300, "SSH", interval=2)
         return round(time.monotonic() - started, 1)
 
 

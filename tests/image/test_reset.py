@@ -93,7 +93,7 @@ def _boot_checks(vm: Vm, console: str) -> dict[str, object]:
     assert not [u for u in failed if re.search(r"meshpi|fsck|mount|journal", u)], failed
     units = "systemctl is-active meshpi-agent.service meshpi-control.service"
     wait_for(
-        lambda: vm.ssh(units, check=False).stdout.split() == ["active", "active"], 120, "agent and control"
+        lambda: vm.ssh(units, check=False).stdout.split() == ["active", "active"], 300, "agent and control"
     )
     # After control started: its SQLite database is in WAL mode, read here read-only.
     assert vm.out(f"/opt/meshpi/bin/python -c '{STATE_CHECK}'") == "ok"
@@ -147,7 +147,7 @@ def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
             facts = _boot_checks(vm, console)
             wait_for(
                 lambda: "self" in json.loads(vm.out("meshpi status --json")),
-                120,
+                300,
                 "the agent's netmap",
                 interval=2,
             )

@@ -85,6 +85,13 @@ class Vm:
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]  # fmt: skip
         return self.net.vmnet.run(["ssh", *opts, f"root@{VM_V4}", command], check=check, timeout=timeout)
 
+    def answers(self) -> bool:
+        """Does SSH log in now?"""
+        try:
+            return self.ssh("true", check=False, timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
     def out(self, command: str) -> str:
         return self.ssh(command).stdout.strip()
 
@@ -143,7 +150,7 @@ class Vm:
         # HOLD comes after multi-user.target, but on the boot that applied meshpi.toml
         # first boot starts ssh.service with --no-block, outside that transaction: sshd
         # may listen a little later (a -k run's first test saw "Connection refused").
-        wait_for(lambda: self.ssh("true", check=False, timeout=60).returncode == 0, 300, "SSH", interval=2)
+        wait_for(self.answers, 300, "SSH", interval=2)
         return round(time.monotonic() - started, 1)
 
 

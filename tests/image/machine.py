@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -16,6 +17,8 @@ from typing import Any
 
 from tests.image.vmnet import SERVER_V4, VM_V4, VmNet
 from tests.lab.host import LabError, wait_for
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -82,6 +85,13 @@ class Vm:
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]  # fmt: skip
         return self.net.vmnet.run(["ssh", *opts, f"root@{VM_V4}", command], check=check, timeout=timeout)
 
+    def answers(self) -> bool:
+        """Does SSH log in now?"""
+        try:
+            return self.ssh("true", check=False, timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
     def out(self, command: str) -> str:
         return self.ssh(command).stdout.strip()
 
@@ -137,6 +147,10 @@ class Vm:
             return self.holds() >= boots
 
         wait_for(held, timeout, f"the self-test's HOLD #{boots}", interval=1)
+        # HOLD comes after multi-user.target, but on the boot that applied meshpi.toml
+        # first boot starts ssh.service with --no-block, outside that transaction: sshd
+        # may listen a little later (a -k run's first test saw "Connection refused").
+        wait_for(self.answers, 300, "SSH", interval=2)
         return round(time.monotonic() - started, 1)
 
 
@@ -155,6 +169,7 @@ class Laptop:
         self.agent: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Laptop:
+        self.vm.net.internet()  # what via_vm() asks
         self.state.mkdir(mode=0o700)
         self.agent = self.vm.net.client.popen(
             [MESHPI, "agent", *self.local], log=self.vm.net.scratch / f"{self.name}-agent.log"
@@ -192,8 +207,31 @@ class Laptop:
     def log(self) -> str:
         return (self.vm.net.scratch / f"{self.name}-agent.log").read_text(errors="replace")
 
+    def diagnose(self) -> str:
+        """Both ends of the laptop's tunnel, for a failure message: the VM's agent and
+        kernel state and the laptop's."""
+        vm_side = "; ".join([
+            "meshpi status --json", "wg show meshpi0", "ip rule", "ip route show table 51820",
+            "nft list ruleset | head -80", "systemctl --failed --no-legend",
+            "journalctl -b -u meshpi-agent.service -u meshpi-control.service --no-pager -o short-monotonic | tail -60",
+        ])  # fmt: skip
+        got = self.vm.ssh(vm_side, check=False, timeout=60)
+        laptop = self.vm.net.client.run(
+            ["sh", "-c", f"wg show {self.interface}; ip rule; ip route show table all | grep -v local"],
+            check=False,
+        )
+        return (f"--- the VM:\n{got.stdout}{got.stderr}\n--- the laptop:\n{laptop.stdout}{laptop.stderr}"
+                f"\n--- the laptop's agent log:\n{self.log()[-4000:]}")  # fmt: skip
+
     def stop(self) -> None:
-        self.vm.net.client.run([MESHPI, "down", *self.local], check=False, timeout=60)
+        # `down` takes the state directory only (it stops the agent by its pid file): it
+        # removes wireguard-go's interface, the policy rules and table 51820, which a
+        # killed agent leaves behind for the next laptop in this namespace to trip on.
+        down = self.vm.net.client.run(
+            [MESHPI, "down", "--state-dir", str(self.state)], check=False, timeout=60
+        )
+        if down.returncode != 0:
+            log.warning("%s: meshpi down: %s", self.name, down.stderr.strip())
         if self.agent is not None:
             self.vm.net.stop_process(self.agent)
             self.agent = None

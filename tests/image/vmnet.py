@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.lab import netns
-from tests.lab.host import Host, LabError, wait_for
+from tests.lab.host import Host, LabError, ToolServer, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,15 @@ class VmNet:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.scratch = Path(tempfile.mkdtemp(prefix=f"meshpi-vmnet-{os.getpid()}-"))
         self._created: list[str] = []
+        self._whoami: ToolServer | None = None
+
+    def internet(self) -> ToolServer:
+        """The whoami server in the server namespace, started by the first test that
+        needs it and kept for the session: every laptop's via_vm() asks it, whichever
+        subset of the tier (-k) runs."""
+        if self._whoami is None or self._whoami.proc.poll() is not None:
+            self._whoami = self.server.whoami_server()
+        return self._whoami
 
     def __enter__(self) -> VmNet:
         try:

@@ -37,11 +37,12 @@ SYSFS_LEDS = Path("/sys/class/leds")
 _STOP_TIMEOUT = 2.0
 
 
-def _gpio_errors() -> tuple[type[Exception], ...]:
-    """gpiozero's error root once gpiozero is loaded. gpiozero (about 8 MB of RSS) is
-    imported only when a GPIO LED is opened; until then none of its errors can occur."""
+def _driver_errors() -> tuple[type[Exception], ...]:
+    """What a driver may raise: ours, the OS's, and gpiozero's error root once gpiozero
+    is loaded. gpiozero (about 8 MB of RSS) is imported only when a GPIO LED is opened;
+    until then none of its errors can occur."""
     exc = sys.modules.get("gpiozero.exc")
-    return (exc.GPIOZeroError,) if exc is not None else ()
+    return (LedError, OSError) if exc is None else (LedError, OSError, exc.GPIOZeroError)
 
 
 class LedError(Exception):
@@ -213,7 +214,7 @@ class GpioLed:
     fallback order); tests pass `gpiozero.pins.mock.MockFactory()`."""
 
     def __init__(self, pin: int, *, pin_factory: Factory | None = None, active_high: bool = True) -> None:
-        from gpiozero import LED  # here, not at the top: see _gpio_errors
+        from gpiozero import LED  # here, not at the top: see _driver_errors
 
         self.pin = pin
         self._led = LED(pin, active_high=active_high, initial_value=False, pin_factory=pin_factory)
@@ -349,7 +350,7 @@ class StatusLeds:
             for driver in self._drivers:
                 try:
                     driver.show(new)
-                except (LedError, OSError, *_gpio_errors()) as e:
+                except _driver_errors() as e:
                     log.warning("LED: %r cannot show %s: %s", driver, new.name, e)
             return True
 
@@ -358,7 +359,7 @@ class StatusLeds:
             for driver in self._drivers:
                 try:
                     driver.close()
-                except (LedError, OSError, *_gpio_errors()) as e:
+                except _driver_errors() as e:
                     log.warning("LED: closing %r failed: %s", driver, e)
             self._drivers.clear()
             self._state = None
@@ -398,7 +399,7 @@ def open_status_leds(
         if onboard:
             log.info("LED: no onboard LED (%s) under %s", " or ".join(onboard), sysfs_root)
     for pin in gpio_pins:
-        from gpiozero.exc import GPIOZeroError  # only with GPIO LEDs: see _gpio_errors
+        from gpiozero.exc import GPIOZeroError  # only with GPIO LEDs: see _driver_errors
 
         try:
             drivers.append(GpioLed(pin, pin_factory=pin_factory))

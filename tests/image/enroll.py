@@ -60,8 +60,9 @@ class FakeNode:
         )
         if answer.get("state") != "approved":
             raise RuntimeError(f"fake node {self.index} is {answer.get('state')!r}, not approved")
-        # An endpoint in TEST-NET-3: a peer the kernel configures, that nothing answers.
-        endpoint = f"203.0.113.{1 + self.index % 250}:{41000 + self.index}"
+        # An endpoint in TEST-NET-1 (routed nowhere in the test network): a peer the
+        # kernel configures, that nothing answers.
+        endpoint = f"192.0.2.{1 + self.index % 250}:{41000 + self.index}"
         self.call("update", {"endpoints": [endpoint]})
 
 

@@ -76,7 +76,8 @@ def footprint(vm: Vm) -> dict[str, dict[str, float]]:
     key = vm.out("meshpi-control keys create --reusable --expires 900").splitlines()[-1]
     before = peer_count(vm)
     python = str(REPO / ".venv/bin/python")
-    enrolled = vm.net.client.run([python, "-m", "tests.image.enroll", login, key, str(PEERS)], timeout=600)
+    enroll = [python, "-m", "tests.image.enroll", login, key, str(PEERS)]
+    enrolled = vm.net.client.run(enroll, timeout=600, cwd=REPO)
     TIMINGS["enroll_100_s"] = json.loads(enrolled.stdout.splitlines()[-1])["enroll_s"]
     wait_for(lambda: peer_count(vm) >= before + PEERS, 300, f"{PEERS} more peers on meshpi0", interval=2)
     vm.out("meshpi status --json > /dev/null")

@@ -74,3 +74,19 @@ def test_footprint_bare_pyroute2_missing_names_are_attribute_errors(name: str) -
         f"try:\n    getattr(pyroute2, {name!r})\nexcept AttributeError:\n    pass\n"
         "else:\n    raise SystemExit('no AttributeError')"
     )
+
+
+def test_footprint_version_without_importlib_metadata() -> None:
+    """The agent's status names its version without loading importlib.metadata
+    (about 1.8 MB), and says what importlib.metadata would."""
+    from importlib.metadata import version
+
+    from appliance.base.version import installed_version
+
+    for dist in ("meshpi", "pyroute2", "PyNaCl", "typing_extensions", "dnspython"):
+        assert installed_version(dist) == version(dist), dist
+    assert installed_version("no-such-distribution") is None
+    modules = loaded(
+        "from appliance.agent.localapi.status import meshpi_version\nassert meshpi_version() != 'unknown'"
+    )
+    assert "importlib.metadata" not in modules

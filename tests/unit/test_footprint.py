@@ -4,6 +4,7 @@ test process has everything in it."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -90,3 +91,23 @@ def test_footprint_version_without_importlib_metadata() -> None:
         "from appliance.agent.localapi.status import meshpi_version\nassert meshpi_version() != 'unknown'"
     )
     assert "importlib.metadata" not in modules
+
+
+def test_footprint_traffic_ring_is_narrow_until_a_minute_outgrows_it() -> None:
+    """A peer's day of traffic costs 4 bytes a minute and direction; a minute of 4 GiB
+    or more widens that direction to 8 bytes, losing nothing; snapshots keep their
+    8-byte format either way."""
+    from appliance.core.traffic import SLOTS, Ring
+
+    ring = Ring(100)
+    ring.add(99, 1, 2)
+    assert (ring.rx.itemsize, ring.tx.itemsize) == (4, 4)
+    ring.add(100, 5, 2**32)  # one byte over what 4 bytes hold
+    assert (ring.rx.itemsize, ring.tx.itemsize) == (4, 8)
+    assert ring.series(2, 100) == ([1, 5], [2, 2**32])
+    again = Ring.from_json(100, ring.to_json())
+    assert again.series(2, 100) == ([1, 5], [2, 2**32])
+    assert (again.rx.itemsize, again.tx.itemsize) == (4, 8)
+    quiet = Ring(7)
+    assert len(base64.b64decode(quiet.to_json()["rx"])) < 8 * SLOTS  # zlib of 8-byte slots
+    assert Ring.from_json(7, quiet.to_json()).rx.itemsize == 4

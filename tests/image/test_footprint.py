@@ -114,21 +114,28 @@ def test_image_footprint_all_three(footprint: dict[str, dict[str, float]]) -> No
         assert sum(rss.values()) <= ALL_THREE_MB + NOISE_MB, (when, footprint)
 
 
+@pytest.mark.disturbs_vm
 def test_image_boot_to_exit_node_ready(vm: Vm, capsys: pytest.CaptureFixture[str]) -> None:
-    """Seconds from the kernel's start to the agent's first apply on this boot (its
-    log line "... meshpi0 is up" or "took over meshpi0"), with what it waited on."""
+    """A reboot with the first boot done (issue 14's case; the session's second boot
+    still applied meshpi.toml): seconds from the kernel's start to the agent's first
+    apply (its log line "... meshpi0 is up" or "took over meshpi0"), with what it
+    waited on. Marked disturbs_vm: the reboot runs after the tier's other tests."""
+    boots = vm.holds()
+    vm.ssh("systemctl reboot", check=False, timeout=30)
+    TIMINGS["boot3_to_ready_s"] = vm.wait_held(boots + 1, 1200)  # from the reboot command
     journal = vm.out(
-        "journalctl -b -u meshpi-agent.service -o short-monotonic --no-pager"
-        " | grep -E 'is up|took over' | head -1"
+        "journalctl -b -u meshpi-agent.service -o short-monotonic --no-pager | grep -E 'is up|took over' | head -1"
     )
     found = re.match(r"\[\s*([0-9.]+)\]", journal)
     assert found, journal
-    TIMINGS["boot2_exit_ready_s"] = round(float(found[1]), 1)
+    TIMINGS["boot3_exit_ready_s"] = round(float(found[1]), 1)
     startup = vm.out("systemd-analyze time | head -1")
     chain = vm.out("systemd-analyze critical-chain --no-pager meshpi-agent.service")
-    blame = vm.out("systemd-analyze blame --no-pager | head -12")
+    blame = vm.out("systemd-analyze blame --no-pager | head -15")
     with capsys.disabled():
-        print(f"\n  exit node ready {TIMINGS['boot2_exit_ready_s']} s after the kernel started; {startup}")
+        print(f"\n  exit node ready {TIMINGS['boot3_exit_ready_s']} s after the kernel started; {startup}")
         print("  critical chain:\n    " + "\n    ".join(chain.splitlines()))
         print("  blame:\n    " + "\n    ".join(blame.splitlines()))
+        print(f"  image tier timings so far: {json.dumps(TIMINGS)}")
+    assert vm.out("systemctl is-enabled meshpi-firstboot.service") == "disabled"  # applied: out of the boot
     assert vm.out("systemctl is-active meshpi-agent.service") == "active"

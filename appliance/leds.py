@@ -17,16 +17,16 @@ import enum
 import logging
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from gpiozero import LED
-from gpiozero.exc import GPIOZeroError
-from gpiozero.pins import Factory
+if TYPE_CHECKING:
+    from gpiozero.pins import Factory
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,14 @@ SYSFS_LEDS = Path("/sys/class/leds")
 # Steps wait on the stop Event, so a player stops within microseconds; this only
 # bounds the wait for a write stuck in the kernel.
 _STOP_TIMEOUT = 2.0
+
+
+def _driver_errors() -> tuple[type[Exception], ...]:
+    """What a driver may raise: ours, the OS's, and gpiozero's error root once gpiozero
+    is loaded. gpiozero (about 8 MB of RSS) is imported only when a GPIO LED is opened;
+    until then none of its errors can occur."""
+    exc = sys.modules.get("gpiozero.exc")
+    return (LedError, OSError) if exc is None else (LedError, OSError, exc.GPIOZeroError)
 
 
 class LedError(Exception):
@@ -206,6 +214,8 @@ class GpioLed:
     fallback order); tests pass `gpiozero.pins.mock.MockFactory()`."""
 
     def __init__(self, pin: int, *, pin_factory: Factory | None = None, active_high: bool = True) -> None:
+        from gpiozero import LED  # here, not at the top: see _driver_errors
+
         self.pin = pin
         self._led = LED(pin, active_high=active_high, initial_value=False, pin_factory=pin_factory)
         self._player: _PatternPlayer | None = None
@@ -340,7 +350,7 @@ class StatusLeds:
             for driver in self._drivers:
                 try:
                     driver.show(new)
-                except (LedError, OSError, GPIOZeroError) as e:
+                except _driver_errors() as e:
                     log.warning("LED: %r cannot show %s: %s", driver, new.name, e)
             return True
 
@@ -349,7 +359,7 @@ class StatusLeds:
             for driver in self._drivers:
                 try:
                     driver.close()
-                except (LedError, OSError, GPIOZeroError) as e:
+                except _driver_errors() as e:
                     log.warning("LED: closing %r failed: %s", driver, e)
             self._drivers.clear()
             self._state = None
@@ -389,6 +399,8 @@ def open_status_leds(
         if onboard:
             log.info("LED: no onboard LED (%s) under %s", " or ".join(onboard), sysfs_root)
     for pin in gpio_pins:
+        from gpiozero.exc import GPIOZeroError  # only with GPIO LEDs: see _driver_errors
+
         try:
             drivers.append(GpioLed(pin, pin_factory=pin_factory))
         except GPIOZeroError as e:

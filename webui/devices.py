@@ -15,7 +15,6 @@ import shlex
 from typing import Any
 from urllib.parse import quote
 
-import segno
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response
 
@@ -39,6 +38,8 @@ def qr_data_uri(text: str) -> tuple[str, int]:
     """The config as a QR code: an SVG data: URI (no request leaves the page; a vector
     stays sharp at whatever width the screen gives it) and the smallest width in CSS
     pixels at which it still scans."""
+    import segno  # here: only the devices page draws QR codes (the dashboard's RSS, issue 14)
+
     qr = segno.make(text, error="m", micro=False)
     width, _ = qr.symbol_size(scale=1, border=QR_BORDER)
     uri = qr.svg_data_uri(scale=1, border=QR_BORDER, dark="#000", light="#fff")

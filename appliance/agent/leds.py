@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-
-from gpiozero.pins import Factory
+from typing import TYPE_CHECKING
 
 from appliance.leds import (
     ONBOARD_LEDS,
@@ -23,6 +22,9 @@ from appliance.leds import (
     derive_state,
     open_status_leds,
 )
+
+if TYPE_CHECKING:
+    from gpiozero.pins import Factory  # a type only: gpiozero loads with the first GPIO LED
 
 log = logging.getLogger(__name__)
 

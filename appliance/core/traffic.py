@@ -3,8 +3,10 @@ Pure (the agent feeds it, agent/traffic.py).
 
 Slot i holds minute m where m % SLOTS == i; `end` is the newest minute held
 (unix minutes). Moving to a later minute zeroes the slots skipped, so a gap (the
-agent was stopped, the Pi was off) reads as no traffic. An `array('Q')` is 8
-bytes a slot: 23 KB for a peer's day, both directions.
+agent was stopped, the Pi was off) reads as no traffic. A direction is an
+`array('I')`, 4 bytes a slot (11.5 KB for a peer's day, both directions: the agent
+keeps one per peer, issue 14's footprint), until a minute holds 4 GiB or more;
+then that direction becomes an `array('Q')`. Snapshots are always 8 bytes a slot.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from typing import Any
 
 STEP = 60  # seconds a slot covers
 SLOTS = 24 * 60  # a day
-_TYPECODE = "Q"
+_TYPECODE = "Q"  # snapshots, and a direction that outgrew _NARROW
+_NARROW = "I"
+_NARROW_MAX = 2**32 - 1
 
 
 class Ring:
     def __init__(self, end: int) -> None:
         self.end = end  # the newest minute held (unix seconds // STEP)
-        self.rx = array(_TYPECODE, bytes(8 * SLOTS))
-        self.tx = array(_TYPECODE, bytes(8 * SLOTS))
+        self.rx = array(_NARROW, bytes(4 * SLOTS))
+        self.tx = array(_NARROW, bytes(4 * SLOTS))
 
     def advance(self, minute: int) -> None:
         """Make `minute` the newest; the minutes between read as zero."""
@@ -39,8 +43,11 @@ class Ring:
         self.advance(minute)
         if minute <= self.end - SLOTS:
             return
-        self.rx[minute % SLOTS] += rx
-        self.tx[minute % SLOTS] += tx
+        slot = minute % SLOTS
+        self.rx = _widened(self.rx, self.rx[slot] + rx)
+        self.tx = _widened(self.tx, self.tx[slot] + tx)
+        self.rx[slot] += rx
+        self.tx[slot] += tx
 
     def series(self, minutes: int, end: int) -> tuple[list[int], list[int]]:
         """The `minutes` up to and including `end`, oldest first."""
@@ -71,8 +78,16 @@ class Ring:
         return ring
 
 
+def _widened(values: array[int], value: int) -> array[int]:
+    """`values`, as an array('Q') if `value` does not fit the narrow type."""
+    if values.typecode == _NARROW and value > _NARROW_MAX:
+        return array(_TYPECODE, values)
+    return values
+
+
 def _pack(values: array[int]) -> str:
-    return base64.b64encode(zlib.compress(values.tobytes(), 6)).decode()
+    wide = values if values.typecode == _TYPECODE else array(_TYPECODE, values)
+    return base64.b64encode(zlib.compress(wide.tobytes(), 6)).decode()
 
 
 def _unpack(text: object) -> array[int]:
@@ -87,4 +102,4 @@ def _unpack(text: object) -> array[int]:
         raise ValueError(f"a packed ring holds {8 * SLOTS} bytes, not {len(raw)}")
     values = array(_TYPECODE)
     values.frombytes(raw)
-    return values
+    return array(_NARROW, values) if max(values) <= _NARROW_MAX else values

@@ -22,7 +22,7 @@ MAX_FLOWS = 65536  # a Pi's conntrack table holds fewer; a bound on one read's c
 def flows() -> list[tuple[IPAddress, IPAddress]]:
     """(original source, original destination) of every tracked flow, v4 and v6.
     Empty where conntrack is not there (no module: nothing was ever NATed)."""
-    from pyroute2 import Conntrack
+    from pyroute2.conntrack import Conntrack
 
     found: list[tuple[IPAddress, IPAddress]] = []
     for family in (socket.AF_INET, socket.AF_INET6):

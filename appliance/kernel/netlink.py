@@ -18,7 +18,7 @@ from socket import AF_INET, AF_INET6
 from types import TracebackType
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.base.net import IPInterface, IPNetwork

@@ -20,7 +20,7 @@ from ipaddress import ip_address, ip_network
 from socket import AF_INET, AF_INET6
 from typing import Any
 
-from pyroute2 import IPRoute, WireGuard
+from pyroute2.iproute.linux import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
@@ -30,6 +30,7 @@ from pyroute2.netlink.generic.wireguard import (
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
     AsyncWireGuard,
+    WireGuard,
     wgmsg,
 )
 

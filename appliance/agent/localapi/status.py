@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.agent.localapi.connected import ONLINE_WITHIN, HostedRow, connected_rows
 from appliance.agent.localapi.headline import Facts, headline
 from appliance.base.keys import PublicKey
 from appliance.base.net import IPAddress
+from appliance.base.version import installed_version
 from appliance.core.model import Connected, HostedDevice
 from appliance.kernel.base import KernelError, PeerStats
 from appliance.leds import LedState
@@ -53,10 +53,7 @@ EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
 
 
 def meshpi_version() -> str:
-    try:
-        return version("meshpi")
-    except PackageNotFoundError:
-        return "unknown"
+    return installed_version("meshpi") or "unknown"
 
 
 def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any]:

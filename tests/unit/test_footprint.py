@@ -1,0 +1,113 @@
+"""What each process imports at start (issue 14: the agent, control and the web UI
+fit a 512 MB Pi Zero 2 W). Each check runs a fresh interpreter: sys.modules of the
+test process has everything in it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Heavy modules a process must not import until it uses them.
+AGENT_MUST_NOT_LOAD = (
+    "pyroute2.ndb",
+    "pyroute2.ipdb",
+    "sqlite3",
+    "gpiozero",
+    "aiohttp",
+    "cryptography",
+    "flask",
+)
+CONTROL_MUST_NOT_LOAD = ("pyroute2", "gpiozero", "flask", "dns", "psycopg")
+WEB_MUST_NOT_LOAD = ("pyroute2", "aiohttp", "gpiozero", "dns", "asyncio")
+
+
+def loaded(code: str) -> set[str]:
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def heavy(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_footprint_agent_imports_only_what_it_uses() -> None:
+    modules = loaded(
+        "import appliance.cli, appliance.agent.loop, appliance.kernel.real, appliance.agent.agentlocal"
+    )
+    assert "pyroute2.iproute.linux" in modules  # (the probe did import the agent's kernel code)
+    assert heavy(modules, AGENT_MUST_NOT_LOAD) == []
+
+
+def test_footprint_control_imports_only_what_it_uses() -> None:
+    modules = loaded("import appliance.control.cli, appliance.control.app")
+    assert "aiohttp" in modules
+    assert heavy(modules, CONTROL_MUST_NOT_LOAD) == []
+
+
+def test_footprint_web_ui_imports_only_what_it_uses() -> None:
+    modules = loaded("import webui.server, webui")
+    assert "flask" in modules
+    assert heavy(modules, WEB_MUST_NOT_LOAD) == []
+
+
+def test_footprint_bare_pyroute2_still_serves_its_whole_api() -> None:
+    """Code that asks pyroute2 for a name the kernel modules do not import gets it:
+    the real __init__ runs then, once."""
+    modules = loaded(
+        "import appliance.kernel.netlink\n"
+        "from pyroute2 import NDB, IPRoute, config\n"
+        "import pyroute2\n"
+        "assert pyroute2.NetNS and IPRoute and config and NDB"
+    )
+    assert "pyroute2.ndb.main" in modules
+
+
+@pytest.mark.parametrize("name", ["no_such_thing", "__wrapped__"])
+def test_footprint_bare_pyroute2_missing_names_are_attribute_errors(name: str) -> None:
+    loaded(
+        "import appliance.kernel.netlink, pyroute2\n"
+        f"try:\n    getattr(pyroute2, {name!r})\nexcept AttributeError:\n    pass\n"
+        "else:\n    raise SystemExit('no AttributeError')"
+    )
+
+
+def test_footprint_version_without_importlib_metadata() -> None:
+    """The agent's status names its version without loading importlib.metadata
+    (about 1.8 MB), and says what importlib.metadata would."""
+    from importlib.metadata import version
+
+    from appliance.base.version import installed_version
+
+    for dist in ("meshpi", "pyroute2", "PyNaCl", "typing_extensions", "dnspython"):
+        assert installed_version(dist) == version(dist), dist
+    assert installed_version("no-such-distribution") is None
+    modules = loaded(
+        "from appliance.agent.localapi.status import meshpi_version\nassert meshpi_version() != 'unknown'"
+    )
+    assert "importlib.metadata" not in modules
+
+
+def test_footprint_traffic_ring_is_narrow_until_a_minute_outgrows_it() -> None:
+    """A peer's day of traffic costs 4 bytes a minute and direction; a minute of 4 GiB
+    or more widens that direction to 8 bytes, losing nothing; snapshots keep their
+    8-byte format either way."""
+    from appliance.core.traffic import SLOTS, Ring
+
+    ring = Ring(100)
+    ring.add(99, 1, 2)
+    assert (ring.rx.itemsize, ring.tx.itemsize) == (4, 4)
+    ring.add(100, 5, 2**32)  # one byte over what 4 bytes hold
+    assert (ring.rx.itemsize, ring.tx.itemsize) == (4, 8)
+    assert ring.series(2, 100) == ([1, 5], [2, 2**32])
+    again = Ring.from_json(100, ring.to_json())
+    assert again.series(2, 100) == ([1, 5], [2, 2**32])
+    assert (again.rx.itemsize, again.tx.itemsize) == (4, 8)
+    quiet = Ring(7)
+    assert len(base64.b64decode(quiet.to_json()["rx"])) < 8 * SLOTS  # zlib of 8-byte slots
+    assert Ring.from_json(7, quiet.to_json()).rx.itemsize == 4

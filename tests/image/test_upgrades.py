@@ -6,8 +6,10 @@
       dists/<codename>-security   Origin Debian, Label Debian-Security:
                                   fakesec 1.1, linux-image-meshpitest 2
     the VM                 the image's own apt config (meshpi-upgrades), plus a test
-                           APT_CONFIG that points apt at that repository only and keeps
-                           Automatic-Reboot off (the shared VM must stay up)
+                           APT_CONFIG that points apt at that repository only, and
+                           apt.conf.d/99meshpi-imagetest that keeps Automatic-Reboot off
+                           (the shared VM must stay up; unattended-upgrade re-reads
+                           apt.conf.d after APT_CONFIG, so only a later file there wins)
 
 unattended-upgrade must select the two security updates and not fakeother, which
 Debian's own 50unattended-upgrades would take (the main suite's origin). The real run
@@ -40,16 +42,14 @@ pytestmark = pytest.mark.skipif(
 
 PORT = 8088
 MT = "/tmp/meshpi-upgrades-test"
-# Package lists from this repository only, and the appliance's reboot turned off for the
-# test: Dir::Etc::main is read after apt.conf.d/, so it wins over 52meshpi-upgrades.
+# Package lists from this repository only.
 APT_CONFIG = f"""\
 Dir::Etc::sourcelist "{MT}/sources.list";
 Dir::Etc::sourceparts "{MT}/sources.list.d";
 Dir::State::Lists "{MT}/lists";
-Dir::Etc::main "{MT}/last.conf";
 Acquire::Check-Valid-Until "false";
 """
-LAST_CONF = 'Unattended-Upgrade::Automatic-Reboot "false";\n'
+NO_REBOOT = "/etc/apt/apt.conf.d/99meshpi-imagetest"
 APT = f"APT_CONFIG={MT}/apt.conf"
 SLOW = 900  # python-apt under full-system emulation, on a loaded 2-core host
 
@@ -71,32 +71,33 @@ def _deb(work: Path, pool: Path, name: str, version: str) -> Path:
 
 
 def _suite(repo: Path, suite: str, label: str, archive: str, debs: list[Path]) -> None:
-    """dists/<suite>: a Packages index of `debs` and a Release naming origin and label."""
-    binary = repo / "dists" / suite / "main/binary-arm64"
-    binary.mkdir(parents=True)
+    """dists/<suite>: a Packages index of `debs` (arch all: for the Pi's arm64 and the
+    host's amd64, tests/image/test_upgrades_apt.py) and a Release naming origin and label."""
     scan = subprocess.run(["dpkg-scanpackages", "--multiversion", "pool"], cwd=repo, check=True,
                           capture_output=True, text=True).stdout  # fmt: skip
     stanzas = [s for s in scan.split("\n\n") if any(f"Filename: pool/{d.name}\n" in s + "\n" for d in debs)]
     assert len(stanzas) == len(debs), scan
     packages = "\n\n".join(s.strip() for s in stanzas) + "\n"
-    (binary / "Packages").write_text(packages)
     digest = hashlib.sha256(packages.encode()).hexdigest()
+    for arch in ("arm64", "amd64"):
+        binary = repo / "dists" / suite / f"main/binary-{arch}"
+        binary.mkdir(parents=True)
+        (binary / "Packages").write_text(packages)
     date = time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime(time.time() - 86400))
     (repo / "dists" / suite / "Release").write_text(
         f"Origin: Debian\nLabel: {label}\nSuite: {archive}\nCodename: {suite}\nDate: {date}\n"
-        f"Architectures: arm64 all\nComponents: main\nDescription: meshpi image test ({label})\n"
-        f"SHA256:\n {digest} {len(packages.encode())} main/binary-arm64/Packages\n"
+        f"Architectures: arm64 amd64 all\nComponents: main\nDescription: meshpi image test ({label})\nSHA256:\n"
+        + "".join(
+            f" {digest} {len(packages.encode())} main/binary-{a}/Packages\n" for a in ("arm64", "amd64")
+        )
     )
 
 
-@pytest.fixture
-def repo(vm: Vm, tmp_path: Path) -> Iterator[str]:
-    """The repository, served in vmnet (the VM's LAN side); the VM's codename."""
-    codename = vm.out("lsb_release -cs")
-    assert re.fullmatch(r"[a-z]+", codename), codename
-    root, pool = tmp_path / "repo", tmp_path / "repo/pool"
+def build_repo(work: Path, codename: str) -> Path:
+    """The test's repository (see the top), in work/repo."""
+    root, pool = work / "repo", work / "repo/pool"
     pool.mkdir(parents=True)
-    debs = {(n, v): _deb(tmp_path, pool, n, v) for n, v in [("fakesec", "1.0"), ("fakesec", "1.1"),
+    debs = {(n, v): _deb(work, pool, n, v) for n, v in [("fakesec", "1.0"), ("fakesec", "1.1"),
             ("fakeother", "1.0"), ("fakeother", "1.1"), ("linux-image-meshpitest", "1"),
             ("linux-image-meshpitest", "2")]}  # fmt: skip
     _suite(root, codename, "Debian", "stable",
@@ -104,6 +105,15 @@ def repo(vm: Vm, tmp_path: Path) -> Iterator[str]:
             debs["linux-image-meshpitest", "1"]])  # fmt: skip
     _suite(root, f"{codename}-security", "Debian-Security", "stable-security",
            [debs["fakesec", "1.1"], debs["linux-image-meshpitest", "2"]])  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def repo(vm: Vm, tmp_path: Path) -> Iterator[str]:
+    """The repository, served in vmnet (the VM's LAN side); the VM's codename."""
+    codename = vm.out("lsb_release -cs")
+    assert re.fullmatch(r"[a-z]+", codename), codename
+    root = build_repo(tmp_path, codename)
     server = vm.net.vmnet.popen(["python3", "-m", "http.server", "--bind", VMNET_V4, "--directory", str(root),
                                  str(PORT)], log=tmp_path / "http.log")  # fmt: skip
     probe = f"import urllib.request; urllib.request.urlopen('http://{VMNET_V4}:{PORT}/dists/', timeout=5)"
@@ -114,14 +124,15 @@ def repo(vm: Vm, tmp_path: Path) -> Iterator[str]:
     )
     vm.ssh(
         f"mkdir -p {MT}/lists/partial {MT}/sources.list.d && printf '%s' '{APT_CONFIG}' > {MT}/apt.conf"
-        f" && printf '%s' '{LAST_CONF}' > {MT}/last.conf && printf '%s' '{sources}' > {MT}/sources.list"
+        f" && printf '%s' '{sources}' > {MT}/sources.list"
+        f" && echo 'Unattended-Upgrade::Automatic-Reboot \"false\";' > {NO_REBOOT}"
     )
     try:
         yield codename
     finally:
         vm.ssh("rm -f /run/reboot-required /run/reboot-required.pkgs; "
                "dpkg --purge fakesec fakeother linux-image-meshpitest >/dev/null; "
-               f"rm -rf {MT}; systemctl stop apt-daily.timer apt-daily-upgrade.timer", check=False, timeout=SLOW)  # fmt: skip
+               f"rm -rf {MT} {NO_REBOOT}; systemctl stop apt-daily.timer apt-daily-upgrade.timer", check=False, timeout=SLOW)  # fmt: skip
         vm.net.stop_process(server)
 
 

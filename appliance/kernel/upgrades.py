@@ -257,10 +257,13 @@ def read_status(prefs: Prefs, paths: UpgradePaths = UpgradePaths()) -> dict[str,
         error = None
     except OSError as e:
         tail, error = [], f"{paths.log}: cannot be read: {e.strerror}"
+    # apt.systemd.daily touches update-stamp after a successful `apt-get update`
+    # (update-success-stamp: the same, where update-notifier is installed)
+    checked = [_mtime(paths.stamps / name) for name in ("update-stamp", "update-success-stamp")]
     status = upgrades_status(
         enabled=prefs.auto_upgrades,
         window=prefs.upgrade_window,
-        last_checked=_mtime(paths.stamps / "update-success-stamp"),
+        last_checked=max((t for t in checked if t is not None), default=None),
         last_run=_mtime(paths.stamps / "unattended-upgrades-stamp"),
         log_tail=tail,
         reboot_required=paths.reboot_required.exists(),

@@ -296,8 +296,8 @@ def test_upgrades_status_with_nothing_yet(paths: UpgradePaths) -> None:
 
 def test_upgrades_status_reads_stamps_log_and_reboot(paths: UpgradePaths) -> None:
     paths.stamps.mkdir(parents=True)
-    (paths.stamps / "update-success-stamp").touch()
-    os.utime(paths.stamps / "update-success-stamp", (1500, 1500))
+    (paths.stamps / "update-stamp").touch()
+    os.utime(paths.stamps / "update-stamp", (1500, 1500))
     hook_pre(HOOK_INPUT, paths)
     hook_post(paths, now=2000.0, versions=lambda names: {"libc6": "2.41-12+deb13u1"})
     st = read_status(parse_prefs({"auto_upgrades": False}), paths)

@@ -87,29 +87,29 @@ def configure(
     prefs: Prefs,
     paths: UpgradePaths = UpgradePaths(),
     live: bool = True,
-    _systemctl: Systemctl | None = systemctl,
+    ctl: Systemctl | None = systemctl,
 ) -> list[str]:
     """Make apt's config and timers follow prefs.auto_upgrades and prefs.upgrade_window;
     what changed, in words (empty: nothing to do). live=False (a chroot, an image
     build): files and `systemctl enable/disable` only, nothing started or reloaded.
-    _systemctl None: no systemd here (files only)."""
+    ctl None: no systemd here (files only)."""
     changed = [str(paths.apt_conf)] if _put(paths.apt_conf, apt_conf(prefs.auto_upgrades)) else []
     for timer, text in timer_dropins(prefs.upgrade_window).items():
         if _put(paths.dropin(timer), text):
             changed.append(str(paths.dropin(timer)))
-    if _systemctl is None:
+    if ctl is None:
         return changed
     if live and changed:
-        _systemctl("daemon-reload")
+        ctl("daemon-reload")
     want = "enabled" if prefs.auto_upgrades else "disabled"
     for timer in TIMERS:
-        state = _systemctl("is-enabled", timer).stdout.strip()
+        state = ctl("is-enabled", timer).stdout.strip()
         if state == want or state in ("masked", ""):  # masked: the owner's word; "": no such unit
-            if live and changed and prefs.auto_upgrades:
-                _systemctl("restart", timer)  # a new OnCalendar takes effect now
+            if live and changed and state == "enabled":
+                ctl("restart", timer)  # a new OnCalendar takes effect now
             continue
         verb = "enable" if prefs.auto_upgrades else "disable"
-        done = _systemctl(verb, *(["--now"] if live else []), timer)
+        done = ctl(verb, *(["--now"] if live else []), timer)
         if done.returncode != 0:
             raise KernelError(f"systemctl {verb} {timer} failed: {done.stderr.strip()}")
         log.info("%sd %s", verb, timer)

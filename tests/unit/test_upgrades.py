@@ -359,3 +359,15 @@ def test_upgrades_status_in_the_localapi_answer_shape(paths: UpgradePaths) -> No
     """Every key the dashboard and `meshpi status` read is there, JSON types only."""
     st: dict[str, Any] = read_status(Prefs(), paths)
     assert json.loads(json.dumps(st)) == st
+
+
+def test_upgrades_units_watch_the_agents_prefs_and_run_the_hooks_command() -> None:
+    """The image's units, apt's hook lines and the agent's state directory name the same files."""
+    from appliance.agent.statedir import DEFAULT_STATE_DIR, StateDir
+    from appliance.core.upgrades import HOOK
+
+    units = Path(__file__).parents[2] / "image/overlay/usr/lib/systemd/system"
+    prefs = StateDir(DEFAULT_STATE_DIR).path / "prefs.json"
+    assert f"PathChanged={prefs}\n" in (units / "meshpi-upgrades.path").read_text()
+    assert f"ExecStart={HOOK} configure --prefs {prefs}\n" in (units / "meshpi-upgrades.service").read_text()
+    assert UpgradePaths().log == StateDir(DEFAULT_STATE_DIR).upgrades_file

@@ -371,3 +371,12 @@ def test_upgrades_units_watch_the_agents_prefs_and_run_the_hooks_command() -> No
     assert f"PathChanged={prefs}\n" in (units / "meshpi-upgrades.path").read_text()
     assert f"ExecStart={HOOK} configure --prefs {prefs}\n" in (units / "meshpi-upgrades.service").read_text()
     assert UpgradePaths().log == StateDir(DEFAULT_STATE_DIR).upgrades_file
+
+
+def test_upgrades_line_in_meshpi_status(paths: UpgradePaths) -> None:
+    from appliance.agent.localapi.status import format_status
+
+    st = {"agent": "running", "version": "0.1", "led": "ready", "control": {"state": "connected"},
+          "upgrades": read_status(parse_prefs({"upgrade_window": "02:00-04:00"}), paths)}  # fmt: skip
+    assert "upgrades: on, 02:00-04:00; checked never; last upgraded nothing yet" in format_status(st)
+    assert "upgrades" not in format_status({**st, "upgrades": None})  # an agent from before

@@ -192,6 +192,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="SSH's port, LAN and mesh only (0: left alone)")  # fmt: skip
         cmd.add_argument("--accept-dns", action=argparse.BooleanOptionalAction, default=None,
                          help="point the host's DNS at the mesh's resolver (default: yes)")  # fmt: skip
+        cmd.add_argument("--auto-upgrades", action=argparse.BooleanOptionalAction, default=None,
+                         help="install Debian's security updates nightly (default: yes)")  # fmt: skip
+        cmd.add_argument("--upgrade-window", metavar="HH:MM-HH:MM", default=None,
+                         help="local time, default 03:00-05:00; kernel updates reboot then")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 

@@ -27,6 +27,8 @@
 #   units     meshpi-agent, meshpi-control, meshpi-web.socket/.service, meshpi-password-reset,
 #             from image/overlay, into /usr/local/lib/systemd/system
 #   enable    all but meshpi-control (`meshpi create-mesh` enables that one)
+#   upgrades  Debian's security updates (unattended-upgrades: security and stable-updates
+#             only, nightly in prefs.upgrade_window): apt's config and timers, meshpi-upgrades
 # The last line is JSON: {"changed": [...], "action": "install"|"uninstall"}.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -58,17 +60,22 @@ UNIT_DIR=/usr/local/lib/systemd/system
 SYSUSERS=/usr/local/lib/sysusers.d/meshpi.conf
 AVAHI=/etc/avahi/services/meshpi.service
 STAMP=$VENV/.meshpi-install
-PACKAGES=(python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon)
+PACKAGES=(python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon unattended-upgrades)
 # The units the image runs that make sense on any Debian: not first boot, not the
 # image's self-test, not growing the SD card's partition.
 UNITS=(usr/lib/systemd/system/meshpi-agent.service usr/lib/systemd/system/meshpi-control.service
     etc/systemd/system/meshpi-web.socket etc/systemd/system/meshpi-web.service
-    usr/lib/systemd/system/meshpi-password-reset.service)
+    usr/lib/systemd/system/meshpi-password-reset.service
+    usr/lib/systemd/system/meshpi-upgrades.service usr/lib/systemd/system/meshpi-upgrades.path)
 # (meshpi-password-reset: a new dashboard password from /boot/firmware/meshpi-password.txt,
 # where Raspberry Pi OS has its boot partition too.)
-ENABLE=(meshpi-agent.service meshpi-web.socket meshpi-password-reset.service)
-START=(meshpi-agent.service meshpi-web.socket) # what runs from now on
-COMMANDS=(meshpi meshpi-control meshpi-web meshpi-update) # linked into /usr/local/bin
+ENABLE=(meshpi-agent.service meshpi-web.socket meshpi-password-reset.service
+    meshpi-upgrades.service meshpi-upgrades.path)
+START=(meshpi-agent.service meshpi-web.socket meshpi-upgrades.path) # what runs from now on
+COMMANDS=(meshpi meshpi-control meshpi-web meshpi-update meshpi-upgrades) # linked into /usr/local/bin
+# meshpi-upgrades' apt config and drop-ins for apt's timers (appliance/kernel/upgrades.py)
+UPGRADE_FILES=(/etc/apt/apt.conf.d/52meshpi-upgrades /etc/systemd/system/apt-daily.timer.d/meshpi.conf
+    /etc/systemd/system/apt-daily-upgrade.timer.d/meshpi.conf)
 changed=()
 
 # systemd as PID 1 means units can start; in a chroot or container build, only enable.
@@ -109,6 +116,20 @@ if [[ $ACTION == uninstall ]]; then
         changed+=(units)
     else
         say units "ok (none installed)"
+    fi
+    # apt's hooks call meshpi-upgrades: its config goes before the command does. Debian's
+    # own unattended-upgrades config (and the timers' state) stays as it is.
+    upgrade_files=()
+    for f in "${UPGRADE_FILES[@]}"; do [[ -e $f ]] && upgrade_files+=("$f"); done
+    if ((${#upgrade_files[@]})); then
+        rm -f "${upgrade_files[@]}"
+        rmdir --ignore-fail-on-non-empty /etc/systemd/system/apt-daily.timer.d \
+            /etc/systemd/system/apt-daily-upgrade.timer.d 2>/dev/null || true
+        ((LIVE)) && systemctl daemon-reload
+        say upgrades "removed ${upgrade_files[*]}"
+        changed+=(upgrades)
+    else
+        say upgrades "ok (no meshpi config for apt)"
     fi
     for cmd in "${COMMANDS[@]}"; do
         [[ $(readlink "/usr/local/bin/$cmd" 2>/dev/null) == "$CURRENT/bin/$cmd" ]] && rm -f "/usr/local/bin/$cmd"
@@ -268,6 +289,18 @@ if ((${#to_enable[@]})); then
     changed+=(enable)
 else
     say enable "ok (${ENABLE[*]})"
+fi
+
+# Debian's security updates as the prefs say (defaults: on, 03:00-05:00); prints what it changed.
+offline=()
+((LIVE)) || offline=(--offline)
+upgrades=$("$CURRENT/bin/meshpi-upgrades" configure --prefs /var/lib/meshpi/prefs.json "${offline[@]}") \
+    || die "meshpi-upgrades configure failed"
+if [[ $upgrades == '{"changed": []}' ]]; then
+    say upgrades "ok (apt: security and stable-updates, nightly)"
+else
+    say upgrades "$upgrades"
+    changed+=(upgrades)
 fi
 
 if ((LIVE)); then

@@ -34,6 +34,8 @@ from appliance.core.prefs import Prefs
 from appliance.kernel import conntrack
 from appliance.kernel.base import KernelError, WgDevice
 from appliance.kernel.system import ApplyError, System
+from appliance.kernel.upgrades import UpgradePaths
+from appliance.kernel.upgrades import read_status as read_upgrades
 from appliance.leds import LedFacts
 from appliance.wire.fields import ConfigError
 
@@ -110,6 +112,11 @@ class AgentLocal:
         before the loop has taken them."""
         chosen = self.chosen_prefs
         return chosen if chosen is not None else self.wanted.prefs
+
+    def upgrades_report(self) -> dict[str, Any]:
+        """Debian's security updates: read from apt's and its hooks' files, never written here."""
+        paths = UpgradePaths(log=self.state.upgrades_file)
+        return read_upgrades(self.stored_prefs(), paths)
 
     def applied(self) -> Inputs | None:
         """The inputs the kernel holds now (None before the first apply)."""

@@ -52,6 +52,8 @@ PREF_FLAGS = {
     "dashboard_port": "dashboard_port",
     "ssh_port": "ssh_port",
     "accept_dns": "accept_dns",
+    "auto_upgrades": "auto_upgrades",
+    "upgrade_window": "upgrade_window",
 }
 
 

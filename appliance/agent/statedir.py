@@ -14,6 +14,8 @@
 - firstboot.json what first boot did with meshpi.toml (written by meshpi-firstboot)
 - hostdns.json   the host's DNS as it was before meshpi (resolv.conf's bytes, or
                  resolved's link), so `meshpi down` restores it even after a crash
+- upgrades.log   what Debian's unattended upgrades installed, one JSON line per dpkg run,
+                 bounded (written by apt's hooks: meshpi-upgrades, kernel/upgrades.py)
 
 Everything here is a snapshot for the next start; at run time the agent's
 threads hand each other typed updates in memory (bus.py).
@@ -91,6 +93,10 @@ class StateDir:
     @property
     def firstboot_file(self) -> Path:
         return self.path / "firstboot.json"
+
+    @property
+    def upgrades_file(self) -> Path:
+        return self.path / "upgrades.log"
 
     @property
     def traffic_file(self) -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.base.net import Endpoint, IPNetwork
 from appliance.core.hostport import HostPort, parse_host_port
+from appliance.core.upgrades import DEFAULT_WINDOW, Window, parse_window
 from appliance.wire.dnsname import LanDns, parse_lan_dns
 from appliance.wire.fields import (
     Fields,
@@ -97,6 +98,11 @@ class Prefs:
     # Point the host's DNS (systemd-resolved's link settings, or resolv.conf) at
     # the mesh's resolver; false: the host's DNS is left (put back) as it was.
     accept_dns: bool = True
+    # Debian's security updates (core/upgrades.py): unattended-upgrades from the security
+    # and stable-updates archives, nightly in this window (local time), rebooting there
+    # after a kernel or libc update. On by default: an appliance on the internet.
+    auto_upgrades: bool = True
+    upgrade_window: Window = DEFAULT_WINDOW
 
     @property
     def guards_ports(self) -> bool:
@@ -119,6 +125,7 @@ class Prefs:
         out["led_pins"] = list(self.led_pins)
         out["stun_servers"] = [str(e) for e in self.stun_servers]
         out["advertise_dns"] = None if self.advertise_dns is None else self.advertise_dns.to_json()
+        out["upgrade_window"] = str(self.upgrade_window)
         return out
 
 
@@ -152,6 +159,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         dashboard_from_mesh=f.get("dashboard_from_mesh", parse_bool, d.dashboard_from_mesh),
         ssh_port=f.get("ssh_port", int_range(0, 65535), d.ssh_port),
         accept_dns=f.get("accept_dns", parse_bool, d.accept_dns),
+        auto_upgrades=f.get("auto_upgrades", parse_bool, d.auto_upgrades),
+        upgrade_window=f.get("upgrade_window", parse_window, d.upgrade_window),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

@@ -124,14 +124,15 @@ def test_image_runs_only_what_it_needs(first_boot: Boot) -> None:
     enabled = set(facts["enabled"].split(","))
     for unit in ("meshpi-agent.service", "meshpi-firstboot.service", "meshpi-firstboot-mesh.service",
                  "meshpi-grow-rootfs.service", "meshpi-ssh-keygen.service", "avahi-daemon.service",
-                 "systemd-networkd.service", "systemd-timesyncd.service"):  # fmt: skip
+                 "systemd-networkd.service", "systemd-timesyncd.service",
+                 # Debian's security updates (prefs.auto_upgrades, on by default)
+                 "apt-daily.timer", "apt-daily-upgrade.timer", "meshpi-upgrades.path"):  # fmt: skip
         assert unit in enabled, sorted(enabled)
     web_units = ("meshpi-web.socket", "meshpi-password-reset.service", "meshpi-setup-code.service")
     for unit in web_units:  # the web UI's, when it has them
         shipped = list((REPO / "image/overlay").rglob(unit))
         assert unit in enabled or not shipped, sorted(enabled)
-    for unit in ("ssh.service", "meshpi-control.service", "wpa_supplicant.service", "sshd-keygen.service",
-                 "apt-daily.timer", "apt-daily-upgrade.timer"):  # fmt: skip
+    for unit in ("ssh.service", "meshpi-control.service", "wpa_supplicant.service", "sshd-keygen.service"):
         assert unit not in enabled, sorted(enabled)
     for unit in ("avahi-daemon.service", "systemd-timesyncd.service", "systemd-networkd.service"):
         assert facts[f"active.{unit}"] == "active", facts

@@ -159,7 +159,7 @@ def test_install_help() -> None:
 def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None:
     first = chroot.install("--wheels", "/root/wheels")
     assert (
-        '"changed": ["packages","venv","commands","keys","users","units","enable"]'
+        '"changed": ["packages","venv","commands","keys","users","units","enable","upgrades"]'
         in first.stdout.splitlines()[-1]
     ), first.stdout
     assert "systemd is not running here (or --no-start): enabled, not started" in first.stdout
@@ -179,6 +179,10 @@ def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None
     upd = chroot.run("sh", "-c", "touch /tmp/b && meshpi-update --versions /tmp/v apply /tmp/b", check=False)
     assert upd.returncode == 1 and "no update key is trusted" in upd.stdout, upd
     assert chroot.run("dpkg-query", "-W", "-f=${Status}", "nftables").stdout == "install ok installed"
+    # Debian's security updates: apt reads meshpi's origins, the timers have the window.
+    dump = chroot.run("apt-config", "dump", "Unattended-Upgrade::Origins-Pattern").stdout
+    assert "Debian-Security" in dump and 'label=Debian"' not in dump, dump
+    assert chroot.exists("etc/systemd/system/apt-daily-upgrade.timer.d/meshpi.conf")
 
     before = chroot.tree()
     second = chroot.install("--wheels", "/root/wheels")
@@ -189,13 +193,14 @@ def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None
     (chroot.root / "var/lib/meshpi").mkdir(mode=0o700, exist_ok=True)
     (chroot.root / "var/lib/meshpi/node.key").write_text("kept\n")
     gone = chroot.install("--uninstall")
-    assert '"changed": ["units","venv","users"]' in gone.stdout, gone.stdout
+    assert '"changed": ["units","upgrades","venv","users"]' in gone.stdout, gone.stdout
     assert "kept /var/lib/meshpi (--purge removes it)" in gone.stdout
     for rel in ("opt/meshpi", "opt/meshpi-versions", "usr/local/bin/meshpi", "usr/local/bin/meshpi-update",
                 "usr/local/lib/systemd/system/meshpi-agent.service",
                 "etc/systemd/system/multi-user.target.wants/meshpi-agent.service",
                 "etc/systemd/system/sockets.target.wants/meshpi-web.socket", "usr/local/lib/sysusers.d/meshpi.conf",
-                "etc/systemd/system/multi-user.target.wants/meshpi-password-reset.service"):  # fmt: skip
+                "etc/systemd/system/multi-user.target.wants/meshpi-password-reset.service",
+                "etc/apt/apt.conf.d/52meshpi-upgrades", "etc/systemd/system/apt-daily.timer.d"):  # fmt: skip
         assert not chroot.exists(rel), rel
     assert chroot.run("getent", "group", "meshpi", check=False).returncode == 2
     assert chroot.run("getent", "passwd", "meshpi-web", check=False).returncode == 2

@@ -15,6 +15,7 @@ from appliance.base.keys import PublicKey
 from appliance.base.net import IPAddress
 from appliance.base.version import installed_version
 from appliance.core.model import Connected, HostedDevice
+from appliance.core.upgrades import format_upgrades
 from appliance.kernel.base import KernelError, PeerStats
 from appliance.leds import LedState
 from appliance.wire.netmap import Netmap
@@ -47,6 +48,7 @@ class StatusView(Protocol):
     def exit_users(self) -> frozenset[IPAddress]: ...
     def reach_report(self) -> dict[str, Any] | None: ...
     def dns_status(self) -> dict[str, Any] | None: ...
+    def upgrades_report(self) -> dict[str, Any]: ...
 
 
 EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
@@ -103,6 +105,7 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
     out["rx_bytes"] = sum(p["rx_bytes"] for p in connected)
     out["tx_bytes"] = sum(p["tx_bytes"] for p in connected)
     out["update"] = None  # the updates issue fills this slot
+    out["upgrades"] = agent.upgrades_report()  # Debian's security updates (core/upgrades.py)
     hub = out["prefs"].get("advertise_exit_node", False) or bool(hosted)
     out["headline"] = headline(
         headline_facts(
@@ -284,6 +287,8 @@ def format_status(st: Mapping[str, Any]) -> str:
         mapping = reach.get("port_mapping") or {}
         via = f"{mapping.get('protocol')} {mapping.get('external')}" if mapping.get("external") else "none"
         lines.append(f"endpoints: {', '.join(reach['endpoints']) or 'none known'} (port mapping: {via})")
+    if st.get("upgrades"):
+        lines.append(format_upgrades(st["upgrades"], time.time()))
     for conflict in st.get("route_conflicts", []):
         lines.append(f"local network wins: {conflict}")
     exits = {p["public_key"] for p in st.get("peers", []) if p.get("exit_node")}

@@ -1,6 +1,8 @@
 """meshpi-update: apply a signed bundle on the console (root), with rollback.
 
     meshpi-update apply BUNDLE [--force]   check, install beside, switch, restart, watch
+    meshpi-update spool                    apply the dashboard's upload, if one waits (root's
+                                           meshpi-update.service, started by meshpi-update.path)
     meshpi-update status                   the running version and the last update's result
 
 The new version must answer on the LocalAPI as `running`, with the data plane
@@ -27,13 +29,11 @@ from appliance.base.files import atomic_write
 from appliance.client.localapi import DEFAULT_SOCKET, LocalAPIError, LocalClient
 from appliance.update.bundle import BundleError, Version, trusted_keys, verify_bundle
 from appliance.update.install import Layout, install, prune, switch
+from appliance.update.spool import take_upload
+from appliance.update.state import CURRENT, KEYS, RESULT, SPOOL, VERSIONS, clear_progress, write_progress
 
 log = logging.getLogger(__name__)
 
-KEYS = Path("/etc/meshpi/update-keys")
-VERSIONS = Path("/opt/meshpi-versions")
-CURRENT = Path("/opt/meshpi")
-RESULT = "last-update.json"
 RESTART = "systemctl try-restart meshpi-agent.service meshpi-web.service meshpi-control.service"
 
 
@@ -88,15 +88,18 @@ def apply(
     deadline: float,
     force: bool = False,
 ) -> Result:
-    t0 = time.monotonic()
+    t0, since = time.monotonic(), time.time()
     installed = layout.running_version()
     say(f"checking {bundle} (installed: {installed or 'unknown'})")
+    write_progress(layout.versions, None, "checking", since)
     with bundle.open("rb") as f:
         manifest = verify_bundle(f, trusted_keys(keys), layout.versions / ".staging", installed, force)
     say(f"signature and {len(manifest.files)} wheels good: version {manifest.version}; installing beside")
+    write_progress(layout.versions, str(manifest.version), "installing", since)
     target = install(layout, layout.versions / ".staging", manifest)
     previous = switch(layout, target)
     say(f"switched to {manifest.version}; restarting, the new version has {deadline:.0f} s to be healthy")
+    write_progress(layout.versions, str(manifest.version), "restarting", since)
     restart()
     problem = wait_healthy(check_for(manifest.version), deadline)
     prev_name = previous.name if previous else None
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument(
         "--restart", default=RESTART, help=f"the command that restarts meshpi (default: {RESTART})"
     )
+    sp = sub.add_parser("spool", help="apply the bundle the dashboard left, if any (root's unit runs it)")
+    sp.add_argument("--spool", type=Path, default=SPOOL, help=f"the dashboard's upload (default {SPOOL})")
+    sp.add_argument("--deadline", type=float, default=90.0, help="seconds for the new version to be healthy")
+    sp.add_argument("--restart", default=RESTART, help="the command that restarts meshpi")
     sub.add_parser("status", help="the running version and the last update's result")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -146,10 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         last = json.loads(result_file.read_text()) if result_file.exists() else None
         print(json.dumps({"running": str(layout.running_version() or "unknown"), "last": last}))
         return 0
+    args.versions.mkdir(parents=True, exist_ok=True)
+    force = args.command == "apply" and args.force  # never from the dashboard: the console's word only
+    if args.command == "spool":
+        # A copy only root can write, made before the lock: the dashboard's file is
+        # the web user's, and nothing it does later can change what is checked.
+        try:
+            taken = take_upload(args.spool, args.versions / ".upload.bundle")
+        except BundleError as e:
+            refused = Result("refused", None, None, e.message, 0.0, time.time())
+            atomic_write(result_file, json.dumps(asdict(refused)) + "\n")
+            print(f"meshpi-update: {e.message}", file=sys.stderr)
+            print(json.dumps(asdict(refused)))
+            return 1
+        if taken is None:
+            print(json.dumps({"result": "nothing to do"}))
+            return 0
+        args.bundle = taken
     if not args.bundle.is_file():
         print(f"meshpi-update: bundle: {args.bundle} is not a file", file=sys.stderr)
         return 2
-    args.versions.mkdir(parents=True, exist_ok=True)
     with (args.versions / ".lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,10 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             return healthy(args.local_api, v)
 
         try:
-            result = apply(args.bundle, layout, args.keys, restart, check_for, args.deadline, args.force)
+            result = apply(args.bundle, layout, args.keys, restart, check_for, args.deadline, force)
         except BundleError as e:  # InstallError too: nothing was switched
             result = Result("refused", None, None, e.message, 0.0, time.time())
             print(f"meshpi-update: {e.message}", file=sys.stderr)
+        finally:
+            clear_progress(args.versions)
+            if args.command == "spool":
+                args.bundle.unlink(missing_ok=True)
         atomic_write(result_file, json.dumps(asdict(result)) + "\n")
     print(json.dumps(asdict(result)))
     return {"updated": 0, "rolled back": 3}.get(result.result, 1)

@@ -186,3 +186,32 @@ def test_update_apply_refuses_tampered_and_replayed_bundles_and_changes_nothing(
     assert rc == 1 and "older than the installed" in str(result["reason"]), err
     assert rig.layout.running() == before
     assert rig.status()["version"] == before.name  # type: ignore[union-attr]
+
+
+def test_update_spool_refuses_a_tampered_upload_and_changes_nothing(rig: Rig) -> None:
+    """`meshpi-update spool`, what root's meshpi-update.service runs for a dashboard upload:
+    the file is taken out of the spool and checked again; a tampered one is refused."""
+    before = rig.layout.running()
+    good = rig.tmp / "meshpi-0.1.8.bundle"
+    if not good.exists():
+        rig.bundle("0.1.8")
+    raw = bytearray(good.read_bytes())
+    raw[-2048] ^= 1  # inside the last wheel (a wheel is a zip: its central directory is last)
+    spool = rig.tmp / "spool"
+    spool.mkdir(exist_ok=True)
+    (spool / "upload.bundle").write_bytes(bytes(raw))
+    cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
+           "--current", str(rig.layout.current), "--keys", str(rig.keys),
+           "--local-api", str(rig.tmp / "local.sock"), "spool", "--spool", str(spool),
+           "--restart", str(rig.tmp / "restart"), "--deadline", "20"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 1 and result["result"] == "refused", done.stderr
+    assert "SHA-256" in str(result["reason"]) or "truncated" in str(result["reason"]), result
+    assert not (spool / "upload.bundle").exists() and not (rig.layout.versions / ".upload.bundle").exists()
+    assert not (rig.layout.versions / "progress.json").exists()
+    assert rig.layout.running() == before and not (rig.layout.versions / "0.1.8").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "result": "nothing to do"
+    }

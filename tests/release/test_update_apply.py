@@ -57,6 +57,15 @@ def meshpi_wheel(out: Path, version: str, broken: bool = False) -> Path:
     return wheel
 
 
+def tamper(bundle: Path, out: Path) -> None:
+    """A copy of `bundle` with one byte flipped in the middle of its last wheel."""
+    with tarfile.open(bundle) as tar:
+        last = tar.getmembers()[-1]
+    raw = bytearray(bundle.read_bytes())
+    raw[last.offset_data + last.size // 2] ^= 0xFF
+    out.write_bytes(bytes(raw))
+
+
 @dataclass
 class Rig:
     tmp: Path
@@ -195,11 +204,9 @@ def test_update_spool_refuses_a_tampered_upload_and_changes_nothing(rig: Rig) ->
     good = rig.tmp / "meshpi-0.1.8.bundle"
     if not good.exists():
         rig.bundle("0.1.8")
-    raw = bytearray(good.read_bytes())
-    raw[-2048] ^= 1  # inside the last wheel (a wheel is a zip: its central directory is last)
     spool = rig.tmp / "spool"
     spool.mkdir(exist_ok=True)
-    (spool / "upload.bundle").write_bytes(bytes(raw))
+    tamper(good, spool / "upload.bundle")
     cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
            "--current", str(rig.layout.current), "--keys", str(rig.keys),
            "--local-api", str(rig.tmp / "local.sock"), "spool", "--spool", str(spool),

@@ -64,11 +64,13 @@ PACKAGES=(python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon)
 UNITS=(usr/lib/systemd/system/meshpi-agent.service usr/lib/systemd/system/meshpi-control.service
     etc/systemd/system/meshpi-web.socket etc/systemd/system/meshpi-web.service
     usr/lib/systemd/system/meshpi-password-reset.service
-    usr/lib/systemd/system/meshpi-update.path usr/lib/systemd/system/meshpi-update.service)
+    usr/lib/systemd/system/meshpi-update.path usr/lib/systemd/system/meshpi-update.service
+    usr/lib/systemd/system/meshpi-update-check.timer usr/lib/systemd/system/meshpi-update-check.service)
 # (meshpi-password-reset: a new dashboard password from /boot/firmware/meshpi-password.txt,
 # where Raspberry Pi OS has its boot partition too.)
-ENABLE=(meshpi-agent.service meshpi-web.socket meshpi-password-reset.service meshpi-update.path)
-START=(meshpi-agent.service meshpi-web.socket meshpi-update.path) # what runs from now on
+ENABLE=(meshpi-agent.service meshpi-web.socket meshpi-password-reset.service meshpi-update.path
+    meshpi-update-check.timer)
+START=(meshpi-agent.service meshpi-web.socket meshpi-update.path meshpi-update-check.timer) # what runs from now on
 COMMANDS=(meshpi meshpi-control meshpi-web meshpi-update) # linked into /usr/local/bin
 changed=()
 

@@ -28,7 +28,7 @@ from appliance.update.bundle import BundleError, Manifest, trusted_keys, verify_
 from appliance.update.install import Layout
 from appliance.update.spool import MAX_UPLOAD
 from appliance.update.state import CURRENT, KEYS, UPLOAD, VERSIONS
-from webui.agent import status
+from webui.agent import agent, form_action, status
 
 log = logging.getLogger(__name__)
 bp = Blueprint("update", __name__, url_prefix="/update")
@@ -85,7 +85,8 @@ def _layout() -> Layout:
 def index() -> str:
     st = status()
     waiting = (_spool() / UPLOAD).exists()
-    return render_template("update.html", st=st, up=st.get("update") or {}, waiting=waiting)
+    url = (st.get("prefs") or {}).get("update_url") or ""
+    return render_template("update.html", st=st, up=st.get("update") or {}, waiting=waiting, url=url)
 
 
 @bp.post("")
@@ -115,6 +116,18 @@ def upload() -> Response:
              request.remote_addr, manifest.version)  # fmt: skip
     flash(f"meshpi {manifest.version}: signature and {len(manifest.files)} wheels checked. Installing now; "
           "the dashboard restarts in a few minutes, then this page shows the result.", "ok")  # fmt: skip
+    return redirect(url_for("update.index"))
+
+
+@bp.post("/url")
+@form_action("update.index")
+def url() -> Response:
+    """The update URL (prefs update_url): root's daily check fetches from it; empty: off."""
+    wanted = request.form.get("update_url", "").strip() or None
+    agent().patch("/v1/prefs", {"update_url": wanted})
+    log.info("update URL %s from %s", f"set to {wanted}" if wanted else "cleared", request.remote_addr)
+    flash(f"Update URL saved: {wanted}. This Pi looks there once a night." if wanted
+          else "Update URL cleared: updates only by upload.", "ok")  # fmt: skip
     return redirect(url_for("update.index"))
 
 

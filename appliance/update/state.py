@@ -57,15 +57,15 @@ def update_slot(
     now: float | None = None,
 ) -> dict[str, Any]:
     """The status's `update`: the version running, the last update's result, an
-    update under way, and a newer bundle seen at the update URL (None: none known)."""
+    update under way, a newer bundle seen at the update URL (None: none known), and
+    when that URL was last looked at."""
     now = time.time() if now is None else now
     last = read_json(versions / RESULT)
     progress = read_json(versions / PROGRESS)
     if progress is not None and now - float(progress.get("since", 0) or 0) > STALE:
         progress = None
-    found = read_json(available)
-    if found is not None and found.get("version") in (None, running):
-        found = None
+    check = read_json(available)
+    found = check if check is not None and check.get("version") not in (None, running) else None
     return {
         "current": running,
         "last": {k: last.get(k) for k in ("result", "version", "previous", "reason", "seconds", "time")}
@@ -73,6 +73,8 @@ def update_slot(
         else None,
         "installing": {k: progress.get(k) for k in ("version", "step", "since")} if progress else None,
         "available": found,
+        # The last look at the update URL (None: no URL, or not looked yet).
+        "checked": {k: check.get(k) for k in ("url", "checked", "error")} if check is not None else None,
     }
 
 

@@ -41,7 +41,8 @@ systemctl enable --quiet meshpi-agent.service meshpi-firstboot.service meshpi-fi
     meshpi-grow-rootfs.service meshpi-ssh-keygen.service meshpi-imgtest.service
 # The dashboard (socket-activated on port 80), its password reset from the boot
 # partition and its first-run setup code, when the checkout has them.
-for unit in meshpi-web.socket meshpi-password-reset.service meshpi-setup-code.service meshpi-update.path; do
+for unit in meshpi-web.socket meshpi-password-reset.service meshpi-setup-code.service meshpi-update.path \
+    meshpi-update-check.timer; do
     if [ -e "/etc/systemd/system/$unit" ] || [ -e "/usr/lib/systemd/system/$unit" ]; then
         systemctl enable --quiet "$unit"
     fi

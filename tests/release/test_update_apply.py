@@ -222,3 +222,33 @@ def test_update_spool_refuses_a_tampered_upload_and_changes_nothing(rig: Rig) ->
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1]) == {
         "result": "nothing to do"
     }
+
+
+def test_update_check_fetches_a_newer_bundle_and_applies_it(rig: Rig) -> None:
+    """`meshpi-update check` (root's daily timer) with an update URL: the newer bundle is
+    downloaded from a loopback HTTP server, checked, applied and healthy."""
+    from tests.release.test_update_fetch import Server
+
+    bundle = rig.bundle("0.1.9")
+    server = Server()
+    server.routes["/latest.bundle"] = (bundle.read_bytes(), None)
+    try:
+        available = rig.tmp / "update-state" / "available.json"
+        cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
+               "--current", str(rig.layout.current), "--keys", str(rig.keys),
+               "--local-api", str(rig.tmp / "local.sock"), "check", "--url", f"{server.url}/latest.bundle",
+               "--available", str(available), "--restart", str(rig.tmp / "restart"), "--deadline", "30"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert done.returncode == 0 and result["result"] == "updated" and result["version"] == "0.1.9", (
+            done.stderr
+        )
+        assert rig.status()["version"] == "0.1.9"
+        assert json.loads(available.read_text())["version"] == "0.1.9"
+        assert not (available.parent / "download.bundle").exists()
+        # The next night: nothing new.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert json.loads(done.stdout.strip().splitlines()[-1])["result"] == "up to date", done.stderr
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()

@@ -19,7 +19,7 @@ from appliance.update.state import PROGRESS, RESULT, STALE, update_slot, write_p
 
 def test_update_slot_nothing_yet(tmp_path: Path) -> None:
     slot = update_slot("0.2.0", tmp_path / "versions", tmp_path / "available.json")
-    assert slot == {"current": "0.2.0", "last": None, "installing": None, "available": None}
+    assert slot == {"current": "0.2.0", "last": None, "installing": None, "available": None, "checked": None}
 
 
 def test_update_slot_last_result_progress_and_available(tmp_path: Path) -> None:
@@ -48,10 +48,11 @@ def test_update_slot_ignores_stale_progress_garbage_and_the_running_version(tmp_
     write_progress(versions, "0.4.0", "installing", time.time() - STALE - 60)  # a power cut's leftover
     (versions / RESULT).write_text("{not json")
     available = tmp_path / "available.json"
-    available.write_text(json.dumps({"version": "0.2.0"}))
+    available.write_text(json.dumps({"version": "0.2.0", "url": "http://x.invalid/b", "checked": 5.0}))
     assert (versions / PROGRESS).exists()
     slot = update_slot("0.2.0", versions, available)
-    assert slot == {"current": "0.2.0", "last": None, "installing": None, "available": None}
+    assert slot["last"] is None and slot["installing"] is None and slot["available"] is None
+    assert slot["checked"] == {"url": "http://x.invalid/b", "checked": 5.0, "error": None}
 
 
 def test_update_take_upload_copies_and_removes(tmp_path: Path) -> None:

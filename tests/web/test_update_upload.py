@@ -158,3 +158,17 @@ def test_web_update_page_shows_version_and_last_result(client: FlaskClient, toke
     html = client.get("/update").get_data(as_text=True)
     assert 'id="update-current"' in html and 'id="update-form"' in html
     assert 'enctype="multipart/form-data"' in html
+
+
+def test_web_update_url_is_saved_in_prefs_and_checked_by_the_agent(client: FlaskClient, token: str) -> None:
+    res = client.post("/update/url", data={"csrf_token": token, "update_url": "https://example.net/latest.bundle"},
+                      follow_redirects=True)  # fmt: skip
+    assert "Update URL saved: https://example.net/latest.bundle" in flashed(res.get_data(as_text=True))
+    assert 'value="https://example.net/latest.bundle"' in client.get("/update").get_data(as_text=True)
+    res = client.post("/update/url", data={"csrf_token": token, "update_url": "file:///etc/shadow"},
+                      follow_redirects=True)  # fmt: skip
+    said = flashed(res.get_data(as_text=True))
+    assert "update_url" in said and "http:// or https://" in said, said
+    assert 'value="https://example.net/latest.bundle"' in client.get("/update").get_data(as_text=True)
+    res = client.post("/update/url", data={"csrf_token": token, "update_url": ""}, follow_redirects=True)
+    assert "Update URL cleared" in flashed(res.get_data(as_text=True))

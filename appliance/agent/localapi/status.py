@@ -274,6 +274,9 @@ def update_line(up: Mapping[str, Any]) -> str:
         words.append(what + (f" ({last['reason']})" if last.get("reason") else ""))
     if up.get("available"):
         words.append(f"{up['available'].get('version')} available")
+    checked = up.get("checked") or {}
+    if checked.get("error"):
+        words.append(f"update check failed: {checked['error']}")
     return "; ".join(words)
 
 

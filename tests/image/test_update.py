@@ -122,17 +122,20 @@ UPLOAD = """
 import http.client, re, sys, urllib.parse, uuid
 host, password, path = sys.argv[1:]
 conn = http.client.HTTPConnection(host, 80, timeout=600)
+jar = {}
 def call(method, url, body=None, headers={}):
+    cookie = "; ".join(f"{k}={v}" for k, v in jar.items())
     conn.request(method, url, body=body, headers={"Cookie": cookie, **headers} if cookie else headers)
     r = conn.getresponse()
+    for name, value in r.getheaders():
+        if name.lower() == "set-cookie":
+            k, _, v = value.split(";")[0].partition("=")
+            jar[k.strip()] = v
     return r, r.read().decode()
-cookie = ""
 page, body = call("GET", "/login")
-cookie = (page.getheader("Set-Cookie") or "").split(";")[0]
 token = re.search(r'name="csrf_token" value="([^"]+)"', body)[1]
 r, _ = call("POST", "/login", urllib.parse.urlencode({"password": password, "csrf_token": token}),
             {"Content-Type": "application/x-www-form-urlencoded"})
-cookie = (r.getheader("Set-Cookie") or cookie).split(";")[0]
 page, body = call("GET", "/update")
 token = re.search(r'name="csrf_token" value="([^"]+)"', body)[1]
 b = uuid.uuid4().hex

@@ -36,7 +36,11 @@ from tests.image.vmnet import SERVER_V4, VM_V4
 from tests.lab.host import LabError, wait_for
 from tests.release.test_update_apply import meshpi_wheel, tamper
 
-pytestmark = pytest.mark.disturbs_vm
+pytestmark = [
+    pytest.mark.disturbs_vm,
+    # Opt-in until it has run in CI's image tier (it adds two venv builds under emulation).
+    pytest.mark.skipif(os.environ.get("MESHPI_IMAGE_UPDATE") != "1", reason="MESHPI_IMAGE_UPDATE=1 runs it"),
+]
 
 GOOD, BROKEN = "0.1.1", "0.1.2"  # the factory is pyproject's (0.1.0): both newer
 # The unit's own deadline for a healthy agent is 90 s; the whole apply (a venv built

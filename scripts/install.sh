@@ -66,12 +66,15 @@ PACKAGES=(python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon un
 UNITS=(usr/lib/systemd/system/meshpi-agent.service usr/lib/systemd/system/meshpi-control.service
     etc/systemd/system/meshpi-web.socket etc/systemd/system/meshpi-web.service
     usr/lib/systemd/system/meshpi-password-reset.service
-    usr/lib/systemd/system/meshpi-upgrades.service usr/lib/systemd/system/meshpi-upgrades.path)
+    usr/lib/systemd/system/meshpi-upgrades.service usr/lib/systemd/system/meshpi-upgrades.path
+    usr/lib/systemd/system/meshpi-update.path usr/lib/systemd/system/meshpi-update.service
+    usr/lib/systemd/system/meshpi-update-check.timer usr/lib/systemd/system/meshpi-update-check.service)
 # (meshpi-password-reset: a new dashboard password from /boot/firmware/meshpi-password.txt,
 # where Raspberry Pi OS has its boot partition too.)
 ENABLE=(meshpi-agent.service meshpi-web.socket meshpi-password-reset.service
-    meshpi-upgrades.service meshpi-upgrades.path)
-START=(meshpi-agent.service meshpi-web.socket meshpi-upgrades.path) # what runs from now on
+    meshpi-upgrades.service meshpi-upgrades.path meshpi-update.path meshpi-update-check.timer)
+START=(meshpi-agent.service meshpi-web.socket meshpi-upgrades.path meshpi-update.path
+    meshpi-update-check.timer) # what runs from now on
 COMMANDS=(meshpi meshpi-control meshpi-web meshpi-update meshpi-upgrades) # linked into /usr/local/bin
 # meshpi-upgrades' apt config and drop-ins for apt's timers (appliance/kernel/upgrades.py)
 UPGRADE_FILES=(/etc/apt/apt.conf.d/52meshpi-upgrades /etc/systemd/system/apt-daily.timer.d/meshpi.conf

@@ -106,11 +106,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         window=float(app.config["LOGIN_WINDOW"]),
     )
 
-    from webui import api, auth, connected, dashboard, devices, settings, setup
+    from webui import api, auth, connected, dashboard, devices, settings, setup, update
     from webui.format import init_app as init_filters
 
     for blueprint in (auth.bp, setup.bp, dashboard.bp, devices.bp, settings.bp, api.bp, connected.bp):
         app.register_blueprint(blueprint)
+    update.init_app(app)
     security.init_app(app)
     errors.init_app(app)
     init_filters(app)

@@ -53,6 +53,17 @@ def _parse_public_endpoint(value: object) -> HostPort | None:
     return None if value is None or value == "" else parse_host_port(value)
 
 
+def _parse_update_url(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 512 or not value.isprintable() or " " in value:
+        raise ValueError("must be a URL of at most 512 printable characters, no spaces")
+    scheme, _, rest = value.partition("://")
+    if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
 @dataclass(frozen=True)
 class Prefs:
     interface: str = "meshpi0"
@@ -103,6 +114,9 @@ class Prefs:
     # after a kernel or libc update. On by default: an appliance on the internet.
     auto_upgrades: bool = True
     upgrade_window: Window = DEFAULT_WINDOW
+    # Where root's daily meshpi-update-check fetches a signed bundle (http or https);
+    # None: updates only from the dashboard or the console.
+    update_url: str | None = None
 
     @property
     def guards_ports(self) -> bool:
@@ -161,6 +175,7 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         accept_dns=f.get("accept_dns", parse_bool, d.accept_dns),
         auto_upgrades=f.get("auto_upgrades", parse_bool, d.auto_upgrades),
         upgrade_window=f.get("upgrade_window", parse_window, d.upgrade_window),
+        update_url=f.get("update_url", _parse_update_url, d.update_url),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

@@ -247,6 +247,8 @@ def verify_bundle(
         raise
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, EOFError) or "unexpected end of data" in str(e):
+            raise BundleError(f"the bundle ends early: it is truncated ({e})") from None
         raise BundleError(f"not a readable bundle ({type(e).__name__}: {e})") from None
 
 

@@ -1,6 +1,10 @@
 """meshpi-update: apply a signed bundle on the console (root), with rollback.
 
     meshpi-update apply BUNDLE [--force]   check, install beside, switch, restart, watch
+    meshpi-update spool                    apply the dashboard's upload, if one waits (root's
+                                           meshpi-update.service, started by meshpi-update.path)
+    meshpi-update check [--url URL]        fetch the bundle at prefs' update_url; apply it when
+                                           newer (root's daily meshpi-update-check.timer)
     meshpi-update status                   the running version and the last update's result
 
 The new version must answer on the LocalAPI as `running`, with the data plane
@@ -26,14 +30,22 @@ from pathlib import Path
 from appliance.base.files import atomic_write
 from appliance.client.localapi import DEFAULT_SOCKET, LocalAPIError, LocalClient
 from appliance.update.bundle import BundleError, Version, trusted_keys, verify_bundle
+from appliance.update.fetch import check, record, rolled_back_before
 from appliance.update.install import Layout, install, prune, switch
+from appliance.update.spool import take_upload
+from appliance.update.state import (
+    AVAILABLE,
+    CURRENT,
+    KEYS,
+    RESULT,
+    SPOOL,
+    VERSIONS,
+    clear_progress,
+    write_progress,
+)
 
 log = logging.getLogger(__name__)
 
-KEYS = Path("/etc/meshpi/update-keys")
-VERSIONS = Path("/opt/meshpi-versions")
-CURRENT = Path("/opt/meshpi")
-RESULT = "last-update.json"
 RESTART = "systemctl try-restart meshpi-agent.service meshpi-web.service meshpi-control.service"
 
 
@@ -88,15 +100,18 @@ def apply(
     deadline: float,
     force: bool = False,
 ) -> Result:
-    t0 = time.monotonic()
+    t0, since = time.monotonic(), time.time()
     installed = layout.running_version()
     say(f"checking {bundle} (installed: {installed or 'unknown'})")
+    write_progress(layout.versions, None, "checking", since)
     with bundle.open("rb") as f:
         manifest = verify_bundle(f, trusted_keys(keys), layout.versions / ".staging", installed, force)
     say(f"signature and {len(manifest.files)} wheels good: version {manifest.version}; installing beside")
+    write_progress(layout.versions, str(manifest.version), "installing", since)
     target = install(layout, layout.versions / ".staging", manifest)
     previous = switch(layout, target)
     say(f"switched to {manifest.version}; restarting, the new version has {deadline:.0f} s to be healthy")
+    write_progress(layout.versions, str(manifest.version), "restarting", since)
     restart()
     problem = wait_healthy(check_for(manifest.version), deadline)
     prev_name = previous.name if previous else None
@@ -133,10 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("apply", help="check, install, switch and watch a bundle")
     a.add_argument("bundle", type=Path)
     a.add_argument("--force", action="store_true", help="allow the same or an older version (a downgrade)")
-    a.add_argument("--deadline", type=float, default=90.0, help="seconds for the new version to be healthy")
-    a.add_argument(
-        "--restart", default=RESTART, help=f"the command that restarts meshpi (default: {RESTART})"
-    )
+    sp = sub.add_parser("spool", help="apply the bundle the dashboard left, if any (root's unit runs it)")
+    sp.add_argument("--spool", type=Path, default=SPOOL, help=f"the dashboard's upload (default {SPOOL})")
+    c = sub.add_parser("check", help="fetch the bundle at the update URL; apply it when newer")
+    c.add_argument("--url", help="this URL, not prefs' update_url")
+    c.add_argument("--available", type=Path, default=AVAILABLE, help=f"what was found (default {AVAILABLE})")
+    c.add_argument("--no-apply", action="store_true", help="only fetch, check and record what was found")
+    for cmd in (a, sp, c):
+        cmd.add_argument(
+            "--deadline", type=float, default=90.0, help="seconds for the new version to be healthy"
+        )
+        cmd.add_argument("--restart", default=RESTART, help="the command that restarts meshpi")
     sub.add_parser("status", help="the running version and the last update's result")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -146,11 +168,31 @@ def main(argv: list[str] | None = None) -> int:
         last = json.loads(result_file.read_text()) if result_file.exists() else None
         print(json.dumps({"running": str(layout.running_version() or "unknown"), "last": last}))
         return 0
+    args.versions.mkdir(parents=True, exist_ok=True)
+    if args.command == "check":
+        return _check(args, layout)
+    force = args.command == "apply" and args.force  # never from the dashboard: the console's word only
+    if args.command == "spool":
+        # A copy only root can write, made before the lock: the dashboard's file is
+        # the web user's, and nothing it does later can change what is checked.
+        try:
+            taken = take_upload(args.spool, args.versions / ".upload.bundle")
+        except BundleError as e:
+            return _report(Result("refused", None, None, e.message, 0.0, time.time()), result_file)
+        if taken is None:
+            print(json.dumps({"result": "nothing to do"}))
+            return 0
+        args.bundle = taken
     if not args.bundle.is_file():
         print(f"meshpi-update: bundle: {args.bundle} is not a file", file=sys.stderr)
         return 2
-    args.versions.mkdir(parents=True, exist_ok=True)
-    with (args.versions / ".lock").open("w") as lock:
+    return _apply_locked(args, layout, args.bundle, force, remove=args.command == "spool")
+
+
+def _apply_locked(args: argparse.Namespace, layout: Layout, bundle: Path, force: bool, remove: bool) -> int:
+    """apply() under the versions' lock, its result written and printed; `remove`: the
+    bundle is a copy made for this run."""
+    with (layout.versions / ".lock").open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -164,13 +206,54 @@ def main(argv: list[str] | None = None) -> int:
             return healthy(args.local_api, v)
 
         try:
-            result = apply(args.bundle, layout, args.keys, restart, check_for, args.deadline, args.force)
+            result = apply(bundle, layout, args.keys, restart, check_for, args.deadline, force)
         except BundleError as e:  # InstallError too: nothing was switched
             result = Result("refused", None, None, e.message, 0.0, time.time())
-            print(f"meshpi-update: {e.message}", file=sys.stderr)
-        atomic_write(result_file, json.dumps(asdict(result)) + "\n")
+        finally:
+            clear_progress(layout.versions)
+            if remove:
+                bundle.unlink(missing_ok=True)
+        return _report(result, layout.versions / RESULT)
+
+
+def _report(result: Result, result_file: Path) -> int:
+    if result.result == "refused":
+        print(f"meshpi-update: {result.reason}", file=sys.stderr)
+    atomic_write(result_file, json.dumps(asdict(result)) + "\n")
     print(json.dumps(asdict(result)))
     return {"updated": 0, "rolled back": 3}.get(result.result, 1)
+
+
+def _check(args: argparse.Namespace, layout: Layout) -> int:
+    url = args.url
+    if url is None:
+        try:
+            url = LocalClient(args.local_api).get("/v1/prefs").get("update_url")
+        except LocalAPIError as e:
+            print(
+                f"meshpi-update: cannot read prefs' update_url from the agent: {e.message}", file=sys.stderr
+            )
+            return 1
+    if not url:
+        args.available.unlink(missing_ok=True)
+        print(json.dumps({"result": "off", "why": "no update_url in prefs"}))
+        return 0
+    try:
+        keys = trusted_keys(args.keys)
+    except BundleError as e:
+        print(f"meshpi-update: {e.message}", file=sys.stderr)
+        return 1
+    found = check(url, args.available.parent, keys, layout.running_version())
+    record(found, args.available)
+    if found.error is not None or found.manifest is None or found.bundle is None:
+        print(json.dumps({"result": "refused" if found.error else "up to date", **found.to_json()}))
+        return 1 if found.error else 0
+    if args.no_apply or rolled_back_before(found.manifest.version, layout.versions / RESULT):
+        why = "--no-apply" if args.no_apply else "this version was rolled back here before"
+        say(f"{found.manifest.version} is available at {url}; not applied ({why})")
+        print(json.dumps({"result": "available", **found.to_json()}))
+        return 0
+    return _apply_locked(args, layout, found.bundle, False, remove=True)
 
 
 if __name__ == "__main__":

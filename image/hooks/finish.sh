@@ -43,7 +43,8 @@ systemctl enable --quiet meshpi-agent.service meshpi-firstboot.service meshpi-fi
     meshpi-upgrades.service meshpi-upgrades.path
 # The dashboard (socket-activated on port 80), its password reset from the boot
 # partition and its first-run setup code, when the checkout has them.
-for unit in meshpi-web.socket meshpi-password-reset.service meshpi-setup-code.service; do
+for unit in meshpi-web.socket meshpi-password-reset.service meshpi-setup-code.service meshpi-update.path \
+    meshpi-update-check.timer; do
     if [ -e "/etc/systemd/system/$unit" ] || [ -e "/usr/lib/systemd/system/$unit" ]; then
         systemctl enable --quiet "$unit"
     fi

@@ -168,3 +168,34 @@ def test_browser_revoke_the_phone(tab: Tab, home: Home) -> None:
     assert home.agent.get("/v1/devices") == {"devices": []}
     wait_for(lambda: device["public_key"] not in _pi_peers(home), 5, "the pi to drop the phone's peer")
     _no_errors(tab)
+
+
+def test_browser_update_page_uploads_a_bundle_and_says_why_it_is_refused(
+    tab: Tab, home: Home, tmp_path: Path
+) -> None:
+    """The Update page in Chromium: the version running, a real multipart upload with
+    the form's CSRF token; this host trusts no update key, so the bundle is refused
+    with the reason, and nothing is left for root's unit."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from appliance.update.bundle import Version, write_bundle
+
+    wheel = tmp_path / "meshpi-9.0.0-py3-none-any.whl"
+    wheel.write_bytes(b"not really a wheel" * 100)
+    bundle = tmp_path / "meshpi-9.0.0.bundle"
+    key = Ed25519PrivateKey.generate()
+    write_bundle(bundle, [wheel], Version(9, 0, 0), "cp313", "aarch64", "2026-12-03T00:00:00Z", key)
+    page = tab.page
+    page.goto("/")
+    page.click("#nav-update")
+    page.wait_for_url("**/update")
+    assert page.inner_text("#update-current").startswith("meshpi ")
+    page.set_input_files("#update-bundle", str(bundle))
+    page.click("#update-submit")
+    page.wait_for_url("**/update")
+    said = page.inner_text("div.banner.error[role=status]")
+    assert said.startswith("Update refused: no update key is trusted on this device"), said
+    assert "Nothing was changed." in said
+    spool = home.web_state / "update"
+    assert not spool.exists() or list(spool.iterdir()) == []
+    _no_errors(tab)

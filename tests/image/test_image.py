@@ -128,7 +128,8 @@ def test_image_runs_only_what_it_needs(first_boot: Boot) -> None:
                  # Debian's security updates (prefs.auto_upgrades, on by default)
                  "apt-daily.timer", "apt-daily-upgrade.timer", "meshpi-upgrades.path"):  # fmt: skip
         assert unit in enabled, sorted(enabled)
-    web_units = ("meshpi-web.socket", "meshpi-password-reset.service", "meshpi-setup-code.service")
+    web_units = ("meshpi-web.socket", "meshpi-password-reset.service", "meshpi-setup-code.service",
+                 "meshpi-update.path")  # fmt: skip
     for unit in web_units:  # the web UI's, when it has them
         shipped = list((REPO / "image/overlay").rglob(unit))
         assert unit in enabled or not shipped, sorted(enabled)

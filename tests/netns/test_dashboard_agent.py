@@ -144,7 +144,7 @@ def test_dashboard_lists_a_hosted_phone_online_with_traffic_and_totals_match(wor
         )
         assert [r["name"] for r in st["connected"]] == ["laptop", "Anna's phone"]
         assert _sums_are_totals(st) and st["rx_bytes"] > row["rx_bytes"] > 0
-        assert st["update"] is None and st["version"]
+        assert st["update"]["current"] == st["version"] and st["update"]["installing"] is None
         # The reach of a hub: the advertised endpoint, as netcheck would say.
         facts = st["headline"]["facts"]
         assert facts["reachable"] is True and facts["public_endpoint"] == f"{HOME_WAN_V4}:51820"

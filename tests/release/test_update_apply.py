@@ -57,6 +57,15 @@ def meshpi_wheel(out: Path, version: str, broken: bool = False) -> Path:
     return wheel
 
 
+def tamper(bundle: Path, out: Path) -> None:
+    """A copy of `bundle` with one byte flipped in the middle of its last wheel."""
+    with tarfile.open(bundle) as tar:
+        last = tar.getmembers()[-1]
+    raw = bytearray(bundle.read_bytes())
+    raw[last.offset_data + last.size // 2] ^= 0xFF
+    out.write_bytes(bytes(raw))
+
+
 @dataclass
 class Rig:
     tmp: Path
@@ -186,3 +195,60 @@ def test_update_apply_refuses_tampered_and_replayed_bundles_and_changes_nothing(
     assert rc == 1 and "older than the installed" in str(result["reason"]), err
     assert rig.layout.running() == before
     assert rig.status()["version"] == before.name  # type: ignore[union-attr]
+
+
+def test_update_spool_refuses_a_tampered_upload_and_changes_nothing(rig: Rig) -> None:
+    """`meshpi-update spool`, what root's meshpi-update.service runs for a dashboard upload:
+    the file is taken out of the spool and checked again; a tampered one is refused."""
+    before = rig.layout.running()
+    good = rig.tmp / "meshpi-0.1.8.bundle"
+    if not good.exists():
+        rig.bundle("0.1.8")
+    spool = rig.tmp / "spool"
+    spool.mkdir(exist_ok=True)
+    tamper(good, spool / "upload.bundle")
+    cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
+           "--current", str(rig.layout.current), "--keys", str(rig.keys),
+           "--local-api", str(rig.tmp / "local.sock"), "spool", "--spool", str(spool),
+           "--restart", str(rig.tmp / "restart"), "--deadline", "20"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 1 and result["result"] == "refused", done.stderr
+    assert "SHA-256" in str(result["reason"]) or "truncated" in str(result["reason"]), result
+    assert not (spool / "upload.bundle").exists() and not (rig.layout.versions / ".upload.bundle").exists()
+    assert not (rig.layout.versions / "progress.json").exists()
+    assert rig.layout.running() == before and not (rig.layout.versions / "0.1.8").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "result": "nothing to do"
+    }
+
+
+def test_update_check_fetches_a_newer_bundle_and_applies_it(rig: Rig) -> None:
+    """`meshpi-update check` (root's daily timer) with an update URL: the newer bundle is
+    downloaded from a loopback HTTP server, checked, applied and healthy."""
+    from tests.release.test_update_fetch import Server
+
+    bundle = rig.bundle("0.1.9")
+    server = Server()
+    server.routes["/latest.bundle"] = (bundle.read_bytes(), None)
+    try:
+        available = rig.tmp / "update-state" / "available.json"
+        cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
+               "--current", str(rig.layout.current), "--keys", str(rig.keys),
+               "--local-api", str(rig.tmp / "local.sock"), "check", "--url", f"{server.url}/latest.bundle",
+               "--available", str(available), "--restart", str(rig.tmp / "restart"), "--deadline", "30"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert done.returncode == 0 and result["result"] == "updated" and result["version"] == "0.1.9", (
+            done.stderr
+        )
+        assert rig.status()["version"] == "0.1.9"
+        assert json.loads(available.read_text())["version"] == "0.1.9"
+        assert not (available.parent / "download.bundle").exists()
+        # The next night: nothing new.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert json.loads(done.stdout.strip().splitlines()[-1])["result"] == "up to date", done.stderr
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()

@@ -8,7 +8,7 @@
     client      clients of the agent's LocalAPI, no server     -> base
     control     the coordination server                        -> core, wire, base (never agent, kernel)
     firstboot   meshpi.toml on the image                       -> client, core, wire, base
-    webui       the dashboard                                  -> client, base
+    webui       the dashboard                                  -> client, update, base
     update      release bundles: signed, checked, installed     -> client, base
     agent, cli  the daemon and the commands                    -> anything but webui and firstboot
 
@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": {"base"},
     "control": {"core", "wire", "base"},
     "firstboot": {"client", "core", "wire", "base"},
-    "webui": {"client", "base"},
+    "webui": {"client", "update", "base"},  # update: an upload is checked before root sees it
     "update": {"client", "base"},
     "agent": {"base", "wire", "core", "kernel", "leds", "client", "control", "update"},
     "cli": {"base", "wire", "core", "kernel", "leds", "client", "control", "agent", "update"},

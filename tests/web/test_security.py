@@ -24,10 +24,11 @@ PROTECTED_PAGES = [
     "/setup/mesh",
     "/setup/share",
     "/part/live",
+    "/update",
 ]
 PROTECTED_POSTS = ["/share", "/nodes/1/approve", "/nodes/1/routes", "/settings", "/settings/password",
                    "/settings/leave", "/devices", "/devices/7/revoke", "/devices/7/rename", "/devices/7/enable", "/devices/laptop", "/setup/mesh",
-                   "/setup/share", "/logout"]  # fmt: skip
+                   "/setup/share", "/logout", "/update", "/update/url"]  # fmt: skip
 PROTECTED_API = [
     ("GET", "/api/status"),
     ("GET", "/api/logs"),

@@ -18,6 +18,7 @@ from appliance.core.model import Connected, HostedDevice
 from appliance.core.upgrades import format_upgrades
 from appliance.kernel.base import KernelError, PeerStats
 from appliance.leds import LedState
+from appliance.update.state import update_slot
 from appliance.wire.netmap import Netmap
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
     # Every byte the kernel counts is a row's: the totals are the rows' sums.
     out["rx_bytes"] = sum(p["rx_bytes"] for p in connected)
     out["tx_bytes"] = sum(p["tx_bytes"] for p in connected)
-    out["update"] = None  # the updates issue fills this slot
+    out["update"] = update_slot(out["version"])
     out["upgrades"] = agent.upgrades_report()  # Debian's security updates (core/upgrades.py)
     hub = out["prefs"].get("advertise_exit_node", False) or bool(hosted)
     out["headline"] = headline(
@@ -260,6 +261,25 @@ def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
 
 
+def update_line(up: Mapping[str, Any]) -> str:
+    """The `update` slot in words: what runs, what is under way, the last result, what is offered."""
+    words = [f"meshpi {up.get('current', '?')}"]
+    if up.get("installing"):
+        words.append(f"installing {up['installing'].get('version') or 'an upload'} "
+                     f"({up['installing'].get('step', '')})")  # fmt: skip
+    last = up.get("last")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["time"])) if last.get("time") else "?"
+        what = f"last update {when}: {last.get('result')} {last.get('version') or ''}".rstrip()
+        words.append(what + (f" ({last['reason']})" if last.get("reason") else ""))
+    if up.get("available"):
+        words.append(f"{up['available'].get('version')} available")
+    checked = up.get("checked") or {}
+    if checked.get("error"):
+        words.append(f"update check failed: {checked['error']}")
+    return "; ".join(words)
+
+
 def format_status(st: Mapping[str, Any]) -> str:
     """`meshpi status` for people."""
     control = st.get("control", {})
@@ -282,6 +302,8 @@ def format_status(st: Mapping[str, Any]) -> str:
                      + (f"; error: {dns['error']}" if dns.get("error") else ""))  # fmt: skip
     if "error" in st:
         lines.append(f"error: {st['error']}")
+    if st.get("update"):
+        lines.append(f"update: {update_line(st['update'])}")
     reach = st.get("reach")
     if reach:
         mapping = reach.get("port_mapping") or {}

@@ -17,10 +17,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.base.files import atomic_write
-from appliance.update.install import Layout
+
+if TYPE_CHECKING:  # the agent reads the slot without loading the bundle's crypto
+    from appliance.update.install import Layout
 
 log = logging.getLogger(__name__)
 

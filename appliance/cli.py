@@ -192,6 +192,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="SSH's port, LAN and mesh only (0: left alone)")  # fmt: skip
         cmd.add_argument("--accept-dns", action=argparse.BooleanOptionalAction, default=None,
                          help="point the host's DNS at the mesh's resolver (default: yes)")  # fmt: skip
+        cmd.add_argument("--flowtable", action=argparse.BooleanOptionalAction, default=None,
+                         help="forwarding: established flows on an nft flowtable (default: yes)")  # fmt: skip
+        cmd.add_argument("--udp-gro-forwarding", action=argparse.BooleanOptionalAction, default=None,
+                         help="forwarding: UDP GRO forwarding on the uplink (default: yes)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 

@@ -52,6 +52,8 @@ PREF_FLAGS = {
     "dashboard_port": "dashboard_port",
     "ssh_port": "ssh_port",
     "accept_dns": "accept_dns",
+    "flowtable": "flowtable",
+    "udp_gro_forwarding": "udp_gro_forwarding",
 }
 
 

@@ -97,6 +97,10 @@ class Prefs:
     # Point the host's DNS (systemd-resolved's link settings, or resolv.conf) at
     # the mesh's resolver; false: the host's DNS is left (put back) as it was.
     accept_dns: bool = True
+    # Forwarding fast paths where the kernel has them (core/offload.py): established
+    # flows offloaded to an nft flowtable; UDP GRO forwarding on the uplink.
+    flowtable: bool = True
+    udp_gro_forwarding: bool = True
 
     @property
     def guards_ports(self) -> bool:
@@ -152,6 +156,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         dashboard_from_mesh=f.get("dashboard_from_mesh", parse_bool, d.dashboard_from_mesh),
         ssh_port=f.get("ssh_port", int_range(0, 65535), d.ssh_port),
         accept_dns=f.get("accept_dns", parse_bool, d.accept_dns),
+        flowtable=f.get("flowtable", parse_bool, d.flowtable),
+        udp_gro_forwarding=f.get("udp_gro_forwarding", parse_bool, d.udp_gro_forwarding),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

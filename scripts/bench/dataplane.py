@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -49,14 +50,28 @@ from typing import Any
 from scripts.bench.dataplane_vm import BenchVm, boot_bench_vm, build_image
 from tests.image.vmnet import SERVER_V4
 
-PATHS = ("meshpi", "meshpi_noft", "reference", "userspace", "plain")
+# meshpi and its reference side by side, since their ratio is the result.
+PATHS = ("meshpi", "reference", "meshpi_noft", "userspace", "plain")
 IPERF_PORT = 5201
 
 
-def iperf(vm: BenchVm, seconds: float, reverse: bool = False, udp_rate: str | None = None) -> dict[str, float]:
+def iperf(
+    vm: BenchVm, seconds: float, reverse: bool = False, udp_rate: str | None = None
+) -> dict[str, float]:
     """One iperf3 run client -> server through whatever route the client has now,
     with the VM's CPU sampled around it."""
-    cmd = ["iperf3", "-c", SERVER_V4, "-p", str(IPERF_PORT), "-t", str(seconds), "-J", "--connect-timeout", "10000"]
+    cmd = [
+        "iperf3",
+        "-c",
+        SERVER_V4,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        str(seconds),
+        "-J",
+        "--connect-timeout",
+        "10000",
+    ]
     if reverse:
         cmd.append("-R")
     if udp_rate is not None:
@@ -98,13 +113,29 @@ def median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0]}
 
 
-def ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
-    return {d: (round(a[f"{d}_mbps"] / b[f"{d}_mbps"], 3) if b[f"{d}_mbps"] else None) for d in ("up", "down")}
+def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, float | None] | None:
+    """a/b per direction; None when either path has no figures."""
+    if a is None or b is None:
+        return None
+    return {d: round(a[f"{d}_mbps"] / b[f"{d}_mbps"], 3) if b[f"{d}_mbps"] else None for d in ("up", "down")}
+
+
+def finite(value: Any) -> Any:
+    """NaN (no traffic measured) as null: the last line stays strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", type=Path, help="a built image (default: scripts/build-image --no-compress)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--image", type=Path, help="a built image (default: scripts/build-image --no-compress)"
+    )
     parser.add_argument("--seconds", type=float, default=10, help="each iperf3 run (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="every path this many times (median)")
     parser.add_argument("--udp-rate", default="20M", help="iperf3 -u -b for the loss figure (default 20M)")
@@ -112,26 +143,39 @@ def main() -> None:
     started = time.monotonic()
     image = args.image or build_image()
     results: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
+    errors: dict[str, str] = {}
     with boot_bench_vm(image) as vm:
-        print(f"dataplane: VM ready after {vm.boot_s:.0f} s; fast paths {json.dumps(vm.dataplane)}", flush=True)
-        sweep = vm.df_sweep()
+        print(
+            f"dataplane: VM ready after {vm.boot_s:.0f} s; fast paths {json.dumps(vm.dataplane)}", flush=True
+        )
+        try:
+            sweep = vm.df_sweep()
+        except Exception as error:
+            sweep, errors["df_sweep"] = {}, str(error)[-500:]
         print(f"dataplane: DF sweep through the exit node: {json.dumps(sweep)}", flush=True)
         for n in range(args.rounds):
             print(f"dataplane: round {n + 1}/{args.rounds} ({args.seconds:g} s per run)", flush=True)
             for path in PATHS:
                 if path == "meshpi_noft" and not vm.dataplane.get("flowtable"):
                     continue  # no flowtable in this kernel: nothing to turn off
-                results[path].append(measure(vm, path, args.seconds, args.udp_rate, udp=path != "meshpi_noft"))
+                try:
+                    row = measure(vm, path, args.seconds, args.udp_rate, udp=path != "meshpi_noft")
+                except Exception as error:  # one path failing must not lose the others' figures
+                    print(f"dataplane: {path}: FAILED: {error}", flush=True)
+                    errors[path] = str(error)[-500:]
+                    continue
+                results[path].append(row)
         fragments = vm.wan_fragments()
     paths = {p: median_rows(rows) for p, rows in results.items() if rows}
-    a, b, c, d = (paths[p] for p in ("meshpi", "reference", "userspace", "plain"))
-    noft = paths.get("meshpi_noft")
+    a, b, c, d, noft = (paths.get(p) for p in ("meshpi", "reference", "userspace", "plain", "meshpi_noft"))
     out = {
         "meshpi_vs_reference": ratio(a, b),
         "kernel_vs_userspace": ratio(b, c),
         "tunnel_vs_plain": ratio(b, d),
-        "flowtable_gain": ratio(a, noft) if noft else None,
-        "cpu_per_gbps": {p: {"up": r["cpu_per_gbps_up"], "down": r["cpu_per_gbps_down"]} for p, r in paths.items()},
+        "flowtable_gain": ratio(a, noft),
+        "cpu_per_gbps": {
+            p: {"up": r["cpu_per_gbps_up"], "down": r["cpu_per_gbps_down"]} for p, r in paths.items()
+        },
         "paths": paths,
         "mtu": sweep | {"wan_fragments": fragments},
         "dataplane": vm.dataplane,
@@ -140,14 +184,19 @@ def main() -> None:
         "udp_rate": args.udp_rate,
         "vm_boot_s": round(vm.boot_s, 1),
         "total_s": round(time.monotonic() - started, 1),
+        "errors": errors,
     }
     print()
-    print(f"{'path':12} {'up Mbit/s':>10} {'down Mbit/s':>12} {'UDP loss %':>11} {'CPU/Gbit/s up':>14} {'down':>6}")
+    print(
+        f"{'path':12} {'up Mbit/s':>10} {'down Mbit/s':>12} {'UDP loss %':>11}"
+        f" {'CPU/Gbit/s up':>14} {'down':>6}"
+    )
     for p, r in paths.items():
         loss = r.get("udp_loss_pct")
-        print(f"{p:12} {r['up_mbps']:10.1f} {r['down_mbps']:12.1f} {'' if loss is None else f'{loss:.2f}':>11} "
+        loss_text = "" if loss is None else f"{loss:.2f}"
+        print(f"{p:12} {r['up_mbps']:10.1f} {r['down_mbps']:12.1f} {loss_text:>11} "
               f"{r['cpu_per_gbps_up']:14.2f} {r['cpu_per_gbps_down']:6.2f}")  # fmt: skip
-    print(json.dumps(out))
+    print(json.dumps(finite(out)))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from tests.lab.host import wait_for
 CACHE = Path(os.environ.get("MESHPI_IMAGE_CACHE", "/var/cache/meshpi-image"))
 # trixie arm64 packages whose binaries the bench copies into the VM (not the image).
 TOOL_PACKAGES = ("iperf3", "libiperf0", "libsctp1", "wireguard-go", "ethtool")
-TOOL_FILES = ("usr/bin/iperf3", "usr/bin/wireguard-go", "usr/sbin/ethtool",
-              "usr/lib/aarch64-linux-gnu/libiperf.so.0*", "usr/lib/aarch64-linux-gnu/libsctp.so.1*")  # fmt: skip
+LIBS = "usr/lib/aarch64-linux-gnu"
+TOOL_FILES = ("usr/bin/iperf3", "usr/bin/wireguard-go", "usr/sbin/ethtool", f"{LIBS}/libiperf.so.0*",
+              f"{LIBS}/libsctp.so.1*")  # fmt: skip
 TOOLS = CACHE / f"bench-tools-arm64-{'-'.join(TOOL_PACKAGES)}.tar.gz"
 MTU = 1280  # meshpi's default: every tunnel of the bench uses it, on both ends
 REF_PORT, GO_PORT = 51900, 51901
@@ -81,13 +82,18 @@ def tools_tarball() -> Path:
     try:
         subprocess.run(["mmdebstrap", "--quiet", "--mode=root", "--arch=arm64", "--variant=extract",
                         f"--include={','.join(TOOL_PACKAGES)}", "trixie", str(stage / "root"),
-                        f"deb [arch=arm64] {_mirror()} trixie main"], check=True, capture_output=True)  # fmt: skip
-        files = [str(p.relative_to(stage / "root")) for pattern in TOOL_FILES for p in (stage / "root").glob(pattern)]
+                        f"deb [arch=arm64] {_mirror()} trixie main"],
+                       check=True, capture_output=True)  # fmt: skip
+        files = [
+            str(p.relative_to(stage / "root"))
+            for pattern in TOOL_FILES
+            for p in (stage / "root").glob(pattern)
+        ]
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = TOOLS.with_suffix(".tmp")
         # Into /usr/local of the VM: usr/bin/x -> bin/x.
-        subprocess.run(["tar", "-czf", str(tmp), "-C", str(stage / "root"), "--transform", "s,^usr/,,", *files],
-                       check=True)  # fmt: skip
+        tar = ["tar", "-czf", str(tmp), "-C", str(stage / "root"), "--transform", "s,^usr/,,"]
+        subprocess.run([*tar, *files], check=True)
         tmp.rename(TOOLS)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -98,7 +104,8 @@ class CpuSample:
     """The VM's /proc/stat and uptime read over one SSH session before and after."""
 
     def __init__(self, vm: Vm) -> None:
-        script = "head -1 /proc/stat; cut -d' ' -f1 /proc/uptime; read x; head -1 /proc/stat; cut -d' ' -f1 /proc/uptime"
+        read = "head -1 /proc/stat; cut -d' ' -f1 /proc/uptime"
+        script = f"{read}; read x; {read}"
         self.proc = subprocess.Popen(["ip", "netns", "exec", vm.net.vmnet.ns, *vm.ssh_cmd(script)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self.proc.stdout is not None
@@ -106,9 +113,14 @@ class CpuSample:
         self.after = ("", "")
 
     def stop(self) -> None:
-        out, _ = self.proc.communicate("\n", timeout=60)
+        try:
+            out, _ = self.proc.communicate("\n", timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out = ""
         lines = out.splitlines()
-        self.after = (lines[0], lines[1])
+        if len(lines) >= 2:
+            self.after = (lines[0], lines[1])
 
     def busy_cores(self) -> float:
         """Cores busy on average between the two reads (user, system, irq, softirq, steal)."""
@@ -117,8 +129,11 @@ class CpuSample:
             f = [int(x) for x in line.split()[1:9]]
             return f[0] + f[1] + f[2] + f[5] + f[6] + f[7]
 
-        jiffies = busy(self.after[0]) - busy(self.before[0])
-        seconds = float(self.after[1]) - float(self.before[1])
+        try:
+            jiffies = busy(self.after[0]) - busy(self.before[0])
+            seconds = float(self.after[1]) - float(self.before[1])
+        except (ValueError, IndexError):  # the SSH session failed: no figure, not no run
+            return float("nan")
         return jiffies / 100 / seconds if seconds > 0 else float("nan")
 
 
@@ -168,7 +183,9 @@ class BenchVm:
         return json.loads(got.stdout) if got.returncode == 0 else {}
 
     def _direct(self) -> bool:
-        endpoints = self.net.client.run(["wg", "show", self.laptop.interface, "endpoints"], check=False).stdout
+        endpoints = self.net.client.run(
+            ["wg", "show", self.laptop.interface, "endpoints"], check=False
+        ).stdout
         return f"{VM_V4}:51820" in endpoints
 
     def _agent_table(self, flag: str, want_flowtable: bool) -> str:
@@ -190,10 +207,12 @@ class BenchVm:
         vm.ssh(f"""set -e; umask 077
             echo {keys["vm_ref"]} > /run/dpbench-ref.key; echo {keys["vm_go"]} > /run/dpbench-go.key
             ip link add wgref type wireguard
-            wg set wgref listen-port {REF_PORT} private-key /run/dpbench-ref.key peer {pub("c_ref")} allowed-ips {REF_NET}.2/32
+            wg set wgref listen-port {REF_PORT} private-key /run/dpbench-ref.key \\
+                peer {pub("c_ref")} allowed-ips {REF_NET}.2/32
             ip addr add {REF_NET}.1/24 dev wgref; ip link set wgref mtu {MTU} up
             LOG_LEVEL=error wireguard-go wggo0 </dev/null >/dev/null 2>&1
-            wg set wggo0 listen-port {GO_PORT} private-key /run/dpbench-go.key peer {pub("c_go")} allowed-ips {GO_NET}.2/32
+            wg set wggo0 listen-port {GO_PORT} private-key /run/dpbench-go.key \\
+                peer {pub("c_go")} allowed-ips {GO_NET}.2/32
             ip addr add {GO_NET}.1/24 dev wggo0; ip link set wggo0 mtu {MTU} up""")  # fmt: skip
         for dev, key, peer, port, net in ((self.wg_ref, "c_ref", "vm_ref", REF_PORT, REF_NET),
                                           (self.wg_go, "c_go", "vm_go", GO_PORT, GO_NET)):  # fmt: skip
@@ -229,11 +248,15 @@ class BenchVm:
                    input=f"table inet meshpi {{}}\ndelete table inet meshpi\n{table}\n")  # fmt: skip
             client.run(["ip", "route", "del", f"{SERVER_V4}/32"], check=False)
         else:
-            vm.ssh(f"nft delete table inet meshpi 2>/dev/null; ethtool -K eth0 {GRO} off; nft -f -", input=NAT)
+            vm.ssh(
+                f"nft delete table inet meshpi 2>/dev/null; ethtool -K eth0 {GRO} off; nft -f -", input=NAT
+            )
             if path == "plain":
                 client.run(["ip", "route", "replace", f"{SERVER_V4}/32", "via", "10.98.0.1"])
                 vmnet.run(["ip", "route", "replace", "default", "via", VM_V4, "dev", TAP, "table", "100"])
-                vmnet.run(["ip", "rule", "add", "pref", "100", "iif", "client", "to", SERVER_V4, "lookup", "100"])
+                vmnet.run(
+                    ["ip", "rule", "add", "pref", "100", "iif", "client", "to", SERVER_V4, "lookup", "100"]
+                )
             else:
                 dev = self.wg_ref if path == "reference" else self.wg_go
                 client.run(["ip", "route", "replace", f"{SERVER_V4}/32", "dev", dev])
@@ -257,7 +280,8 @@ class BenchVm:
         sizes = (1200, 1232, 1252, 1253, 1372, 1472)
         passed = {}
         for size in sizes:
-            ping = self.net.client.run(["ping", "-n", "-c", "2", "-i", "0.3", "-W", "3", "-M", "do", "-s", str(size),
+            ping = self.net.client.run(["ping", "-n", "-c", "2", "-i", "0.3", "-W", "3", "-M", "do",
+                                        "-s", str(size),
                                         SERVER_V4], check=False, timeout=30)  # fmt: skip
             passed[size] = ping.returncode == 0
         largest = max((s for s, ok in passed.items() if ok), default=None)
@@ -286,10 +310,19 @@ def boot_bench_vm(image: Path) -> Iterator[BenchVm]:
     exit node) on tests/image's network, and set the bench up around it."""
     work = Path(tempfile.mkdtemp(prefix="meshpi-bench-dataplane-", dir="/var/tmp"))
     try:
-        card, key, toml, log = work / "card.img", work / "id_ed25519", work / "meshpi.toml", work / "console.log"
+        card, key, toml, log = (
+            work / "card.img",
+            work / "id_ed25519",
+            work / "meshpi.toml",
+            work / "console.log",
+        )
         subprocess.run(["cp", "--sparse=always", str(image), str(card)], check=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(key)], check=True)
-        toml.write_text(GOOD_TOML.format(ssh=f'ssh_authorized_key = "{key.with_suffix(".pub").read_text().strip()}"'))
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(key)], check=True
+        )
+        toml.write_text(
+            GOOD_TOML.format(ssh=f'ssh_authorized_key = "{key.with_suffix(".pub").read_text().strip()}"')
+        )
         with VmNet() as net:
             proc = net.vmnet.popen([str(REPO / "scripts/boot-image"), str(card), "--in-place",
                                     "--boot-file", f"meshpi.toml={toml}", "--net", f"tap:{TAP}",

@@ -244,12 +244,13 @@ class BenchVm:
         if path in ("meshpi", "meshpi_noft"):
             table = self.tables[path]
             vm.ssh("nft -f - && { nft delete table ip dpbench_nat 2>/dev/null || true; }"
-                   f" && ethtool -K eth0 {GRO} {self.meshpi_gro}",
+                   f" && {{ ethtool -K eth0 {GRO} {self.meshpi_gro} 2>/dev/null || true; }}",
                    input=f"table inet meshpi {{}}\ndelete table inet meshpi\n{table}\n")  # fmt: skip
             client.run(["ip", "route", "del", f"{SERVER_V4}/32"], check=False)
         else:
             vm.ssh(
-                f"nft delete table inet meshpi 2>/dev/null; ethtool -K eth0 {GRO} off; nft -f -", input=NAT
+                f"nft delete table inet meshpi 2>/dev/null; ethtool -K eth0 {GRO} off 2>/dev/null; nft -f -",
+                input=NAT,
             )
             if path == "plain":
                 client.run(["ip", "route", "replace", f"{SERVER_V4}/32", "via", "10.98.0.1"])

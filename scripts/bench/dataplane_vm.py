@@ -341,6 +341,10 @@ def boot_bench_vm(image: Path) -> Iterator[BenchVm]:
                 print(f"dataplane: console tail:\n{vm.console()[-3000:]}", flush=True)
                 with contextlib.suppress(Exception):
                     print(f"dataplane: laptop log tail:\n{bench.laptop.log()[-3000:]}", flush=True)
+                with contextlib.suppress(Exception):
+                    bench._freeze(False)
+                    journal = vm.ssh("journalctl -u meshpi-agent -n 80 --no-pager", check=False).stdout
+                    print(f"dataplane: the VM agent's journal:\n{journal}", flush=True)
                 raise
             finally:
                 bench.teardown()

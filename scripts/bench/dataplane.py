@@ -24,7 +24,7 @@ host has no WireGuard module); the VM under TCG is the bottleneck by far.
 While paths are measured, both agents are stopped (SIGSTOP), so neither moves a
 path or rewrites a table between runs; the tables are swapped with `nft -f`.
 
-iperf3 and wireguard-go for the VM are not in the image: their arm64 binaries are
+wireguard-go and ethtool for the VM are not in the image: their arm64 binaries are
 unpacked from trixie's debs (mmdebstrap --variant=extract, as image/imgtest's
 make-disk does for wireguard-go), cached in /var/cache/meshpi-image, and copied
 over SSH into /usr/local of the bench's own copy of the card.

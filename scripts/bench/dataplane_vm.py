@@ -344,12 +344,12 @@ def boot_bench_vm(image: Path) -> Iterator[BenchVm]:
             proc = net.vmnet.popen([str(REPO / "scripts/boot-image"), str(card), "--in-place",
                                     "--boot-file", f"meshpi.toml={toml}", "--net", f"tap:{TAP}",
                                     "--append-extra", "meshpi.imgtest=hold", "--log", str(log),
-                                    "--monitor", str(monitor), "--timeout", "3600"],
+                                    "--monitor", str(monitor), "--timeout", "2700"],
                                    log=work / "boot-image.out")  # fmt: skip
             vm = Vm(net, key, log, proc, monitor)
             started = time.monotonic()
             print("dataplane: booting the image (first boot) under qemu", flush=True)
-            vm.wait_held(1, 1500)
+            vm.wait_held(1, 900)
             if not _ssh_up(vm):
                 # On a host loaded by other VMs the first boot has been seen to skip
                 # meshpi-firstboot (no SSH, no mesh): the card's second boot applies it,
@@ -358,7 +358,7 @@ def boot_bench_vm(image: Path) -> Iterator[BenchVm]:
                     "dataplane: no SSH after the first boot (firstboot skipped): resetting once", flush=True
                 )
                 vm.qemu("system_reset")
-                vm.wait_held(2, 1500)
+                vm.wait_held(2, 900)
             bench = BenchVm(vm, time.monotonic() - started)
             try:
                 bench.setup()

@@ -80,8 +80,9 @@ class KernelOffloads:
                 log.warning("cannot ask nft whether this kernel has flowtables: %s", exc)
                 return False
             self._flowtable = proc.returncode == 0
-            log.info("nft flowtables (nf_flow_table): %s", "available" if self._flowtable
-                     else f"not in this kernel ({proc.stderr.strip().splitlines()[0:1]})")  # fmt: skip
+            why = next(iter(proc.stderr.strip().splitlines()), "")
+            log.info("nft flowtables (nf_flow_table): %s",
+                     "available" if self._flowtable else f"not in this kernel: {why}")  # fmt: skip
         return self._flowtable
 
     def uplinks(self, exclude: str) -> tuple[str, ...]:

@@ -196,6 +196,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="install Debian's security updates nightly (default: yes)")  # fmt: skip
         cmd.add_argument("--upgrade-window", metavar="HH:MM-HH:MM", default=None,
                          help="local time, default 03:00-05:00; kernel updates reboot then")  # fmt: skip
+        cmd.add_argument("--flowtable", action=argparse.BooleanOptionalAction, default=None,
+                         help="forwarding: established flows on an nft flowtable (default: yes)")  # fmt: skip
+        cmd.add_argument("--udp-gro-forwarding", action=argparse.BooleanOptionalAction, default=None,
+                         help="forwarding: UDP GRO forwarding on the uplink (default: yes)")  # fmt: skip
         state_dir(cmd)
         local_api(cmd)
 

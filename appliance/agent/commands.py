@@ -54,6 +54,8 @@ PREF_FLAGS = {
     "accept_dns": "accept_dns",
     "auto_upgrades": "auto_upgrades",
     "upgrade_window": "upgrade_window",
+    "flowtable": "flowtable",
+    "udp_gro_forwarding": "udp_gro_forwarding",
 }
 
 

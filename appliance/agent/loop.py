@@ -396,6 +396,11 @@ class Agent(AgentLocal):
     def dns_status(self) -> dict[str, Any] | None:
         return self.dns.status() if self.dns is not None else None
 
+    def dataplane_status(self) -> dict[str, Any]:
+        from appliance.agent.localapi.dataplane import dataplane_status
+
+        return dataplane_status(self._facts[1] if self._facts is not None else None, self.memo.state)
+
     def path_status(self) -> dict[PublicKey, str]:
         return self.paths.status() if self.paths is not None else {}
 

@@ -191,6 +191,12 @@ class HostFacts:
     # Was IP forwarding on before meshpi touched it? Then this host already routes
     # for someone else, and meshpi must not start dropping that traffic.
     forwarding_preexisting: bool = False
+    # Interfaces holding a default route (the WAN side of an exit node).
+    uplinks: tuple[str, ...] = ()
+    # Does this kernel have nft flowtables (nf_flow_table)? Debian's arm64 kernel does.
+    flowtable: bool = False
+    # Uplinks whose driver lets rx-udp-gro-forwarding be changed.
+    udp_gro: tuple[str, ...] = ()
 
 
 # Policy routing rules meshpi owns are the ones with a priority in this range,

@@ -12,6 +12,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from appliance.base.net import IPNetwork
 from appliance.core.model import sorted_networks
+from appliance.core.offload import FLOWTABLE
 
 # What counts as "the LAN" from an exit node: every private, link-local and
 # carrier-grade range, plus whatever is connected to this host. The mesh must
@@ -51,6 +52,9 @@ class FirewallPlan:
     # The node's resolver (agent/dns) on its mesh addresses, port 53: for the mesh
     # only. A query for a mesh address arriving on any other interface is dropped.
     mesh_dns: bool = False
+    # The flowtable's devices (core/offload.py), the mesh interface first; empty: no
+    # flowtable (the kernel has none, or the owner turned it off).
+    flowtable_devices: tuple[str, ...] = ()
 
 
 def _set(name: str, family: str, nets: Iterable[IPNetwork]) -> list[str]:
@@ -180,6 +184,18 @@ def _render_forwarding(plan: FirewallPlan) -> list[str]:
         f"iifname {wg} meta nfproto ipv6 tcp flags syn / syn,rst "
         f"tcp option maxseg size > {v6_mss} counter tcp option maxseg size set {v6_mss}",
     ]
+
+    if plan.flowtable_devices:
+        # On the first answer, the flow (both directions) moves to the fast path: only
+        # flows the mesh opened and from_mesh accepted are ever answered here.
+        devices = ", ".join(f'"{d}"' for d in plan.flowtable_devices)
+        lines += [
+            f"flowtable {FLOWTABLE} {{",
+            "\thook ingress priority filter",
+            f"\tdevices = {{ {devices} }}",
+            "}",
+        ]
+        to_mesh.insert(0, f"meta l4proto {{ tcp, udp }} ct state established flow add @{FLOWTABLE}")
 
     postrouting = [
         "type nat hook postrouting priority srcnat; policy accept;",

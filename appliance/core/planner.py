@@ -27,6 +27,7 @@ from appliance.core.model import (
     sorted_networks,
 )
 from appliance.core.nft import FirewallPlan, render
+from appliance.core.offload import flowtable_devices, udp_gro_settings
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError
 from appliance.wire.netmap import EXIT_ROUTES, Mesh, Netmap, Node
@@ -166,6 +167,7 @@ def make_plan(
     forwarding = prefs.forwards or bool(devices)
     if forwarding:
         sysctls.update(FORWARDING_SYSCTLS)
+        sysctls.update(udp_gro_settings(facts, prefs.udp_gro_forwarding))
     if forwarding or prefs.guards_ports or netmap.dns is not None:
         # A node that only guards its ports (a dashboard, no routing) or serves mesh
         # DNS gets a table with the input policy alone: no forwarding sysctls, no
@@ -321,6 +323,7 @@ def _firewall_plan(
         dashboard_from_mesh=prefs.dashboard_from_mesh,
         ssh_port=prefs.ssh_port,
         mesh_dns=netmap.dns is not None,
+        flowtable_devices=flowtable_devices(prefs.interface, facts, prefs.flowtable) if forwarding else (),
     )
 
 

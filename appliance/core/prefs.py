@@ -117,6 +117,10 @@ class Prefs:
     # Where root's daily meshpi-update-check fetches a signed bundle (http or https);
     # None: updates only from the dashboard or the console.
     update_url: str | None = None
+    # Forwarding fast paths where the kernel has them (core/offload.py): established
+    # flows offloaded to an nft flowtable; UDP GRO forwarding on the uplink.
+    flowtable: bool = True
+    udp_gro_forwarding: bool = True
 
     @property
     def guards_ports(self) -> bool:
@@ -176,6 +180,8 @@ def parse_prefs(obj: object, source: str = "prefs") -> Prefs:
         auto_upgrades=f.get("auto_upgrades", parse_bool, d.auto_upgrades),
         upgrade_window=f.get("upgrade_window", parse_window, d.upgrade_window),
         update_url=f.get("update_url", _parse_update_url, d.update_url),
+        flowtable=f.get("flowtable", parse_bool, d.flowtable),
+        udp_gro_forwarding=f.get("udp_gro_forwarding", parse_bool, d.udp_gro_forwarding),
     )
     if prefs.table in (253, 254, 255):
         raise f.error("table", prefs.table, "is a table the kernel reserves (default/main/local)")

@@ -41,6 +41,11 @@ class FakeKernel:
     proc: dict[str, str] = field(default_factory=dict)
     connected: tuple[Connected, ...] = ()
     probes: list[tuple[str, IPv4Address | IPv6Address]] = field(default_factory=list)  # (dev, to)
+    # Fast paths (kernel/offload.py): default-route devices, nft flowtables, and the
+    # uplinks whose rx-udp-gro-forwarding can change (its value: proc["ethtool.<dev>.…"]).
+    uplinks: tuple[str, ...] = ()
+    flowtable: bool = False
+    udp_gro: tuple[str, ...] = ()
 
     def render(self) -> str:
         """The whole state, one fact per line, in a stable order."""
@@ -195,6 +200,20 @@ class FakeProcSys:
         self.k.proc[key] = value
 
 
+class FakeOffloads:
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.k = kernel
+
+    def flowtable(self) -> bool:
+        return self.k.flowtable
+
+    def uplinks(self, exclude: str) -> tuple[str, ...]:
+        return tuple(d for d in self.k.uplinks if d != exclude)
+
+    def udp_gro_capable(self, ifname: str) -> bool:
+        return ifname in self.k.udp_gro
+
+
 def fake_system(state_dir: Path, kernel: FakeKernel | None = None) -> tuple[System, FakeKernel]:
     """A System over an in-memory kernel; sysctl originals persist in state_dir."""
     k = kernel or FakeKernel()
@@ -206,5 +225,6 @@ def fake_system(state_dir: Path, kernel: FakeKernel | None = None) -> tuple[Syst
         FakeLinks(k),
         FakeFirewall(k),
         Sysctls(FakeProcSys(k), state_dir / "sysctl-originals.json"),
+        FakeOffloads(k),
     )
     return system, k

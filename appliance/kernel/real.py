@@ -6,6 +6,7 @@ from pathlib import Path
 
 from appliance.kernel.netlink import NetlinkLinks
 from appliance.kernel.nft import NftFirewall
+from appliance.kernel.offload import KernelOffloads, WithFeatures
 from appliance.kernel.sysctl import ProcFs, Sysctls
 from appliance.kernel.system import System
 from appliance.kernel.wireguard import choose_backend
@@ -19,5 +20,7 @@ def real_system(backend: str, state_dir: Path) -> System:
         wireguard=choose_backend(backend),
         links=NetlinkLinks(),
         firewall=NftFirewall(),
-        sysctls=Sysctls(ProcFs(), state_dir / SYSCTL_ORIGINALS),
+        # Netdev features (UDP GRO forwarding) are saved and restored as sysctls are.
+        sysctls=Sysctls(WithFeatures(ProcFs()), state_dir / SYSCTL_ORIGINALS),
+        offloads=KernelOffloads(),
     )

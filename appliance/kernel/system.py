@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 
 from appliance.core.changes import (
@@ -34,6 +34,7 @@ from appliance.core.changes import (
 )
 from appliance.core.model import Device, HostFacts, NftRuleset, Scope, State
 from appliance.kernel.base import Firewall, KernelError, Links, WgUpdate, WireGuardBackend
+from appliance.kernel.offload import NoOffloads, Offloads
 from appliance.kernel.sysctl import Sysctls
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class System:
     links: Links
     firewall: Firewall
     sysctls: Sysctls
+    offloads: Offloads = field(default_factory=NoOffloads)
 
     # -- reading -------------------------------------------------------------
 
@@ -78,9 +80,13 @@ class System:
         )
 
     def facts(self, scope: Scope) -> HostFacts:
+        uplinks = self.offloads.uplinks(exclude=scope.interface)
         return HostFacts(
             connected=self.links.connected(exclude=scope.interface),
             forwarding_preexisting=any(self.sysctls.before_meshpi(k) == "1" for k in FORWARDING_KEYS),
+            uplinks=uplinks,
+            flowtable=self.offloads.flowtable(),
+            udp_gro=tuple(dev for dev in uplinks if self.offloads.udp_gro_capable(dev)),
         )
 
     # -- applying ------------------------------------------------------------

@@ -80,10 +80,16 @@ class Vm:
         self.net, self.key, self.log = net, key, log
         self.proc, self.monitor = proc, monitor
 
-    def ssh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def ssh_cmd(self, command: str) -> list[str]:
+        """The ssh command line (to run in the vmnet namespace) for `command` in the VM."""
         opts = ["-i", str(self.key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR"]  # fmt: skip
-        return self.net.vmnet.run(["ssh", *opts, f"root@{VM_V4}", command], check=check, timeout=timeout)
+        return ["ssh", *opts, f"root@{VM_V4}", command]
+
+    def ssh(
+        self, command: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.net.vmnet.run(self.ssh_cmd(command), check=check, timeout=timeout, input=input)
 
     def answers(self) -> bool:
         """Does SSH log in now?"""

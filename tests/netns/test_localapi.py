@@ -121,6 +121,16 @@ def test_localapi_status_reports_the_applied_netmap(world: World) -> None:
     assert st["lan"] == {"interface": "eth0", "prefixes": ["10.99.0.0/24"], "address": "10.99.0.1"}
     assert st["local_control"] == {"running": False, "login_url": None}
     assert "firstboot" not in st
+    # The exit node's fast paths as the agent found them (test_offload.py checks the kernel side).
+    dataplane = st["dataplane"]
+    assert set(dataplane) == {
+        "uplinks",
+        "flowtable",
+        "flowtable_supported",
+        "udp_gro_forwarding",
+        "udp_gro_capable",
+    }
+    assert dataplane["flowtable"] is dataplane["flowtable_supported"]
     # The laptop sees the pi as an exit node with a known endpoint.
     (pi,) = world.laptop.client().get("/v1/status")["peers"]
     assert pi["exit_node"] is True and pi["direct"] is True and pi["endpoint"] == "10.99.0.1:51820"

@@ -50,6 +50,7 @@ class StatusView(Protocol):
     def reach_report(self) -> dict[str, Any] | None: ...
     def dns_status(self) -> dict[str, Any] | None: ...
     def upgrades_report(self) -> dict[str, Any]: ...
+    def dataplane_status(self) -> dict[str, Any]: ...
 
 
 EXIT_ROUTES = frozenset({"0.0.0.0/0", "::/0"})
@@ -88,6 +89,7 @@ def agent_status(agent: StatusView, local: LocalControl | None) -> dict[str, Any
             row["dns_name"] = next((fqdn(inputs.netmap, named[a]) for a in d.addresses if a in named), None)
     out["devices"] = devices
     out["dns"] = agent.dns_status()
+    out["dataplane"] = agent.dataplane_status()
     out["led"] = agent.led_state()
     out["route_conflicts"] = agent.route_conflicts()
     out["reach"] = agent.reach_status()

@@ -318,8 +318,29 @@ class NetlinkLinks:
         if route.dst.version == 4:
             # What `ip route add ... dev X` does for a route without a gateway.
             kw["scope"] = RT_SCOPE_LINK
-        with _netlink(what, ok=_ADD_OK):
-            self._ip.route("add", **kw)
+        with _netlink(what):
+            try:
+                self._ip.route("add", **kw)
+                return
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+        # "File exists" is a no-op only when the route there goes out the same interface.
+        holder = self._route_holder(route)
+        if holder is None or holder == kw["oif"]:
+            return
+        if route.table == MAIN_TABLE:  # someone else's route: never taken over
+            other = self._names().get(holder, f"index {holder}")
+            raise KernelError(f"{what}: the main table already routes {route.dst} through {other}")
+        with _netlink(f"replace route {route}"):  # meshpi's own table: what is there is a leftover
+            self._ip.route("replace", **kw)
+
+    def _route_holder(self, route: Route) -> int | None:
+        """The interface index of the unicast route to exactly route.dst in its table (None: none)."""
+        for msg, dst in self._unicast_routes():
+            if dst == route.dst and msg.get("table") == route.table:
+                return int(msg.get_attr("RTA_OIF") or 0)
+        return None
 
     def remove_route(self, route: Route) -> None:
         link = self._link(route.dev)

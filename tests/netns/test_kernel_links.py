@@ -194,3 +194,20 @@ def test_links_connected_prefixes(links: NetlinkLinks) -> None:
         Connected("d0", ip_network("2001:db8:1::/64")),
     )
     assert links.connected(exclude="d0") == (Connected("mesh0", ip_network("100.64.0.0/10")),)
+
+
+def test_links_route_held_by_another_interface_is_not_taken_for_ours(links: NetlinkLinks) -> None:
+    veth("d1")
+    # In the main table it is someone else's route (another VPN, a leftover): refused, named.
+    ip("route", "add", "10.4.0.0/16", "dev", "d1")
+    with pytest.raises(KernelError, match=r"add route 10.4.0.0/16 dev d0: the main table already routes "
+                                          r"10.4.0.0/16 through d1"):  # fmt: skip
+        links.add_route(Route(IPv4Network("10.4.0.0/16"), "d0"))
+    assert "10.4.0.0/16 dev d1" in ip("-4", "route")
+    # In meshpi's own table, what is there is a leftover: replaced.
+    ip("route", "add", "10.5.0.0/16", "dev", "d1", "table", str(T))
+    ip("-6", "route", "add", "fd00:5::/64", "dev", "d1", "table", str(T))
+    ours = {Route(IPv4Network("10.5.0.0/16"), "d0", T), Route(IPv6Network("fd00:5::/64"), "d0", T)}
+    for route in ours:
+        links.add_route(route)
+    assert links.routes(SCOPE) == ours

@@ -86,7 +86,7 @@ class KernelOffloads:
         return self._flowtable
 
     def uplinks(self, exclude: str) -> tuple[str, ...]:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute.linux import IPRoute  # not the package: its __init__ loads ndb, sqlite3 (~5 MB)
 
         found: set[int] = set()
         try:

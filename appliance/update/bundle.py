@@ -33,12 +33,12 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import IO, TYPE_CHECKING, Any
 
 from appliance.base.errors import MeshpiError
+
+if TYPE_CHECKING:  # cryptography (~7 MB) is loaded by what checks or signs, not by every importer
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 FORMAT = 1
 MAX_MANIFEST = 256 * 1024
@@ -171,6 +171,8 @@ def parse_public_key(text: str, where: str) -> Ed25519PublicKey:
         raise BundleError(f"{where}: not base64") from None
     if len(raw) != 32:
         raise BundleError(f"{where}: an Ed25519 public key is 32 bytes, not {len(raw)}")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
@@ -331,6 +333,8 @@ def _small(tar: tarfile.TarFile, member: tarfile.TarInfo | None, name: str, limi
 
 
 def _signed(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         key.verify(signature, data)
     except InvalidSignature:

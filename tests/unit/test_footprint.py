@@ -22,7 +22,7 @@ AGENT_MUST_NOT_LOAD = (
     "flask",
 )
 CONTROL_MUST_NOT_LOAD = ("pyroute2", "gpiozero", "flask", "dns", "psycopg")
-WEB_MUST_NOT_LOAD = ("pyroute2", "aiohttp", "gpiozero", "dns", "asyncio")
+WEB_MUST_NOT_LOAD = ("pyroute2", "aiohttp", "gpiozero", "dns", "asyncio", "cryptography")
 
 
 def loaded(code: str) -> set[str]:
@@ -66,6 +66,20 @@ def test_footprint_bare_pyroute2_still_serves_its_whole_api() -> None:
         "assert pyroute2.NetNS and IPRoute and config and NDB"
     )
     assert "pyroute2.ndb.main" in modules
+
+
+def test_footprint_agent_at_work_still_imports_only_what_it_uses() -> None:
+    """What the agent does after start (uplinks and their features for the fast paths,
+    conntrack for who uses the exit node, the update slot) loads no heavy module either."""
+    modules = loaded(
+        "import appliance.kernel.real, appliance.agent.localapi.status\n"
+        "from appliance.kernel.offload import KernelOffloads\n"
+        "KernelOffloads().uplinks(exclude='meshpi0')\n"
+        "import pyroute2.conntrack, pyroute2.ethtool.ioctl\n"
+        "from appliance.update.state import update_slot\n"
+        "update_slot('0.1.0')"
+    )
+    assert heavy(modules, AGENT_MUST_NOT_LOAD) == []
 
 
 @pytest.mark.parametrize("name", ["no_such_thing", "__wrapped__"])

@@ -77,6 +77,9 @@ def peer_count(vm: Vm) -> int:
 @pytest.fixture(scope="module")
 def footprint(vm: Vm) -> dict[str, dict[str, float]]:
     """RSS at idle (right after boot, the web UI woken by one visit) and with 100 peers."""
+    # Right after the VM's boot (this module may run first) the agent may still be starting.
+    wait_for(lambda: vm.ssh("meshpi status --json", check=False, timeout=90).returncode == 0, 300,
+             "the agent's status", interval=5)  # fmt: skip
     vm.out(f"/opt/meshpi/bin/python -c '{_WAKE_WEB}'")
     vm.out("meshpi status --json > /dev/null")  # what the dashboard asks for, every few seconds
     idle = rss_mb(vm)

@@ -24,16 +24,10 @@ from tests.image.machine import HOSTNAME, Laptop, Vm
 from tests.image.vmnet import CLIENT_V4, VM_V4
 from tests.lab.host import wait_for
 
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("MESHPI_IMAGE_TESTS") != "1",
-        reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1",
-    ),
-    # Written without a turn at the image tier's lock: opt-in until it has passed once.
-    pytest.mark.skipif(
-        os.environ.get("MESHPI_IMAGE_PATHS") != "1", reason="opt-in until it has run: MESHPI_IMAGE_PATHS=1"
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MESHPI_IMAGE_TESTS") != "1",
+    reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1",
+)
 
 PORT = 51822  # the laptop's WireGuard port
 # The cut: vmnet forwards no UDP between the laptop and the VM (the relay is TCP, on control's port).

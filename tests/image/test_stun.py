@@ -21,18 +21,10 @@ import pytest
 from tests.image.machine import Vm
 from tests.lab.host import wait_for
 
-pytestmark = [
-    pytest.mark.skipif(
-        os.environ.get("MESHPI_IMAGE_TESTS") != "1",
-        reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1",
-    ),
-    # Its last run found the reflexive address beside kernel WireGuard (203.0.113.1:51820)
-    # but not as a candidate: the VM's own control (loopback) counted as a second view of
-    # the NAT, "symmetric". Fixed in reach/stun.py since; opt-in until it has run again.
-    pytest.mark.skipif(
-        os.environ.get("MESHPI_IMAGE_STUN") != "1", reason="opt-in until rerun: MESHPI_IMAGE_STUN=1"
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MESHPI_IMAGE_TESTS") != "1",
+    reason="boots the image under qemu: set MESHPI_IMAGE_TESTS=1",
+)
 
 COTURN_V4 = "203.0.113.11"
 ROUTER_WAN_V4 = "203.0.113.1"  # vmnet's address on the server's side

@@ -155,8 +155,9 @@ print(r.status, " ".join(s.strip() for s in said))
 
 
 def upload(vm: Vm, bundle: Path) -> str:
-    done = vm.net.client.run([str(REPO / ".venv/bin/python"), "-c", UPLOAD, VM_V4, ADMIN_PASSWORD, str(bundle)],
-                             timeout=900)  # fmt: skip
+    # From the VM's LAN (vmnet): the dashboard answers there only (inet meshpi's input policy).
+    done = vm.net.vmnet.run([str(REPO / ".venv/bin/python"), "-c", UPLOAD, VM_V4, ADMIN_PASSWORD, str(bundle)],
+                            timeout=900)  # fmt: skip
     return done.stdout.strip()
 
 

@@ -47,7 +47,7 @@ table ip dpbench_nat {{
 }}
 """
 WAN_COUNTER = """table inet dpbench {
-    chain fwd {
+    chain forward_count {  # ("fwd" is a keyword in nft)
         type filter hook forward priority filter; policy accept;
         ip frag-off & 0x3fff != 0 counter comment "fragments"
     }

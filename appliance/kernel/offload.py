@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.core.model import MAIN_TABLE
@@ -122,20 +123,28 @@ def _ethtool(ifname: str) -> Any:
     return IoctlEthtool(ifname)
 
 
-def _features(ifname: str) -> EthtoolFeaturesList:
+@contextlib.contextmanager
+def _opened(ifname: str, what: str) -> Iterator[Any]:
+    """An ethtool handle on `ifname`, closed after; its errors as KernelErrors naming `what`."""
     from pyroute2.ethtool.ioctl import NoSuchDevice
 
     ethtool = _ethtool(ifname)
     try:
-        return ethtool.get_features()
+        yield ethtool
     except NoSuchDevice:
         raise InterfaceNotFound(f"ethtool {ifname}: no such interface") from None
     except OSError as exc:
         if exc.errno == errno.ENODEV:
             raise InterfaceNotFound(f"ethtool {ifname}: no such interface") from None
-        raise KernelError(f"ethtool {ifname}: cannot read features: {exc.strerror or exc}") from None
+        raise KernelError(f"{what}: {exc.strerror or exc}") from None
     finally:
         ethtool.close()
+
+
+def _features(ifname: str) -> EthtoolFeaturesList:
+    with _opened(ifname, f"ethtool {ifname}: cannot read features") as ethtool:
+        features: EthtoolFeaturesList = ethtool.get_features()
+        return features
 
 
 class FeatureNotFound(KernelError, LookupError):
@@ -166,10 +175,9 @@ class WithFeatures:
         dev, feature = parsed
         if value not in (ON, OFF):
             raise KernelError(f"ethtool {dev} {feature}: value {value!r} is not on or off")
-        from pyroute2.ethtool.ioctl import EthtoolError, NoSuchDevice
+        from pyroute2.ethtool.ioctl import EthtoolError
 
-        ethtool = _ethtool(dev)
-        try:
+        with _opened(dev, f"ethtool {dev} {feature} {value}") as ethtool:
             features = ethtool.get_features()
             if feature not in features:
                 raise FeatureNotFound(f"ethtool {dev}: no feature {feature!r} in this kernel")
@@ -178,14 +186,6 @@ class WithFeatures:
             # pyroute2 raises then, and the read below says what holds.
             with contextlib.suppress(EthtoolError):
                 ethtool.set_features(features)
-        except NoSuchDevice:
-            raise InterfaceNotFound(f"ethtool {dev}: no such interface") from None
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                raise InterfaceNotFound(f"ethtool {dev}: no such interface") from None
-            raise KernelError(f"ethtool {dev} {feature} {value}: {exc.strerror or exc}") from None
-        finally:
-            ethtool.close()
         now = self.read(key)
         if now != value:
             raise KernelError(f"ethtool {dev} {feature} {value}: the driver keeps it {now}")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.update.bundle import BundleError, Version, public_key_text, write_bundle
+from appliance.update.bundle import BundleError, Version, write_bundle
 from appliance.update.fetch import download
 from appliance.update.main import main
+from tests.release.installed import installed_layout
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(120, 152)))
 OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(160, 192)))
@@ -72,16 +73,7 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> dict[str, Path]:
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    (keys / "release.pub").write_text(public_key_text(KEY.public_key()) + "\n")
-    versions = tmp_path / "versions"
-    meta = versions / "0.2.0/lib/python3.13/site-packages/meshpi-0.2.0.dist-info/METADATA"
-    meta.parent.mkdir(parents=True)
-    meta.write_text("Metadata-Version: 2.1\nName: meshpi\nVersion: 0.2.0\n")
-    (tmp_path / "current").symlink_to(versions / "0.2.0")
-    return {"keys": keys, "versions": versions, "current": tmp_path / "current",
-            "available": tmp_path / "state/available.json"}  # fmt: skip
+    return installed_layout(tmp_path, KEY) | {"available": tmp_path / "state/available.json"}
 
 
 def run_check(

@@ -16,7 +16,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import webui.update
-from appliance.update.bundle import Version, public_key_text, write_bundle
+from appliance.update.bundle import Version, write_bundle
+from tests.release.installed import installed_layout
 from tests.web.conftest import make_app, set_password_and_log_in
 from tests.web.node import AgentNode
 
@@ -26,15 +27,7 @@ OTHER = Ed25519PrivateKey.from_private_bytes(bytes(range(80, 112)))
 
 @pytest.fixture
 def paths(tmp_path: Path) -> dict[str, Path]:
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    (keys / "release.pub").write_text(public_key_text(KEY.public_key()) + "\n")
-    versions = tmp_path / "versions"
-    meta = versions / "0.2.0/lib/python3.13/site-packages/meshpi-0.2.0.dist-info/METADATA"
-    meta.parent.mkdir(parents=True)
-    meta.write_text("Metadata-Version: 2.1\nName: meshpi\nVersion: 0.2.0\n")
-    (tmp_path / "current").symlink_to(versions / "0.2.0")
-    return {"keys": keys, "versions": versions, "current": tmp_path / "current", "spool": tmp_path / "spool"}
+    return installed_layout(tmp_path, KEY) | {"spool": tmp_path / "spool"}
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ Bad input never reaches the kernel: at start it ends the agent with the error
 The loop also ticks the status LEDs every LED_TICK seconds, and the LocalAPI
 (localapi/) serves from threads of its own: kernel reads and applies from
 either side hold `Agent.lock` (agentlocal.py). Subsystems that need run-time
-state subscribe to the bus (`Applied`, after each apply).
+state subscribe to the bus (`Applied`, after each apply). What the kernel
+should hold is planned in planning.py; this module decides when to apply it.
 """
 
 from __future__ import annotations
@@ -25,33 +26,32 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
-from appliance.agent.commands import current_prefs, set_prefs
-from appliance.agent.devices.hosted import kernel_devices, load_devices
+from appliance.agent.commands import set_prefs
+from appliance.agent.control.link import ControlLink, offers
 from appliance.agent.dns.host import HostDnsLink, restore_after_down
 from appliance.agent.handshakes import carry_endpoints, start_handshakes, with_paths
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
 from appliance.agent.netwatch import NetWatch
+from appliance.agent.planning import AgentPlanning
 from appliance.agent.reconcile import Reconciler
 from appliance.agent.statedir import Owned, StateDir
 from appliance.agent.static import StaticFiles
-from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint
 from appliance.core.conflicts import RouteConflict
 from appliance.core.model import HostFacts, Scope, State
-from appliance.core.planner import PeerMemo, exit_node_problem, make_plan
-from appliance.core.prefs import Prefs, load_prefs
+from appliance.core.planner import PeerMemo
+from appliance.core.prefs import Prefs
 from appliance.kernel.base import KernelError
 from appliance.kernel.system import System
 from appliance.wire.fields import ConfigError
-from appliance.wire.netmap import Netmap, load_netmap
 
 if TYPE_CHECKING:
     from appliance.agent.dns.service import DnsService
@@ -70,20 +70,7 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
-    """What this node tells control it offers (protocol v1, `update`): `endpoints`
-    are its candidates (reach/service.py), else the owner's own."""
-    out: dict[str, Any] = {
-        "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
-        "advertise_routes": [str(r) for r in prefs.advertise_routes],
-        "advertise_exit_node": prefs.advertise_exit_node,
-    }
-    if prefs.advertise_dns is not None:  # only when set: a control from before names refuses the field
-        out["advertise_dns"] = prefs.advertise_dns.to_json()
-    return out
-
-
-class Agent(AgentLocal):
+class Agent(AgentPlanning, AgentLocal):
     def __init__(
         self,
         netmap_path: Path,
@@ -123,95 +110,6 @@ class Agent(AgentLocal):
         resolv_conf: Path | None = None,
     ) -> Agent:  # fmt: skip
         return cls(state.netmap_file, state.prefs_file, state, make_system, True, leds, resolv_conf)
-
-    def load_prefs(self) -> Prefs:
-        """Static mode needs its prefs file; in control mode none yet means defaults
-        (nobody ran `meshpi up/set`)."""
-        return current_prefs(self.prefs_path) if self.control else load_prefs(self.prefs_path)
-
-    def load(self) -> Wanted:
-        """The inputs from the state directory (control) or the files (static),
-        at start and on SIGHUP; raises ConfigError naming file, field and value."""
-        prefs = self.load_prefs()
-        if not self.control:
-            return Wanted(load_netmap(self.netmap_path), prefs)
-        devices = kernel_devices(load_devices(self.state.devices_file))
-        netmap = None
-        if self.netmap_path.exists() and self.state.login_file.exists():
-            try:
-                netmap = load_netmap(self.netmap_path)  # the snapshot: control sends a full map soon
-            except ConfigError as e:
-                # Only a snapshot: never a reason to stop (control sends a full map).
-                log.warning("%s; starting without it, waiting for control's netmap", e)
-            netmap = self._snapshot_for_us(netmap)
-        return Wanted(netmap, prefs, devices)
-
-    def _snapshot_for_us(self, netmap: Netmap | None) -> Netmap | None:
-        """A snapshot made before a key rotation was committed (the agent lost
-        power before the next snapshot) names a key this node no longer holds:
-        stale, so the agent starts without it rather than refusing to start."""
-        if netmap is None:
-            return None
-        ours = {self.state.node_key().public_key()}
-        if self.state.rotation_pending():
-            ours.add(self.state.next_node_key().public_key())
-        if netmap.self_node.public_key in ours:
-            return netmap
-        log.warning("%s is for key %s, no longer this node's: waiting for control's netmap",
-                    self.netmap_path, netmap.self_node.public_key)  # fmt: skip
-        return None
-
-    def desired(self, inputs: Inputs, system: System) -> State:
-        problem = exit_node_problem(inputs.netmap, inputs.prefs)
-        if problem != self.exit_problem:
-            if problem is not None:
-                log.warning("%s", problem)
-            elif self.exit_problem is not None and inputs.prefs.exit_node is not None:
-                log.info("exit node %r carries traffic again", inputs.prefs.exit_node)
-            self.exit_problem = problem
-        facts = self._host_facts(inputs.scope, system)
-        # Moving to another interface name: the old one is meshpi's, not the host's
-        # network, though it still holds the mesh prefix until the move is done.
-        # Before the first apply that is the one owned.json records (read once, at start).
-        if self.inputs is not None:
-            previous: Scope | None = self.inputs.scope
-        else:
-            owned = self.state.owned()
-            previous = owned.scope if owned is not None else None
-        ours = {previous.interface} if previous is not None else set()
-        if ours - {inputs.scope.interface}:
-            facts = replace(facts, connected=tuple(c for c in facts.connected if c.dev not in ours))
-        key = self._key_for(inputs.netmap)
-        planned = make_plan(
-            inputs.netmap, inputs.prefs, key, facts, str(self.netmap_path), inputs.devices, self.memo
-        )
-        if planned.conflicts != self.conflicts:
-            for conflict in set(planned.conflicts) - set(self.conflicts):
-                log.warning("%s", conflict)
-            self.conflicts = planned.conflicts
-        return planned.state
-
-    def _host_facts(self, scope: Scope, system: System) -> HostFacts:
-        """The host's networks, read again only when they may have changed: at a
-        resync or SIGHUP (`facts_stale`), for another interface, or after a
-        netlink event about the host's links, addresses or routes. A netmap
-        delta does not re-read them: a netlink dump costs ~10 ms on a Pi."""
-        cached = self._facts
-        if self.facts_stale or cached is None or cached[0] != scope:
-            self._facts = cached = (scope, system.facts(scope))
-            self.facts_stale = False
-        return cached[1]
-
-    def _key_for(self, netmap: Netmap) -> PrivateKey:
-        """The node key the netmap is for: after a rotation (control/link.py) that is
-        the new key, whichever of node.key and node.key.next holds it right now."""
-        wanted = netmap.self_node.public_key
-        if self.key.public_key() != wanted:
-            candidates = [self.state.node_key()]
-            if self.state.rotation_pending():
-                candidates.append(self.state.next_node_key())
-            self.key = next((k for k in candidates if k.public_key() == wanted), self.key)
-        return self.key
 
     def start(self, inputs: Inputs) -> None:
         """Check and apply once. Raises ConfigError before any kernel change."""
@@ -330,7 +228,6 @@ class Agent(AgentLocal):
         self.bus.subscribe(self.dns.on_applied)
         self.bus.subscribe(self.host_dns.on_applied)
         if self.control:
-            from appliance.agent.control.link import ControlLink
             from appliance.agent.reach.service import Reachability
 
             self.reach = Reachability(self._stun_servers, self._endpoints_changed)

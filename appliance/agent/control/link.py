@@ -34,6 +34,7 @@ from appliance.agent.control.client import (
 from appliance.agent.statedir import StateDir
 from appliance.base.files import atomic_write
 from appliance.base.keys import PrivateKey, PublicKey
+from appliance.base.net import Endpoint
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError, load_json
 from appliance.wire.mapdelta import parse_delta
@@ -87,6 +88,19 @@ class Login:
             return None
         doc = load_json(path)
         return cls(str(doc["server"]), doc.get("auth_key"))
+
+
+def offers(prefs: Prefs, endpoints: tuple[Endpoint, ...] | None = None) -> dict[str, Any]:
+    """What this node tells control it offers (protocol v1, `update`): `endpoints`
+    are its candidates (reach/service.py), else the owner's own."""
+    out: dict[str, Any] = {
+        "endpoints": [str(e) for e in (prefs.advertise_endpoints if endpoints is None else endpoints)],
+        "advertise_routes": [str(r) for r in prefs.advertise_routes],
+        "advertise_exit_node": prefs.advertise_exit_node,
+    }
+    if prefs.advertise_dns is not None:  # only when set: a control from before names refuses the field
+        out["advertise_dns"] = prefs.advertise_dns.to_json()
+    return out
 
 
 class ControlLink(threading.Thread):

@@ -6,9 +6,11 @@ SQLAlchemy spells it: three slashes relative, four absolute) or on PostgreSQL
 
 Versions: `meta.mesh_version` counts peer-visible changes. Each one takes the
 next version and stamps the node with it; a removed node, or a node key rotated
-away, leaves a tombstone with its version. So `changes_since(v)` is two indexed
-range reads, O(change) not O(mesh). `touch_last_seen` changes no version: it
-happens all the time and no peer needs to hear of it.
+away, leaves a tombstone with its version (store_versions.py). So
+`changes_since(v)` is two indexed range reads, O(change) not O(mesh).
+`touch_last_seen` changes no version: it happens all the time and no peer needs
+to hear of it. Edits to a node (devices, names, routes, keys) are the
+`NodeEdits` mixin (store_edits.py).
 
 Calls are synchronous and block on database I/O. A Store is thread-safe (one
 connection, a lock around each transaction), so the asyncio server can call it
@@ -20,15 +22,15 @@ from several threads or processes may write concurrently.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from appliance.base.keys import PublicKey
-from appliance.base.net import Endpoint, IPNetwork
-from appliance.control import store_devices, store_names, store_pending, store_preauth
+from appliance.control import store_names, store_pending, store_preauth, store_versions
 from appliance.control.migrations import ensure_mesh, migrate, random_ula
+from appliance.control.store_edits import NodeEdits
 from appliance.control.store_records import (
     NODE_COLUMNS,
     AuthKeyError,
@@ -45,16 +47,12 @@ from appliance.control.store_records import (
     NodeState,
     NotFound,
     PreauthKey,
-    Row,
     SchemaTooNew,
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
     Tombstone,
     TooManyPending,
-    dump_endpoints,
-    dump_lan_dns,
-    dump_routes,
     dump_tags,
     name_base,
     node_from_row,
@@ -63,16 +61,13 @@ from appliance.control.store_records import (
     utcnow,
 )
 from appliance.control.store_sql import Database, Tx, connect
-from appliance.wire.dnsname import LanDns
 from appliance.wire.netmap import Mesh
 
 # Node changes log at debug: the service logs them once, in its own words, with
 # the request that caused them. Opening, creating and migrating log at info.
 log = logging.getLogger(__name__)
 
-_NODE_NAMES = tuple(NODE_COLUMNS.split(", "))
 _SELECT_NODE = f"SELECT {NODE_COLUMNS} FROM nodes"
-_BUMP = "UPDATE meta SET mesh_version = mesh_version + 1 WHERE id = 1 RETURNING mesh_version"
 
 
 def open_store(url_or_path: str | Path) -> Store:
@@ -89,7 +84,7 @@ def open_store(url_or_path: str | Path) -> Store:
     return Store(db, mesh)
 
 
-class Store:
+class Store(NodeEdits):
     def __init__(self, db: Database, mesh: Mesh) -> None:
         self.db = db
         self.mesh = mesh  # fixed at creation
@@ -108,7 +103,7 @@ class Store:
         self.close()
 
     def mesh_version(self) -> int:
-        return self.db.run(_mesh_version, write=False)
+        return self.db.run(store_versions.mesh_version, write=False)
 
     # --- reading nodes ---
 
@@ -137,23 +132,7 @@ class Store:
 
         Raises DeltaUnavailable when the caller must start over with a full map:
         tombstones it needs were pruned, or its version is not from this mesh."""
-
-        def work(tx: Tx) -> Changes:
-            now, floor = _one(tx, "SELECT mesh_version, delta_floor FROM meta WHERE id = 1")
-            if not floor <= version <= now:
-                raise DeltaUnavailable(f"no delta from version {version} (have {floor}..{now})")
-            nodes = tx.all(f"{_SELECT_NODE} WHERE version > ? ORDER BY version", version)
-            tombs = tx.all(
-                "SELECT public_key, version FROM tombstones WHERE version > ? ORDER BY version",
-                version,
-            )
-            return Changes(
-                now,
-                tuple(node_from_row(self.mesh, row) for row in nodes),
-                tuple(Tombstone(PublicKey(bytes(key)), v) for key, v in tombs),
-            )
-
-        return self.db.run(work, write=False)
+        return self.db.run(lambda tx: store_versions.changes_since(tx, self.mesh, version), write=False)
 
     # --- changing nodes ---
 
@@ -202,13 +181,12 @@ class Store:
                 version, address = 0, None
             else:
                 address = store_pending.take_address(tx, self.mesh)
-                version = _one(tx, _BUMP)[0]
+                version = store_versions.bump(tx)
             # Names are few per base; LIKE's pattern is bound, and a base is only
             # [a-z0-9-], so it holds no wildcard.
             taken = tx.all("SELECT name FROM nodes WHERE name = ? OR name LIKE ?", base, base + "-%")
             name = pick_name(base, (row[0] for row in taken))
-            # The key is back: its old tombstone would tell peers to drop it again.
-            tx.run("DELETE FROM tombstones WHERE public_key = ?", node_key.raw)
+            store_versions.unbury(tx, node_key.raw)
             row = tx.one(
                 "INSERT INTO nodes (machine_key, node_key, name, address_index, state, tags, "
                 "advertised_routes, approved_routes, endpoints, created, last_seen, key_expiry, "
@@ -239,134 +217,6 @@ class Store:
             log.debug("node %s registered (%s), %s", node.name, node.state, node.addresses)
         return node
 
-    def _change(
-        self,
-        node_id: int,
-        new_values: Callable[[Tx, NodeRecord], dict[str, Any]],
-    ) -> NodeRecord:
-        """Set the columns `new_values` asks for; a real change takes a new mesh version.
-
-        Setting what is already there changes nothing and wakes no one: agents
-        repeat their endpoints and routes on every start."""
-
-        def work(tx: Tx) -> NodeRecord:
-            row = tx.one(f"{_SELECT_NODE} WHERE id = ?{tx.for_update}", node_id)
-            if row is None:
-                raise NotFound(f"no node with id {node_id}")
-            node, stored = node_from_row(self.mesh, row), dict(zip(_NODE_NAMES, row, strict=True))
-            values = {k: v for k, v in new_values(tx, node).items() if stored[k] != v}
-            if not values:
-                return node
-            (version,) = _one(tx, _BUMP)
-            if "node_key" in values:
-                # Peers that knew the old key must drop it from their WireGuard config.
-                _bury(tx, node.node_key, version)
-                tx.run("DELETE FROM tombstones WHERE public_key = ?", values["node_key"])
-            values["version"] = version
-            # Column names come from this module, never from the caller; values are bound.
-            assignments = ", ".join(f"{column} = ?" for column in values)
-            changed = tx.one(
-                f"UPDATE nodes SET {assignments} WHERE id = ? RETURNING {NODE_COLUMNS}",
-                *values.values(),
-                node_id,
-            )
-            assert changed is not None
-            return node_from_row(self.mesh, changed)
-
-        return self.db.run(work, lock_meta=True)
-
-    def add_device(self, node_id: int, name: str, public_key: PublicKey) -> NodeRecord:
-        """Host a stock WireGuard client on the node, with the next addresses."""
-        return self._change(node_id, store_devices.adding(self.mesh, name, public_key))
-
-    def remove_device(self, node_id: int, public_key: PublicKey) -> NodeRecord:
-        return self._change(node_id, store_devices.removing(public_key))
-
-    def rename_device(self, node_id: int, public_key: PublicKey, name: str) -> NodeRecord:
-        return self._change(node_id, store_devices.renaming(public_key, name))
-
-    def approve_node(self, node_id: int) -> NodeRecord:
-        """Approve the node; a node that registered pending gets its addresses now."""
-
-        def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
-            out: dict[str, Any] = {"state": NodeState.APPROVED.value}
-            if node.address_index is None:
-                out["address_index"] = store_pending.take_address(tx, self.mesh)
-            if node.dns_name is None:  # a pending node holds no label: a flood of them could squat names
-                out["dns_name"] = store_names.take(tx, store_names.node_base(node.name, "node"), node.id)
-            return out
-
-        return self._change(node_id, values)
-
-    def rename_node(self, node_id: int, new_name: str) -> NodeRecord:
-        """The node is now called `new_name`: its name and its DNS label follow (each
-        made unique as at registration); NameInvalid when it makes no DNS label."""
-        base, label_base = name_base(new_name), store_names.rename_base(new_name)
-
-        def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
-            taken = tx.all("SELECT name FROM nodes WHERE (name = ? OR name LIKE ?) AND id != ?",
-                           base, base + "-%", node_id)  # fmt: skip
-            store_names.release(tx, node.dns_name)
-            out: dict[str, Any] = {"name": pick_name(base, (row[0] for row in taken))}
-            if node.state is NodeState.APPROVED:
-                out["dns_name"] = store_names.take(tx, label_base, node.id)
-            return out
-
-        node = self._change(node_id, values)
-        log.debug("node %d is now %s (%s)", node_id, node.name, node.dns_name)
-        return node
-
-    def set_advertised_dns(self, node_id: int, offer: LanDns | None) -> NodeRecord:
-        """The split DNS the node offers; peers see it while a route it serves holds the resolver."""
-        text = dump_lan_dns(offer)
-        return self._change(node_id, lambda _tx, _node: {"advertised_dns": text})
-
-    def prune_pending(self, created_before: datetime) -> int:
-        """Forget registrations nobody approved before `created_before`; how many."""
-        return store_pending.prune(self.db, created_before)
-
-    def set_endpoints(self, node_id: int, endpoints: Iterable[Endpoint]) -> NodeRecord:
-        text = dump_endpoints(endpoints)
-        return self._change(node_id, lambda _tx, _node: {"endpoints": text})
-
-    def set_advertised_routes(self, node_id: int, routes: Iterable[IPNetwork]) -> NodeRecord:
-        text = dump_routes(routes)
-        return self._change(node_id, lambda _tx, _node: {"advertised_routes": text})
-
-    def approve_routes(self, node_id: int, routes: Iterable[IPNetwork]) -> NodeRecord:
-        """The routes an admin allows (the whole set); peers get approved ∩ advertised."""
-        text = dump_routes(routes)
-        return self._change(node_id, lambda _tx, _node: {"approved_routes": text})
-
-    def set_expiry_exempt(self, node_id: int, exempt: bool) -> NodeRecord:
-        return self._change(node_id, lambda _tx, _node: {"expiry_exempt": exempt})
-
-    def expire_node_key(self, node_id: int, now: datetime | None = None) -> NodeRecord:
-        """The node's key expires now: peers drop it until the node rotates."""
-        when = to_epoch(now or utcnow())
-        # An admin who expires a key means it, exemption or not.
-        values = {"key_expiry": when, "expiry_exempt": False}
-        return self._change(node_id, lambda _tx, _node: values)
-
-    def rotate_node_key(
-        self, node_id: int, new_key: PublicKey, key_expiry: datetime | None = None
-    ) -> NodeRecord:
-        """The node has a new WireGuard key, expiring at `key_expiry` (None: never);
-        the old key gets a tombstone."""
-        expiry = None if key_expiry is None else to_epoch(key_expiry)
-
-        def values(tx: Tx, node: NodeRecord) -> dict[str, Any]:
-            if node.node_key == new_key:
-                return {"key_expiry": expiry}
-            holder = tx.one("SELECT name FROM nodes WHERE node_key = ?", new_key.raw)
-            if holder is not None:
-                raise NodeExists(f"node {holder[0]} already has key {new_key.short}")
-            return {"node_key": new_key.raw, "key_expiry": expiry}
-
-        node = self._change(node_id, values)
-        log.debug("node %s has key %s", node.name, node.node_key.short)
-        return node
-
     def remove_node(self, node_id: int) -> Tombstone:
         """The node is gone; its addresses are never handed out again."""
 
@@ -379,8 +229,8 @@ class Store:
                 # needs a tombstone or a wake-up.
                 tx.run("DELETE FROM nodes WHERE id = ?", node_id)
                 return row[0], Tombstone(PublicKey(bytes(row[1])), 0)
-            (version,) = _one(tx, _BUMP)
-            tomb = _bury(tx, PublicKey(bytes(row[1])), version)
+            version = store_versions.bump(tx)
+            tomb = store_versions.bury(tx, PublicKey(bytes(row[1])), version)
             store_names.release_node(tx, node_id)
             tx.run("DELETE FROM nodes WHERE id = ?", node_id)
             return row[0], tomb
@@ -411,16 +261,7 @@ class Store:
     def prune_tombstones(self, upto_version: int) -> int:
         """Forget tombstones at or below `upto_version`; clients older than it get a
         full map from then on. How many were dropped."""
-
-        def work(tx: Tx) -> int:
-            tx.run(
-                "UPDATE meta SET delta_floor = ? WHERE id = 1 AND delta_floor < ?",
-                upto_version,
-                upto_version,
-            )
-            return tx.run("DELETE FROM tombstones WHERE version <= ?", upto_version)
-
-        return self.db.run(work, lock_meta=True)
+        return self.db.run(lambda tx: store_versions.prune_tombstones(tx, upto_version), lock_meta=True)
 
     # --- pre-auth keys ---
 
@@ -445,26 +286,6 @@ class Store:
 
     def revoke_preauth_key(self, key_id: int) -> PreauthKey:
         return store_preauth.revoke(self.db, key_id)
-
-
-def _one(tx: Tx, sql: str, *params: Any) -> Row:
-    row = tx.one(sql, *params)
-    assert row is not None, sql
-    return row
-
-
-def _mesh_version(tx: Tx) -> int:
-    return int(_one(tx, "SELECT mesh_version FROM meta WHERE id = 1")[0])
-
-
-def _bury(tx: Tx, key: PublicKey, version: int) -> Tombstone:
-    tx.run(
-        "INSERT INTO tombstones (public_key, version) VALUES (?, ?) "
-        "ON CONFLICT (public_key) DO UPDATE SET version = excluded.version",
-        key.raw,
-        version,
-    )
-    return Tombstone(key, version)
 
 
 # Callers import the store's whole vocabulary from here.

@@ -45,7 +45,7 @@ def meshpi_wheel(out: Path, version: str, broken: bool = False) -> Path:
     pyproject = src / "pyproject.toml"
     pyproject.write_text(pyproject.read_text().replace('version = "0.1.0"', f'version = "{version}"', 1))
     if broken:
-        cli = src / "appliance/cli.py"
+        cli = src / "appliance/cli/__init__.py"
         cli.write_text(cli.read_text().replace(
             "def _run_agent(args: argparse.Namespace, state: StateDir) -> int:\n",
             "def _run_agent(args: argparse.Namespace, state: StateDir) -> int:\n    raise SystemExit('broken release')\n",

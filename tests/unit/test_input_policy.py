@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.cli import _parser as build_parser
+from appliance.cli.flags import build_parser
 from appliance.core.planner import plan
 from appliance.core.prefs import Prefs, parse_prefs
 from appliance.wire.fields import ConfigError
@@ -60,11 +60,11 @@ def test_input_policy_drops_only_the_guarded_ports_from_the_wrong_sources() -> N
 
 
 def test_input_policy_cli_flags_reach_the_prefs() -> None:
-    from appliance.cli import _pref_changes
+    from appliance.cli.flags import pref_changes
 
     args = build_parser().parse_args(
         ["set", "--dashboard-from-mesh", "--dashboard-port", "80", "--ssh-port", "22"]
     )
-    assert _pref_changes(args) == {"dashboard_from_mesh": True, "dashboard_port": 80, "ssh_port": 22}
+    assert pref_changes(args) == {"dashboard_from_mesh": True, "dashboard_port": 80, "ssh_port": 22}
     args = build_parser().parse_args(["set", "--no-dashboard-from-mesh"])
-    assert _pref_changes(args) == {"dashboard_from_mesh": False}
+    assert pref_changes(args) == {"dashboard_from_mesh": False}

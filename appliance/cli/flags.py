@@ -1,36 +1,23 @@
-"""`meshpi`: the command line of the node.
+"""The grammar of `meshpi`: its verbs, their flags and help, and the pref flags
+turned into the prefs change the agent checks.
 
-meshpi key     [--state-dir D]                       print this node's public key
-meshpi agent   [--netmap F --prefs F] [--state-dir D] [--local-api PATH] ...   run the agent
-meshpi down    [--state-dir D]                       remove everything meshpi owns
-meshpi status | up | set | logout | create-mesh | rotate-key   ask the running agent (its LocalAPI)
+Apart from the verbs' code (__init__.py) because it is most of the command's
+text and changes with every new pref, while what each verb does changes seldom.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.control.client import ControlError
 from appliance.agent.control.local import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
-from appliance.agent.localapi.server import SOCKET_GROUP, SocketError
-from appliance.agent.statedir import DEFAULT_STATE_DIR, StateDir, StateDirError
+from appliance.agent.localapi.server import SOCKET_GROUP
+from appliance.agent.statedir import DEFAULT_STATE_DIR
 from appliance.client.localapi import DEFAULT_SOCKET
-from appliance.kernel.base import KernelError
-from appliance.wire.fields import ConfigError
-
-log = logging.getLogger("meshpi")
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-START_HINT = "start it: systemctl start meshpi-agent (or meshpi agent)"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meshpi",
         description="meshpi node: WireGuard mesh, exit node and subnet router. "
@@ -291,7 +278,7 @@ def _pins(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of GPIO numbers (e.g. 17,27)") from None
 
 
-def _pref_changes(args: argparse.Namespace) -> dict[str, Any]:
+def pref_changes(args: argparse.Namespace) -> dict[str, Any]:
     from appliance.agent.commands import PREF_FLAGS
 
     changes = {field: getattr(args, flag) for flag, field in PREF_FLAGS.items()}
@@ -301,138 +288,3 @@ def _pref_changes(args: argparse.Namespace) -> dict[str, Any]:
     if changes.get("advertise_dns") == {}:
         changes["advertise_dns"] = None
     return changes
-
-
-def _make_system(state: StateDir):  # type: ignore[no-untyped-def]
-    from appliance.kernel.real import real_system
-
-    return lambda backend: real_system(backend, state.path)
-
-
-def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
-    from appliance.agent.control.local import LocalControl, LocalControlOptions
-    from appliance.agent.loop import Agent
-
-    if (args.netmap is None) != (args.prefs is None):
-        print("meshpi: --netmap and --prefs go together (static mode)", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        options = LocalControlOptions(args.control_state_dir, args.control_start, args.control_url)
-        local = LocalControl(options, state.path)
-    except ValueError as e:
-        print(f"meshpi: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.netmap is None:
-        agent = Agent.for_control(state, _make_system(state), resolv_conf=args.resolv_conf)
-    else:
-        agent = Agent(args.netmap, args.prefs, state, _make_system(state), resolv_conf=args.resolv_conf)
-
-    def serve(agent: Agent) -> Any:
-        from appliance.agent.localapi.routes import build_router
-        from appliance.agent.localapi.server import serve
-
-        if agent.reach is not None:  # control on this node: its ports mapped, its public URL shared
-            agent.reach.local_control = local.port_here
-            local.public_endpoint = agent.reach.control_public
-
-        return serve(Path(args.local_api), build_router(agent, local), args.local_api_group)
-
-    return agent.run(args.resync, serve if args.local_api else None)
-
-
-def _client_verb(args: argparse.Namespace, state: StateDir) -> int:
-    from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
-
-    client = LocalClient(args.local_api)
-    try:
-        return _ask(args, client)
-    except AgentNotRunning as e:
-        if args.command == "set":
-            from appliance.agent.commands import set_prefs
-
-            prefs = set_prefs(state.path / "prefs.json", _pref_changes(args))
-            print(json.dumps(prefs.to_json(), indent=2))
-            print(f"meshpi: no agent answers at {args.local_api}: wrote {state.path / 'prefs.json'} "
-                  "for its next start", file=sys.stderr)  # fmt: skip
-            return EXIT_OK
-        hint = START_HINT
-        with contextlib.suppress(OSError):  # the state directory is root's
-            if state.agent_running():
-                hint = f"an agent runs for {state.path}, but serves no LocalAPI at {args.local_api}"
-        print(f"meshpi: {e.message}; {hint}", file=sys.stderr)
-        return EXIT_FAILED
-    except LocalAPIError as e:
-        print(f"meshpi: {e.message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if e.status == 400 else EXIT_FAILED
-
-
-def _ask(args: Any, client: Any) -> int:
-    if args.command == "status":
-        from appliance.agent.localapi.status import format_status
-
-        st = client.get("/v1/status")
-        print(json.dumps(st, indent=2) if args.json else format_status(st))
-        return EXIT_OK
-    if args.command == "netcheck":
-        from appliance.agent.reach.netcheck import format_report
-
-        r = client.get("/v1/netcheck")
-        print(json.dumps(r, indent=2) if args.json else format_report(r))
-        return EXIT_OK if r["reachable"] else EXIT_FAILED
-    if args.command == "set":
-        print(json.dumps(client.patch("/v1/prefs", _pref_changes(args)), indent=2))
-        return EXIT_OK
-    if args.command == "logout":
-        print(client.post("/v1/logout")["detail"])
-        return EXIT_OK
-    if args.command == "rotate-key":
-        print(client.post("/v1/rotate-key")["public_key"])
-        return EXIT_OK
-    if args.command == "up":
-        body = {"login_server": args.login_server, "auth_key": args.auth_key, "prefs": _pref_changes(args),
-                "timeout": args.timeout}  # fmt: skip
-        result = client.post("/v1/up", body, timeout=args.timeout + 30)
-    else:  # create-mesh
-        result = client.post("/v1/mesh/create", {"public_url": args.public_url}, timeout=120)
-    print(f"{result.get('state')}: {result.get('detail', '')}".rstrip())
-    if result.get("login_url"):
-        print(f"other nodes join with: meshpi up --login-server '{result['login_url']}' "
-              "--auth-key KEY (make keys with: meshpi-control keys create)")  # fmt: skip
-    return EXIT_OK if result.get("state") in ("connected", "pending") else EXIT_FAILED
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname).1s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    state = StateDir(args.state_dir)
-    try:
-        if args.command == "key":
-            print(state.node_key().public_key())
-            return EXIT_OK
-        if args.command == "agent":
-            return _run_agent(args, state)
-        if args.command == "down":
-            from appliance.agent.loop import down
-
-            return down(state, _make_system(state))
-        return _client_verb(args, state)
-    except ConfigError as e:
-        print(f"meshpi: bad input: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (KernelError, StateDirError, ControlError, SocketError) as e:
-        print(f"meshpi: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return EXIT_FAILED
-    except OSError as e:  # e.g. `meshpi set` with no agent, by a user who may not write prefs.json
-        print(f"meshpi: {e}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

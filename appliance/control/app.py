@@ -32,7 +32,8 @@ from appliance.control.keys import load_admin_token, load_control_key
 from appliance.control.mapcache import FullMap
 from appliance.control.relay import Relay, add_relay
 from appliance.control.relay_limits import RelayLimits
-from appliance.control.service import ApiError, ControlService
+from appliance.control.service import ControlService
+from appliance.control.service_requests import ApiError
 from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
 from appliance.wire.dnsname import DEFAULT_DOMAIN

@@ -1,9 +1,10 @@
 """The coordination server's operations, apart from HTTP and sealing (app.py).
 
 Each op takes the caller's machine key (already authenticated by the sealed
-transport) and the request body, and returns the response body or raises
-ApiError. Store calls go to one database thread, so SQLite's connection stays
-on its thread and a slow PostgreSQL round trip never stalls the event loop.
+transport) and the request body (parsed in service_requests.py), and returns
+the response body or raises ApiError. Store calls go to one database thread,
+so SQLite's connection stays on its thread and a slow PostgreSQL round trip
+never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ from appliance.control import limits, mapper, store_devices
 from appliance.control.autoapprove import AUTO_APPROVE, auto_approved
 from appliance.control.mapcache import MapCache
 from appliance.control.notify import VersionWatch
+from appliance.control.service_requests import (
+    ApiError,
+    fields,
+    parse_device,
+    parse_map,
+    parse_register,
+    parse_update,
+    registered,
+)
 from appliance.control.store import Store
 from appliance.control.store_records import (
     AuthKeyError,
@@ -36,17 +46,7 @@ from appliance.control.store_records import (
     TooManyPending,
     utcnow,
 )
-from appliance.wire.dnsname import DEFAULT_DOMAIN, MAX_LAN_DOMAINS, DnsConfig, parse_lan_dns
-from appliance.wire.fields import (
-    ConfigError,
-    Fields,
-    int_range,
-    parse_bool,
-    parse_endpoint,
-    parse_network,
-    parse_public_key,
-    parse_str,
-)
+from appliance.wire.dnsname import DEFAULT_DOMAIN, DnsConfig
 from appliance.wire.netmap import EXIT_ROUTES
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,6 @@ MAINTENANCE_EVERY = 300.0  # seconds between rounds of pruning
 # Tombstones live this long (seconds): a node away longer gets a full map, so the
 # table stays bounded however often keys rotate or nodes leave.
 TOMBSTONE_KEEP = 3600.0
-
-
-class ApiError(Exception):
-    """A refusal the client may see: the message is safe to show."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 class Metrics:
@@ -218,11 +210,7 @@ class ControlService:
     # --- ops ------------------------------------------------------------------------
 
     async def register(self, machine: PublicKey, body: object, source: str | None = None) -> dict[str, Any]:
-        f = _fields(body)
-        node_key = f.require("node_key", parse_public_key)
-        hostname = f.require("hostname", parse_str)
-        auth_key = f.get("auth_key", _optional_str, None)
-        f.done()
+        node_key, hostname, auth_key = parse_register(body)
         node = await self.db(self.store.get_node_by_machine_key, machine)
         if node is not None:
             if node.node_key != node_key and node.state is not NodeState.APPROVED:
@@ -235,7 +223,7 @@ class ControlService:
                 except NodeExists as e:  # another node's key: refused, not a 500
                     raise ApiError(409, str(e)) from None
                 log.info("node %s rotated its node key to %s", node.name, node_key.short)
-            return _registered(node, self.now())
+            return registered(node, self.now())
         state, tags = NodeState.PENDING, _NO_TAGS
         if auth_key is not None:
             try:
@@ -259,50 +247,29 @@ class ControlService:
         except (NodeExists, MeshFull) as e:
             raise ApiError(409, str(e)) from None
         log.info("registered %s %s as %s", node.name, node.addresses or "(no address yet)", node.state.value)
-        return _registered(node, self.now())
+        return registered(node, self.now())
 
     async def update(self, machine: PublicKey, body: object) -> dict[str, Any]:
         # Who first, then the counts, then parsing: a refused request costs no
         # parsing of 40,000 routes.
         node = await self._approved(machine, "update its endpoints or routes")
-        f = _fields(body)
-        try:
-            for field, cap in (("endpoints", limits.MAX_ENDPOINTS), ("advertise_routes", limits.MAX_ROUTES)):
-                items = body.get(field) if isinstance(body, dict) else None
-                if isinstance(items, list):
-                    limits.check_count(field, items, cap)
-            offer = body.get("advertise_dns") if isinstance(body, dict) else None
-            if isinstance(offer, dict) and isinstance(offer.get("domains"), list):
-                limits.check_count("advertise_dns.domains", offer["domains"], MAX_LAN_DOMAINS)
-            endpoints = f.get_list("endpoints", parse_endpoint)
-            routes = list(f.get_list("advertise_routes", parse_network))
-            exit_node = f.get("advertise_exit_node", parse_bool, False)
-            # Split DNS for its LAN (optional: an agent from before names sends none).
-            lan_dns = None if f.obj.get("advertise_dns") is None else parse_lan_dns(f.sub("advertise_dns"))
-            f.get("advertise_dns", _any, None)
-            f.done()
-            limits.check_routes(self.store.mesh, routes)
-        except (limits.LimitError, ConfigError) as e:
-            raise ApiError(400, str(e)) from None
-        if exit_node:
+        offer = parse_update(body, self.store.mesh)
+        routes = list(offer.routes)
+        if offer.exit_node:
             routes += [r for r in EXIT_ROUTES if r not in routes]
         approved = auto_approved(node.tags, node.approved_routes, routes)
         if approved is not None:  # approved first: peers get the routes with the advertisement
             await self.changed(self.store.approve_routes, node.id, approved)
             log.info("node %s: routes %s approved by its key's tag %s", node.name,
                      ", ".join(map(str, approved)), AUTO_APPROVE)  # fmt: skip
-        await self.changed(self.store.set_endpoints, node.id, endpoints)
+        await self.changed(self.store.set_endpoints, node.id, offer.endpoints)
         await self.changed(self.store.set_advertised_routes, node.id, routes)
-        if lan_dns != node.advertised_dns:
-            await self.changed(self.store.set_advertised_dns, node.id, lan_dns)
+        if offer.lan_dns != node.advertised_dns:
+            await self.changed(self.store.set_advertised_dns, node.id, offer.lan_dns)
         return {}
 
     async def map(self, machine: PublicKey, body: object) -> dict[str, Any]:
-        f = _fields(body)
-        version = f.get("version", _optional_version, None)
-        # What the agent can read (wire/netmap.py); an agent from before versioning sends none.
-        capver = f.get("capver", int_range(1, 1 << 30), 1)
-        f.done()
+        version, capver = parse_map(body)
         node = await self._approved(machine, "get a map")
         if node.key_expired(self.now()):
             raise ApiError(403, "this node's key has expired: log in again")
@@ -357,11 +324,7 @@ class ControlService:
 
     async def device(self, machine: PublicKey, body: object) -> dict[str, Any]:
         """Host a stock WireGuard client (`add`), rename it, or stop hosting it (`remove`)."""
-        f = _fields(body)
-        action = f.require("action", parse_str)
-        public_key = f.require("public_key", parse_public_key)
-        name = f.get("name", _device_name, None)
-        f.done()
+        action, public_key, name = parse_device(body)
         node = await self._approved(machine, "host devices")
         try:
             if action == "add":
@@ -388,49 +351,8 @@ class ControlService:
         raise ApiError(400, f"request: body.action: {action!r} is not add, rename (with a name) or remove")
 
     async def logout(self, machine: PublicKey, body: object) -> dict[str, Any]:
-        _fields(body).done()
+        fields(body).done()
         node = await self._node(machine)
         await self.changed(self.store.remove_node, node.id)
         log.info("node %s logged out and was removed", node.name)
         return {}
-
-
-def _registered(node: NodeRecord, now: datetime) -> dict[str, Any]:
-    return {
-        "state": node.state.value,
-        "name": node.name,
-        "dns_name": node.dns_name,  # None while pending
-        # Sealed, so the node can trust it: a node whose key expired rotates it.
-        "key_expired": node.key_expired(now),
-        "addresses": [str(a) for a in node.addresses],  # none while pending
-    }
-
-
-def _device_name(value: object) -> str:
-    name = parse_str(value)
-    if not 1 <= len(name) <= 64 or not name.isprintable():
-        raise ValueError("must be a name of 1-64 printable characters")
-    return name
-
-
-def _fields(body: object) -> Fields:
-    try:
-        return Fields("request", "", body)
-    except ConfigError as e:
-        raise ApiError(400, str(e)) from None
-
-
-def _any(value: object) -> object:
-    return value
-
-
-def _optional_str(value: object) -> str | None:
-    return None if value is None else parse_str(value)
-
-
-def _optional_version(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("must be a version number or null")
-    return value

@@ -62,7 +62,7 @@ def test_autoapprove_a_tagged_keys_node_serves_its_routes_at_once_others_wait(tm
 def test_service_device_rename_frees_the_old_name_and_refuses_a_taken_one(tmp_path: Path) -> None:
     from appliance.base.errors import MeshpiError
     from appliance.base.keys import PrivateKey
-    from appliance.control.service import ApiError
+    from appliance.control.service_requests import ApiError
 
     phone, tablet = (str(PrivateKey(bytes([k]) * 32).public_key()) for k in (77, 78))
 

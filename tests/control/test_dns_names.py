@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance.base.keys import PrivateKey
-from appliance.control.service import ApiError, ControlService
+from appliance.control.service import ControlService
+from appliance.control.service_requests import ApiError
 from appliance.control.store import NameInvalid, NodeState, Store
 from appliance.wire.mapdelta import patched
 from appliance.wire.netmap import parse_netmap

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from appliance.base.keys import PrivateKey, PublicKey
-from appliance.control.service import ApiError, ControlService
+from appliance.control.service import ControlService
+from appliance.control.service_requests import ApiError
 from appliance.control.store import open_store
 from appliance.control.store_records import utcnow
 from appliance.wire.mapdelta import patched

@@ -3,6 +3,7 @@
 The reconciler diffs what `routes()` and `rules()` read against what the planner
 wants, so reading back must give objects *equal* to the ones that were added.
 Everything that cannot be expressed as a `Route` or `Rule` is left out on read.
+The messages' fields and the kernel's constants are netlink_msgs.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from socket import AF_INET, AF_INET6
 from types import TracebackType
 from typing import Any
@@ -24,47 +25,27 @@ from pyroute2.netlink.exceptions import NetlinkError
 from appliance.base.net import IPInterface, IPNetwork
 from appliance.core.model import MAIN_TABLE, RULE_PRIORITIES, Connected, Route, Rule, Scope
 from appliance.kernel.base import InterfaceNotFound, KernelError, PermissionDenied
+from appliance.kernel.netlink_msgs import (
+    IFA_F_NODAD,
+    RT_SCOPE_LINK,
+    RT_SCOPE_NOWHERE,
+    RTN_UNICAST,
+    RTPROT_KERNEL,
+    RTPROT_STATIC,
+    Msg,
+    net_of,
+    parse_rule,
+    route_kwargs,
+    rule_kwargs,
+)
 
 log = logging.getLogger(__name__)
-
-# Kernel constants (linux/rtnetlink.h, linux/fib_rules.h, linux/if_addr.h).
-RTPROT_KERNEL = 2
-RTPROT_STATIC = 4
-RTN_UNICAST = 1
-RT_SCOPE_LINK = 253
-RT_SCOPE_NOWHERE = 255
-FR_ACT_TO_TBL = 1
-FIB_RULE_INVERT = 0x2
-IFA_F_NODAD = 0x2
-FULL_MASK = 0xFFFFFFFF
-DISCARD_PORT = 9  # RFC 863: the peer throws the probe away
-# An unset FRA_SUPPRESS_PREFIXLEN is reported as (u32)-1.
-_UNSET_U32 = 0xFFFFFFFF
-
-_FAMILIES = {AF_INET: 4, AF_INET6: 6}
-_AF = {4: AF_INET, 6: AF_INET6}
-
-# Rule attributes `Rule` can express; a rule carrying any other selector (iif,
-# src, uid range, ports...) is not ours to diff and is skipped on read.
-_RULE_ATTRS = frozenset(
-    {
-        "FRA_TABLE",
-        "FRA_PRIORITY",
-        "FRA_FWMARK",
-        "FRA_FWMASK",
-        "FRA_DST",
-        "FRA_SUPPRESS_PREFIXLEN",
-        "FRA_SUPPRESS_IFGROUP",
-        "FRA_PROTOCOL",
-        "FRA_PAD",
-    }
-)
 
 # "Already there" on add and "already gone" on remove are the contract's no-ops.
 _ADD_OK = frozenset({errno.EEXIST})
 _REMOVE_OK = frozenset({errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
 
-Msg = Any  # pyroute2 messages are untyped dict-likes
+DISCARD_PORT = 9  # RFC 863: the peer throws the probe away
 
 
 def _error(what: str, code: int, message: str) -> KernelError:
@@ -90,65 +71,6 @@ def _netlink(what: str, ok: frozenset[int] = frozenset()) -> Iterator[None]:
         raise _error(what, exc.code, message) from exc
     except OSError as exc:  # the socket itself failed (e.g. no permission)
         raise _error(what, exc.errno or 0, exc.strerror or "") from exc
-
-
-def _net(address: str | None, prefixlen: int, family: int) -> IPNetwork:
-    if address is None:  # the kernel omits the destination of a default route
-        address = "0.0.0.0" if family == AF_INET else "::"
-    return ip_network(f"{address}/{prefixlen}")
-
-
-def _route_kwargs(route: Route, index: int) -> dict[str, Any]:
-    return {
-        "family": _AF[route.dst.version],
-        "dst": str(route.dst),
-        "oif": index,
-        "table": route.table,
-    }
-
-
-def _rule_kwargs(rule: Rule) -> dict[str, Any]:
-    kw: dict[str, Any] = {
-        "family": _AF[rule.family],
-        "priority": rule.priority,
-        "table": rule.table,
-        "action": FR_ACT_TO_TBL,
-        "flags": FIB_RULE_INVERT if rule.invert else 0,
-    }
-    if rule.fwmark:
-        kw.update(fwmark=rule.fwmark, fwmask=FULL_MASK)
-    if rule.dst is not None:
-        kw.update(dst=str(rule.dst.network_address), dst_len=rule.dst.prefixlen)
-    if rule.suppress_prefixlength is not None:
-        kw["suppress_prefixlen"] = rule.suppress_prefixlength
-    return kw
-
-
-def parse_rule(msg: Msg) -> Rule | None:
-    """The `Rule` a RTM_NEWRULE message describes, or None if `Rule` cannot say it."""
-    family = _FAMILIES.get(msg["family"])  # also drops the ipmr/ip6mr families
-    if family is None or msg["action"] != FR_ACT_TO_TBL:
-        return None
-    attrs = {name for name, _ in msg["attrs"]}
-    if attrs - _RULE_ATTRS or msg["src_len"] or msg["tos"]:
-        return None
-    fwmark = msg.get_attr("FRA_FWMARK") or 0
-    if fwmark and msg.get_attr("FRA_FWMASK", FULL_MASK) != FULL_MASK:
-        return None
-    suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
-    dst = None
-    if msg["dst_len"]:
-        dst = _net(msg.get_attr("FRA_DST"), msg["dst_len"], msg["family"])
-    return Rule(
-        priority=msg.get_attr("FRA_PRIORITY") or 0,
-        family=family,
-        # Tables above 255 only fit in the attribute; the header field says 252.
-        table=msg.get_attr("FRA_TABLE") or msg["table"],
-        fwmark=fwmark,
-        invert=bool(msg["flags"] & FIB_RULE_INVERT),
-        dst=dst,
-        suppress_prefixlength=None if suppress in (None, _UNSET_U32, -1) else suppress,
-    )
 
 
 def _drop_unclaimed(ipr: Any) -> None:
@@ -294,7 +216,7 @@ class NetlinkLinks:
                 msgs = tuple(self._ip.route("dump", family=family))
             for msg in msgs:
                 if msg["type"] == RTN_UNICAST:
-                    yield msg, _net(msg.get_attr("RTA_DST"), msg["dst_len"], family)
+                    yield msg, net_of(msg.get_attr("RTA_DST"), msg["dst_len"], family)
 
     def routes(self, scope: Scope) -> frozenset[Route]:
         names = self._names()
@@ -313,7 +235,7 @@ class NetlinkLinks:
 
     def add_route(self, route: Route) -> None:
         what = f"add route {route}"
-        kw = _route_kwargs(route, self._index(route.dev, what))
+        kw = route_kwargs(route, self._index(route.dev, what))
         kw["proto"] = RTPROT_STATIC  # how routes() tells ours from the rest
         if route.dst.version == 4:
             # What `ip route add ... dev X` does for a route without a gateway.
@@ -346,7 +268,7 @@ class NetlinkLinks:
         link = self._link(route.dev)
         if link is None:  # routes leave with their interface
             return
-        kw = _route_kwargs(route, link["index"])
+        kw = route_kwargs(route, link["index"])
         # Any scope, as `ip route del` asks: an IPv4 delete otherwise matches only
         # scope-universe routes, and ESRCH would pass for "already gone".
         kw["scope"] = RT_SCOPE_NOWHERE
@@ -373,7 +295,7 @@ class NetlinkLinks:
 
     def add_rule(self, rule: Rule) -> None:
         with _netlink(f"add rule {rule}", ok=_ADD_OK):
-            self._ip.rule("add", **_rule_kwargs(rule))
+            self._ip.rule("add", **rule_kwargs(rule))
 
     def remove_rule(self, rule: Rule) -> None:
         # The kernel deletes the first rule matching the attributes *given*
@@ -383,7 +305,7 @@ class NetlinkLinks:
             log.debug("remove rule %s: not there", rule)
             return
         with _netlink(f"remove rule {rule}", ok=_REMOVE_OK):
-            self._ip.rule("del", **_rule_kwargs(rule))
+            self._ip.rule("del", **rule_kwargs(rule))
 
     # -- host facts ----------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Pure logic of appliance/kernel/netlink.py: reading rules back from netlink messages."""
+"""Pure logic of appliance/kernel/netlink_msgs.py: reading rules back from netlink messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 
 from appliance.core.model import Rule
-from appliance.kernel.netlink import parse_rule
+from appliance.kernel.netlink_msgs import parse_rule
 
 UNSET = 0xFFFFFFFF
 

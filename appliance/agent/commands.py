@@ -76,7 +76,7 @@ def up(state: StateDir, link: ControlLink, set_prefs: Any, login_server: str, au
        changes: dict[str, Any], wait: float = UP_WAIT) -> dict[str, Any]:  # fmt: skip
     """Store the login and the prefs, wake the link, and wait for control's answer.
     `set_prefs(changes) -> Prefs` is the agent's own (it reaches the loop too)."""
-    from appliance.wire.seal import parse_login_url
+    from appliance.wire.loginurl import parse_login_url
 
     parse_login_url(login_server)  # a bad URL is refused here, not in the agent's log
     prefs = set_prefs(changes)
@@ -96,7 +96,7 @@ def logout(state: StateDir) -> str:
     the data plane down. Raises ControlError when control cannot be told."""
     from appliance.agent.control.client import ControlClient, ControlRefused
     from appliance.agent.control.link import Login
-    from appliance.wire.seal import parse_login_url
+    from appliance.wire.loginurl import parse_login_url
 
     login = Login.load(state.login_file)
     if login is None:

@@ -38,7 +38,8 @@ from appliance.control.sessions import SessionError, Sessions
 from appliance.control.store import open_store
 from appliance.wire.dnsname import DEFAULT_DOMAIN
 from appliance.wire.fields import ConfigError
-from appliance.wire.seal import Boxes, SealError, login_url, open_request
+from appliance.wire.loginurl import login_url
+from appliance.wire.seal import Boxes, SealError, open_request
 
 log = logging.getLogger(__name__)
 

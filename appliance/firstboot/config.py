@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from appliance.wire.fields import ConfigError, Fields, parse_bool, parse_str
-from appliance.wire.seal import LoginUrlError, parse_login_url
+from appliance.wire.loginurl import LoginUrlError, parse_login_url
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_interface
 from typing import Any
 
 from appliance.firstboot.config import SECRETS, FirstbootConfig, Mesh, Wifi
-from appliance.wire.seal import parse_login_url
+from appliance.wire.loginurl import parse_login_url
 
 IPNet = IPv4Network | IPv6Network
 MESH_V4 = IPv4Network("100.64.0.0/10")

@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.base.keys import PrivateKey  # noqa: E402
 from appliance.client.localapi import LocalClient  # noqa: E402
-from appliance.wire.seal import ControlPublicKey, MachineKey, login_url  # noqa: E402
+from appliance.wire.loginurl import login_url  # noqa: E402
+from appliance.wire.seal import ControlPublicKey, MachineKey  # noqa: E402
 from scripts.bench.control import Sim, SimNode, key  # noqa: E402
 from tests.lab import netns  # noqa: E402
 from tests.netns.powerloss import in_namespace, wait_for  # noqa: E402

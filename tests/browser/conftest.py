@@ -125,7 +125,7 @@ def lab_home(local_control: bool = False) -> Iterator[Home]:
     dashboard's "Create a new mesh" starts using it."""
     from nacl.public import PrivateKey
 
-    from appliance.wire.seal import login_url
+    from appliance.wire.loginurl import login_url
 
     with Lab() as lab:
         control_state = lab.scratch / "control"

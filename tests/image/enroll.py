@@ -20,13 +20,8 @@ import urllib.request
 from typing import Any
 
 from appliance.base.keys import PrivateKey
-from appliance.wire.seal import (
-    ControlPublicKey,
-    MachineKey,
-    open_response,
-    parse_login_url,
-    seal_request,
-)
+from appliance.wire.loginurl import parse_login_url
+from appliance.wire.seal import ControlPublicKey, MachineKey, open_response, seal_request
 
 
 def _key(label: str) -> bytes:

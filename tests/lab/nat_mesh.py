@@ -18,7 +18,7 @@ from typing import Any
 from nacl.public import PrivateKey
 
 from appliance.client.localapi import LocalClient
-from appliance.wire.seal import login_url
+from appliance.wire.loginurl import login_url
 from tests.lab.host import REPO_ROOT, Host, LabError, wait_for
 from tests.lab.nat_lab import INET_A, WG_PORT, NatLab
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from nacl.public import PrivateKey
 
 from appliance.client.localapi import LocalClient
-from appliance.wire.seal import login_url
+from appliance.wire.loginurl import login_url
 from tests.lab.host import REPO_ROOT, Host, wait_for
 from tests.lab.topology import HOME_WAN_V4, SERVER_V4, Lab
 

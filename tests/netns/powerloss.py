@@ -49,8 +49,9 @@ from appliance.control.cli import admin_call
 from appliance.control.keys import read_admin_token
 from appliance.core.prefs import load_prefs
 from appliance.kernel.real import SYSCTL_ORIGINALS
+from appliance.wire.loginurl import login_url
 from appliance.wire.netmap import load_netmap
-from appliance.wire.seal import MachineKey, login_url
+from appliance.wire.seal import MachineKey
 from tests.lab import netns
 from tests.lab.host import REPO_ROOT, LabError
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 from nacl.public import PrivateKey
 
-from appliance.wire.seal import login_url
+from appliance.wire.loginurl import login_url
 from tests.lab.host import REPO_ROOT, Host, wait_for
 from tests.lab.portmap_lab import INET_V4, WAN_V4, Miniupnpd, PortmapLab
 

@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from nacl.public import Box
 from nacl.public import PrivateKey as NaclPrivateKey
 
+from appliance.wire.loginurl import LoginUrlError, login_url, parse_login_url
 from appliance.wire.seal import (
     MAX_BODY,
     BadResponse,
     BadVersion,
     ControlKey,
-    LoginUrlError,
     MachineKey,
     MachinePublicKey,
     Malformed,
@@ -26,10 +26,8 @@ from appliance.wire.seal import (
     Undecryptable,
     WrongOp,
     b64url,
-    login_url,
     open_request,
     open_response,
-    parse_login_url,
     request_number,
     seal_request,
     seal_response,

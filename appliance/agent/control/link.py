@@ -37,9 +37,9 @@ from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.core.prefs import Prefs
 from appliance.wire.fields import ConfigError, load_json
+from appliance.wire.loginurl import parse_login_url
 from appliance.wire.mapdelta import parse_delta
 from appliance.wire.netmap import CAPVER, Mesh, parse_netmap
-from appliance.wire.seal import parse_login_url
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.base.net import Endpoint
 from appliance.control.autoapprove import AUTO_APPROVE
-from appliance.wire.seal import ControlPublicKey, login_url
+from appliance.wire.loginurl import login_url
+from appliance.wire.seal import ControlPublicKey
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from appliance.core.planner import exit_node_unavailable
 from appliance.core.prefs import parse_prefs
 from appliance.core.traffic import SLOTS
 from appliance.wire.fields import Fields, int_range, parse_str
-from appliance.wire.seal import LoginUrlError
+from appliance.wire.loginurl import LoginUrlError
 
 if TYPE_CHECKING:
     from appliance.agent.control.link import ControlLink

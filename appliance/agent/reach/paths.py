@@ -72,7 +72,7 @@ def relay_from_login(state: StateDir) -> RelayFactory:
         from appliance.agent.control.link import Login
         from appliance.agent.reach.relay import RelayClient
         from appliance.wire.fields import ConfigError
-        from appliance.wire.seal import LoginUrlError, parse_login_url
+        from appliance.wire.loginurl import LoginUrlError, parse_login_url
 
         try:
             login = Login.load(state.login_file)

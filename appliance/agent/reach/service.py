@@ -235,7 +235,7 @@ def stun_servers(login_file: Path, extra: Sequence[Endpoint]) -> list[Endpoint]:
     """Control's own STUN server (the login URL's host, port 3478) and the prefs' others."""
     from appliance.agent.control.link import Login
     from appliance.wire.fields import ConfigError
-    from appliance.wire.seal import parse_login_url
+    from appliance.wire.loginurl import parse_login_url
 
     found = list(extra)
     try:

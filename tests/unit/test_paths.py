@@ -14,6 +14,7 @@ from appliance.agent.reach.pathcore import (
     Timing,
     decide,
     rekeyed,
+    watch_closely,
 )
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
@@ -326,6 +327,22 @@ def test_paths_absent_peer_is_checked_seldom_until_it_shows_up() -> None:
     assert w.checked
     sent = w.steps_until(10.0)
     assert sum(1 for s in sent if s) >= 5
+
+
+def _watched(w: World) -> bool:
+    return watch_closely(w.state, {PEER: Seen(w.handshake_age, w.endpoint, w.rx, w.tx)}, w.now, T)
+
+
+def test_paths_device_read_every_step_only_while_a_peer_is_tried() -> None:
+    w = World()
+    w.step(endpoint=RELAY)  # the kernel holds the relay's proxy: kicks begin
+    assert _watched(w)  # a new peer: its first handshake is awaited closely
+    w.steps_until(T.active_for)
+    assert not _watched(w)  # offline (nothing from it, kicks spent): read once a second
+    w.step(asked=(REFLEXIVE,))  # it checks us: it is there
+    assert _watched(w)
+    w.step(session=True)
+    assert not _watched(w)  # a session: the slow rate is enough
 
 
 def _direct_at_a() -> World:

@@ -203,6 +203,25 @@ def decide(
     return Decision(peers, choices, frozenset(relayed), checks, frozenset(kicks), repoint)
 
 
+def watch_closely(
+    state: Mapping[PublicKey, PeerPath], seen: Mapping[PublicKey, Seen], now: float, t: Timing = Timing()
+) -> bool:
+    """Whether paths.py should read the kernel every step (else every second): only
+    while a peer without a session is being tried (something came from it, or its
+    try began, within ACTIVE_FOR) or kicked. A peer that is simply offline (a phone
+    in a drawer, a laptop shut) waits at the slow rate: with 100 of them, reading and
+    parsing the whole device four times a second kept a Pi's core busy (issue 14).
+    It is back on the fast rate the moment it checks or sends (the step that hears
+    it updates `active`)."""
+    for key, path in state.items():
+        now_seen = seen.get(key)
+        if now_seen is not None and _fresh(now_seen, now, t):
+            continue
+        if now - path.active < t.active_for or (path.kicked_for is not None and path.kicks < t.kick_max):
+            return True
+    return False
+
+
 def rekeyed(
     state: Mapping[PublicKey, PeerPath],
     renamed: Mapping[PublicKey, PublicKey],

@@ -6,7 +6,8 @@ is the effects, on a thread of its own ("meshpi-paths"), every STEP seconds and
 at once when a check or an answer arrives:
 
 - reads the device's per-peer handshake, endpoint and counters (every step while
-  a peer has no session, else every SEEN_EVERY s);
+  a peer without a session is being tried or kicked, else every SEEN_EVERY s:
+  pathcore.watch_closely);
 - reads the datagrams at the WireGuard port (checks.py): answers the peers'
   authenticated checks (never bigger than the check), takes authenticated
   answers to our own checks as proofs, refuses the rest unanswered;
@@ -33,7 +34,16 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
 from appliance.agent.reach.checks import Checker, PortFactory
-from appliance.agent.reach.pathcore import STEP, Decision, PeerPath, Seen, Timing, decide, rekeyed
+from appliance.agent.reach.pathcore import (
+    STEP,
+    Decision,
+    PeerPath,
+    Seen,
+    Timing,
+    decide,
+    rekeyed,
+    watch_closely,
+)
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.kernel.base import KernelError, WgDevice, WgUpdate
@@ -48,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GONE_KEPT = 120.0  # seconds a departed peer's path waits for the same node under a new key
-SEEN_EVERY = 1.0  # seconds between device reads once every peer has a session
+SEEN_EVERY = 1.0  # seconds between device reads while no peer is being tried
 
 
 class AgentView(Protocol):
@@ -193,11 +203,10 @@ class PathChooser:
         return choices
 
     def _read_seen(self, now: float) -> dict[PublicKey, Seen]:
-        settled = all(
-            s.handshake_age is not None and s.handshake_age < self.timing.stale_after
-            for s in self._seen.values()
-        )
-        if self._seen and settled and now - self._seen_at < SEEN_EVERY:
+        with self._lock:
+            peers = self._peers
+        closely = not self._seen or watch_closely(peers, self._seen, now, self.timing)
+        if not closely and now - self._seen_at < SEEN_EVERY:
             return self._seen
         try:
             device = self.agent.read_device()

@@ -64,6 +64,7 @@ TOMBSTONE_KEEP = 3600.0
 class Metrics:
     def __init__(self) -> None:
         self.map_updates_sent = 0
+        self.full_maps_sent = 0  # of those, full maps (after a restart: only agents that restarted too)
         self.update_latency_sum = 0.0  # change published -> response written, seconds
         self.update_latency_count = 0
         self.online: dict[int, int] = {}  # node id -> open long-polls
@@ -286,6 +287,12 @@ class ControlService:
                 del online[node.id]
 
     async def _map(self, node: NodeRecord, version: int | None, capver: int) -> dict[str, Any]:
+        if version is not None and version > max(self._nodes_version, self.watch.version):
+            # A version this control never reached (its database restored from an older
+            # copy, or a new control at the old address): nothing to hold or patch; a full map.
+            log.info("node %s asked from version %d, ahead of the mesh's %d: a full map",
+                     node.id, version, self._nodes_version)  # fmt: skip
+            version = None
         if version is not None:
             current = await self.watch.wait(version, self.map_timeout)
             if current <= version:
@@ -309,6 +316,7 @@ class ControlService:
         if me is None:
             raise ApiError(403, "this node was removed")
         self._sent(current)
+        self.metrics.full_maps_sent += 1
         full = self.maps.full(self.store.mesh, me, current, records, self.now(), capver, self.dns)
         return {"version": current, "full": full}
 

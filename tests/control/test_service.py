@@ -99,6 +99,27 @@ def test_service_long_poll_gets_a_delta_for_a_change(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_service_version_ahead_of_the_mesh_gets_a_full_map(tmp_path: Path) -> None:
+    """An agent keeps its map version across reconnects; a control whose database
+    went back (restored from an older copy) must not hold it on a version it never
+    reached: a full map, at once."""
+
+    async def scenario(s: ControlService) -> None:
+        key = await auth_key(s)
+        await join(s, 1, "pi", key)
+        await join(s, 2, "laptop", key)
+        first = await s.map(machine(2), {"version": None})
+        same = await s.map(machine(2), {"version": first["version"]})
+        assert same == {"version": first["version"], "keepalive": True}
+        fulls = s.metrics.full_maps_sent
+        ahead = await asyncio.wait_for(s.map(machine(2), {"version": first["version"] + 50}), 1)
+        assert ahead["version"] == first["version"] and "full" in ahead
+        assert parse_netmap(ahead["full"]).self_node.name == "laptop"
+        assert s.metrics.full_maps_sent == fulls + 1
+
+    run(tmp_path, scenario)
+
+
 def test_service_pending_node_needs_approval(tmp_path: Path) -> None:
     async def scenario(s: ControlService) -> None:
         reg = await join(s, 3, "stranger", None)

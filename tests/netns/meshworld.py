@@ -57,6 +57,10 @@ class Node:
     def peers_in_kernel(self) -> str:
         return self.host.run(["wg", "show", self.interface, "allowed-ips"]).stdout
 
+    def log(self) -> str:
+        """The agent's log so far (mesh_world starts it with its output there)."""
+        return (self.state.parent / f"{self.name}-agent.log").read_text(errors="replace")
+
 
 @dataclass
 class World:

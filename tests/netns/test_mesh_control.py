@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -114,6 +115,21 @@ def test_mesh_control_outage_loses_nothing_and_reconnects(world: World) -> None:
         wait_for(lambda n=node: n.api().get("/v1/status")["control"]["state"] == "connected",
                  5, f"{node.name} to reconnect")  # fmt: skip
     assert time.monotonic() - restarted <= 5
+    # Each agent polled the new control from the map version it holds: no full map
+    # for anyone (5,000 agents after a restart would each want one).
+    for node in world.nodes.values():
+        wait_for(lambda n=node: "polling control from the map version this agent holds" in n.log(), 5,
+                 f"{node.name} to poll from its version")  # fmt: skip
+    assert _metric(world, "meshpi_full_maps_sent_total") == 0
+    assert _metric(world, "meshpi_nodes_online") == len(world.nodes)
+
+
+def _metric(world: World, name: str) -> float:
+    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8081/metrics', timeout=5).read().decode())"
+    text = world.lab.internet.run([sys.executable, "-c", fetch]).stdout
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found, text
+    return float(found[1])
 
 
 def _node_key(node: Node) -> str:

@@ -124,6 +124,11 @@ class ControlLink(threading.Thread):
         self._changed = threading.Condition()
         self.status = LinkStatus("connecting", "the agent started; reaching control")
         self._mesh: Mesh | None = None  # of the last full map: deltas are checked against it
+        # (server, version) of the last map handed to the loop. A new connection to the
+        # same control (it restarted, the network moved) polls from there: control
+        # answers with what changed, not 5,000 full maps at once. Forgotten when the
+        # login changes (the loop's netmap is gone then).
+        self._held: tuple[str, int] | None = None
         self._repoll = threading.Event()  # network_changed() ended the poll in flight on purpose
         self._capver = CAPVER
 
@@ -132,6 +137,7 @@ class ControlLink(threading.Thread):
         self.wake.set()
 
     def login_changed(self) -> None:
+        self._held = None
         self.wake.set()
 
     def network_changed(self) -> None:
@@ -186,6 +192,7 @@ class ControlLink(threading.Thread):
             try:
                 login = Login.load(self.login_path)
                 if login is None:
+                    self._held = None
                     self._status("needs-login", "run: meshpi up --login-server URL")
                     self.wake.wait()
                     self.wake.clear()
@@ -261,7 +268,10 @@ class ControlLink(threading.Thread):
                      addresses=reg["addresses"], server=base)  # fmt: skip
         log.info("connected to control at %s as %s", base, reg["name"])
         backoff.reset()
-        version: int | None = None
+        held = self._held
+        version = held[1] if held is not None and held[0] == login.server and self._mesh is not None else None
+        if version is not None:
+            log.info("polling control from the map version this agent holds (%d)", version)
         while not self.stopping.is_set():
             self._repoll.clear()
             try:
@@ -281,6 +291,7 @@ class ControlLink(threading.Thread):
                 self.bus.put(NetmapDelta(parse_delta(answer["delta"], self._mesh, "control (delta)")))
             else:
                 raise ValueError(f"control sent a map answer without a map or delta: {sorted(answer)}")
+            self._held = (login.server, version)
 
     def _map(self, client: ControlClient, version: int | None) -> dict[str, Any]:
         """One long-poll, in the newest netmap version both sides know. A control

@@ -66,7 +66,7 @@ async def node_op(request: web.Request) -> web.StreamResponse:
     except SealError as e:
         return web.Response(status=e.status, text=e.message)
     if op == "hello":
-        session = sessions.hello(opened.machine)
+        session = sessions.hello(opened.machine, service.is_approved(bytes(opened.machine)))
         return _sealed(opened.reply({"session": session}))
     try:
         sessions.check(opened.plaintext.get("session"), opened.machine, opened.nonce)

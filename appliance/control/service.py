@@ -193,6 +193,11 @@ class ControlService:
             seen, self._seen = self._seen, {}
             await self.db(self.store.touch_last_seen_many, seen)
 
+    def is_approved(self, machine_raw: bytes) -> bool:
+        """Is this machine key an approved node's (the in-memory copy; no query)?"""
+        node = self._nodes.get(machine_raw)
+        return node is not None and node.state is NodeState.APPROVED
+
     async def _node(self, machine: PublicKey) -> NodeRecord:
         node = self._nodes.get(machine.raw)
         if node is None:

@@ -120,6 +120,17 @@ def test_service_version_ahead_of_the_mesh_gets_a_full_map(tmp_path: Path) -> No
     run(tmp_path, scenario)
 
 
+def test_service_knows_approved_machines_without_a_query(tmp_path: Path) -> None:
+    async def scenario(s: ControlService) -> None:
+        key = await auth_key(s)
+        await join(s, 1, "pi", key)
+        await join(s, 3, "stranger", None)  # pending
+        assert s.is_approved(machine(1).raw)
+        assert not s.is_approved(machine(3).raw) and not s.is_approved(machine(9).raw)
+
+    run(tmp_path, scenario)
+
+
 def test_service_pending_node_needs_approval(tmp_path: Path) -> None:
     async def scenario(s: ControlService) -> None:
         reg = await join(s, 3, "stranger", None)

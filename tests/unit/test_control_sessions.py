@@ -203,3 +203,20 @@ def test_sessions_trusts_only_machines_with_a_trusted_session(clock: FakeClock) 
     assert not sessions.trusts(bytes(A)) and not sessions.trusts(bytes(B))
     sessions.trust(sid)
     assert sessions.trusts(bytes(A)) and not sessions.trusts(bytes(B))
+
+
+def test_sessions_approved_nodes_hellos_are_trusted_at_once(clock: FakeClock) -> None:
+    """After a restart every node says hello at once, before any of them made the
+    request that would trust its session: the server knows which machines are
+    approved nodes, and more of them than the untrusted cap all keep their sessions."""
+    sessions = Sessions(clock, max_untrusted=10)
+    nodes = [MachineKey.generate().public_key() for _ in range(30)]
+    sids = [sessions.hello(m, approved=True) for m in nodes]
+    for _ in range(100):  # a flood of fresh keys meanwhile
+        sessions.hello(MachineKey.generate().public_key())
+    for m, sid in zip(nodes, sids, strict=True):
+        sessions.check(sid, m, make_nonce(1))
+        assert sessions.trusts(bytes(m))
+    stranger = MachineKey.generate().public_key()
+    sessions.hello(stranger)
+    assert not sessions.trusts(bytes(stranger))

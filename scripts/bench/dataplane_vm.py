@@ -252,7 +252,9 @@ class BenchVm:
                 input=NAT,
             )
             if path == "plain":
-                client.run(["ip", "route", "replace", f"{SERVER_V4}/32", "via", "10.98.0.1"])
+                # `dev eth0` said outright: the laptop's exit-node rules send 10.98.0.0/24
+                # to its tunnel's table, so a bare `via 10.98.0.1` resolved into the tunnel.
+                client.run(["ip", "route", "replace", f"{SERVER_V4}/32", "via", "10.98.0.1", "dev", "eth0"])
                 vmnet.run(["ip", "route", "replace", "default", "via", VM_V4, "dev", TAP, "table", "100"])
                 vmnet.run(
                     ["ip", "rule", "add", "pref", "100", "iif", "client", "to", SERVER_V4, "lookup", "100"]

@@ -49,6 +49,7 @@ from appliance.core.conflicts import RouteConflict
 from appliance.core.model import HostFacts, Scope, State
 from appliance.core.planner import PeerMemo
 from appliance.core.prefs import Prefs
+from appliance.kernel import heap
 from appliance.kernel.base import KernelError
 from appliance.kernel.system import System
 from appliance.wire.fields import ConfigError
@@ -319,7 +320,7 @@ class Agent(AgentPlanning, AgentLocal):
 
     def _loop(self, source: StaticFiles | None, resync: float) -> int:
         next_resync = time.monotonic() + resync
-        next_tick = time.monotonic()
+        next_tick = next_trim = time.monotonic()
         while True:
             wake = min(next_resync, next_tick, self.snapshot.due if self.snapshot else float("inf"))
             batch = self.bus.take(wake - time.monotonic())
@@ -364,6 +365,9 @@ class Agent(AgentPlanning, AgentLocal):
             if self.snapshot is not None:
                 self.snapshot.flush()
             self.traffic.flush()
+            if time.monotonic() >= next_trim:
+                heap.trim()  # what a burst of dumps or deltas left in the C heap goes back
+                next_trim = time.monotonic() + heap.TRIM_EVERY
 
     def _reload(self, source: StaticFiles | None) -> None:
         """SIGHUP: the files again (hand edits), then a full resync."""

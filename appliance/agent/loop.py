@@ -34,7 +34,7 @@ from appliance.agent import bus as updates
 from appliance.agent.agentlocal import AgentLocal
 from appliance.agent.commands import set_prefs
 from appliance.agent.control.link import ControlLink, offers
-from appliance.agent.dns.host import HostDnsLink, restore_after_down
+from appliance.agent.dns.host import HostDnsLink
 from appliance.agent.handshakes import carry_endpoints, start_handshakes, with_paths
 from appliance.agent.inputs import Inputs, Snapshot, Wanted
 from appliance.agent.leds import AgentLeds, LedOpener
@@ -383,20 +383,3 @@ class Agent(AgentPlanning, AgentLocal):
             return
         self.bus.put(updates.PrefsChanged(fresh.prefs))
         self.bus.put(updates.DevicesChanged(fresh.devices))
-
-
-def down(state: StateDir, make_system: SystemFactory) -> int:
-    """Remove everything meshpi owns and restore the sysctls it changed."""
-    pid = state.stop_running_agent()
-    if pid is not None:
-        log.info("stopped agent pid %d", pid)
-    restore_after_down(state.hostdns_file)
-    owned = state.owned()
-    if owned is None:
-        log.info("meshpi owns nothing here (%s has no record); nothing to do", state.path)
-        return 0
-    system = make_system(owned.backend)
-    Reconciler(system, owned.scope).sync(State(), reread=True)
-    state.forget_owned()
-    log.info("meshpi is down: %s, its rules, routes and table are gone", owned.scope.interface)
-    return 0

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "agent":
             return _run_agent(args, state)
         if args.command == "down":
-            from appliance.agent.loop import down
+            from appliance.agent.down import down
 
             return down(state, _make_system(state))
         return _client_verb(args, state)

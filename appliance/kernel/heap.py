@@ -12,22 +12,16 @@ a walk over the arenas, ~1 ms. Without glibc (musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import logging
 from collections.abc import Callable
-
-log = logging.getLogger(__name__)
 
 TRIM_EVERY = 30.0  # seconds between trims in the agent's loop
 
 
 def _load() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    # The process's own symbols: glibc is already mapped (no library search, no
+    # `ldconfig -p` subprocess as ctypes.util.find_library would run).
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int

@@ -20,6 +20,7 @@ import re
 import socket
 import socketserver
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,6 +176,15 @@ class LocalAPIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
         super().__init__(str(path), _RequestHandler)
         self._inode = os.stat(path).st_ino
         self._thread = threading.Thread(target=self.serve_forever, name="meshpi-localapi", daemon=True)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up before its answer (`meshpi status` gives up after
+        30 s) is no error of ours: one line, not socketserver's traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, BrokenPipeError | ConnectionResetError):
+            log.info("LocalAPI: the client left before its answer (%s)", error.strerror)
+            return
+        super().handle_error(request, client_address)
 
     def start(self) -> None:
         self._thread.start()

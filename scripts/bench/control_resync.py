@@ -108,6 +108,33 @@ def reference_timing(db: Path) -> dict[str, Any]:
     }
 
 
+def forget_sessions(nodes: list[Any]) -> None:
+    """The restarted server knows no session and no connection."""
+    for node in nodes:
+        node.session = None
+        if node.conn is not None:
+            node.conn.close()
+            node.conn = None
+
+
+async def rejoin(sim: Any, node: Any, offers: dict[int, dict[str, Any]]) -> None:
+    """What the agent does when its link to control broke (link.py `_serve`), before its poll."""
+    await lean_call(sim, node, "hello", None)
+    reg = {"node_key": node.node_pub, "hostname": f"sim{node.index}", "auth_key": None}
+    await lean_call(sim, node, "register", reg)
+    await lean_call(sim, node, "update", offers.get(node.index, {"endpoints": [], "advertise_routes": []}))
+
+
+async def ramped(nodes: list[Any], reconnect: Callable[[Any], Awaitable[None]]) -> None:
+    """Every node at once, ramped in by 250 every 50 ms so the listen backlog keeps up."""
+    tasks = []
+    for i, node in enumerate(nodes):
+        tasks.append(asyncio.create_task(reconnect(node)))
+        if i % 250 == 249:
+            await asyncio.sleep(0.05)
+    await asyncio.gather(*tasks)
+
+
 async def resync(
     sim: Any,
     nodes: list[Any],
@@ -124,11 +151,7 @@ async def resync(
           f"shared {ref['shared_map_ms']} ms (old agents {ref['shared_old_agent_map_ms']} ms), "
           f"x{ref['map_cpu_ratio']}; shared encoding built in {ref['shared_build_ms']} ms per version",
           flush=True)  # fmt: skip
-    for node in nodes:
-        node.session = None  # the restarted server knows no session
-        if node.conn is not None:
-            node.conn.close()
-            node.conn = None
+    forget_sessions(nodes)
     arrivals: dict[int, tuple[float, float, int, bool]] = {}  # node -> (latency, arrived, bytes, old)
     kept: list[tuple[int, bytes]] = []
     bad: list[str] = []
@@ -137,12 +160,7 @@ async def resync(
         """What the agent does when its link to control broke (link.py `_serve`)."""
         old = node.index % OLD_EVERY == 1
         try:
-            await lean_call(sim, node, "hello", None)
-            reg = {"node_key": node.node_pub, "hostname": f"sim{node.index}", "auth_key": None}
-            await lean_call(sim, node, "register", reg)
-            await lean_call(
-                sim, node, "update", offers.get(node.index, {"endpoints": [], "advertise_routes": []})
-            )
+            await rejoin(sim, node, offers)
             node.number += 1
             body: dict[str, Any] = {"version": None} if old else {"version": None, "capver": CAPVER}
             data, nonce = node.seal({"op": "map", "session": node.session, "body": body}, node.number)
@@ -172,12 +190,7 @@ async def resync(
 
     sim.rehellos = 0
     start, sim_cpu, server_cpu = time.monotonic(), time.process_time(), cpu_s(pid)
-    tasks = []
-    for i, node in enumerate(nodes):
-        tasks.append(asyncio.create_task(reconnect(node)))
-        if i % 250 == 249:
-            await asyncio.sleep(0.05)
-    await asyncio.gather(*tasks)
+    await ramped(nodes, reconnect)
     done = list(arrivals.values())
     resync_all_s = max(a[1] for a in done) - start if done else float("inf")
     sim_cpu, server_cpu = time.process_time() - sim_cpu, cpu_s(pid) - server_cpu
@@ -251,23 +264,14 @@ async def resync_kept(
             store.close()
 
     pid = await restart(change_while_down)
-    for node in nodes:
-        node.session = None
-        if node.conn is not None:
-            node.conn.close()
-            node.conn = None
+    forget_sessions(nodes)
     arrivals: dict[int, tuple[float, float, int]] = {}
     bad: list[str] = []
 
     async def reconnect(node: Any) -> None:
         old = node.index % OLD_EVERY == 1
         try:
-            await lean_call(sim, node, "hello", None)
-            reg = {"node_key": node.node_pub, "hostname": f"sim{node.index}", "auth_key": None}
-            await lean_call(sim, node, "register", reg)
-            await lean_call(
-                sim, node, "update", offers.get(node.index, {"endpoints": [], "advertise_routes": []})
-            )
+            await rejoin(sim, node, offers)
             node.number += 1
             body: dict[str, Any] = {"version": changed["from"]}
             if not old:
@@ -287,12 +291,7 @@ async def resync_kept(
 
     sim.rehellos = 0
     start, server_cpu = time.monotonic(), cpu_s(pid)
-    tasks = []
-    for i, node in enumerate(nodes):
-        tasks.append(asyncio.create_task(reconnect(node)))
-        if i % 250 == 249:
-            await asyncio.sleep(0.05)
-    await asyncio.gather(*tasks)
+    await ramped(nodes, reconnect)
     done = list(arrivals.values())
     resync_all_s = max(a[1] for a in done) - start if done else float("inf")
     server_cpu = cpu_s(pid) - server_cpu

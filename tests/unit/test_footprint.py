@@ -75,7 +75,8 @@ def test_footprint_agent_at_work_still_imports_only_what_it_uses() -> None:
         "import appliance.kernel.real, appliance.agent.localapi.status\n"
         "from appliance.kernel.offload import KernelOffloads\n"
         "KernelOffloads().uplinks(exclude='meshpi0')\n"
-        "import pyroute2.conntrack, pyroute2.ethtool.ioctl\n"
+        "from appliance.kernel import conntrack; conntrack.flows()\n"
+        "import pyroute2.ethtool.ioctl\n"
         "from appliance.update.state import update_slot\n"
         "update_slot('0.1.0')"
     )

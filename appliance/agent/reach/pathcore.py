@@ -312,7 +312,8 @@ def _step(
     data = False
     if seen is not None:
         data = carried_data(seen.rx - path.rx) or carried_data(seen.tx - path.tx)
-        path = replace(path, rx=seen.rx, tx=seen.tx, active=now if seen.rx > path.rx else path.active)
+        if seen.rx != path.rx or seen.tx != path.tx:  # (a copy per peer per step is most of a step)
+            path = replace(path, rx=seen.rx, tx=seen.tx, active=now if seen.rx > path.rx else path.active)
     answers = heard.answers.get(key, ())
 
     if path.mode == "direct":

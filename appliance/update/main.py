@@ -7,10 +7,12 @@
                                            newer (root's daily meshpi-update-check.timer)
     meshpi-update status                   the running version and the last update's result
 
-The new version must answer on the LocalAPI as `running`, with the data plane
-applied and its own version number, within --deadline seconds of the restart;
-else the previous version is switched back and restarted, and the result says
-why. Every step prints one line; the last line is JSON (the result).
+meshpi is stopped for the switch and its state directories copied aside
+(snapshot.py). The new version must answer on the LocalAPI as `running`, with
+the data plane applied and its own version number, within --deadline seconds of
+its start; else it is stopped, the previous version switched back with the state
+as it was before the update, and started, and the result says why. Every step
+prints one line; the last line is JSON (the result).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from appliance.client.localapi import DEFAULT_SOCKET, LocalAPIError, LocalClient
 from appliance.update.bundle import BundleError, Version, trusted_keys, verify_bundle
 from appliance.update.fetch import check, record, rolled_back_before
 from appliance.update.install import Layout, install, prune, switch
+from appliance.update.snapshot import STATE_DIRS, Snapshot, SnapshotError
 from appliance.update.spool import take_upload
 from appliance.update.state import (
     AVAILABLE,
@@ -46,7 +49,7 @@ from appliance.update.state import (
 
 log = logging.getLogger(__name__)
 
-RESTART = "systemctl try-restart meshpi-agent.service meshpi-web.service meshpi-control.service"
+UNITS = ("meshpi-agent.service", "meshpi-web.service", "meshpi-control.service")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def apply(
     bundle: Path,
     layout: Layout,
     keys: Path,
-    restart: Callable[[], None],
+    service: Service,
     check_for: Callable[[Version], Callable[[], str | None]],
     deadline: float,
     force: bool = False,
@@ -109,23 +112,62 @@ def apply(
     say(f"signature and {len(manifest.files)} wheels good: version {manifest.version}; installing beside")
     write_progress(layout.versions, str(manifest.version), "installing", since)
     target = install(layout, layout.versions / ".staging", manifest)
-    previous = switch(layout, target)
-    say(f"switched to {manifest.version}; restarting, the new version has {deadline:.0f} s to be healthy")
     write_progress(layout.versions, str(manifest.version), "restarting", since)
-    restart()
+    service.stop()
+    try:
+        kept = service.snapshot.take()
+    except SnapshotError as e:
+        service.start()  # nothing was switched: the running version comes back as it was
+        raise BundleError(f"{e}; nothing was switched") from e
+    previous = switch(layout, target)
+    say(f"switched to {manifest.version} (state kept: {', '.join(map(str, kept)) or 'none'}); "
+        f"the new version has {deadline:.0f} s to be healthy")  # fmt: skip
+    service.start()
     problem = wait_healthy(check_for(manifest.version), deadline)
     prev_name = previous.name if previous else None
     if problem is None:
+        service.snapshot.drop()
         prune(layout, keep=previous)
         say(f"version {manifest.version} runs and is healthy")
         return Result("updated", str(manifest.version), prev_name, None, time.monotonic() - t0, time.time())
-    say(f"not healthy in {deadline:.0f} s ({problem}): switching back to {prev_name}")
+    say(f"not healthy in {deadline:.0f} s ({problem}): switching back to {prev_name} and its state")
     if previous is not None:
+        service.stop()
         switch(layout, previous)
-        restart()
+        service.snapshot.restore()
+        service.start()
     return Result(
         "rolled back", str(manifest.version), prev_name, problem, time.monotonic() - t0, time.time()
     )
+
+
+@dataclass(frozen=True)
+class Service:
+    """How meshpi is stopped and started around the switch, and its state kept."""
+
+    stop: Callable[[], None]
+    start: Callable[[], None]
+    snapshot: Snapshot
+
+
+def systemd_service(units: tuple[str, ...], snapshot: Snapshot) -> Service:
+    """The units running now are stopped, and started again (on either version)."""
+    running = [u for u in units if subprocess.run(["systemctl", "is-active", "--quiet", u]).returncode == 0]
+
+    def systemctl(verb: str) -> Callable[[], None]:
+        def run() -> None:
+            if running:
+                _run(["systemctl", verb, *running])
+
+        return run
+
+    return Service(systemctl("stop"), systemctl("start"), snapshot)
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        say(f"{shlex.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
 
 
 def say(line: str) -> None:
@@ -158,7 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument(
             "--deadline", type=float, default=90.0, help="seconds for the new version to be healthy"
         )
-        cmd.add_argument("--restart", default=RESTART, help="the command that restarts meshpi")
+        cmd.add_argument(
+            "--restart", help="the command that starts meshpi (default: systemctl start of the units running)"
+        )
+        cmd.add_argument("--stop", help="the command that stops meshpi (default: systemctl stop of them)")
+        cmd.add_argument(
+            "--state",
+            type=Path,
+            action="append",
+            help="a state directory kept for a rollback (repeatable; default: "
+            + ", ".join(map(str, STATE_DIRS))
+            + ")",
+        )
     sub.add_parser("status", help="the running version and the last update's result")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -199,14 +252,13 @@ def _apply_locked(args: argparse.Namespace, layout: Layout, bundle: Path, force:
             print("meshpi-update: another update is running", file=sys.stderr)
             return 1
 
-        def restart() -> None:
-            subprocess.run(shlex.split(args.restart), check=False, timeout=120)
+        service = _service(args)
 
         def check_for(v: Version) -> Callable[[], str | None]:
             return healthy(args.local_api, v)
 
         try:
-            result = apply(bundle, layout, args.keys, restart, check_for, args.deadline, force)
+            result = apply(bundle, layout, args.keys, service, check_for, args.deadline, force)
         except BundleError as e:  # InstallError too: nothing was switched
             result = Result("refused", None, None, e.message, 0.0, time.time())
         finally:
@@ -214,6 +266,20 @@ def _apply_locked(args: argparse.Namespace, layout: Layout, bundle: Path, force:
             if remove:
                 bundle.unlink(missing_ok=True)
         return _report(result, layout.versions / RESULT)
+
+
+def _service(args: argparse.Namespace) -> Service:
+    """systemd's units by default; --stop and --restart commands instead (tests, other inits)."""
+    snapshot = Snapshot(tuple(args.state or STATE_DIRS))
+    units = systemd_service(UNITS, snapshot) if args.restart is None or args.stop is None else None
+
+    def command(line: str) -> Callable[[], None]:
+        return lambda: _run(shlex.split(line))
+
+    stop = command(args.stop) if args.stop is not None else units.stop if units else None
+    start = command(args.restart) if args.restart is not None else units.start if units else None
+    assert stop is not None and start is not None
+    return Service(stop, start, snapshot)
 
 
 def _report(result: Result, result_file: Path) -> int:

@@ -37,7 +37,8 @@ IFNAME = "mpupd0"
 
 
 def meshpi_wheel(out: Path, version: str, broken: bool = False) -> Path:
-    """A wheel of this checkout as `version`; `broken`: its agent exits at start."""
+    """A wheel of this checkout as `version`; `broken`: its agent exits at start, after
+    writing its state in a form the old version would not know (as a migration would)."""
     src = out / f"src-{version}"
     src.mkdir(parents=True)
     copy = f"tar -C {ROOT} --exclude=./.venv --exclude=./.git --exclude=./out --exclude=./build -cf - . | tar -C {src} -xf -"
@@ -48,7 +49,10 @@ def meshpi_wheel(out: Path, version: str, broken: bool = False) -> Path:
         cli = src / "appliance/cli/__init__.py"
         cli.write_text(cli.read_text().replace(
             "def _run_agent(args: argparse.Namespace, state: StateDir) -> int:\n",
-            "def _run_agent(args: argparse.Namespace, state: StateDir) -> int:\n    raise SystemExit('broken release')\n",
+            "def _run_agent(args: argparse.Namespace, state: StateDir) -> int:\n"
+            "    (state.path / 'migrated-by-the-new-version').write_text('format 99')\n"
+            "    (state.path / 'node.key').write_text('format 99')\n"
+            "    raise SystemExit('broken release')\n",
         ))  # fmt: skip
     dest = out / f"wheel-{version}"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dest), str(src)],
@@ -79,11 +83,15 @@ class Rig:
         write_bundle(out, wheels, Version.parse(version), "host", "host", "2026-12-02T00:00:00Z", KEY)
         return out
 
+    def service(self) -> list[str]:
+        """How meshpi-update stops and starts this rig's agent, and which state it keeps."""
+        return ["--stop", str(self.tmp / "stop"), "--restart", str(self.tmp / "restart"),
+                "--state", str(self.tmp / "state")]  # fmt: skip
+
     def update(self, bundle: Path, *extra: str) -> tuple[int, dict[str, object], str]:
-        restart = f"{self.tmp / 'restart'}"
         cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(self.layout.versions),
                "--current", str(self.layout.current), "--keys", str(self.keys),
-               "--local-api", str(self.tmp / "local.sock"), "apply", str(bundle), "--restart", restart,
+               "--local-api", str(self.tmp / "local.sock"), "apply", str(bundle), *self.service(),
                "--deadline", "20", *extra]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
@@ -118,7 +126,12 @@ ip netns exec {ns} {layout.current}/bin/meshpi agent --netmap {tmp}/netmap.json 
     --state-dir {state} --local-api {tmp}/local.sock >>{tmp}/agent.log 2>&1 &
 echo $! > {tmp}/agent.pid
 """)
-    (tmp / "restart").chmod(0o755)
+    (tmp / "stop").write_text(f"""#!/bin/bash
+[[ -f {tmp}/agent.pid ]] && kill $(cat {tmp}/agent.pid) 2>/dev/null && sleep 0.5
+rm -f {tmp}/agent.pid
+""")
+    for script in ("restart", "stop"):
+        (tmp / script).chmod(0o755)
     rig = Rig(tmp, deps, layout, keys)
     # The factory version, as the image installs it: built, switched to, started.
     factory = rig.bundle("0.1.5")
@@ -163,12 +176,24 @@ def test_update_apply_switches_to_the_new_version_and_it_runs(rig: Rig) -> None:
     assert st["version"] == "0.1.6" and st["interface"] == IFNAME
     assert rig.layout.running() == rig.layout.versions / "0.1.6"
     assert venv_version(rig.layout.versions / "0.1.5") == Version(0, 1, 5), "the rollback target was pruned"
+    assert not (rig.tmp / "state.before-update").exists(), "the kept state outlived a good update"
     print(f"\n  update 0.1.5 -> 0.1.6 applied and healthy in {time.monotonic() - t0:.1f} s "
           f"(meshpi-update says {result['seconds']:.1f} s)")  # fmt: skip
 
 
+def _tree(path: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(path)): (p.stat().st_mode, p.read_bytes()) for p in path.rglob("*") if p.is_file()
+    }
+
+
 def test_update_apply_whose_agent_fails_is_rolled_back(rig: Rig) -> None:
+    """Switched back, and the state as it was before the update: what the broken
+    version wrote there (its own format) is gone, so the old version can read it."""
     before = rig.layout.running()
+    state = rig.tmp / "state"
+    (state / "traffic-marker").write_text("written by 0.1.x before the update")
+    kept = _tree(state)
     rc, result, err = rig.update(rig.bundle("0.1.7", broken=True))
     assert rc == 3 and result["result"] == "rolled back", err
     assert "0.1.7" in str(result["reason"]) or "does not answer" in str(result["reason"])
@@ -176,6 +201,16 @@ def test_update_apply_whose_agent_fails_is_rolled_back(rig: Rig) -> None:
     _wait_for(lambda: rig.status().get("version") == before.name, 30, rig.tmp)  # type: ignore[union-attr]
     last = json.loads((rig.layout.versions / "last-update.json").read_text())
     assert last["result"] == "rolled back"
+    assert "broken release" in (rig.tmp / "agent.log").read_text()  # it ran, and wrote its state
+    running = ("traffic.json", "agent.pid")  # the old agent runs again, and writes these
+    now = {k: v for k, v in _tree(state).items() if k not in running}
+    assert not (state / "migrated-by-the-new-version").exists(), "the broken version's state stayed"
+    assert now == {k: v for k, v in kept.items() if k not in running}
+    assert (state.stat().st_mode & 0o777) == 0o700
+    assert (
+        not state.with_name("state.before-update").exists()
+        and not state.with_name("state.failed-update").exists()
+    )
     print(f"\n  rollback of a broken 0.1.7 took {result['seconds']:.1f} s (deadline 20 s)")
 
 
@@ -210,7 +245,7 @@ def test_update_spool_refuses_a_tampered_upload_and_changes_nothing(rig: Rig) ->
     cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
            "--current", str(rig.layout.current), "--keys", str(rig.keys),
            "--local-api", str(rig.tmp / "local.sock"), "spool", "--spool", str(spool),
-           "--restart", str(rig.tmp / "restart"), "--deadline", "20"]  # fmt: skip
+           *rig.service(), "--deadline", "20"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 1 and result["result"] == "refused", done.stderr
@@ -237,7 +272,7 @@ def test_update_check_fetches_a_newer_bundle_and_applies_it(rig: Rig) -> None:
         cmd = [str(ROOT / ".venv/bin/meshpi-update"), "--versions", str(rig.layout.versions),
                "--current", str(rig.layout.current), "--keys", str(rig.keys),
                "--local-api", str(rig.tmp / "local.sock"), "check", "--url", f"{server.url}/latest.bundle",
-               "--available", str(available), "--restart", str(rig.tmp / "restart"), "--deadline", "30"]  # fmt: skip
+               "--available", str(available), *rig.service(), "--deadline", "30"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert done.returncode == 0 and result["result"] == "updated" and result["version"] == "0.1.9", (

@@ -296,6 +296,11 @@ def test_update_image_bundle_whose_agent_fails_is_rolled_back_and_reported(
     )
     st = json.loads(vm.out("meshpi status --json"))
     assert st["update"]["last"]["result"] == "rolled back" and st["update"]["last"]["reason"], st["update"]
+    # What the broken version wrote into the agent's state (its own format) went with it,
+    # and the copy kept through the switch is gone too.
+    left = vm.out("ls -d /var/lib/meshpi/migrated-by-the-new-version /var/lib/*.before-update "
+                  "/var/lib/private/*.before-update 2>/dev/null; true")  # fmt: skip
+    assert left == "", left
     wait_for(
         lambda: vm.net.client.fetch_or_none(SERVER_V4, timeout=3) == VM_V4, 120, "the exit after the rollback"
     )

@@ -25,7 +25,8 @@
 #   keys      /etc/meshpi/update-keys (the keys whose update bundles are trusted: none yet)
 #   users     group meshpi (the agent's LocalAPI socket), user meshpi-web (systemd-sysusers)
 #   units     meshpi-agent, meshpi-control, meshpi-web.socket/.service, meshpi-password-reset,
-#             from image/overlay, into /usr/local/lib/systemd/system
+#             from image/overlay, into /usr/local/lib/systemd/system; networkd told to
+#             leave the agent's rules and routes alone (/etc/systemd/networkd.conf.d)
 #   enable    all but meshpi-control (`meshpi create-mesh` enables that one)
 #   upgrades  Debian's security updates (unattended-upgrades: security and stable-updates
 #             only, nightly in prefs.upgrade_window): apt's config and timers, meshpi-upgrades
@@ -59,6 +60,9 @@ KEYS=/etc/meshpi/update-keys
 UNIT_DIR=/usr/local/lib/systemd/system
 SYSUSERS=/usr/local/lib/sysusers.d/meshpi.conf
 AVAHI=/etc/avahi/services/meshpi.service
+# systemd-networkd, where it runs, leaves the agent's rules and routes alone (the agent
+# starts beside it at boot, not after it).
+NETWORKD=/etc/systemd/networkd.conf.d/meshpi.conf
 STAMP=$VENV/.meshpi-install
 PACKAGES=(python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon unattended-upgrades)
 # The units the image runs that make sense on any Debian: not first boot, not the
@@ -149,7 +153,7 @@ if [[ $ACTION == uninstall ]]; then
     for group in meshpi-web meshpi; do
         if getent group "$group" >/dev/null; then groupdel "$group" && removed+=("group:$group"); fi
     done
-    rm -f "$SYSUSERS" "$AVAHI"
+    rm -f "$SYSUSERS" "$AVAHI" "$NETWORKD"
     if ((${#removed[@]})); then
         say users "removed ${removed[*]}"
         changed+=(users)
@@ -272,6 +276,11 @@ avahi_src=image/overlay/etc/avahi/services/meshpi.service
 if [[ -d ${AVAHI%/*} ]] && ! same "$avahi_src" "$AVAHI"; then
     install -m 0644 "$avahi_src" "$AVAHI"
     new_units+=("$AVAHI")
+fi
+networkd_src=image/overlay/etc/systemd/networkd.conf.d/meshpi.conf
+if ! same "$networkd_src" "$NETWORKD"; then
+    install -D -m 0644 "$networkd_src" "$NETWORKD"  # read when networkd next starts
+    new_units+=("$NETWORKD")
 fi
 if ((${#new_units[@]})); then
     ((LIVE)) && systemctl daemon-reload

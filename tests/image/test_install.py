@@ -39,6 +39,7 @@ WATCHED = (
     "etc/passwd",
     "etc/group",
     "etc/avahi/services",
+    "etc/systemd/networkd.conf.d",
 )
 
 pytestmark = pytest.mark.skipif(
@@ -165,7 +166,8 @@ def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None
     assert "systemd is not running here (or --no-start): enabled, not started" in first.stdout
     for rel in ("opt/meshpi/bin/meshpi", "opt/meshpi/bin/meshpi-control", "usr/local/lib/systemd/system/meshpi-agent.service",
                 "usr/local/lib/systemd/system/meshpi-control.service",
-                "etc/systemd/system/multi-user.target.wants/meshpi-agent.service"):  # fmt: skip
+                "etc/systemd/system/multi-user.target.wants/meshpi-agent.service",
+                "etc/systemd/networkd.conf.d/meshpi.conf"):  # fmt: skip
         assert chroot.exists(rel), rel
     assert not chroot.exists("etc/systemd/system/multi-user.target.wants/meshpi-control.service")
     if (REPO / "image/overlay/usr/lib/systemd/system/meshpi-password-reset.service").exists():
@@ -200,7 +202,8 @@ def test_install_twice_then_uninstall_in_a_debian_chroot(chroot: Chroot) -> None
                 "etc/systemd/system/multi-user.target.wants/meshpi-agent.service",
                 "etc/systemd/system/sockets.target.wants/meshpi-web.socket", "usr/local/lib/sysusers.d/meshpi.conf",
                 "etc/systemd/system/multi-user.target.wants/meshpi-password-reset.service",
-                "etc/apt/apt.conf.d/52meshpi-upgrades", "etc/systemd/system/apt-daily.timer.d"):  # fmt: skip
+                "etc/apt/apt.conf.d/52meshpi-upgrades", "etc/systemd/system/apt-daily.timer.d",
+                "etc/systemd/networkd.conf.d/meshpi.conf"):  # fmt: skip
         assert not chroot.exists(rel), rel
     assert chroot.run("getent", "group", "meshpi", check=False).returncode == 2
     assert chroot.run("getent", "passwd", "meshpi-web", check=False).returncode == 2

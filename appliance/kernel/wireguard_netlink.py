@@ -6,7 +6,8 @@ reads only the last. So this module builds the `wgmsg` itself: all peers nested 
 one WGDEVICE_A_PEERS, the way wg(8) does it (src/ipc-linux.h), split into a few
 messages only when one would get large (wg splits at a page; we allow more).
 
-The pure halves (`build_messages`, `parse_dump`) are unit-tested without root.
+Reads are wireguard_read.py's (one dump, decoded without pyroute2). The pure half
+(`build_messages`) is unit-tested without root.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from base64 import b64decode, b64encode
-from collections.abc import Iterable, Iterator
-from ipaddress import ip_address, ip_network
+from base64 import b64encode
+from collections.abc import Iterator
 from socket import AF_INET, AF_INET6
 from typing import Any
 
 from pyroute2.iproute.linux import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
-    WG_CMD_GET_DEVICE,
     WG_CMD_SET_DEVICE,
     WG_GENL_VERSION,
     WGPEER_F_REMOVE_ME,
@@ -34,19 +33,19 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from appliance.base.keys import PrivateKey, PublicKey
-from appliance.base.net import Endpoint, IPNetwork
-from appliance.core.model import Peer, sorted_networks
+from appliance.base.keys import PublicKey
+from appliance.base.net import IPNetwork
+from appliance.core.model import Peer
 from appliance.kernel.base import (
     InterfaceNotFound,
     KernelError,
-    PeerStats,
     PermissionDenied,
     WgDevice,
     WgUpdate,
     WireGuardUnavailable,
 )
 from appliance.kernel.wireguard import check_ifname, check_update, summary
+from appliance.kernel.wireguard_read import read_device
 
 log = logging.getLogger(__name__)
 # pyroute2 dumps every netlink message at DEBUG, WGDEVICE_A_PRIVATE_KEY included
@@ -154,54 +153,6 @@ def build_messages(ifname: str, update: WgUpdate, budget: int = MESSAGE_BUDGET) 
     return messages
 
 
-# --- translation: dump -> WgDevice ---------------------------------------------
-
-
-def _endpoint(nla: Any) -> Endpoint | None:
-    if nla is None or nla.get("addr") in (None, "0.0.0.0", "::"):
-        return None
-    return Endpoint(ip_address(nla["addr"]), int(nla["port"]))
-
-
-def parse_dump(messages: Iterable[Any]) -> WgDevice:
-    """Merge the messages of a WG_CMD_GET_DEVICE dump into one WgDevice.
-
-    The kernel puts the device attributes in the first message only, and when a
-    peer does not fit it continues in the next message under the same public key
-    with the rest of its allowed IPs (wg(8) merges them the same way)."""
-    private_key: PrivateKey | None = None
-    listen_port = fwmark = 0
-    nets: dict[PublicKey, list[IPNetwork]] = {}
-    base: dict[PublicKey, tuple[Endpoint | None, int, PeerStats]] = {}
-    for msg in messages:
-        raw_private = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
-        if raw_private is not None:
-            raw = b64decode(raw_private)
-            private_key = PrivateKey(raw) if any(raw) else None
-        listen_port = msg.get_attr("WGDEVICE_A_LISTEN_PORT", listen_port)
-        fwmark = msg.get_attr("WGDEVICE_A_FWMARK", fwmark)
-        for peer in msg.get_attr("WGDEVICE_A_PEERS") or ():
-            key = PublicKey(b64decode(peer.get_attr("WGPEER_A_PUBLIC_KEY")))
-            ips = [ip_network(a["addr"]) for a in peer.get_attr("WGPEER_A_ALLOWEDIPS") or () if a.get("addr")]
-            nets.setdefault(key, []).extend(ips)
-            if key in base and peer.get_attr("WGPEER_A_RX_BYTES") is None:
-                continue  # a continuation: allowed IPs only
-            endpoint = _endpoint(peer.get_attr("WGPEER_A_ENDPOINT"))
-            hs = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-            handshake = (hs["tv_sec"] + hs["tv_nsec"] / 1e9) if hs and hs["tv_sec"] else None
-            keepalive = peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 0)
-            stats = PeerStats(
-                handshake,
-                peer.get_attr("WGPEER_A_RX_BYTES", 0),
-                peer.get_attr("WGPEER_A_TX_BYTES", 0),
-                endpoint,
-            )
-            base[key] = (endpoint, keepalive, stats)
-    peers = {k: Peer(k, sorted_networks(nets[k]), ep, ka) for k, (ep, ka, _) in base.items()}
-    stats_by_key = {k: st for k, (_, _, st) in base.items()}
-    return WgDevice(private_key, listen_port, fwmark, peers, stats_by_key)
-
-
 # --- errors ---------------------------------------------------------------------
 
 
@@ -267,21 +218,9 @@ class NetlinkWireGuard:
         log.info("created %s (kernel WireGuard)", ifname)
 
     def read(self, ifname: str) -> WgDevice | None:
+        """One dump, decoded by wireguard_read.py (pyroute2's decoder: parse_dump)."""
         check_ifname(ifname)
-        msg = wgmsg()
-        msg["cmd"] = WG_CMD_GET_DEVICE
-        msg["version"] = WG_GENL_VERSION
-        msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
-        try:
-            with _open() as wg:
-                dump = list(wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
-        except WireGuardUnavailable:
-            return None  # no module, so no WireGuard interface of any name
-        except NetlinkError as e:
-            if e.code in (errno.ENODEV, errno.EOPNOTSUPP):
-                return None
-            raise domain_error(e, ifname, "reading the device") from e
-        return parse_dump(dump)
+        return read_device(ifname)
 
     def configure(self, ifname: str, update: WgUpdate) -> None:
         check_ifname(ifname)

@@ -36,9 +36,9 @@ from appliance.kernel.wireguard import check_ifname, check_update, summary
 from appliance.kernel.wireguard_netlink import (
     build_messages,
     domain_error,
-    parse_dump,
     peer_attrs,
 )
+from appliance.kernel.wireguard_read import parse_device as parse_netlink_dump
 from appliance.kernel.wireguard_uapi import (
     UapiWireGuard,
     parse_device,
@@ -333,11 +333,13 @@ def test_netlink_zoned_endpoint_is_refused() -> None:
         peer_attrs(zoned)
 
 
-def dump_message(attrs: list[list[Any]]) -> Any:
+def dump_message(attrs: list[list[Any]]) -> bytes:
+    """A dump message as the kernel sends it, encoded by pyroute2, without its nlmsghdr."""
     msg = wgmsg()
     msg["cmd"] = 0
     msg["attrs"] = attrs
-    return round_trip(msg)
+    msg.encode()
+    return bytes(msg.data)[16:]
 
 
 def allowed(*nets: str) -> list[dict[str, Any]]:
@@ -357,7 +359,7 @@ def allowed(*nets: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_netlink_parse_dump_merges_continued_peers() -> None:
+def test_netlink_read_merges_continued_peers() -> None:
     pk1, pk2 = str(key(1)), str(key(2))
     first = dump_message(
         [
@@ -408,7 +410,7 @@ def test_netlink_parse_dump_merges_continued_peers() -> None:
             ]
         ]
     )
-    device = parse_dump([first, second])
+    device = parse_netlink_dump([first, second])
     assert device.private_key == SECRET
     assert (device.listen_port, device.fwmark) == (51820, 7)
     assert device.peers == {
@@ -420,8 +422,8 @@ def test_netlink_parse_dump_merges_continued_peers() -> None:
     assert SECRET.secret_base64() not in repr(device)
 
 
-def test_netlink_parse_dump_of_empty_device() -> None:
-    device = parse_dump([dump_message([["WGDEVICE_A_LISTEN_PORT", 0], ["WGDEVICE_A_FWMARK", 0]])])
+def test_netlink_read_of_empty_device() -> None:
+    device = parse_netlink_dump([dump_message([["WGDEVICE_A_LISTEN_PORT", 0], ["WGDEVICE_A_FWMARK", 0]])])
     assert (device.private_key, device.listen_port, device.fwmark, device.peers) == (None, 0, 0, {})
 
 

@@ -60,8 +60,8 @@ KEYS=/etc/meshpi/update-keys
 UNIT_DIR=/usr/local/lib/systemd/system
 SYSUSERS=/usr/local/lib/sysusers.d/meshpi.conf
 AVAHI=/etc/avahi/services/meshpi.service
-# systemd-networkd, where it runs, leaves the agent's rules and routes alone (the agent
-# starts beside it at boot, not after it).
+# systemd-networkd, where it runs, leaves the agent's rules and routes alone (a networkd
+# restart no longer takes them away until the agent's next resync).
 NETWORKD=/etc/systemd/networkd.conf.d/meshpi.conf
 STAMP=$VENV/.meshpi-install
 PACKAGES=(python3 python3-venv nftables iproute2 wireguard-tools avahi-daemon unattended-upgrades)
@@ -279,7 +279,7 @@ if [[ -d ${AVAHI%/*} ]] && ! same "$avahi_src" "$AVAHI"; then
 fi
 networkd_src=image/overlay/etc/systemd/networkd.conf.d/meshpi.conf
 if ! same "$networkd_src" "$NETWORKD"; then
-    install -D -m 0644 "$networkd_src" "$NETWORKD"  # read when networkd next starts
+    install -D -m 0644 "$networkd_src" "$NETWORKD" # read when networkd next starts
     new_units+=("$NETWORKD")
 fi
 if ((${#new_units[@]})); then

@@ -3,8 +3,9 @@ one build, one first boot (the self-test, powers off) and one held second boot (
 the tests log into): CI boots the VM twice for the whole tier.
 
 Order: files whose tests use no VM (test_install.py) run first, then the VM's tests in
-file order, and tests marked `disturbs_vm` (a hard reset) last of all, so the VM the
-others see is the one first boot left.
+file order, tests marked `disturbs_vm` (an update, a reboot) after them, so the VM the
+others see is the one first boot left, and the one marked `powers_off_vm` (the hard
+resets, which end with the VM off to check its disk) last of all.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ _VM_FIXTURES = {"image", "card", "first_boot", "vm"}
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "disturbs_vm: changes the shared VM for good (e.g. hard resets): runs after every other test",
+        "disturbs_vm: changes the shared VM for good (e.g. an update): runs after every other test",
+    )
+    config.addinivalue_line(
+        "markers",
+        "powers_off_vm: ends with the shared VM powered off (the hard resets): runs last of all",
     )
 
 
@@ -50,6 +55,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     def rank(item: pytest.Item) -> int:
         if item not in image:
             return 0
+        if item.get_closest_marker("powers_off_vm"):
+            return 4
         if item.get_closest_marker("disturbs_vm"):
             return 3
         return 2 if item.path in uses_vm else 1

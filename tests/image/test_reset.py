@@ -18,7 +18,8 @@ each boot:
   before the reset.
 
 Finally the VM is shut down and `e2fsck -fn` checks the card's root file system
-offline. Marked disturbs_vm: runs after every other test of the tier (conftest.py).
+offline. Marked powers_off_vm: runs after every other test of the tier (conftest.py),
+the update's and the reboot's too (an update test after it once found the VM off).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def _exits_through_vm(laptop: Laptop, timeout: float, what: str) -> None:
 
 
 @pytest.mark.disturbs_vm
+@pytest.mark.powers_off_vm
 def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
     vm: Vm, card: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from appliance.base.defaults import DEFAULT_STATE_DIR as DEFAULT_STATE_DIR
 from appliance.base.files import atomic_write, fsync_dir, remove_partial_writes
 from appliance.base.keys import PrivateKey
 from appliance.core.model import Scope
 from appliance.wire.seal import MachineKey
 
 log = logging.getLogger(__name__)
-
-DEFAULT_STATE_DIR = Path("/var/lib/meshpi")
 
 
 class StateDirError(Exception):

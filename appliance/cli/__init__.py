@@ -16,14 +16,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.agent.control.client import ControlError
-from appliance.agent.localapi.server import SocketError
-from appliance.agent.statedir import StateDir, StateDirError
 from appliance.cli.flags import build_parser, pref_changes
-from appliance.kernel.base import KernelError
-from appliance.wire.fields import ConfigError
+
+if TYPE_CHECKING:
+    from appliance.agent.statedir import StateDir
 
 log = logging.getLogger("meshpi")
 
@@ -68,13 +66,18 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
     return agent.run(args.resync, serve if args.local_api else None)
 
 
-def _client_verb(args: argparse.Namespace, state: StateDir) -> int:
+def _client_verb(args: argparse.Namespace) -> int:
+    """A verb the running agent carries out. Only the LocalAPI client is loaded: none of
+    the agent's own modules (`meshpi status` on a Pi Zero is mostly Python's start)."""
     from appliance.client.localapi import AgentNotRunning, LocalAPIError, LocalClient
 
     client = LocalClient(args.local_api)
     try:
         return _ask(args, client)
     except AgentNotRunning as e:
+        from appliance.agent.statedir import StateDir
+
+        state = StateDir(args.state_dir)
         if args.command == "set":
             from appliance.agent.commands import set_prefs
 
@@ -96,16 +99,22 @@ def _client_verb(args: argparse.Namespace, state: StateDir) -> int:
 
 def _ask(args: Any, client: Any) -> int:
     if args.command == "status":
-        from appliance.agent.localapi.status import format_status
-
         st = client.get("/v1/status")
-        print(json.dumps(st, indent=2) if args.json else format_status(st))
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            from appliance.agent.localapi.status import format_status
+
+            print(format_status(st))
         return EXIT_OK
     if args.command == "netcheck":
-        from appliance.agent.reach.netcheck import format_report
-
         r = client.get("/v1/netcheck")
-        print(json.dumps(r, indent=2) if args.json else format_report(r))
+        if args.json:
+            print(json.dumps(r, indent=2))
+        else:
+            from appliance.agent.reach.netcheck import format_report
+
+            print(format_report(r))
         return EXIT_OK if r["reachable"] else EXIT_FAILED
     if args.command == "set":
         print(json.dumps(client.patch("/v1/prefs", pref_changes(args)), indent=2))
@@ -137,26 +146,41 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    state = StateDir(args.state_dir)
     try:
-        if args.command == "key":
-            print(state.node_key().public_key())
-            return EXIT_OK
-        if args.command == "agent":
-            return _run_agent(args, state)
-        if args.command == "down":
+        if args.command in ("key", "agent", "down"):
+            from appliance.agent.statedir import StateDir
+
+            state = StateDir(args.state_dir)
+            if args.command == "key":
+                print(state.node_key().public_key())
+                return EXIT_OK
+            if args.command == "agent":
+                return _run_agent(args, state)
             from appliance.agent.down import down
 
             return down(state, _make_system(state))
-        return _client_verb(args, state)
-    except ConfigError as e:
-        print(f"meshpi: bad input: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (KernelError, StateDirError, ControlError, SocketError) as e:
-        print(f"meshpi: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _client_verb(args)
     except KeyboardInterrupt:
         return EXIT_FAILED
-    except OSError as e:  # e.g. `meshpi set` with no agent, by a user who may not write prefs.json
+    except Exception as e:  # noqa: BLE001 - sorted in _failed; what is not ours is raised again
+        return _failed(e)
+
+
+def _failed(e: Exception) -> int:
+    """One line for what meshpi or the system refused; anything else is a bug and
+    keeps its traceback. The classes are imported here: whatever raised one has
+    loaded its module already, and a client verb need not."""
+    from appliance.agent.control.client import ControlError
+    from appliance.agent.localapi.server import SocketError
+    from appliance.agent.statedir import StateDirError
+    from appliance.kernel.base import KernelError
+    from appliance.wire.fields import ConfigError
+
+    if isinstance(e, ConfigError):
+        print(f"meshpi: bad input: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # OSError: e.g. `meshpi set` with no agent, by a user who may not write prefs.json
+    if isinstance(e, KernelError | StateDirError | ControlError | SocketError | OSError):
         print(f"meshpi: {e}", file=sys.stderr)
         return EXIT_FAILED
+    raise e

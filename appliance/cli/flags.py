@@ -11,9 +11,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from appliance.agent.control.local import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
-from appliance.agent.localapi.server import SOCKET_GROUP
-from appliance.agent.statedir import DEFAULT_STATE_DIR
+from appliance.base.defaults import (
+    DEFAULT_CONTROL_START,
+    DEFAULT_CONTROL_STATE,
+    DEFAULT_CONTROL_URL,
+    DEFAULT_STATE_DIR,
+    SOCKET_GROUP,
+)
 from appliance.client.localapi import DEFAULT_SOCKET
 
 

@@ -126,3 +126,22 @@ def test_footprint_traffic_ring_is_narrow_until_a_minute_outgrows_it() -> None:
     quiet = Ring(7)
     assert len(base64.b64decode(quiet.to_json()["rx"])) < 8 * SLOTS  # zlib of 8-byte slots
     assert Ring.from_json(7, quiet.to_json()).rx.itemsize == 4
+
+
+def test_footprint_meshpi_status_json_loads_none_of_the_agent() -> None:
+    """`meshpi status --json` (what scripts and the image tier ask): the parser, the
+    LocalAPI client and json, not the agent's modules (under emulation its Python start
+    was most of a status)."""
+    modules = loaded(
+        "import appliance.cli as cli, appliance.client.localapi\n"
+        "args = cli.build_parser().parse_args(['status', '--json'])\n"
+        "class Answer:\n"
+        "    def get(self, path):\n"
+        "        return {'path': path}\n"
+        "assert cli._ask(args, Answer()) == 0"
+    )
+    assert "appliance.client.localapi" in modules
+    assert (
+        heavy(modules, ("appliance.agent", "appliance.kernel", "pyroute2", "dns", "nacl", "http.server"))
+        == []
+    )

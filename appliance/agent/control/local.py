@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from appliance.base.defaults import DEFAULT_CONTROL_START, DEFAULT_CONTROL_STATE, DEFAULT_CONTROL_URL
 from appliance.base.errors import MeshpiError
 from appliance.base.files import atomic_write
 from appliance.base.net import Endpoint
@@ -32,9 +33,6 @@ from appliance.wire.seal import ControlPublicKey
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTROL_STATE = Path("/var/lib/meshpi-control")
-DEFAULT_CONTROL_START = "systemctl enable --now meshpi-control.service"
-DEFAULT_CONTROL_URL = "http://127.0.0.1:8080"
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"  # control's admin API listens on loopback only
 START_WAIT = 30.0
 MAX_ANSWER = 8 << 20

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from appliance.base.defaults import SOCKET_GROUP
 from appliance.base.errors import MeshpiError
 
 log = logging.getLogger(__name__)
 
-SOCKET_GROUP = "meshpi"
 MAX_BODY = 64 * 1024
 DRAIN_MAX = 16 * MAX_BODY  # a refused body up to this size is read away, not cut off
 IDLE_TIMEOUT = 60.0  # seconds a kept-alive connection may sit idle

@@ -134,6 +134,9 @@ def test_dns_names_through_the_exit_node_and_fail_closed(world: World, resolvers
     # no exit node: the laptop's own resolver (the café's)
     assert dig(laptop.host, me, f"before.{LEAK_DOMAIN}", "A") == ("NOERROR", [CAFE_ANSWER])
     world.admin("routes", "approve", pi_id, "192.168.77.0/24", "0.0.0.0/0", "::/0")
+    # The approval reaches the laptop as a delta; choosing the exit before it has would be
+    # refused (a loaded host once took longer than the CLI's next call).
+    wait_for(lambda: any(p["exit_node"] for p in laptop.status()["peers"]), 15, "the pi's approved exit")  # type: ignore[union-attr,index]
     laptop.meshpi("set", "--exit-node", "pi")
     try:
         asked_at_cafe = cafe.queries(LEAK_DOMAIN)

@@ -15,12 +15,11 @@ tier's emulation, and it is asked for by every status the dashboard polls.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
 from appliance.base.net import IPAddress
-from appliance.kernel.nlattrs import NLM_F_DUMP, ask, attrs
+from appliance.kernel.nlattrs import NLM_F_DUMP, ask, attrs, bound_socket
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +39,12 @@ def flows() -> list[tuple[IPAddress, IPAddress]]:
     Empty where conntrack is not there (no module: nothing was ever NATed)."""
     found: list[tuple[IPAddress, IPAddress]] = []
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock = bound_socket(NETLINK_NETFILTER, TIMEOUT_S)
     except OSError as e:
         log.debug("conntrack not readable: %s", e)
         return found
     with sock:
-        sock.settimeout(TIMEOUT_S)
         try:
-            sock.bind((0, 0))
             for flow in _flows(ask(sock, CT_GET, NLM_F_DUMP, bytes(_NFGENMSG))):
                 found.append(flow)
                 if len(found) >= MAX_FLOWS:

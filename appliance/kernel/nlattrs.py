@@ -23,6 +23,19 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 RECV_SIZE = 1 << 16  # a dump's message batch fits (the kernel fills up to 32 KiB)
 
 
+def bound_socket(protocol: int, timeout: float) -> socket.socket:
+    """A netlink socket of `protocol`, bound (the kernel picks its port id); raises
+    OSError where the protocol is not there."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def attr(kind: int, value: bytes) -> bytes:
     """One attribute, padded to 4 bytes."""
     raw = _ATTR.pack(_ATTR.size + len(value), kind) + value

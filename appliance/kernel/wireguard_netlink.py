@@ -218,7 +218,7 @@ class NetlinkWireGuard:
         log.info("created %s (kernel WireGuard)", ifname)
 
     def read(self, ifname: str) -> WgDevice | None:
-        """One dump, decoded by wireguard_read.py (pyroute2's decoder: parse_dump)."""
+        """One dump, decoded by wireguard_read.py without pyroute2."""
         check_ifname(ifname)
         return read_device(ifname)
 

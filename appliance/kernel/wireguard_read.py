@@ -26,7 +26,7 @@ from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint, IPNetwork
 from appliance.core.model import Peer, sorted_networks
 from appliance.kernel.base import KernelError, PeerStats, PermissionDenied, WgDevice
-from appliance.kernel.nlattrs import NLM_F_DUMP, ask, attr, attrs
+from appliance.kernel.nlattrs import NLM_F_DUMP, ask, attr, attrs, bound_socket
 
 NETLINK_GENERIC = 16
 GENL_ID_CTRL = 0x10
@@ -36,10 +36,10 @@ WGDEVICE_A_IFNAME, WGDEVICE_A_PRIVATE_KEY = 2, 3
 WGDEVICE_A_LISTEN_PORT, WGDEVICE_A_FWMARK, WGDEVICE_A_PEERS = 6, 7, 8
 WGPEER_A_PUBLIC_KEY, WGPEER_A_ENDPOINT, WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL = 1, 4, 5
 WGPEER_A_LAST_HANDSHAKE_TIME, WGPEER_A_RX_BYTES, WGPEER_A_TX_BYTES, WGPEER_A_ALLOWEDIPS = 6, 7, 8, 9
-WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
+WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = 2, 3  # the family follows from the address's size
 TIMEOUT_S = 5.0
 
-_family: dict[str, int] = {}
+_family: int | None = None  # the wireguard family's id, once resolved
 _family_lock = threading.Lock()
 
 
@@ -49,9 +49,7 @@ class NoWireGuardFamily(KernelError):
 
 def read_device(ifname: str) -> WgDevice | None:
     """The device, or None when there is no WireGuard link of that name (or no module)."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as sock:
-        sock.settimeout(TIMEOUT_S)
-        sock.bind((0, 0))
+    with bound_socket(NETLINK_GENERIC, TIMEOUT_S) as sock:
         try:
             family = _family_id(sock)
         except NoWireGuardFamily:
@@ -65,8 +63,7 @@ def read_device(ifname: str) -> WgDevice | None:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise PermissionDenied(f"{ifname}: reading the device needs CAP_NET_ADMIN") from e
             if e.errno == errno.ENOENT:  # the module was reloaded: its family id changed
-                with _family_lock:
-                    _family.clear()
+                _forget_family()
             raise KernelError(f"{ifname}: reading the device failed: {e.strerror}") from e
 
 
@@ -74,17 +71,24 @@ def _genl(cmd: int, version: int) -> bytes:
     return struct.pack("=BBH", cmd, version, 0)
 
 
-def _family_id(sock: socket.socket) -> int:
+def _forget_family() -> None:
+    global _family
     with _family_lock:
-        if "wireguard" in _family:
-            return _family["wireguard"]
+        _family = None
+
+
+def _family_id(sock: socket.socket) -> int:
+    global _family
+    with _family_lock:
+        if _family is not None:
+            return _family
         request = _genl(CTRL_CMD_GETFAMILY, 1) + attr(CTRL_ATTR_FAMILY_NAME, b"wireguard\0")
         try:
             for _kind, body in ask(sock, GENL_ID_CTRL, 0, request, seq=1):
                 found = dict(attrs(body[4:])).get(CTRL_ATTR_FAMILY_ID)
                 if found is not None and len(found) >= 2:
-                    _family["wireguard"] = struct.unpack_from("=H", found)[0]
-                    return _family["wireguard"]
+                    _family = int(struct.unpack_from("=H", found)[0])
+                    return _family
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.EOPNOTSUPP):
                 raise NoWireGuardFamily("the kernel has no wireguard module") from e
@@ -161,7 +165,7 @@ def _endpoint(raw: bytes) -> Endpoint | None:
     if len(raw) < 8:
         return None
     family, port = struct.unpack_from("=H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
-    if family == socket.AF_INET and len(raw) >= 8:
+    if family == socket.AF_INET:
         host: IPv4Address | IPv6Address = IPv4Address(raw[4:8])
     elif family == socket.AF_INET6 and len(raw) >= 24:
         host = IPv6Address(raw[8:24])

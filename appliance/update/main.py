@@ -271,14 +271,15 @@ def _apply_locked(args: argparse.Namespace, layout: Layout, bundle: Path, force:
 def _service(args: argparse.Namespace) -> Service:
     """systemd's units by default; --stop and --restart commands instead (tests, other inits)."""
     snapshot = Snapshot(tuple(args.state or STATE_DIRS))
-    units = systemd_service(UNITS, snapshot) if args.restart is None or args.stop is None else None
 
     def command(line: str) -> Callable[[], None]:
         return lambda: _run(shlex.split(line))
 
-    stop = command(args.stop) if args.stop is not None else units.stop if units else None
-    start = command(args.restart) if args.restart is not None else units.start if units else None
-    assert stop is not None and start is not None
+    if args.stop is not None and args.restart is not None:
+        return Service(command(args.stop), command(args.restart), snapshot)
+    units = systemd_service(UNITS, snapshot)
+    stop = command(args.stop) if args.stop is not None else units.stop
+    start = command(args.restart) if args.restart is not None else units.start
     return Service(stop, start, snapshot)
 
 

@@ -9,6 +9,7 @@ import time
 from ipaddress import ip_address
 
 from appliance.kernel import conntrack
+from appliance.kernel.nlattrs import attr
 
 V4, V6 = 1500, 500
 TRACK_NEW = (
@@ -84,12 +85,6 @@ def test_conntrack_flows_stop_at_the_bound(inside: str, monkeypatch: object) -> 
 def test_conntrack_parse_flow_refuses_garbage() -> None:
     """Attributes that are cut short, nested wrongly or of the wrong size give no flow,
     not an exception: a flow without addresses is skipped."""
-    import struct
-
-    def attr(kind: int, value: bytes) -> bytes:
-        raw = struct.pack("=HH", 4 + len(value), kind) + value
-        return raw + bytes(-len(raw) % 4)
-
     good = attr(1 | 0x8000, attr(1 | 0x8000, attr(1, bytes([10, 0, 0, 1])) + attr(2, bytes([1, 1, 1, 1]))))
     assert conntrack.parse_flow(good) == (ip_address("10.0.0.1"), ip_address("1.1.1.1"))
     short = attr(1, attr(1, attr(1, b"\x0a\x00") + attr(2, b"\x01\x01\x01\x01")))

@@ -50,10 +50,11 @@ class World:
             self.endpoint = endpoint  # WireGuard roamed (a packet came from there)
         seen = {PEER: Seen(self.handshake_age, self.endpoint, self.rx, self.tx)}
         heard = Heard({PEER: answers} if answers else {}, {PEER: asked} if asked else {})
+        before = None if self.last is None else self.chosen
         self.last = decide(self.state, {PEER: self.cands}, seen, heard, self.relay, self.now, T, woke)
         self.state = self.last.peers
-        if self.chosen is not None:
-            self.endpoint = self.chosen  # the loop applied the choice
+        if self.chosen is not None and self.chosen != before:
+            self.endpoint = self.chosen  # the loop applied the new choice
         return self.state[PEER]
 
     @property
@@ -159,8 +160,10 @@ def test_paths_packets_through_wireguard_keep_a_direct_path_alive() -> None:
     WireGuard talks to us from the direct address is not cut off."""
     w = World()
     w.step()
-    w.step(rx=100, endpoint=A)  # its WireGuard reached ours directly: adopted
-    assert w.state[PEER].mode == "direct"
+    w.step(rx=100, endpoint=A)  # its WireGuard reached ours directly (WireGuard roamed)
+    assert w.state[PEER].mode == "relayed"  # one read: the endpoint may be one we just wrote
+    w.step(rx=100)  # more from there, and WireGuard stayed: adopted
+    assert w.state[PEER].mode == "direct" and w.chosen == A
     for _ in range(40):
         assert w.step(rx=100).mode == "direct"
 
@@ -216,11 +219,34 @@ def test_paths_new_candidates_are_checked_at_once() -> None:
     assert w.checked == (B, REFLEXIVE)
 
 
-def test_paths_restart_keeps_a_working_direct_path() -> None:
+def test_paths_restart_proves_the_kernels_path_at_once() -> None:
+    """The kernel's endpoint when the chooser starts may be the netmap's candidate
+    the agent's first apply wrote over WireGuard's roam: it is checked, not trusted.
+    The relay carries the peer for the check's round trip."""
     w = World()
-    w.endpoint, w.handshake_age, w.rx = A, 10.0, 5000
+    w.endpoint, w.handshake_age, w.rx = B, 10.0, 5000
     path = w.step()
-    assert path.mode == "direct" and path.endpoint == A and w.checked == (A,)
+    assert path.mode == "relayed" and w.checked == (A, B)
+    path = w.step(answers=(B,))
+    assert path.mode == "direct" and path.endpoint == B and w.chosen == B
+
+
+def test_paths_restart_without_a_relay_tries_the_kernels_endpoint_first() -> None:
+    w = World(relay=False)
+    w.endpoint, w.handshake_age, w.rx = B, 10.0, 5000
+    assert w.step().mode == "trying" and w.chosen == B and w.checked == (A, B)
+
+
+def test_paths_a_roam_our_write_undid_is_no_proof() -> None:
+    """The peer's handshake came from where it really is (WireGuard roamed there),
+    then the loop wrote the candidate being tried over the roam: the kernel shows
+    the candidate and the counters grew. That is no proof of the candidate."""
+    w = World(relay=False)
+    w.step()  # read: no endpoint yet; tries A (applied after the roam: the kernel shows A)
+    assert w.chosen == A
+    assert w.step(rx=148, session=True).mode == "trying"
+    assert w.step().mode == "trying"
+    assert w.step(rx=32).mode == "direct"  # from A, with A held over a read: WireGuard stayed
 
 
 def test_paths_no_session_is_kicked_when_the_kernel_holds_the_path() -> None:

@@ -39,8 +39,14 @@ endpoint for it, then every KICK_EVERY for KICK_MAX times: the first handshake
 goes as soon as a path is there, not 5 s after an initiation that was lost.
 
 WireGuard roams to the address the last authenticated packet came from: a
-relayed peer whose packets arrive directly (it proved the path first, or an
-agent without checks punched through) is adopted as direct.
+peer whose packets arrive directly (it proved the path first, or an agent
+without checks punched through) is adopted as direct. The kernel's endpoint is
+evidence only once it has held still over a read: the endpoint this agent
+wrote (the netmap's first candidate before any choice, a candidate being tried,
+the last choice before the loop applied the next) may have just overwritten a
+roam, and the counters do not say where the packets came from. For the same
+reason a path the kernel holds when the chooser starts (an agent restart) is
+proven like any other: checked at once, the relay carrying the peer meanwhile.
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ class PeerPath:
     kicked_at: float = 0.0
     kicks: int = 0
     repointed: float = float("-inf")
+    held: Endpoint | None = None  # the kernel's endpoint at the last read
 
     def label(self) -> str:
         """For status: "direct <endpoint>", "relayed" or "trying"."""
@@ -285,16 +292,13 @@ def _step(
     direct_known = known if known is not None and not is_relay(known) else None
     if old is None:
         path = PeerPath("trying", given, rx=seen.rx if seen is not None else 0,
-                        tx=seen.tx if seen is not None else 0)  # fmt: skip
+                        tx=seen.tx if seen is not None else 0, held=known)  # fmt: skip
         if direct_known is not None and direct_known not in given:
-            path = replace(path, reflexive=(direct_known,))  # WireGuard's (a rotation's carried one)
-        if seen is not None and direct_known is not None and _fresh(seen, now, t):
-            # The kernel already talks to it directly (the agent restarted): keep
-            # that; the checks confirm it within DEAD_AFTER or the relay takes over.
-            return replace(
-                path, mode="direct", endpoint=direct_known, since=now, heard=now, next_check=now, busy=now
-            )
-        return _fallback(path, has_relay, now, t)
+            path = replace(path, reflexive=(direct_known,))  # WireGuard's (the last agent's, a rotation's)
+        path = _fallback(path, has_relay, now, t)  # every target checked now, the kernel's among them
+        if direct_known is not None and path.mode == "trying":
+            path = replace(path, index=path.targets().index(direct_known))  # tried first
+        return path
     path = old
     if given != path.candidates:
         path = replace(path, candidates=given)
@@ -308,12 +312,14 @@ def _step(
         path = replace(path, active=now)
     if asked and path.mode != "direct":
         path = replace(path, next_check=now, gap=t.first_gap)  # a triggered check: the hole is open now
-    received = seen is not None and seen.rx > path.rx and direct_known is not None
+    # Packets came from the kernel's endpoint only if it held still since the last read.
+    received = seen is not None and seen.rx > path.rx and direct_known is not None and path.held == known
     data = False
     if seen is not None:
         data = carried_data(seen.rx - path.rx) or carried_data(seen.tx - path.tx)
-        if seen.rx != path.rx or seen.tx != path.tx:  # (a copy per peer per step is most of a step)
-            path = replace(path, rx=seen.rx, tx=seen.tx, active=now if seen.rx > path.rx else path.active)
+        if seen.rx != path.rx or seen.tx != path.tx or path.held != known:  # (a copy per step is costly)
+            path = replace(path, rx=seen.rx, tx=seen.tx, active=now if seen.rx > path.rx else path.active,
+                           held=known)  # fmt: skip
     answers = heard.answers.get(key, ())
 
     if path.mode == "direct":

@@ -299,8 +299,9 @@ class Agent(AgentPlanning, AgentLocal):
 
         return dataplane_status(self._facts[1] if self._facts is not None else None, self.memo.state)
 
-    def path_status(self) -> dict[PublicKey, str]:
-        return self.paths.status() if self.paths is not None else {}
+    def path_status(self) -> dict[PublicKey, str] | None:
+        """Per peer, its path; None in static mode (no chooser: WireGuard's endpoint is the path)."""
+        return self.paths.status() if self.paths is not None else None
 
     def reach_candidates(self) -> tuple[Endpoint, ...] | None:
         return self.reach.candidates() if self.reach is not None else None

@@ -81,6 +81,19 @@ def test_connected_trying_idle_disabled_and_lan_only_phones() -> None:
     assert connected_rows(laptop_netmap(), [], {}, NOW)[0]["kind"] == "pi"  # it routes for the mesh
 
 
+def test_path_of_a_peer_the_chooser_has_not_decided_is_trying() -> None:
+    """In control mode the kernel's endpoint may be the netmap's candidate, written
+    before the chooser's first step: unproven, so "trying", not "direct"; in static
+    mode (no chooser) WireGuard's endpoint is the path."""
+    from appliance.agent.localapi.status import peer_rows
+
+    stats = {LAPTOP: _stats(NOW - 1, 148, 92, "192.0.2.1:51821")}
+    assert connected_rows(pi_netmap(), [], stats, NOW, {})[0]["path"] == "trying"
+    assert peer_rows(pi_netmap(), stats, NOW, {})[0]["path"] == "trying"
+    assert connected_rows(pi_netmap(), [], stats, NOW, None)[0]["path"] == "direct 192.0.2.1:51821"
+    assert peer_rows(pi_netmap(), stats, NOW, None)[0]["path"] == "direct 192.0.2.1:51821"
+
+
 def test_connected_exit_sources_are_mesh_addresses_going_to_the_internet() -> None:
     mesh = (ip_network("100.64.0.0/10"), ip_network("fd7a:6d70:6900::/48"))
     a = ip_address

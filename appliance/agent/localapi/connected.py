@@ -85,7 +85,7 @@ def connected_rows(
     for peer in netmap.peers if netmap is not None else ():
         s = stats.get(peer.public_key)
         row = _row(peer.public_key, s, now, active)
-        label = (paths or {}).get(peer.public_key)
+        label = None if paths is None else paths.get(peer.public_key, "trying")  # not chosen yet: unproven
         endpoint = s.endpoint if s is not None else None
         if label == "trying":
             path: str | None = "trying"

@@ -43,7 +43,7 @@ class StatusView(Protocol):
     def firstboot_report(self) -> dict[str, Any] | None: ...
     def route_conflicts(self) -> list[str]: ...
     def reach_status(self) -> dict[str, Any] | None: ...
-    def path_status(self) -> Mapping[PublicKey, str]: ...
+    def path_status(self) -> Mapping[PublicKey, str] | None: ...
     def hosted_rows(self) -> list[HostedRow]: ...
     def traffic_active(self) -> Mapping[PublicKey, float]: ...
     def exit_users(self) -> frozenset[IPAddress]: ...
@@ -188,13 +188,18 @@ def peer_rows(
     paths: Mapping[PublicKey, str] | None = None,
 ) -> list[dict[str, Any]]:
     """`paths`: reach/paths.py's label per peer ("direct <endpoint>", "relayed",
-    "trying"); without one (static mode) a known endpoint is a direct path."""
+    "trying"); a peer it has not chosen for yet is "trying" (the kernel's endpoint
+    may be the netmap's candidate, unproven). Without a chooser (static mode,
+    `paths` None) a known endpoint is a direct path."""
     rows = []
     for peer in netmap.peers if netmap is not None else ():
         s = stats.get(peer.public_key)
         handshake = s.last_handshake if s is not None else None
         endpoint = s.endpoint if s is not None and s.endpoint else peer.endpoint
-        path = (paths or {}).get(peer.public_key) or (f"direct {endpoint}" if endpoint else "trying")
+        if paths is not None:
+            path = paths.get(peer.public_key, "trying")
+        else:
+            path = f"direct {endpoint}" if endpoint else "trying"
         routes = [str(r) for r in peer.routes]
         rows.append({
             "name": peer.name,

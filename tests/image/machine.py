@@ -249,3 +249,14 @@ def node_id(vm: Vm, name: str) -> str:
     found = [line.split()[0] for line in nodes.splitlines()[1:] if line.split()[1:2] == [name]]
     assert found, f"no node {name!r} in the VM's control:\n{nodes}"
     return found[-1]
+
+
+def exit_ready_s(vm: Vm) -> float:
+    """Seconds from this boot's kernel start to the agent's first apply (its log line
+    "... meshpi0 is up" or "took over meshpi0"): the exit node is ready."""
+    journal = vm.out(
+        "journalctl -b -u meshpi-agent.service -o short-monotonic --no-pager | grep -E 'is up|took over' | head -1"
+    )
+    found = re.match(r"\[\s*([0-9.]+)\]", journal)
+    assert found, journal
+    return round(float(found[1]), 1)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.image.machine import REPO, TIMINGS, Vm
+from tests.image.machine import REPO, TIMINGS, Vm, exit_ready_s
 from tests.lab.host import wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -155,20 +155,20 @@ def test_image_footprint_all_three(footprint: dict[str, dict[str, float]]) -> No
 
 
 @pytest.mark.disturbs_vm
+@pytest.mark.skipif(
+    os.environ.get("MESHPI_IMAGE_REBOOT") != "1",
+    reason="MESHPI_IMAGE_REBOOT=1 runs it (~3 min; CI's reboot is the hard reset's, test_reset.py)",
+)
 def test_image_boot_to_exit_node_ready(vm: Vm, capsys: pytest.CaptureFixture[str]) -> None:
-    """A reboot with the first boot done (issue 14's case; the session's second boot
-    still applied meshpi.toml): seconds from the kernel's start to the agent's first
-    apply (its log line "... meshpi0 is up" or "took over meshpi0"), with what it
-    waited on. Marked disturbs_vm: the reboot runs after the tier's other tests."""
+    """A clean reboot with the first boot done (issue 14's case; the session's second
+    boot still applied meshpi.toml): seconds from the kernel's start to the agent's
+    first apply, with what it waited on. Marked disturbs_vm: the reboot runs after the
+    tier's other tests. Opt-in: CI's image tier reboots once, in test_reset.py, whose
+    boot reports the same figure (after a power loss) and checks first boot stays done."""
     boots = vm.holds()
     vm.ssh("systemctl reboot", check=False, timeout=30)
     TIMINGS["boot3_to_ready_s"] = vm.wait_held(boots + 1, 1200)  # from the reboot command
-    journal = vm.out(
-        "journalctl -b -u meshpi-agent.service -o short-monotonic --no-pager | grep -E 'is up|took over' | head -1"
-    )
-    found = re.match(r"\[\s*([0-9.]+)\]", journal)
-    assert found, journal
-    TIMINGS["boot3_exit_ready_s"] = round(float(found[1]), 1)
+    TIMINGS["boot3_exit_ready_s"] = exit_ready_s(vm)
     startup = vm.out("systemd-analyze time | head -1")
     chain = vm.out("systemd-analyze critical-chain --no-pager meshpi-agent.service")
     blame = vm.out("systemd-analyze blame --no-pager | head -15")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.image.machine import HOSTNAME, REPO, ROOT_OFFSET, TIMINGS, Laptop, Vm, node_id, run
+from tests.image.machine import HOSTNAME, REPO, ROOT_OFFSET, TIMINGS, Laptop, Vm, exit_ready_s, node_id, run
 from tests.lab.host import LabError, wait_for
 
 pytestmark = [
@@ -94,7 +94,10 @@ def _boot_checks(vm: Vm, console: str) -> dict[str, object]:
     assert vm.out(f"/opt/meshpi/bin/python -c '{STATE_CHECK}'") == "ok"
     journal = vm.out("journalctl -b -u meshpi-agent.service -u meshpi-control.service --no-pager -o cat")
     assert "Traceback" not in journal, journal[-4000:]
+    enabled = vm.ssh("systemctl is-enabled meshpi-firstboot.service", check=False).stdout.strip()
+    assert enabled == "disabled", enabled  # first boot's work stays done through a power loss
     return {
+        "exit_ready_s": exit_ready_s(vm),
         "journal_replayed": "recovering journal" in console,
         "fsck_clean": bool(re.search(r"RASPIROOT: (?:clean|recovering journal)", console)),
         # The boot partition (vfat, mounted but not written here) may say it was not
@@ -155,6 +158,7 @@ def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
                          "exit_back_s": round(time.monotonic() - started, 1), **facts})  # fmt: skip
         TIMINGS["resets"] = len(seen)
         TIMINGS["reset_boot_to_hold_s_max"] = max(float(str(s["boot_to_hold_s"])) for s in seen)
+        TIMINGS["reset_exit_ready_s_max"] = max(float(str(s["exit_ready_s"])) for s in seen)
         (REPO / "out" / "image-resets.json").write_text(json.dumps(seen, indent=2) + "\n")
         with capsys.disabled():
             print(f"\n  hard resets: {json.dumps(seen)}")

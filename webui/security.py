@@ -22,7 +22,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flask import Flask, Response, abort, current_app, g, jsonify, redirect, request, session, url_for
+from flask import (
+    Flask,
+    Response,
+    abort,
+    current_app,
+    g,
+    jsonify,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.wrappers import Response as BaseResponse
 
 from webui.passwords import PasswordFile
@@ -106,6 +119,12 @@ def _check_csrf() -> BaseResponse | None:
     return None
 
 
+def already_set() -> tuple[str, int]:
+    """A first-run password submitted after another browser's: the form cannot apply."""
+    message = "Someone set the admin password a moment ago, from another browser. Log in with it."
+    return render_template("error.html", title="Already set", status=409, message=message), 409
+
+
 def gate() -> BaseResponse | None:
     """before_request: the first-run redirect, the login requirement, then CSRF."""
     endpoint = request.endpoint or ""
@@ -122,6 +141,8 @@ def gate() -> BaseResponse | None:
         if not g.logged_in:
             if wants_json():
                 return _deny(401, "Log in first.")
+            if endpoint == "setup.password" and request.method == "POST":
+                return make_response(*already_set())  # a first-run form that came late: told so
             if endpoint == "setup.password":
                 return redirect(url_for("auth.login"))
             target = request.full_path if request.method == "GET" else "/"

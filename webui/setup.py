@@ -19,7 +19,7 @@ from werkzeug.wrappers import Response
 from webui.agent import LocalAPIError, agent, form_action, local_control, status
 from webui.auth import remember_device
 from webui.passwords import PasswordError, PasswordFile, PasswordTaken, check_new_password
-from webui.security import LoginThrottle, client_key, log_in
+from webui.security import LoginThrottle, already_set, client_key, log_in
 from webui.setupcode import SetupCode
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,7 @@ def password() -> Response | str | tuple[str, int] | Answer:
         passwords.create(new)
     except PasswordTaken:
         log.warning("first-run setup from %s lost: the password was set just before", request.remote_addr)
-        message = "Someone set the admin password a moment ago, from another browser. Log in with it."
-        return render_template("error.html", title="Already set", status=409, message=message), 409
+        return already_set()
     except PasswordError as e:
         return again(f"Not set: {e}.", 400)
     log.info("admin password set from %s", request.remote_addr)

@@ -85,7 +85,8 @@ def test_web_setup_closes_once_a_password_exists(app: Flask, client: FlaskClient
     token = csrf_of(stranger.get("/login").get_data(as_text=True))
     res = stranger.post("/setup", data={"csrf_token": token, "setup_code": "", "password": "taken over!",
                                         "confirm": "taken over!"})  # fmt: skip
-    assert res.status_code == 302 and res.headers["Location"] == "/login"
+    # Refused and told (a first-run form that came late), the stored password unchanged.
+    assert res.status_code == 409 and "Log in with it" in res.get_data(as_text=True)
     assert PasswordFile(Path(app.config["STATE_DIR"])).check(PASSWORD)
 
 

@@ -96,8 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list, approve, remove nodes, expire node keys")
     nodes_sub = nodes.add_subparsers(dest="verb", required=True)
     nodes_sub.add_parser("list", parents=[server_opt])
-    for verb in ("approve", "remove", "expire"):
+    for verb in ("approve", "expire"):
         nodes_sub.add_parser(verb, parents=[server_opt]).add_argument("id", type=int)
+    remove = nodes_sub.add_parser("remove", parents=[server_opt], help="remove nodes from the mesh")
+    remove.add_argument("id", type=int, nargs="+", help="one or more node ids (`nodes list`)")
     rename = nodes_sub.add_parser("rename", parents=[server_opt], help="a new name (and DNS name) for a node")
     rename.add_argument("id", type=int)
     rename.add_argument("name")
@@ -206,8 +208,9 @@ def _admin(args: argparse.Namespace) -> int:
             n = call("POST", f"/admin/v1/nodes/{args.id}/rename", {"name": args.name})
             print(f"node {args.id} is now {n['name']} ({n['dns_name'] or 'no DNS name while pending'})")
         case "nodes", "remove":
-            call("DELETE", f"/admin/v1/nodes/{args.id}")
-            print(f"node {args.id} removed")
+            for node_id in args.id:  # in order; the first refusal stops the rest (the error names it)
+                call("DELETE", f"/admin/v1/nodes/{node_id}")
+                print(f"node {node_id} removed", flush=True)
         case "routes", "list":
             for n in call("GET", "/admin/v1/nodes"):
                 if n["advertised_routes"] or n["approved_routes"]:

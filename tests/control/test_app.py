@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -130,3 +131,29 @@ def test_app_admin_rename_over_http_and_a_name_without_a_label_is_400(server: Se
     with pytest.raises(ControlRefused) as e:  # a flood of split-DNS domains is refused before parsing
         client.call("update", {"advertise_dns": {"domains": ["x"] * 10_000, "resolver": "10.0.0.1"}})
     assert e.value.status == 400 and "advertise_dns.domains: 10000 entries" in e.value.message
+
+
+def test_app_cli_removes_several_nodes_in_one_command(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`meshpi-control nodes remove ID...`: each in order, one line each; the first id
+    the server refuses stops the rest, named in the error (exit 1)."""
+    from appliance.control.cli import main
+
+    key: Any = server.admin("POST", "/admin/v1/keys", {"reusable": True, "expires_in": 600})
+    secret = key["key"]
+    for i in (11, 12, 13, 14):
+        _register(server.client(), i, secret)
+    nodes: Any = server.admin("GET", "/admin/v1/nodes")
+    ids = {n["name"]: n["id"] for n in nodes}
+    cli = ["--state-dir", str(tmp_path), "nodes", "remove", "--server", server.admin_url]
+    assert main([*cli, str(ids["n11"]), str(ids["n12"])]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"node {ids['n11']} removed",
+        f"node {ids['n12']} removed",
+    ]
+    assert main([*cli, str(ids["n13"]), "9999", str(ids["n14"])]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"node {ids['n13']} removed"] and "/admin/v1/nodes/9999: 404" in err
+    nodes = server.admin("GET", "/admin/v1/nodes")
+    assert sorted(n["name"] for n in nodes) == ["n14"]

@@ -194,6 +194,9 @@ def test_hostdns_agent_kill_9_restart_down_restores_the_original(
         _wait(lambda: resolv_conf.read_bytes() == ORIGINAL, "accept_dns=false to restore", tmp_path)
         (tmp_path / "prefs.json").write_text(json.dumps(prefs))
         _wait(managed, "accept_dns=true to manage it again", tmp_path)
+        # The file is written before its log line: a kill in between would lose the line.
+        asks = lambda: (tmp_path / "agent.log").read_text().count("now asks") == 2  # noqa: E731
+        _wait(asks, "the agent to log that it manages it again", tmp_path)
         agent.send_signal(signal.SIGKILL)
         agent.wait(timeout=10)
         res = _down(netns, state)

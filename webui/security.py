@@ -141,10 +141,9 @@ def gate() -> BaseResponse | None:
         if not g.logged_in:
             if wants_json():
                 return _deny(401, "Log in first.")
-            if endpoint == "setup.password" and request.method == "POST":
-                return make_response(*already_set())  # a first-run form that came late: told so
             if endpoint == "setup.password":
-                return redirect(url_for("auth.login"))
+                late = request.method == "POST"  # a first-run form that came late: told so
+                return make_response(*already_set()) if late else redirect(url_for("auth.login"))
             target = request.full_path if request.method == "GET" else "/"
             return redirect(url_for("auth.login", next=target.rstrip("?")))
     return _check_csrf()

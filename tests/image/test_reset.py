@@ -114,7 +114,6 @@ def _exits_through_vm(laptop: Laptop, timeout: float, what: str) -> None:
         raise AssertionError(f"{error}\n{laptop.diagnose()}\n--- the VM's console:\n{console}") from error
 
 
-@pytest.mark.disturbs_vm
 @pytest.mark.powers_off_vm
 def test_image_hard_resets_during_writes_boot_back_to_a_clean_working_exit_node(
     vm: Vm, card: Path, capsys: pytest.CaptureFixture[str]

@@ -40,13 +40,10 @@ goes as soon as a path is there, not 5 s after an initiation that was lost.
 
 WireGuard roams to the address the last authenticated packet came from: a
 peer whose packets arrive directly (it proved the path first, or an agent
-without checks punched through) is adopted as direct. The kernel's endpoint is
-evidence only once it has held still over a read: the endpoint this agent
-wrote (the netmap's first candidate before any choice, a candidate being tried,
-the last choice before the loop applied the next) may have just overwritten a
-roam, and the counters do not say where the packets came from. For the same
-reason a path the kernel holds when the chooser starts (an agent restart) is
-proven like any other: checked at once, the relay carrying the peer meanwhile.
+without checks punched through) is adopted as direct, once the kernel's endpoint
+held still over a read: the agent's own write (the netmap's candidate, one being
+tried) may have just overwritten a roam, and counters do not say where packets
+came from. So a path the kernel holds when the chooser starts is checked too.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +94,12 @@ def install(layout: Layout, staging: Path, manifest: Manifest) -> Path:
 
 
 def _run(cmd: list[str], what: str) -> None:
+    t0 = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         gist = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise InstallError(f"{what} failed (exit {done.returncode}): {' / '.join(gist)}")
+    log.info("update: %s took %.1f s", what, time.monotonic() - t0)
 
 
 def switch(layout: Layout, target: Path) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from nacl.public import PrivateKey as _NaclPrivateKey
 
@@ -77,6 +78,12 @@ class PrivateKey:
         return cls(_decode(text))
 
     def public_key(self) -> PublicKey:
+        return self._public
+
+    @cached_property
+    def _public(self) -> PublicKey:
+        # Once per key: a Curve25519 scalar multiplication, and path selection asks
+        # for it with every check it sends.
         return PublicKey(bytes(_NaclPrivateKey(self.raw).public_key))
 
     def secret_base64(self) -> str:

@@ -70,7 +70,10 @@ def proc_figures(pid: int) -> dict[str, float]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
     )
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    # utime + stime, after the command name (which may hold spaces): fields 14 and 15.
+    ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
     return {
+        "cpu_s": sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK"),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "threads": int(status["Threads"]),
         "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
@@ -90,6 +93,12 @@ def kernel_figures(ns: str) -> dict[str, int]:
         ("table", "chain", "type", "}", "set", "elements", "flags", "comment", "policy")))  # fmt: skip
     peers = count(["wg", "show", INTERFACE, "peers"])
     return {"rules": rules, "routes": routes, "nft_rules": nft_rules, "wg_peers": peers}
+
+
+def wireguard_go_pid() -> int:
+    """The wireguard-go serving the soaked agent's interface (its own process)."""
+    found = subprocess.run(["pgrep", "-f", f"wireguard-go.* {INTERFACE}$"], capture_output=True, text=True)
+    return int(found.stdout.split()[0])
 
 
 class Soak:
@@ -271,12 +280,19 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
         print(f"churn done; settling {SNAPSHOT_SETTLE:g}s for the last snapshot, then idle {args.idle:g}s",
               flush=True)  # fmt: skip
         await asyncio.sleep(SNAPSHOT_SETTLE)
-        idle0, log0 = proc_figures(pid), soak.log.stat().st_size
+        wg_pid = wireguard_go_pid()
+        idle0, log0, wg0 = proc_figures(pid), soak.log.stat().st_size, proc_figures(wg_pid)["cpu_s"]
         await asyncio.sleep(args.idle)
-        idle1, log1 = proc_figures(pid), soak.log.stat().st_size
+        idle1, log1, wg1 = proc_figures(pid), soak.log.stat().st_size, proc_figures(wg_pid)["cpu_s"]
         idle_rate = (idle1["write_bytes"] - idle0["write_bytes"]) * 3600 / args.idle
+        # The agent's CPU while its peers never answer (the simulated nodes run no
+        # WireGuard): path selection keeps trying them. The reference, side by side:
+        # wireguard-go, which holds the same peers and retries their handshakes.
+        cpu = (idle1["cpu_s"] - idle0["cpu_s"]) * 100 / args.idle
+        wg_cpu = (wg1 - wg0) * 100 / args.idle
         print(f"idle {args.idle:g}s: wrote {idle1['write_bytes'] - idle0['write_bytes']} bytes "
-              f"({idle_rate:.0f}/h), log +{log1 - log0} bytes", flush=True)  # fmt: skip
+              f"({idle_rate:.0f}/h), log +{log1 - log0} bytes; CPU: the agent {cpu:.2f} % of a core, "
+              f"wireguard-go {wg_cpu:.2f} % (ratio {cpu / max(wg_cpu, 0.01):.2f})", flush=True)  # fmt: skip
 
         snapshot = (soak.state / "netmap.json").stat().st_size
         listed = await sim.admin("GET", "/admin/v1/nodes")
@@ -303,6 +319,9 @@ async def measure(args: argparse.Namespace, soak: Soak, pid: int) -> dict[str, A
             "log_bytes_idle_per_hour": round((log1 - log0) * 3600 / args.idle),
             "log_bytes_churn_per_hour": round((logend - logstart) * 3600 / elapsed),
             "idle_write_bytes_per_hour": round(idle_rate),
+            "idle_cpu_percent": round(cpu, 2),
+            "idle_wireguard_go_cpu_percent": round(wg_cpu, 2),
+            "idle_cpu_vs_wireguard_go": round(cpu / max(wg_cpu, 0.01), 2),
             "churn_write_bytes_per_hour": round(churn_rate),
             "churn_write_bytes_per_hour_without_prefs": round(
                 (end["write_bytes"] - start["write_bytes"] - by_kind.get("prefs", 0)) * 3600 / elapsed

@@ -80,7 +80,7 @@ def install(layout: Layout, staging: Path, manifest: Manifest) -> Path:
     layout.versions.mkdir(parents=True, exist_ok=True)
     wheels = [str(staging / Path(f.name).name) for f in manifest.files]
     log.info("update: installing %d wheels into %s", len(wheels), target)
-    _run([layout.python, "-m", "venv", str(target)], "making the venv")
+    _make_venv(layout, target)
     pip = [str(target / "bin/python"), "-m", "pip", "--disable-pip-version-check"]
     _run([*pip, "install", "--quiet", "--no-index", "--no-deps", "--no-cache-dir", *wheels], "installing")
     _run([*pip, "check"], "checking the dependencies")
@@ -91,6 +91,30 @@ def install(layout: Layout, staging: Path, manifest: Manifest) -> Path:
         raise InstallError(f"the bundle's meshpi wheel is not version {manifest.version}")
     atomic_write(target / COMPLETE, f"{manifest.version}\n")
     return target
+
+
+def _make_venv(layout: Layout, target: Path) -> None:
+    """A venv with pip at `target`. pip is copied from the running version when that
+    has one for the same Python: ensurepip installs and compiles it afresh, which
+    was 38-54 s of a 200 s update under emulation (6 s against 0.2 s on a PC)."""
+    _run([layout.python, "-m", "venv", "--without-pip", str(target)], "making the venv")
+    (site,) = target.glob("lib/python3*/site-packages")
+    running = layout.running()
+    if running is not None and _copy_pip(running / site.relative_to(target), site):
+        log.info("update: pip copied from %s", running.name)
+        return
+    _run([str(target / "bin/python"), "-m", "ensurepip", "--default-pip"], "installing pip (ensurepip)")
+
+
+def _copy_pip(source: Path, site: Path) -> bool:
+    """pip and its metadata from `source` (site-packages) into `site`; False if it has none."""
+    infos = sorted(source.glob("pip-*.dist-info"))
+    if not (source / "pip/__init__.py").is_file() or len(infos) != 1:
+        return False
+    # copy2 keeps the mtimes the bytecode's headers name: the copy's .pyc files stay valid.
+    shutil.copytree(source / "pip", site / "pip", symlinks=True)
+    shutil.copytree(infos[0], site / infos[0].name, symlinks=True)
+    return True
 
 
 def _run(cmd: list[str], what: str) -> None:

@@ -177,6 +177,9 @@ def test_update_apply_switches_to_the_new_version_and_it_runs(rig: Rig) -> None:
     assert rig.layout.running() == rig.layout.versions / "0.1.6"
     assert venv_version(rig.layout.versions / "0.1.5") == Version(0, 1, 5), "the rollback target was pruned"
     assert not (rig.tmp / "state.before-update").exists(), "the kept state outlived a good update"
+    # The factory's venv got pip from ensurepip (nothing ran before it); this one a copy
+    # of the running version's, which installed the wheels and passed `pip check`.
+    assert "update: pip copied from 0.1.5" in err, err
     print(f"\n  update 0.1.5 -> 0.1.6 applied and healthy in {time.monotonic() - t0:.1f} s "
           f"(meshpi-update says {result['seconds']:.1f} s)")  # fmt: skip
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from appliance.agent.reach.pathcore import BUSY_FOR
+from appliance.agent.reach.pathtypes import BUSY_FOR
 from tests.lab.nat_mesh import NatMesh, nat_mesh
 
 PAIRS = [

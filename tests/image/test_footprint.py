@@ -52,7 +52,7 @@ ALL_THREE_MB = 120.0
 # websockets ~3 MB). The bound below fails on a return to the old figure.
 AGENT_100_PEERS_MEASURED_MB = 48.0
 ALL_THREE_MEASURED_MB = 128.0
-SETTLE_S = 75  # > pathcore.ACTIVE_FOR (60 s of close watching of new peers) + a trim
+SETTLE_S = 75  # > pathtypes.ACTIVE_FOR (60 s of close watching of new peers) + a trim
 CPU_WINDOW_S = 30  # the last part of SETTLE_S
 NOISE_MB = 2.0  # spread measured between runs of the same code on the host: < 0.5 MB
 PEERS = 100

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from appliance.agent.reach.pathcore import BUSY_FOR, IDLE_DIRECT_EVERY
+from appliance.agent.reach.pathtypes import BUSY_FOR, IDLE_DIRECT_EVERY
 from tests.lab.nat_mesh import MeshNode, NatMesh, nat_mesh
 
 pytestmark = pytest.mark.netns

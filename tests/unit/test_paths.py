@@ -6,16 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from ipaddress import ip_address
 
-from appliance.agent.reach.pathcore import (
-    Decision,
-    Heard,
-    PeerPath,
-    Seen,
-    Timing,
-    decide,
-    rekeyed,
-    watch_closely,
-)
+from appliance.agent.reach.pathcore import decide, rekeyed, watch_closely
+from appliance.agent.reach.pathtypes import Decision, Heard, PeerPath, Seen, Timing
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 

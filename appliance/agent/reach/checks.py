@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from appliance.agent.reach import checkcore
-from appliance.agent.reach.pathcore import Heard
+from appliance.agent.reach.pathtypes import Heard
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.kernel.base import KernelError

@@ -34,16 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
 from appliance.agent.reach.checks import Checker, PortFactory
-from appliance.agent.reach.pathcore import (
-    STEP,
-    Decision,
-    PeerPath,
-    Seen,
-    Timing,
-    decide,
-    rekeyed,
-    watch_closely,
-)
+from appliance.agent.reach.pathcore import decide, rekeyed, watch_closely
+from appliance.agent.reach.pathtypes import STEP, Decision, PeerPath, Seen, Timing
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.kernel.base import KernelError, WgDevice, WgUpdate

@@ -36,7 +36,7 @@ from appliance.kernel.base import KernelError, WgDevice
 from appliance.kernel.system import ApplyError, System
 from appliance.kernel.upgrades import UpgradePaths
 from appliance.kernel.upgrades import read_status as read_upgrades
-from appliance.leds import LedFacts
+from appliance.leds.states import LedFacts
 from appliance.wire.fields import ConfigError
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """The agent's status LEDs: which LEDs (prefs `led_pins`, `act_led`), and the
-state they show, derived at every tick from what the agent knows (leds.py).
+state they show, derived at every tick from what the agent knows (appliance/leds).
 
 Pins follow the prefs live: when `led_pins` or `act_led` change, the old LEDs
 are handed back (off, pins released, the ACT trigger restored) and the new ones
@@ -13,15 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.leds import (
-    ONBOARD_LEDS,
-    SYSFS_LEDS,
-    LedFacts,
-    LedState,
-    StatusLeds,
-    derive_state,
-    open_status_leds,
-)
+from appliance.leds.drivers import ONBOARD_LEDS, SYSFS_LEDS, StatusLeds, open_status_leds
+from appliance.leds.states import LedFacts, LedState, derive_state
 
 if TYPE_CHECKING:
     from gpiozero.pins import Factory  # a type only: gpiozero loads with the first GPIO LED

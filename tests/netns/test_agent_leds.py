@@ -26,7 +26,7 @@ from appliance.agent.loop import Agent
 from appliance.agent.statedir import StateDir
 from appliance.core.prefs import load_prefs
 from appliance.kernel.real import real_system
-from appliance.leds import LedState
+from appliance.leds.states import LedState
 from tests.netns.kernelstate import sh
 from tests.unit.meshes import KEYS, netmap_json, node
 

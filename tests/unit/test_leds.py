@@ -14,24 +14,26 @@ from gpiozero import LED
 from gpiozero.exc import GPIOPinInUse
 from gpiozero.pins.mock import MockFactory, MockPin
 
-from appliance.leds import (
+from appliance.leds.drivers import (
+    GpioLed,
+    LedNotFound,
+    LedTriggerError,
+    StatusLeds,
+    SysfsLed,
+    open_status_leds,
+    parse_trigger,
+)
+from appliance.leds.states import (
     ERROR_BLINK,
     FAST_BLINK,
     FLICKER,
     SLOW_BLINK,
     SOLID,
-    GpioLed,
     LedFacts,
-    LedNotFound,
     LedState,
-    LedTriggerError,
     Pattern,
-    StatusLeds,
     Step,
-    SysfsLed,
     derive_state,
-    open_status_leds,
-    parse_trigger,
     pattern,
 )
 

@@ -17,7 +17,7 @@ from appliance.base.version import installed_version
 from appliance.core.model import Connected, HostedDevice
 from appliance.core.upgrades import format_upgrades
 from appliance.kernel.base import KernelError, PeerStats
-from appliance.leds import LedState
+from appliance.leds.states import LedState
 from appliance.update.state import update_slot
 from appliance.wire.netmap import Netmap
 

@@ -32,6 +32,7 @@ from appliance.kernel.base import (
     PermissionDenied,
     WgUpdate,
 )
+from appliance.kernel.uapi_text import parse_device, parse_endpoint, render_update, reply_errno
 from appliance.kernel.wireguard import check_ifname, check_update, summary
 from appliance.kernel.wireguard_netlink import (
     build_messages,
@@ -39,13 +40,7 @@ from appliance.kernel.wireguard_netlink import (
     peer_attrs,
 )
 from appliance.kernel.wireguard_read import parse_device as parse_netlink_dump
-from appliance.kernel.wireguard_uapi import (
-    UapiWireGuard,
-    parse_device,
-    parse_endpoint,
-    render_update,
-    reply_errno,
-)
+from appliance.kernel.wireguard_uapi import UapiWireGuard
 
 SECRET = PrivateKey(bytes(range(32)))
 

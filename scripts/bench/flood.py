@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from appliance.base.keys import PrivateKey  # noqa: E402
 from appliance.wire.seal import ControlPublicKey, MachineKey, open_response, seal_request  # noqa: E402
-from scripts.bench.control import free_port, raise_nofile, rss_mb  # noqa: E402
+from scripts.bench.controlsim import free_port, raise_nofile, rss_mb  # noqa: E402
 
 Http = aiohttp.ClientSession
 SOURCES = [f"127.0.0.{i}" for i in range(2, 66)]

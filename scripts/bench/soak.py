@@ -2,7 +2,7 @@
 
 One namespace holds meshpi-control (127.0.0.1:8443) and a control-mode agent
 (userspace backend, wireguard-go) joined with `meshpi up`. The benchmark process
-plays 100 more nodes (scripts/bench/control.py's simulator: sealed hello,
+plays 100 more nodes (scripts/bench/controlsim.py's simulator: sealed hello,
 register, update, as agents do) and an admin. After a warm-up it measures the
 agent twice, from /proc and from the kernel:
 
@@ -54,7 +54,7 @@ from appliance.base.keys import PrivateKey  # noqa: E402
 from appliance.client.localapi import LocalClient  # noqa: E402
 from appliance.wire.loginurl import login_url  # noqa: E402
 from appliance.wire.seal import ControlPublicKey, MachineKey  # noqa: E402
-from scripts.bench.control import Sim, SimNode, key  # noqa: E402
+from scripts.bench.controlsim import Sim, SimNode, cpu_s, key  # noqa: E402
 from tests.lab import netns  # noqa: E402
 from tests.netns.powerloss import in_namespace, wait_for  # noqa: E402
 
@@ -70,10 +70,8 @@ def proc_figures(pid: int) -> dict[str, float]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
     )
     io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
-    # utime + stime, after the command name (which may hold spaces): fields 14 and 15.
-    ticks = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
     return {
-        "cpu_s": sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK"),
+        "cpu_s": cpu_s(pid),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "threads": int(status["Threads"]),
         "rss_mb": int(status["VmRSS"].split()[0]) / 1024,

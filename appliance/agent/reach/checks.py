@@ -89,10 +89,9 @@ class Checker:
             self.port.close()
         self.port, self._port_for = None, None
 
-    def wait(self, timeout: float) -> None:
-        """Until a datagram is there to read, or `timeout` seconds."""
-        if self.port is not None:
-            self.port.wait(timeout)
+    def wait(self, timeout: float) -> bool:
+        """Until a datagram is there to read (True), or `timeout` seconds."""
+        return self.port is not None and self.port.wait(timeout)
 
     def _pair_key(self, peer: PublicKey) -> bytes:
         ours = self._own_key()

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.agent.bus import PathsChosen, Update
 from appliance.agent.reach.checks import Checker, PortFactory
-from appliance.agent.reach.pathcore import decide, rekeyed, watch_closely
-from appliance.agent.reach.pathtypes import STEP, Decision, PeerPath, Seen, Timing
+from appliance.agent.reach.pathcore import decide, needs_steps, rekeyed, watch_closely
+from appliance.agent.reach.pathtypes import QUIET_STEP, STEP, Decision, PeerPath, Seen, Timing
 from appliance.base.keys import PrivateKey, PublicKey
 from appliance.base.net import Endpoint
 from appliance.kernel.base import KernelError, WgDevice, WgUpdate
@@ -117,6 +117,9 @@ class PathChooser:
         self._lock = threading.Lock()  # status() reads from the LocalAPI's threads
         self._stop = threading.Event()
         self._woke = threading.Event()  # this host's networks changed (network_changed)
+        self._fast = True  # step every STEP (else QUIET_STEP): pathcore.needs_steps
+        self._stepped_at = float("-inf")
+        self._stepped_for: Inputs | None = None  # the inputs of the last step
         self._thread: threading.Thread | None = None
 
     # -- the thread ------------------------------------------------------------------
@@ -128,16 +131,29 @@ class PathChooser:
             self._thread.start()
 
     def _run(self) -> None:
+        arrived = False
         while not self._stop.is_set():
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - a bug here must not end path selection for good
-                log.exception("paths: step failed")
-                self._stop.wait(1.0)
+            if self._due(arrived):
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - a bug here must not end path selection for good
+                    log.exception("paths: step failed")
+                    self._stop.wait(1.0)
             if self.checks.port is not None:
-                self.checks.wait(STEP)  # wakes at once for a check or an answer
+                arrived = self.checks.wait(STEP)  # wakes at once for a check or an answer
             else:
                 self._stop.wait(STEP)
+
+    def _due(self, arrived: bool) -> bool:
+        """Step now? Every STEP while a peer needs it (pathcore.needs_steps); else every
+        QUIET_STEP, or at once for a datagram, a new netmap or a network change."""
+        return (
+            self._fast
+            or arrived
+            or self._woke.is_set()
+            or self.agent.applied() is not self._stepped_for
+            or self._clock() - self._stepped_at >= QUIET_STEP
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -150,10 +166,11 @@ class PathChooser:
 
     def step(self) -> None:
         inputs = self.agent.applied()
+        now = self._clock()
+        self._stepped_for, self._stepped_at, self._fast = inputs, now, True
         if inputs is None:
             self._drop_all()  # logged out: no netmap, no relay
             return
-        now = self._clock()
         relay = self._relay_client(inputs)
         self.checks.open(inputs.prefs.listen_port, inputs.prefs.fwmark)
         heard = self.checks.read({p.public_key for p in inputs.netmap.peers}, now)
@@ -165,6 +182,7 @@ class PathChooser:
         if woke:
             self._woke.clear()
         decision = decide(state, candidates, seen, heard, relay_up, now, self.timing, woke)
+        self._fast = needs_steps(decision.peers, now, self.timing)
         choices = self._with_relay(decision, relay, candidates)
         for key, path in decision.peers.items():
             old = self._peers.get(key)

@@ -13,6 +13,7 @@ from appliance.base.keys import PublicKey
 from appliance.base.net import Endpoint
 
 STEP = 0.25  # seconds between paths.py's steps
+QUIET_STEP = 1.0  # ...while no peer needs them (pathcore.needs_steps)
 FIRST_GAP = 0.25  # the gap after the first check of a try; doubles up to RELAYED_EVERY
 RELAYED_EVERY = 2.0  # a relayed peer's candidates are checked this often: upgrade ~2 s after a path opens
 # ...while it is in use (a packet from it, or a check, within ACTIVE_FOR s, or the try

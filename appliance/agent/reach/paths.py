@@ -2,8 +2,9 @@
 direct paths proven beside it by connectivity checks from the WireGuard port,
 back to the relay within seconds when a direct path dies. The decisions are
 pathcore.py's (pure); the checks' codec and refusals are checkcore.py's; this
-is the effects, on a thread of its own ("meshpi-paths"), every STEP seconds and
-at once when a check or an answer arrives:
+is the effects, on a thread of its own ("meshpi-paths"), every STEP seconds (every
+QUIET_STEP while every peer is absent or idle: pathcore.needs_steps) and at once
+when a check or an answer arrives:
 
 - reads the device's per-peer handshake, endpoint and counters (every step while
   a peer without a session is being tried or kicked, else every SEEN_EVERY s:

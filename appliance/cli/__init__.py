@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("pyroute2").setLevel(logging.INFO)  # -v is meshpi's debug, not every netlink message
     try:
         if args.command in ("key", "agent", "down"):
             from appliance.agent.statedir import StateDir

@@ -88,6 +88,12 @@ def test_service_long_poll_gets_a_delta_for_a_change(tmp_path: Path) -> None:
         answer = await asyncio.wait_for(poll, 2)
         assert "delta" in answer and answer["version"] > first["version"]
         netmap = patched(netmap, answer["delta"])
+        if not netmap.peers[0].routes:
+            # The two changes came further apart than the batch window (a loaded
+            # machine): the approval is the next poll's delta, at once.
+            answer = await asyncio.wait_for(s.map(machine(2), {"version": answer["version"]}), 2)
+            assert "delta" in answer, answer
+            netmap = patched(netmap, answer["delta"])
         pi = netmap.peers[0]
         assert str(pi.endpoint) == "198.51.100.1:51820"
         # The LAN route is advertised but not approved: not served.

@@ -155,7 +155,18 @@ def nat_mesh(kind_a: str, kind_b: str) -> Iterator[NatMesh]:
                 lambda: mesh.a.peer() is not None and mesh.b.peer() is not None, 20, "each to see the other"
             )
             yield mesh
+        except BaseException:
+            _print_tails(lab.scratch)  # pytest shows them with the failure
+            raise
         finally:
             for node in nodes.values():
                 node.meshpi("down", check=False)
             lab.stop_process(control)
+
+
+def _print_tails(scratch: Path, lines: int = 80) -> None:
+    """The last lines of control's and each agent's log."""
+    for name in ("control.log", "nodea-agent.log", "nodeb-agent.log"):
+        path = scratch / name
+        text = path.read_text(errors="replace") if path.exists() else "(none)"
+        print(f"--- {name}:", *text.splitlines()[-lines:], sep="\n")

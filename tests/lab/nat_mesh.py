@@ -66,6 +66,7 @@ class NatMesh:
     a: MeshNode
     b: MeshNode
     joined_at: float  # monotonic, when both `up`s returned
+    saw_each_other_s: float = 0.0  # from joined_at until each agent had the other in its netmap
 
     def first_packet(self, timeout: float = 60.0) -> float:
         """Seconds from both nodes joined until a ping a -> b is answered: one ping
@@ -154,6 +155,7 @@ def nat_mesh(kind_a: str, kind_b: str) -> Iterator[NatMesh]:
             wait_for(
                 lambda: mesh.a.peer() is not None and mesh.b.peer() is not None, 20, "each to see the other"
             )
+            mesh.saw_each_other_s = time.monotonic() - mesh.joined_at
             yield mesh
         except BaseException:
             _print_tails(lab.scratch)  # pytest shows them with the failure

@@ -119,3 +119,31 @@ def test_reach_stun_nothing_to_do_without_port_or_servers() -> None:
     assert StunDiscovery(lambda: [A4], lambda: None, probe=probe).run_once() is None
     assert StunDiscovery(lambda: [], lambda: PORT, probe=probe).run_once() is None
     assert probe.calls == []
+
+
+class Flaky:
+    """A prober with no answer for its first `misses` calls, then one."""
+
+    def __init__(self, misses: int, answer: Endpoint) -> None:
+        self.misses, self.answer, self.calls = misses, answer, 0
+
+    def __call__(self, server: Endpoint, listen_port: int, fwmark: int, timeout: float) -> Endpoint:
+        self.calls += 1
+        if self.calls <= self.misses:
+            raise StunTimeout(f"STUN to {server}: no answer")
+        return self.answer
+
+
+def test_reach_stun_a_round_nobody_answered_is_tried_again_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not after the whole interval (an hour here): after RETRY_FIRST, then twice that."""
+    monkeypatch.setattr("appliance.agent.reach.stun.RETRY_FIRST", 0.05)
+    probe = Flaky(2, ep("198.51.100.1:51820"))
+    disc = StunDiscovery(lambda: [A4], lambda: PORT, interval=3600, probe=probe).start()
+    try:
+        third = disc.wait_round(2, 5)
+        assert third is not None and third.v4 == ep("198.51.100.1:51820"), third
+        assert probe.calls == 3
+        # Answered: back to the interval.
+        assert disc.wait_round(3, 0.5) is None and probe.calls == 3
+    finally:
+        disc.close()

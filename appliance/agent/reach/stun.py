@@ -1,6 +1,9 @@
 """Endpoint discovery, run by the agent: STUN from the WireGuard port every 25 s
 (well inside the 30 s a NAT commonly keeps an idle UDP mapping), and at once when
-asked (a new WireGuard port, a link change, a user's `netcheck`).
+asked (a new WireGuard port, a link change, a user's `netcheck`). A round that no
+server answered is tried again sooner (after RETRY_FIRST s, doubling up to the
+interval): a lost datagram or a server that was restarting must not leave the node
+without its public endpoint for 25 s.
 
 The last result is typed and kept in memory (`last`); subscribers get each new one.
 A change of the public address is logged once, when it happens; a failure that
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 25.0
 TIMEOUT = 2.0
+RETRY_FIRST = 1.0  # after a round no server answered; doubles up to INTERVAL
 
 
 @dataclass(frozen=True)
@@ -146,12 +150,16 @@ class StunDiscovery:
             self._thread.join(self.timeout * 4 + 1)
 
     def _run(self) -> None:
+        retry = RETRY_FIRST
         while not self._stop.is_set():
+            result = None
             try:
-                self.run_once()
+                result = self.run_once()
             except Exception:  # noqa: BLE001 - a bug here must not end discovery for good
                 log.exception("STUN discovery round failed")
-            self._wake.wait(self.interval)
+            unanswered = result is not None and result.v4 is None and result.v6 is None
+            self._wake.wait(min(retry, self.interval) if unanswered else self.interval)
+            retry = retry * 2 if unanswered else RETRY_FIRST
             self._wake.clear()
 
     def run_once(self) -> Discovery | None:

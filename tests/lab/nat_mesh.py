@@ -167,8 +167,6 @@ def nat_mesh(kind_a: str, kind_b: str) -> Iterator[NatMesh]:
 
 
 def _print_tails(scratch: Path, lines: int = 80) -> None:
-    """The last lines of control's and each agent's log."""
-    for name in ("control.log", "nodea-agent.log", "nodeb-agent.log"):
-        path = scratch / name
-        text = path.read_text(errors="replace") if path.exists() else "(none)"
-        print(f"--- {name}:", *text.splitlines()[-lines:], sep="\n")
+    """The last lines of every log in the lab's scratch dir (control's, each agent's)."""
+    for path in sorted(scratch.glob("*.log")):
+        print(f"--- {path.name}:", *path.read_text(errors="replace").splitlines()[-lines:], sep="\n")

@@ -4,7 +4,11 @@ the dashboard, or a restart of the agent, still shows the last hours.
 
 Fed from the loop's tick (every 2 s): the growth of each peer's kernel counters
 since the previous tick. A counter that went down belongs to a peer the kernel
-re-added (its counters start again at zero). At the agent's start the kernel's
+re-added (its counters start again at zero). A peer that has never completed a
+handshake and sent nothing has carried no traffic: what the kernel counts for it
+is our own handshake initiations (148 bytes every few seconds to an offline
+peer), so it gets no ring (11.5 KB, issue 14's footprint) and does not look
+active. At the agent's start the kernel's
 counters are taken as they are (the bytes of the downtime are not known); a
 peer that appears later is new in the kernel and all its bytes count.
 
@@ -63,7 +67,7 @@ class Traffic:
                     before = (0, 0)
                 rx = s.rx_bytes - before[0] if s.rx_bytes >= before[0] else s.rx_bytes
                 tx = s.tx_bytes - before[1] if s.tx_bytes >= before[1] else s.tx_bytes
-                if rx or tx:
+                if rx or (tx and s.last_handshake is not None):
                     self.peers.setdefault(key, Ring(minute)).add(minute, rx, tx)
                     self.active[key] = now
                     rx_all, tx_all = rx_all + rx, tx_all + tx

@@ -206,6 +206,23 @@ def test_traffic_counts_counter_growth_and_survives_a_snapshot(tmp_path: Path) -
     assert broken.series(2, NOW)["peers"] == {}
 
 
+def test_traffic_skips_a_peer_that_never_answered() -> None:
+    """An offline peer's counters grow by our handshake initiations alone: no ring
+    (11.5 KB each, issue 14's footprint), not active, not in the total."""
+    t = Traffic(None)
+    offline, answering = KEYS["office"].public_key(), LAPTOP
+    t.sample(NOW, {}, {offline, answering})
+    for step in range(1, 4):
+        t.sample(NOW + 2 * step, {offline: _stats(None, 0, 148 * step), answering: _stats(None, 92 * step, 0)},
+                 {offline, answering})  # fmt: skip
+    s = t.series(1, NOW + 6)
+    assert set(s["peers"]) == {str(answering)} and s["total"]["tx"] == [0] and s["total"]["rx"] == [276]
+    assert set(t.last_active()) == {answering}
+    t.sample(NOW + 8, {offline: _stats(NOW + 7, 96, 148 * 3 + 128)}, {offline, answering})  # it answered
+    s = t.series(1, NOW + 8)
+    assert s["peers"][str(offline)] == {"rx": [96], "tx": [128]} and offline in t.last_active()
+
+
 class _Host:
     """Just enough of the agent for Devices.change: the file and the hand-over."""
 

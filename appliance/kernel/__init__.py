@@ -7,3 +7,4 @@ modules import the submodules they use, not pyroute2's whole API (pyroute2_lean.
 from appliance.kernel import pyroute2_lean
 
 pyroute2_lean.install()
+pyroute2_lean.install("pyroute2.ethtool")

@@ -1,4 +1,4 @@
-"""Links, addresses, routes and rules through rtnetlink (pyroute2 `IPRoute`).
+"""Links, addresses, routes and rules through rtnetlink (rtnl.py's socket).
 
 The reconciler diffs what `routes()` and `rules()` read against what the planner
 wants, so reading back must give objects *equal* to the ones that were added.
@@ -12,15 +12,12 @@ import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, ip_address
 from socket import AF_INET, AF_INET6
 from types import TracebackType
-from typing import Any
-
-from pyroute2.iproute.linux import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from appliance.base.net import IPInterface, IPNetwork
 from appliance.core.model import MAIN_TABLE, RULE_PRIORITIES, Connected, Route, Rule, Scope
@@ -32,11 +29,27 @@ from appliance.kernel.netlink_msgs import (
     RTN_UNICAST,
     RTPROT_KERNEL,
     RTPROT_STATIC,
-    Msg,
     net_of,
     parse_rule,
-    route_kwargs,
-    rule_kwargs,
+    route_request_for,
+    rule_request_for,
+)
+from appliance.kernel.nlattrs import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE
+from appliance.kernel.rtnl import (
+    FRA_PRIORITY,
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    Link,
+    RouteEntry,
+    Rtnl,
+    address_request,
+    link_request,
 )
 
 log = logging.getLogger(__name__)
@@ -46,6 +59,8 @@ _ADD_OK = frozenset({errno.EEXIST})
 _REMOVE_OK = frozenset({errno.ESRCH, errno.ENOENT, errno.EADDRNOTAVAIL, errno.ENODEV})
 
 DISCARD_PORT = 9  # RFC 863: the peer throws the probe away
+_AF = {4: AF_INET, 6: AF_INET6}
+_OUR_PRIORITIES = frozenset(struct.pack("=I", p) for p in RULE_PRIORITIES)
 
 
 def _error(what: str, code: int, message: str) -> KernelError:
@@ -62,27 +77,11 @@ def _netlink(what: str, ok: frozenset[int] = frozenset()) -> Iterator[None]:
     """Turn netlink errors into KernelErrors that name `what`; swallow `ok` codes."""
     try:
         yield
-    except NetlinkError as exc:
-        if exc.code in ok:
-            log.debug("%s: %s (nothing to do)", what, os.strerror(exc.code))
+    except OSError as exc:  # the kernel's errno, with its own explanation when it gave one
+        if exc.errno in ok:
+            log.debug("%s: %s (nothing to do)", what, os.strerror(exc.errno or 0))
             return
-        # With extended acks the kernel's own explanation is in args[1].
-        message = str(exc.args[1]) if len(exc.args) > 1 and exc.args[1] else ""
-        raise _error(what, exc.code, message) from exc
-    except OSError as exc:  # the socket itself failed (e.g. no permission)
         raise _error(what, exc.errno or 0, exc.strerror or "") from exc
-
-
-def _drop_unclaimed(ipr: Any) -> None:
-    """pyroute2 0.9 files a reply that arrives after its request was answered
-    (the kernel's ACK of a route or rule add/del) under tag 0, the multicast
-    queue, which nobody reads with groups=0: ~70 bytes kept per change, for
-    ever (scripts/bench/soak found the agent's RSS growing by 0.5 MB a minute
-    at one change a second). Dropped before each request; all are stale."""
-    queue = getattr(getattr(getattr(ipr, "asyncore", None), "msg_queue", None), "queues", {}).get(0)
-    while queue is not None and not queue.empty():
-        queue.get_nowait()
-        queue.task_done()
 
 
 class NetlinkLinks:
@@ -90,7 +89,7 @@ class NetlinkLinks:
     the network namespace the caller is in at that moment."""
 
     def __init__(self) -> None:
-        self._ipr: IPRoute | None = None
+        self._rtnl: Rtnl | None = None
 
     def __enter__(self) -> NetlinkLinks:
         return self
@@ -104,59 +103,56 @@ class NetlinkLinks:
         self.close()
 
     def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        if self._rtnl is not None:
+            self._rtnl.close()
+            self._rtnl = None
 
     @property
-    def _ip(self) -> Any:
-        if self._ipr is None:
+    def _ip(self) -> Rtnl:
+        if self._rtnl is None:
             with _netlink("open netlink socket"):
-                # groups=0: we only ask, so subscribe to no multicast events
-                # (they would otherwise queue up unread in a long-running agent).
-                # ext_ack: the kernel then says *why* ("Nexthop device is not up").
-                self._ipr = IPRoute(groups=0, ext_ack=True)
-        _drop_unclaimed(self._ipr)
-        return self._ipr
+                self._rtnl = Rtnl()
+        return self._rtnl
 
     # -- links ---------------------------------------------------------------
 
-    def _link(self, ifname: str) -> Msg | None:
+    def _link(self, ifname: str) -> Link | None:
         try:
             with _netlink(f"look up interface {ifname}"):
-                return self._ip.link("get", ifname=ifname)[0]
+                return self._ip.link(ifname)
         except InterfaceNotFound:
             return None
+        raise AssertionError("unreachable")  # pragma: no cover (_netlink re-raises)
 
     def _index(self, ifname: str, what: str) -> int:
         link = self._link(ifname)
         if link is None:
             raise InterfaceNotFound(f"{what}: no such interface {ifname}")
-        return int(link["index"])
+        return link.index
 
     def _names(self) -> Mapping[int, str]:
         with _netlink("list interfaces"):
-            return {m["index"]: m.get_attr("IFLA_IFNAME") for m in self._ip.link("dump")}
+            return {link.index: link.name for link in self._ip.links()}
 
     def exists(self, ifname: str) -> bool:
         return self._link(ifname) is not None
 
     def mtu(self, ifname: str) -> int | None:
         link = self._link(ifname)
-        return None if link is None else int(link.get_attr("IFLA_MTU"))
+        return None if link is None else link.mtu
 
     def set_mtu_up(self, ifname: str, mtu: int) -> None:
         what = f"set {ifname} mtu {mtu} up"
         index = self._index(ifname, what)
         with _netlink(what):
-            self._ip.link("set", index=index, mtu=mtu, state="up")
+            self._ip.change(RTM_NEWLINK, 0, link_request(index, mtu=mtu, up=True))
 
     def delete_link(self, ifname: str) -> None:
         link = self._link(ifname)
         if link is None:
             return
         with _netlink(f"delete interface {ifname}", ok=frozenset({errno.ENODEV})):
-            self._ip.link("del", index=link["index"])
+            self._ip.change(RTM_DELLINK, 0, link_request(link.index))
 
     # -- addresses -----------------------------------------------------------
 
@@ -167,67 +163,58 @@ class NetlinkLinks:
         index = self._index(ifname, what)
         found: set[IPInterface] = set()
         with _netlink(what):
-            for msg in self._ip.addr("dump", index=index):
-                if msg["index"] != index:
+            # IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer's on
+            # point-to-point links); rtnl.py's Address takes it where there is one.
+            for a in self._ip.addresses():
+                if a.index != index:
                     continue
-                if msg["family"] == AF_INET:
-                    # IFA_LOCAL is the interface's own address (IFA_ADDRESS is the
-                    # peer's on point-to-point links).
-                    addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-                    found.add(IPv4Interface(f"{addr}/{msg['prefixlen']}"))
-                elif msg["family"] == AF_INET6:
-                    v6 = IPv6Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+                if a.family == AF_INET:
+                    found.add(IPv4Interface((ip_address(a.address), a.prefixlen)))
+                elif a.family == AF_INET6:
+                    v6 = IPv6Interface((ip_address(a.address), a.prefixlen))
                     if not v6.is_link_local:
                         found.add(v6)
         return frozenset(found)
 
     def add_address(self, ifname: str, address: IPInterface) -> None:
         what = f"add address {address} dev {ifname}"
-        kw: dict[str, Any] = {
-            "index": self._index(ifname, what),
-            "address": str(address.ip),
-            "prefixlen": address.network.prefixlen,
-        }
-        if address.version == 6:
-            # No duplicate address detection: usable at once, not "tentative"
-            # for a second or two (a mesh address is unique by construction).
-            kw["flags"] = IFA_F_NODAD
+        index = self._index(ifname, what)
+        # IPv6: no duplicate address detection: usable at once, not "tentative"
+        # for a second or two (a mesh address is unique by construction).
+        flags = IFA_F_NODAD if address.version == 6 else 0
+        request = _address_request(index, address, flags)
         with _netlink(what, ok=_ADD_OK):
-            self._ip.addr("add", **kw)
+            self._ip.change(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, request)
 
     def remove_address(self, ifname: str, address: IPInterface) -> None:
         link = self._link(ifname)
         if link is None:  # the interface took its addresses with it
             return
         what = f"remove address {address} dev {ifname}"
+        request = _address_request(link.index, address)
         with _netlink(what, ok=_REMOVE_OK):
-            self._ip.addr(
-                "del",
-                index=link["index"],
-                address=str(address.ip),
-                prefixlen=address.network.prefixlen,
-            )
+            self._ip.change(RTM_DELADDR, 0, request)
 
     # -- routes --------------------------------------------------------------
 
-    def _unicast_routes(self) -> Iterator[tuple[Msg, IPNetwork]]:
+    def _unicast_routes(self) -> Iterator[tuple[RouteEntry, IPNetwork]]:
         for family in (AF_INET, AF_INET6):
             with _netlink("list routes"):
-                msgs = tuple(self._ip.route("dump", family=family))
-            for msg in msgs:
-                if msg["type"] == RTN_UNICAST:
-                    yield msg, net_of(msg.get_attr("RTA_DST"), msg["dst_len"], family)
+                entries = self._ip.routes(family)
+            for entry in entries:
+                if entry.type == RTN_UNICAST:
+                    yield entry, net_of(entry.dst, entry.dst_len, family)
 
     def routes(self, scope: Scope) -> frozenset[Route]:
         names = self._names()
         found: set[Route] = set()
-        for msg, dst in self._unicast_routes():
-            table = msg.get("table")
-            dev = names.get(msg.get_attr("RTA_OIF"))
+        for entry, dst in self._unicast_routes():
+            table = entry.table
+            dev = None if entry.oif is None else names.get(entry.oif)
             if dev is None:  # multipath or no device: not a Route we could make
                 continue
             mine = table == scope.table or (
-                table == MAIN_TABLE and dev == scope.interface and msg["proto"] == RTPROT_STATIC
+                table == MAIN_TABLE and dev == scope.interface and entry.protocol == RTPROT_STATIC
             )
             if mine:
                 found.add(Route(dst, dev, table))
@@ -235,45 +222,48 @@ class NetlinkLinks:
 
     def add_route(self, route: Route) -> None:
         what = f"add route {route}"
-        kw = route_kwargs(route, self._index(route.dev, what))
-        kw["proto"] = RTPROT_STATIC  # how routes() tells ours from the rest
-        if route.dst.version == 4:
-            # What `ip route add ... dev X` does for a route without a gateway.
-            kw["scope"] = RT_SCOPE_LINK
+        index = self._index(route.dev, what)
+        request = route_request_for(
+            route,
+            index,
+            protocol=RTPROT_STATIC,  # how routes() tells ours from the rest
+            # What `ip route add ... dev X` does for an IPv4 route without a gateway.
+            scope=RT_SCOPE_LINK if route.dst.version == 4 else 0,
+            kind=RTN_UNICAST,
+        )
         with _netlink(what):
             try:
-                self._ip.route("add", **kw)
+                self._ip.change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, request)
                 return
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
                     raise
         # "File exists" is a no-op only when the route there goes out the same interface.
         holder = self._route_holder(route)
-        if holder is None or holder == kw["oif"]:
+        if holder is None or holder == index:
             return
         if route.table == MAIN_TABLE:  # someone else's route: never taken over
             other = self._names().get(holder, f"index {holder}")
             raise KernelError(f"{what}: the main table already routes {route.dst} through {other}")
         with _netlink(f"replace route {route}"):  # meshpi's own table: what is there is a leftover
-            self._ip.route("replace", **kw)
+            self._ip.change(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, request)
 
     def _route_holder(self, route: Route) -> int | None:
         """The interface index of the unicast route to exactly route.dst in its table (None: none)."""
-        for msg, dst in self._unicast_routes():
-            if dst == route.dst and msg.get("table") == route.table:
-                return int(msg.get_attr("RTA_OIF") or 0)
+        for entry, dst in self._unicast_routes():
+            if dst == route.dst and entry.table == route.table:
+                return entry.oif or 0
         return None
 
     def remove_route(self, route: Route) -> None:
         link = self._link(route.dev)
         if link is None:  # routes leave with their interface
             return
-        kw = route_kwargs(route, link["index"])
         # Any scope, as `ip route del` asks: an IPv4 delete otherwise matches only
         # scope-universe routes, and ESRCH would pass for "already gone".
-        kw["scope"] = RT_SCOPE_NOWHERE
+        request = route_request_for(route, link.index, protocol=0, scope=RT_SCOPE_NOWHERE, kind=RTN_UNICAST)
         with _netlink(f"remove route {route}", ok=_REMOVE_OK):
-            self._ip.route("del", **kw)
+            self._ip.change(RTM_DELROUTE, 0, request)
 
     # -- rules ---------------------------------------------------------------
 
@@ -281,13 +271,13 @@ class NetlinkLinks:
         found: set[Rule] = set()
         for family in (AF_INET, AF_INET6):
             with _netlink("list rules"):
-                msgs = tuple(self._ip.rule("dump", family=family))
-            for msg in msgs:
-                rule = parse_rule(msg)
+                entries = self._ip.rules(family)
+            for entry in entries:
+                rule = parse_rule(entry)
                 if rule is not None:
                     found.add(rule)
-                elif msg.get_attr("FRA_PRIORITY") in RULE_PRIORITIES:
-                    log.debug("ignoring rule %s: not expressible as a Rule", msg)
+                elif entry.attrs.get(FRA_PRIORITY) in _OUR_PRIORITIES:
+                    log.debug("ignoring rule %s: not expressible as a Rule", entry)
         return frozenset(found)
 
     def rules(self, scope: Scope) -> frozenset[Rule]:
@@ -295,7 +285,7 @@ class NetlinkLinks:
 
     def add_rule(self, rule: Rule) -> None:
         with _netlink(f"add rule {rule}", ok=_ADD_OK):
-            self._ip.rule("add", **rule_kwargs(rule))
+            self._ip.change(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule_request_for(rule))
 
     def remove_rule(self, rule: Rule) -> None:
         # The kernel deletes the first rule matching the attributes *given*
@@ -305,22 +295,22 @@ class NetlinkLinks:
             log.debug("remove rule %s: not there", rule)
             return
         with _netlink(f"remove rule {rule}", ok=_REMOVE_OK):
-            self._ip.rule("del", **rule_kwargs(rule))
+            self._ip.change(RTM_DELRULE, 0, rule_request_for(rule))
 
     # -- host facts ----------------------------------------------------------
 
     def connected(self, exclude: str) -> tuple[Connected, ...]:
         names = self._names()
         found: set[Connected] = set()
-        for msg, dst in self._unicast_routes():
-            if msg.get("table") != MAIN_TABLE or msg["proto"] != RTPROT_KERNEL:
+        for entry, dst in self._unicast_routes():
+            if entry.table != MAIN_TABLE or entry.protocol != RTPROT_KERNEL:
                 continue
             # v4 prefix routes are scope link; v6 routes carry no scope at all.
-            if dst.version == 4 and msg["scope"] != RT_SCOPE_LINK:
+            if dst.version == 4 and entry.scope != RT_SCOPE_LINK:
                 continue
             if dst.is_multicast or (dst.version == 6 and dst.is_link_local):
                 continue
-            dev = names.get(msg.get_attr("RTA_OIF"))
+            dev = None if entry.oif is None else names.get(entry.oif)
             if dev is None or dev in (exclude, "lo"):
                 continue
             found.add(Connected(dev, dst))
@@ -337,6 +327,10 @@ class NetlinkLinks:
             log.debug("probed %s via %s", address, ifname)
         except OSError as e:
             raise KernelError(f"probe {address} via {ifname}: {e.strerror or e}") from None
+
+
+def _address_request(index: int, address: IPInterface, flags: int = 0) -> bytes:
+    return address_request(index, _AF[address.version], address.ip.packed, address.network.prefixlen, flags)
 
 
 def _connected_order(c: Connected) -> tuple[str, int, int, int]:

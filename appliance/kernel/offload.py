@@ -87,21 +87,20 @@ class KernelOffloads:
         return self._flowtable
 
     def uplinks(self, exclude: str) -> tuple[str, ...]:
-        from pyroute2.iproute.linux import IPRoute  # not the package: its __init__ loads ndb, sqlite3 (~5 MB)
+        from appliance.kernel.netlink_msgs import RTN_UNICAST
+        from appliance.kernel.rtnl import Rtnl
 
         found: set[int] = set()
         try:
-            with IPRoute() as ipr:
-                names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            with Rtnl() as rtnl:
+                names = {link.index: link.name for link in rtnl.links()}
                 for family in (socket.AF_INET, socket.AF_INET6):
-                    for msg in ipr.get_routes(family=family, table=MAIN_TABLE):
-                        if msg["dst_len"] != 0 or msg["type"] != 1:  # RTN_UNICAST default routes only
-                            continue
-                        oif = msg.get_attr("RTA_OIF")
-                        if oif is not None:
-                            found.add(oif)
-                        for hop in msg.get_attr("RTA_MULTIPATH") or ():
-                            found.add(hop["oif"])
+                    for route in rtnl.routes(family):
+                        if route.dst_len != 0 or route.type != RTN_UNICAST or route.table != MAIN_TABLE:
+                            continue  # unicast default routes of the main table only
+                        if route.oif is not None:
+                            found.add(route.oif)
+                        found.update(route.hops)
         except OSError as exc:
             raise KernelError(f"read default routes: {exc}") from exc
         return tuple(sorted(n for i in found if (n := names.get(i)) and n not in (exclude, "lo")))

@@ -11,6 +11,10 @@ Nothing is lost for other code in the process: the bare package's `__getattr__`
 imports a submodule by that name if there is one (pyroute2's own modules do
 `from pyroute2 import config`), and otherwise runs the real `__init__` once, so
 `from pyroute2 import NDB` still works wherever it is written.
+
+`pyroute2.ethtool` gets the same treatment: its `__init__` imports the netlink
+ethtool API (generic netlink, asyncio, unittest.mock); the agent uses only the
+ioctl submodule (offload.py).
 """
 
 from __future__ import annotations
@@ -26,37 +30,38 @@ log = logging.getLogger(__name__)
 PACKAGE = "pyroute2"
 
 
-def install() -> None:
-    """Make `pyroute2` a bare package unless it is already imported (then it is the
-    real one, and submodule imports work anyway)."""
-    if PACKAGE in sys.modules:
+def install(name: str = PACKAGE) -> None:
+    """Make package `name` (pyroute2, or one of its subpackages once pyroute2 is
+    bare) a bare package unless it is already imported (then it is the real one,
+    and submodule imports work anyway)."""
+    if name in sys.modules:
         return
-    spec = importlib.util.find_spec(PACKAGE)
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         return  # not installed: the import that follows says so
     package = importlib.util.module_from_spec(spec)
     state = {"initialised": False}
 
-    def getattr_(name: str) -> object:
-        if name.startswith("__"):
-            raise AttributeError(name)
+    def getattr_(attribute: str) -> object:
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
         try:
-            return importlib.import_module(f"{PACKAGE}.{name}")
+            return importlib.import_module(f"{name}.{attribute}")
         except ModuleNotFoundError as e:
-            if e.name != f"{PACKAGE}.{name}":
+            if e.name != f"{name}.{attribute}":
                 raise
         if not state["initialised"]:
             state["initialised"] = True
-            log.debug("pyroute2.%s asked for: running pyroute2's own __init__", name)
+            log.debug("%s.%s asked for: running %s's own __init__", name, attribute, name)
             assert spec.loader is not None  # (checked above; mypy does not follow closures)
             spec.loader.exec_module(package)
         try:
-            return package.__dict__[name]
+            return package.__dict__[attribute]
         except KeyError:
-            raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}") from None
+            raise AttributeError(f"module {name!r} has no attribute {attribute!r}") from None
 
     package.__getattr__ = getattr_  # type: ignore[method-assign]
-    sys.modules[PACKAGE] = package
+    sys.modules[name] = package
 
 
 def bare() -> ModuleType | None:

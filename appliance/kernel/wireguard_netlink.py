@@ -1,40 +1,27 @@
-"""WireGuard in the kernel, through generic netlink (pyroute2 0.9 `WireGuard`).
+"""WireGuard in the kernel, through generic netlink (nlattrs.py's wire format).
 
-pyroute2's `WireGuard.set()` takes one peer per call, and calling its peer builder
-repeatedly would add several WGDEVICE_A_PEERS attributes, of which the kernel
-reads only the last. So this module builds the `wgmsg` itself: all peers nested in
-one WGDEVICE_A_PEERS, the way wg(8) does it (src/ipc-linux.h), split into a few
-messages only when one would get large (wg splits at a page; we allow more).
+Like wg(8) (src/ipc-linux.h), all peers of an update go nested in one
+WGDEVICE_A_PEERS, split into a few messages only when one would get large (wg
+splits at a page; we allow more). pyroute2 0.9's `WireGuard.set()` took one peer
+per call, packed a v6 endpoint's scope id in the wrong byte order, and ran an
+asyncio loop per socket (issue 14's footprint); it is not used.
 
-Reads are wireguard_read.py's (one dump, decoded without pyroute2). The pure half
-(`build_messages`) is unit-tested without root.
+Reads are wireguard_read.py's (one dump, decoded the same way). The pure half
+(`build_messages`) is unit-tested without root, against pyroute2's decoder.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
-from base64 import b64encode
+import struct
 from collections.abc import Iterator
 from socket import AF_INET, AF_INET6
-from typing import Any
-
-from pyroute2.iproute.linux import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.generic.wireguard import (
-    WG_CMD_SET_DEVICE,
-    WG_GENL_VERSION,
-    WGPEER_F_REMOVE_ME,
-    WGPEER_F_REPLACE_ALLOWEDIPS,
-    AsyncWireGuard,
-    WireGuard,
-    wgmsg,
-)
 
 from appliance.base.keys import PublicKey
-from appliance.base.net import IPNetwork
+from appliance.base.net import Endpoint, IPNetwork
 from appliance.core.model import Peer
 from appliance.kernel.base import (
     InterfaceNotFound,
@@ -44,79 +31,86 @@ from appliance.kernel.base import (
     WgUpdate,
     WireGuardUnavailable,
 )
+from appliance.kernel.nlattrs import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, ask, attr, bound_socket, nest
+from appliance.kernel.rtnl import RTM_NEWLINK, Rtnl, link_request
 from appliance.kernel.wireguard import check_ifname, check_update, summary
-from appliance.kernel.wireguard_read import read_device
+from appliance.kernel.wireguard_read import (
+    NETLINK_GENERIC,
+    TIMEOUT_S,
+    WG_GENL_VERSION,
+    NoWireGuardFamily,
+    family_id,
+    forget_family,
+    genl_header,
+    read_device,
+)
 
 log = logging.getLogger(__name__)
-# pyroute2 dumps every netlink message at DEBUG, WGDEVICE_A_PRIVATE_KEY included
-# (found by the contract test in the image VM). Its dumps never reach our logs,
-# whatever level meshpi runs at.
-logging.getLogger("pyroute2").setLevel(logging.INFO)
+
+WG_CMD_SET_DEVICE = 1
+WGDEVICE_A_IFNAME, WGDEVICE_A_PRIVATE_KEY = 2, 3
+WGDEVICE_A_LISTEN_PORT, WGDEVICE_A_FWMARK, WGDEVICE_A_PEERS = 6, 7, 8
+WGPEER_A_PUBLIC_KEY, WGPEER_A_FLAGS, WGPEER_A_ENDPOINT = 1, 3, 4
+WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, WGPEER_A_ALLOWEDIPS = 5, 9
+WGPEER_F_REMOVE_ME, WGPEER_F_REPLACE_ALLOWEDIPS = 1, 2
+WGALLOWEDIP_A_FAMILY, WGALLOWEDIP_A_IPADDR, WGALLOWEDIP_A_CIDR_MASK = 1, 2, 3
 
 # Bytes of peer attributes per message. The kernel takes any size that fits the
-# socket's send buffer (pyroute2 asks for 1 MiB); 64 KiB stays far below that.
+# socket's send buffer; 64 KiB stays far below that.
 MESSAGE_BUDGET = 64 * 1024
 _PEER_OVERHEAD = 100  # key, flags, endpoint, keepalive and nest headers
 _ALLOWED_IP_SIZE = 36
 
 _NO_MODULE = "kernel has no wireguard module"
-_GENL_MISSING = (errno.ENOENT, errno.EOPNOTSUPP)
-
-
-class _QuietAsyncWireGuard(AsyncWireGuard):  # type: ignore[misc]
-    # pyroute2 logs "protocol not found" at error level when the module is absent;
-    # that is an answer we ask for (backend probing), not an error.
-    module_err_level = "debug"
-
-
-class _WireGuardSocket(WireGuard):  # type: ignore[misc]
-    async_class = _QuietAsyncWireGuard
+_SEQ = itertools.count(3)  # 1 and 2 are wireguard_read.py's
 
 
 # --- translation: update -> messages -------------------------------------------
 
 
-def _key(raw: bytes) -> str:
-    return b64encode(raw).decode()
-
-
-def _allowed_ip(net: IPNetwork) -> dict[str, Any]:
+def _allowed_ip(net: IPNetwork) -> bytes:
     family = AF_INET if net.version == 4 else AF_INET6
-    return {
-        "attrs": [
-            ["WGALLOWEDIP_A_FAMILY", family],
-            ["WGALLOWEDIP_A_IPADDR", net.network_address.packed],
-            ["WGALLOWEDIP_A_CIDR_MASK", net.prefixlen],
-        ]
-    }
+    return nest(0, attr(WGALLOWEDIP_A_FAMILY, struct.pack("=H", family)),
+                attr(WGALLOWEDIP_A_IPADDR, net.network_address.packed),
+                attr(WGALLOWEDIP_A_CIDR_MASK, bytes([net.prefixlen])))  # fmt: skip
 
 
-def peer_attrs(peer: Peer) -> dict[str, Any]:
+def sockaddr(endpoint: Endpoint) -> bytes:
+    """A sockaddr_in or sockaddr_in6: family in host order, port in network order."""
+    host = endpoint.host
+    if host.version == 4:
+        return struct.pack("=H", AF_INET) + struct.pack("!H", endpoint.port) + host.packed + bytes(8)
+    return struct.pack("=H", AF_INET6) + struct.pack("!HI", endpoint.port, 0) + host.packed + bytes(4)
+
+
+def peer_attrs(peer: Peer) -> bytes:
     """An upsert: allowed IPs replaced, keepalive set, endpoint only if given."""
-    attrs: list[list[Any]] = [
-        ["WGPEER_A_PUBLIC_KEY", _key(peer.public_key.raw)],
-        ["WGPEER_A_FLAGS", WGPEER_F_REPLACE_ALLOWEDIPS],
-        ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", peer.persistent_keepalive],
+    parts = [
+        attr(WGPEER_A_PUBLIC_KEY, peer.public_key.raw),
+        attr(WGPEER_A_FLAGS, struct.pack("=I", WGPEER_F_REPLACE_ALLOWEDIPS)),
+        attr(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, struct.pack("=H", peer.persistent_keepalive)),
     ]
     if peer.endpoint is not None:
-        host = peer.endpoint.host
-        if host.version == 6 and host.scope_id:
-            # pyroute2 0.9 packs sin6_scope_id big-endian; the kernel reads host order.
+        if peer.endpoint.host.version == 6 and peer.endpoint.host.scope_id:
+            # The kernel's dump of the endpoint would not give the zone back either,
+            # so the device would never read as configured.
             raise KernelError(
                 f"peer {peer.label}: endpoint {peer.endpoint} has a zone, "
                 "which the kernel backend cannot pass on"
             )
-        attrs.append(["WGPEER_A_ENDPOINT", {"addr": str(host), "port": peer.endpoint.port}])
-    attrs.append(["WGPEER_A_ALLOWEDIPS", [_allowed_ip(net) for net in peer.allowed_ips]])
-    return {"attrs": attrs}
+        parts.append(attr(WGPEER_A_ENDPOINT, sockaddr(peer.endpoint)))
+    parts.append(nest(WGPEER_A_ALLOWEDIPS, *(_allowed_ip(net) for net in peer.allowed_ips)))
+    return nest(0, *parts)
 
 
-def removal_attrs(key: PublicKey) -> dict[str, Any]:
-    return {"attrs": [["WGPEER_A_PUBLIC_KEY", _key(key.raw)], ["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME]]}
+def removal_attrs(key: PublicKey) -> bytes:
+    return nest(
+        0, attr(WGPEER_A_PUBLIC_KEY, key.raw), attr(WGPEER_A_FLAGS, struct.pack("=I", WGPEER_F_REMOVE_ME))
+    )
 
 
-def _chunks(update: WgUpdate, budget: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
+def _chunks(update: WgUpdate, budget: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
     size = 0
     sized = [(peer_attrs(p), _PEER_OVERHEAD + _ALLOWED_IP_SIZE * len(p.allowed_ips)) for p in update.upsert]
     sized += [(removal_attrs(k), _PEER_OVERHEAD) for k in update.remove]
@@ -129,35 +123,35 @@ def _chunks(update: WgUpdate, budget: int) -> Iterator[list[dict[str, Any]]]:
     yield chunk
 
 
-def build_messages(ifname: str, update: WgUpdate, budget: int = MESSAGE_BUDGET) -> list[wgmsg]:
-    """WG_CMD_SET_DEVICE messages for the update (not yet encoded).
+def build_messages(ifname: str, update: WgUpdate, budget: int = MESSAGE_BUDGET) -> list[bytes]:
+    """WG_CMD_SET_DEVICE messages for the update (generic netlink header and
+    attributes, without the nlmsghdr).
 
     Device fields go in the first; each peer goes whole into one message, upserts
     before removals (add before delete). Holds the private key: never log these."""
     messages = []
     for i, peers in enumerate(_chunks(update, budget)):
-        msg = wgmsg()
-        msg["cmd"] = WG_CMD_SET_DEVICE
-        msg["version"] = WG_GENL_VERSION
-        msg["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+        body = genl_header(WG_CMD_SET_DEVICE, WG_GENL_VERSION) + attr(
+            WGDEVICE_A_IFNAME, ifname.encode() + b"\0"
+        )
         if i == 0:
             if update.private_key is not None:
-                msg["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", update.private_key.secret_base64()])
+                body += attr(WGDEVICE_A_PRIVATE_KEY, update.private_key.raw)
             if update.listen_port is not None:
-                msg["attrs"].append(["WGDEVICE_A_LISTEN_PORT", update.listen_port])
+                body += attr(WGDEVICE_A_LISTEN_PORT, struct.pack("=H", update.listen_port))
             if update.fwmark is not None:
-                msg["attrs"].append(["WGDEVICE_A_FWMARK", update.fwmark])
+                body += attr(WGDEVICE_A_FWMARK, struct.pack("=I", update.fwmark))
         if peers:
-            msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
-        messages.append(msg)
+            body += nest(WGDEVICE_A_PEERS, *peers)
+        messages.append(body)
     return messages
 
 
 # --- errors ---------------------------------------------------------------------
 
 
-def domain_error(e: NetlinkError, ifname: str, what: str) -> KernelError:
-    code = e.code
+def domain_error(e: OSError, ifname: str, what: str) -> KernelError:
+    code = e.errno or 0
     if code == errno.ENODEV:
         return InterfaceNotFound(f"{ifname}: no such interface ({what})")
     if code == errno.EOPNOTSUPP:
@@ -174,23 +168,14 @@ def os_strerror(code: int) -> str:
 
 
 def genl_family_available() -> bool:
-    """Does the kernel know the wireguard genl family (loading the module if it can)?"""
+    """Does the kernel know the wireguard genl family? Asking for it by name makes
+    the kernel load the module if it can (genetlink's request_module)."""
     try:
-        _WireGuardSocket().close()
-    except NetlinkError as e:
-        if e.code in _GENL_MISSING:
-            return False
-        raise
+        with bound_socket(NETLINK_GENERIC, TIMEOUT_S) as sock:
+            family_id(sock)
+    except NoWireGuardFamily:
+        return False
     return True
-
-
-def _open() -> _WireGuardSocket:
-    try:
-        return _WireGuardSocket()
-    except NetlinkError as e:
-        if e.code in _GENL_MISSING:
-            raise WireGuardUnavailable(f"{_NO_MODULE} (no wireguard generic netlink family)") from e
-        raise KernelError(f"opening the wireguard netlink family failed: {os_strerror(e.code)}") from e
 
 
 # --- the backend -----------------------------------------------------------------
@@ -203,22 +188,24 @@ class NetlinkWireGuard:
 
     def create(self, ifname: str) -> None:
         check_ifname(ifname)
-        with IPRoute() as ipr:
+        with Rtnl() as rtnl:
             try:
-                ipr.link("add", ifname=ifname, kind="wireguard")
-            except NetlinkError as e:
-                if e.code == errno.EEXIST:
-                    self._check_is_wireguard(ipr, ifname)
+                rtnl.change(
+                    RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, link_request(name=ifname, kind="wireguard")
+                )
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    self._check_is_wireguard(rtnl, ifname)
                     return
-                if e.code in (errno.EOPNOTSUPP, errno.ENODEV, errno.ENOENT):
+                if e.errno in (errno.EOPNOTSUPP, errno.ENODEV, errno.ENOENT):
                     raise WireGuardUnavailable(
-                        f"{_NO_MODULE} (ip link add {ifname} type wireguard: {os_strerror(e.code)})"
+                        f"{_NO_MODULE} (ip link add {ifname} type wireguard: {os_strerror(e.errno)})"
                     ) from e
                 raise domain_error(e, ifname, "creating the link") from e
         log.info("created %s (kernel WireGuard)", ifname)
 
     def read(self, ifname: str) -> WgDevice | None:
-        """One dump, decoded by wireguard_read.py without pyroute2."""
+        """One dump, decoded by wireguard_read.py."""
         check_ifname(ifname)
         return read_device(ifname)
 
@@ -227,22 +214,27 @@ class NetlinkWireGuard:
         check_update(update)
         messages = build_messages(ifname, update)
         try:
-            with _open() as wg:
-                for msg in messages:
-                    tuple(wg.nlm_request(msg, msg_type=wg.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
-        except WireGuardUnavailable as e:
+            with bound_socket(NETLINK_GENERIC, TIMEOUT_S) as sock:
+                family = family_id(sock)
+                for body in messages:
+                    for _ in ask(sock, family, NLM_F_ACK, body, seq=next(_SEQ)):
+                        pass
+        except NoWireGuardFamily as e:
             raise InterfaceNotFound(f"{ifname}: no WireGuard device ({_NO_MODULE})") from e
-        except NetlinkError as e:
+        except KernelError:
+            raise
+        except OSError as e:
+            if e.errno == errno.ENOENT:  # the module was reloaded: its family id changed
+                forget_family()
             raise domain_error(e, ifname, "configuring the device") from e
         log.info("%s: applied %s", ifname, summary(update))
 
     @staticmethod
-    def _check_is_wireguard(ipr: IPRoute, ifname: str) -> None:
+    def _check_is_wireguard(rtnl: Rtnl, ifname: str) -> None:
         try:
-            (link,) = ipr.link("get", ifname=ifname)
-        except NetlinkError as e:
+            kind = rtnl.link(ifname).kind
+        except OSError as e:
             raise domain_error(e, ifname, "looking up the existing link") from e
-        kind = link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND"))
         if kind != "wireguard":
             raise KernelError(f"{ifname}: exists, but is a {kind or 'plain'} link, not WireGuard")
         log.debug("%s: already exists", ifname)

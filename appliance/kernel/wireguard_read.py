@@ -51,10 +51,12 @@ def read_device(ifname: str) -> WgDevice | None:
     """The device, or None when there is no WireGuard link of that name (or no module)."""
     with bound_socket(NETLINK_GENERIC, TIMEOUT_S) as sock:
         try:
-            family = _family_id(sock)
+            family = family_id(sock)
         except NoWireGuardFamily:
             return None
-        request = _genl(WG_CMD_GET_DEVICE, WG_GENL_VERSION) + attr(WGDEVICE_A_IFNAME, ifname.encode() + b"\0")
+        request = genl_header(WG_CMD_GET_DEVICE, WG_GENL_VERSION) + attr(
+            WGDEVICE_A_IFNAME, ifname.encode() + b"\0"
+        )
         try:
             return parse_device(body for _kind, body in ask(sock, family, NLM_F_DUMP, request, seq=2))
         except OSError as e:
@@ -63,26 +65,26 @@ def read_device(ifname: str) -> WgDevice | None:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise PermissionDenied(f"{ifname}: reading the device needs CAP_NET_ADMIN") from e
             if e.errno == errno.ENOENT:  # the module was reloaded: its family id changed
-                _forget_family()
+                forget_family()
             raise KernelError(f"{ifname}: reading the device failed: {e.strerror}") from e
 
 
-def _genl(cmd: int, version: int) -> bytes:
+def genl_header(cmd: int, version: int) -> bytes:
     return struct.pack("=BBH", cmd, version, 0)
 
 
-def _forget_family() -> None:
+def forget_family() -> None:
     global _family
     with _family_lock:
         _family = None
 
 
-def _family_id(sock: socket.socket) -> int:
+def family_id(sock: socket.socket) -> int:
     global _family
     with _family_lock:
         if _family is not None:
             return _family
-        request = _genl(CTRL_CMD_GETFAMILY, 1) + attr(CTRL_ATTR_FAMILY_NAME, b"wireguard\0")
+        request = genl_header(CTRL_CMD_GETFAMILY, 1) + attr(CTRL_ATTR_FAMILY_NAME, b"wireguard\0")
         try:
             for _kind, body in ask(sock, GENL_ID_CTRL, 0, request, seq=1):
                 found = dict(attrs(body[4:])).get(CTRL_ATTR_FAMILY_ID)

@@ -15,6 +15,12 @@ import pytest
 AGENT_MUST_NOT_LOAD = (
     "pyroute2.ndb",
     "pyroute2.ipdb",
+    # IPRoute and generic netlink: an asyncio loop per socket, unittest.mock,
+    # multiprocessing, ~3.6 MB (kernel/rtnl.py speaks rtnetlink instead).
+    "pyroute2.iproute",
+    "pyroute2.netlink.generic",
+    "unittest",
+    "multiprocessing",
     "sqlite3",
     "gpiozero",
     "aiohttp",
@@ -40,7 +46,7 @@ def test_footprint_agent_imports_only_what_it_uses() -> None:
     modules = loaded(
         "import appliance.cli, appliance.agent.loop, appliance.kernel.real, appliance.agent.agentlocal"
     )
-    assert "pyroute2.iproute.linux" in modules  # (the probe did import the agent's kernel code)
+    assert "appliance.kernel.rtnl" in modules  # (the probe did import the agent's kernel code)
     assert heavy(modules, AGENT_MUST_NOT_LOAD) == []
 
 
@@ -75,6 +81,8 @@ def test_footprint_agent_at_work_still_imports_only_what_it_uses() -> None:
         "import appliance.kernel.real, appliance.agent.localapi.status\n"
         "from appliance.kernel.offload import KernelOffloads\n"
         "KernelOffloads().uplinks(exclude='meshpi0')\n"
+        "from appliance.kernel.wireguard_netlink import NetlinkWireGuard, genl_family_available\n"
+        "genl_family_available()\n"
         "from appliance.kernel import conntrack; conntrack.flows()\n"
         "import pyroute2.ethtool.ioctl\n"
         "from appliance.update.state import update_slot\n"

@@ -2,18 +2,19 @@
 an update, the device dumps it reads back, and the netlink errors it turns into
 domain errors.
 
-No root needed: messages are encoded and decoded by pyroute2, as the kernel would
-see them. The keys and peers are test_wireguard_parsing.py's."""
+No root needed: the messages built are decoded by pyroute2, as the kernel would
+read them, and the dumps read are encoded by pyroute2. The keys and peers are test_wireguard_parsing.py's."""
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import struct
 from ipaddress import ip_address, ip_network
 from typing import Any
 
 import pytest
-from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
@@ -40,10 +41,9 @@ from tests.unit.test_wireguard_parsing import SECRET, V4, V6, key, peer
 # --- netlink translation ----------------------------------------------------------
 
 
-def round_trip(msg: Any) -> Any:
-    """Encode with pyroute2 and decode again, as the kernel would see it."""
-    msg.encode()
-    decoded = wgmsg(msg.data)
+def round_trip(body: bytes) -> Any:
+    """Decode a built message with pyroute2, as the kernel would read it."""
+    decoded = wgmsg(struct.pack("=IHHII", 16 + len(body), 0x15, 5, 1, 0) + body)
     decoded.decode()
     return decoded
 
@@ -201,5 +201,16 @@ def test_netlink_read_of_empty_device() -> None:
     ],
 )
 def test_netlink_errno_maps_to_domain_error(code: int, kind: type[KernelError]) -> None:
-    err = domain_error(NetlinkError(code), "wg0", "configuring the device")
+    err = domain_error(OSError(code, os.strerror(code)), "wg0", "configuring the device")
     assert type(err) is kind and "wg0" in str(err)
+
+
+def test_netlink_v4_endpoint_and_allowed_ips_as_the_kernel_reads_them() -> None:
+    (msg,) = [
+        round_trip(m) for m in build_messages("wg0", WgUpdate(upsert=(peer(4, "10.1.0.0/16", endpoint=V4),)))
+    ]
+    (only,) = msg.get_attr("WGDEVICE_A_PEERS")
+    endpoint = only.get_attr("WGPEER_A_ENDPOINT")
+    assert (endpoint["addr"], endpoint["port"]) == (str(V4.host), V4.port)
+    (net,) = only.get_attr("WGPEER_A_ALLOWEDIPS")
+    assert (net["addr"], net.get_attr("WGALLOWEDIP_A_FAMILY")) == ("10.1.0.0/16", socket.AF_INET)

@@ -15,7 +15,7 @@ as one `HostChanged`; the loop re-plans from freshly read host facts
 rules against the new networks.
 
 The socket is parsed by hand (struct, a few attributes): four message layouts,
-and the thread never shares pyroute2's socket machinery with the loop's.
+and the thread keeps its own socket, apart from the loop's (kernel/rtnl.py).
 """
 
 from __future__ import annotations

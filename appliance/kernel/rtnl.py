@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -204,11 +205,13 @@ def rule_request(family: int, priority: int, table: int, action: int, flags: int
 
 class Rtnl:
     """One rtnetlink socket in the network namespace of the thread that opened it.
-    Errors are OSError with the kernel's errno (and its extended-ack text)."""
+    Errors are OSError with the kernel's errno (and its extended-ack text). One
+    request at a time: a thread must not read another's answer."""
 
     def __init__(self, timeout: float = TIMEOUT_S) -> None:
         self._sock = bound_socket(socket.NETLINK_ROUTE, timeout)
         self._seq = itertools.count(1)
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Rtnl:
         return self
@@ -221,17 +224,20 @@ class Rtnl:
         self._sock.close()
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
-        return [b for _t, b in ask(self._sock, kind, NLM_F_DUMP, body, seq=next(self._seq))]
+        with self._lock:
+            return [b for _t, b in ask(self._sock, kind, NLM_F_DUMP, body, seq=next(self._seq))]
 
     def get(self, kind: int, body: bytes) -> bytes:
-        for _t, answer in ask(self._sock, kind, 0, body, seq=next(self._seq)):
-            return answer
+        with self._lock:
+            for _t, answer in ask(self._sock, kind, 0, body, seq=next(self._seq)):
+                return answer
         raise OSError(0, "the kernel gave no answer")
 
     def change(self, kind: int, flags: int, body: bytes) -> None:
         """A NEW or DEL request, acknowledged."""
-        for _ in ask(self._sock, kind, NLM_F_ACK | flags, body, seq=next(self._seq)):
-            pass
+        with self._lock:
+            for _ in ask(self._sock, kind, NLM_F_ACK | flags, body, seq=next(self._seq)):
+                pass
 
     # -- the reads meshpi makes ---------------------------------------------------
 

@@ -36,7 +36,10 @@ def install(name: str = PACKAGE) -> None:
     and submodule imports work anyway)."""
     if name in sys.modules:
         return
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # a subpackage of a pyroute2 that is not installed
+        return
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         return  # not installed: the import that follows says so
     package = importlib.util.module_from_spec(spec)

@@ -8,6 +8,7 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,13 @@ def test_footprint_meshpi_status_json_loads_none_of_the_agent() -> None:
         heavy(modules, ("appliance.agent", "appliance.kernel", "pyroute2", "dns", "nacl", "http.server"))
         == []
     )
+
+
+def test_footprint_kernel_package_imports_where_pyroute2_is_not_installed() -> None:
+    """meshpi-upgrades runs on the system's python3, which has no pyroute2
+    (tests/image/test_upgrades_apt.py): making pyroute2's subpackages bare must
+    not need pyroute2 to be there. -S: no site-packages, so no pyroute2."""
+    repo = str(Path(__file__).resolve().parents[2])
+    code = f"import sys; sys.path.insert(0, {repo!r}); import appliance.kernel; assert 'pyroute2' not in sys.modules"
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

@@ -135,6 +135,7 @@ class Bus:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Update] = queue.SimpleQueue()
         self._subscribers: list[Callable[[Applied], None]] = []
+        self._last: Applied | None = None
         self._lock = threading.Lock()
 
     def put(self, update: Update) -> None:
@@ -154,15 +155,25 @@ class Bus:
                 return updates
 
     def subscribe(self, callback: Callable[[Applied], None]) -> None:
-        """`callback` runs on the loop's thread after each apply: keep it quick."""
+        """`callback` runs on the loop's thread after each apply: keep it quick. A
+        subscriber that comes after an apply is told the last one at once (the
+        agent applies the saved netmap before it starts its services)."""
         with self._lock:
             self._subscribers.append(callback)
+            last = self._last
+        if last is not None:
+            self._tell(callback, last)
 
     def publish(self, event: Applied) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
+            self._last = event
         for callback in subscribers:
-            try:
-                callback(event)
-            except Exception:  # a subscriber's bug must not stop the data plane
-                log.exception("a subscriber of the agent's updates failed")
+            self._tell(callback, event)
+
+    @staticmethod
+    def _tell(callback: Callable[[Applied], None], event: Applied) -> None:
+        try:
+            callback(event)
+        except Exception:  # a subscriber's bug must not stop the data plane
+            log.exception("a subscriber of the agent's updates failed")

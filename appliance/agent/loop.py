@@ -220,42 +220,27 @@ class Agent(AgentPlanning, AgentLocal):
         agent holds the state directory's lock (never another agent's socket)."""
         self.state.lock()
         self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
-        source: StaticFiles | None = None
-        from appliance.agent.dns.service import DnsService, host_resolvers
-
-        # The resolver first, then the host pointed at it; names it does not know go to
-        # the host's resolvers as they were before meshpi (host_dns keeps the original).
-        self.dns = DnsService(host_resolvers(self.host_dns.original_servers))
-        self.bus.subscribe(self.dns.on_applied)
-        self.bus.subscribe(self.host_dns.on_applied)
-        if self.control:
-            from appliance.agent.reach.service import Reachability
-
-            self.reach = Reachability(self._stun_servers, self._endpoints_changed)
-            self.bus.subscribe(self.reach.on_applied)
-            self.reach.on_moved = lambda: self.link.network_changed() if self.link is not None else None
-            from appliance.agent.reach.paths import PathChooser, relay_from_login
-
-            self.paths = PathChooser(self, self.bus.put, relay_from_login(self.state))
-            self.link = ControlLink(
-                self.state, lambda: self.wanted.prefs, lambda p: offers(p, self.reach_candidates()), self.bus
-            )
-        else:
-            source = StaticFiles(self.netmap_path, self.prefs_path, self.bus)
         old_handlers = {
             s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
         logging.getLogger().addHandler(self.logs)
+        # Static mode: the files are watched from here on, so an edit made while the
+        # first apply runs is not missed.
+        source = None if self.control else StaticFiles(self.netmap_path, self.prefs_path, self.bus)
         server = None
         netwatch: NetWatch | None = None
         try:
-            server = serve(self) if serve is not None else None
-            self.tick()
+            # The saved netmap first: peers, routes and nft are in place before the
+            # services below are imported and started (issue 14: boot to exit node
+            # ready). Each of them is told this apply when it subscribes.
             with self.lock:
                 if self.wanted.inputs() is not None:
                     self.update(reread=True)
                 else:
                     log.info("no netmap yet: waiting for control")
+            self._start_services()
+            server = serve(self) if serve is not None else None
+            self.tick()
             netwatch = NetWatch(self.bus, lambda: (self.wanted.prefs.interface, self.wanted.prefs.table))
             for thread in (self.link, source, netwatch):
                 if thread is not None:
@@ -284,6 +269,29 @@ class Agent(AgentPlanning, AgentLocal):
             logging.getLogger().removeHandler(self.logs)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+
+    def _start_services(self) -> None:
+        """The resolver, and in control mode reachability, paths and the control
+        link (started with the loop)."""
+        from appliance.agent.dns.service import DnsService, host_resolvers
+
+        # The resolver first, then the host pointed at it; names it does not know go to
+        # the host's resolvers as they were before meshpi (host_dns keeps the original).
+        self.dns = DnsService(host_resolvers(self.host_dns.original_servers))
+        self.bus.subscribe(self.dns.on_applied)
+        self.bus.subscribe(self.host_dns.on_applied)
+        if not self.control:
+            return
+        from appliance.agent.reach.paths import PathChooser, relay_from_login
+        from appliance.agent.reach.service import Reachability
+
+        self.reach = Reachability(self._stun_servers, self._endpoints_changed)
+        self.reach.on_moved = lambda: self.link.network_changed() if self.link is not None else None
+        self.bus.subscribe(self.reach.on_applied)
+        self.paths = PathChooser(self, self.bus.put, relay_from_login(self.state))
+        self.link = ControlLink(
+            self.state, lambda: self.wanted.prefs, lambda p: offers(p, self.reach_candidates()), self.bus
+        )
 
     def wait_applied(self, timeout: float) -> bool:
         """Until a netmap is applied (after `up`: the data plane is there when it

@@ -215,11 +215,19 @@ class Agent(AgentPlanning, AgentLocal):
         self.bus.put(updates.PrefsChanged(prefs))
         return prefs
 
-    def run(self, resync: float = 30.0, serve: Callable[[Agent], Service] | None = None) -> int:
-        """Serve until SIGTERM/SIGINT. `serve` starts the LocalAPI, once this
-        agent holds the state directory's lock (never another agent's socket)."""
+    def run(
+        self,
+        resync: float = 30.0,
+        serve: Callable[[Agent], Service] | None = None,
+        claim: Callable[[], None] | None = None,
+    ) -> int:
+        """Serve until SIGTERM/SIGINT. `claim` makes sure the LocalAPI's socket is
+        no other agent's, before anything is applied; `serve` starts the LocalAPI
+        once the saved netmap is applied and the services run."""
         self.state.lock()
         self.wanted = self.load()  # a ConfigError here ends the agent (exit 2)
+        if claim is not None:
+            claim()
         old_handlers = {
             s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }

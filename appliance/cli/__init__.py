@@ -63,7 +63,11 @@ def _run_agent(args: argparse.Namespace, state: StateDir) -> int:
 
         return serve(Path(args.local_api), build_router(agent, local), args.local_api_group)
 
-    return agent.run(args.resync, serve if args.local_api else None)
+    if not args.local_api:
+        return agent.run(args.resync)
+    from appliance.agent.localapi.socketpath import claim
+
+    return agent.run(args.resync, serve, lambda: claim(Path(args.local_api)))
 
 
 def _client_verb(args: argparse.Namespace) -> int:
@@ -172,7 +176,7 @@ def _failed(e: Exception) -> int:
     keeps its traceback. The classes are imported here: whatever raised one has
     loaded its module already, and a client verb need not."""
     from appliance.agent.control.client import ControlError
-    from appliance.agent.localapi.server import SocketError
+    from appliance.agent.localapi.socketpath import SocketError
     from appliance.agent.statedir import StateDirError
     from appliance.kernel.base import KernelError
     from appliance.wire.fields import ConfigError

@@ -17,9 +17,7 @@ import json
 import logging
 import os
 import re
-import socket
 import socketserver
-import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from appliance.agent.localapi.socketpath import SocketError, claim
 from appliance.base.defaults import SOCKET_GROUP
 from appliance.base.errors import MeshpiError
 
@@ -42,10 +41,6 @@ IDLE_TIMEOUT = 60.0  # seconds a kept-alive connection may sit idle
 
 class HTTPError(MeshpiError):
     """Answer `status` with `{"error": message}` (any MeshpiError is answered so)."""
-
-
-class SocketError(Exception):
-    """The socket cannot be set up (in use by another agent, not a socket, ...)."""
 
 
 @dataclass(frozen=True)
@@ -200,11 +195,7 @@ class LocalAPIServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
 
 def serve(path: Path, router: Router, group: str = SOCKET_GROUP) -> LocalAPIServer:
     """Bind a fresh socket at `path` (mode 0660, `group` if it exists) and serve."""
-    try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    except OSError as e:
-        raise SocketError(f"cannot make {path.parent}: {e.strerror or e}") from None
-    _remove_stale(path)
+    claim(path)  # again: the agent claimed it before its first apply; a stale one may have come since
     old = os.umask(0o117)  # no moment at which others may connect
     try:
         server = LocalAPIServer(path, router)
@@ -222,23 +213,3 @@ def serve(path: Path, router: Router, group: str = SOCKET_GROUP) -> LocalAPIServ
     server.start()
     log.info("LocalAPI on %s (group %s)", path, group if gid is not None else "root: no group " + repr(group))
     return server
-
-
-def _remove_stale(path: Path) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SocketError(f"{path} exists and is not a socket; move it away or choose another --local-api")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)
-            log.info("removed the stale socket %s", path)
-            return
-        except OSError as e:
-            raise SocketError(f"{path}: cannot tell whether it is in use: {e.strerror or e}") from None
-    raise SocketError(f"another process serves {path}; give this agent its own --local-api")

@@ -238,6 +238,9 @@ class Agent(AgentPlanning, AgentLocal):
         server = None
         netwatch: NetWatch | None = None
         try:
+            # The host's links, addresses and routes too: the socket queues what
+            # changes after the first apply read them, until the thread starts.
+            netwatch = NetWatch(self.bus, lambda: (self.wanted.prefs.interface, self.wanted.prefs.table))
             # The saved netmap first: peers, routes and nft are in place before the
             # services below are imported and started (issue 14: boot to exit node
             # ready). Each of them is told this apply when it subscribes.
@@ -249,7 +252,6 @@ class Agent(AgentPlanning, AgentLocal):
             self._start_services()
             server = serve(self) if serve is not None else None
             self.tick()
-            netwatch = NetWatch(self.bus, lambda: (self.wanted.prefs.interface, self.wanted.prefs.table))
             for thread in (self.link, source, netwatch):
                 if thread is not None:
                     thread.start()

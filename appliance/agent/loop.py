@@ -215,12 +215,8 @@ class Agent(AgentPlanning, AgentLocal):
         self.bus.put(updates.PrefsChanged(prefs))
         return prefs
 
-    def run(
-        self,
-        resync: float = 30.0,
-        serve: Callable[[Agent], Service] | None = None,
-        claim: Callable[[], None] | None = None,
-    ) -> int:
+    def run(self, resync: float = 30.0, serve: Callable[[Agent], Service] | None = None,
+            claim: Callable[[], None] | None = None) -> int:  # fmt: skip
         """Serve until SIGTERM/SIGINT. `claim` makes sure the LocalAPI's socket is
         no other agent's, before anything is applied; `serve` starts the LocalAPI
         once the saved netmap is applied and the services run."""
@@ -232,8 +228,7 @@ class Agent(AgentPlanning, AgentLocal):
             s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
         logging.getLogger().addHandler(self.logs)
-        # Static mode: the files are watched from here on, so an edit made while the
-        # first apply runs is not missed.
+        # Static mode: the files are watched from here on (no edit during the first apply is missed).
         source = None if self.control else StaticFiles(self.netmap_path, self.prefs_path, self.bus)
         server = None
         netwatch: NetWatch | None = None

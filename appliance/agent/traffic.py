@@ -8,9 +8,9 @@ re-added (its counters start again at zero). A peer that has never completed a
 handshake and sent nothing has carried no traffic: what the kernel counts for it
 is our own handshake initiations (148 bytes every few seconds to an offline
 peer), so it gets no ring (11.5 KB, issue 14's footprint) and does not look
-active. At the agent's start the kernel's
-counters are taken as they are (the bytes of the downtime are not known); a
-peer that appears later is new in the kernel and all its bytes count.
+active. At the agent's start the kernel's counters are taken as they are (the
+bytes of the downtime are not known); a peer that appears later is new in the
+kernel and all its bytes count.
 
 Kept in memory; a snapshot (`traffic.json`, a few KB: zlib of the rings) is
 written at most every SAVE_EVERY seconds and at a clean stop, atomically. A peer

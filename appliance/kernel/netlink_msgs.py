@@ -13,7 +13,7 @@ import struct
 from ipaddress import ip_address, ip_network
 from socket import AF_INET, AF_INET6
 
-from appliance.base.net import IPNetwork
+from appliance.base.net import IPInterface, IPNetwork
 from appliance.core.model import Route, Rule
 from appliance.kernel.rtnl import (
     FRA_DST,
@@ -26,6 +26,7 @@ from appliance.kernel.rtnl import (
     FRA_SUPPRESS_PREFIXLEN,
     FRA_TABLE,
     RuleEntry,
+    address_request,
     route_request,
     rule_request,
 )
@@ -69,10 +70,14 @@ def net_of(address: bytes | None, prefixlen: int, family: int) -> IPNetwork:
     return ip_network((ip_address(address), prefixlen))
 
 
-def route_request_for(route: Route, index: int, **fields: int) -> bytes:
-    """The request that adds (fields: protocol, scope, type) or removes `route` via `index`."""
+def address_request_for(index: int, address: IPInterface, flags: int = 0) -> bytes:
+    return address_request(index, _AF[address.version], address.ip.packed, address.network.prefixlen, flags)
+
+
+def route_request_for(route: Route, index: int, *, protocol: int, scope: int, kind: int) -> bytes:
+    """The request that adds or removes `route` via interface `index`."""
     return route_request(_AF[route.dst.version], route.dst.network_address.packed, route.dst.prefixlen,
-                         route.table, index, **fields)  # fmt: skip
+                         route.table, index, protocol=protocol, scope=scope, kind=kind)  # fmt: skip
 
 
 def rule_request_for(rule: Rule) -> bytes:

@@ -98,6 +98,13 @@ def ask(
                 return
 
 
+def acknowledged(sock: socket.socket, kind: int, flags: int, payload: bytes, seq: int) -> None:
+    """Send a request that changes something and wait for the kernel's
+    acknowledgement (OSError as ask() raises it when the kernel refuses)."""
+    for _ in ask(sock, kind, NLM_F_ACK | flags, payload, seq):
+        pass
+
+
 def _reason(body: bytes, flags: int) -> str:
     """The kernel's extended-ack text in an error answer's body ("" if none)."""
     if not flags & NLM_F_ACK_TLVS or len(body) < 4 + HEADER.size:

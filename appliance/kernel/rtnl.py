@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from appliance.kernel.nlattrs import (
-    NLM_F_ACK,
     NLM_F_DUMP,
+    acknowledged,
     ask,
     attr,
     attrs,
@@ -144,7 +144,7 @@ def _hops(data: bytes) -> Iterator[int]:
         offset += (length + 3) & ~3
 
 
-def parse_rule(body: bytes) -> RuleEntry:
+def parse_fib_rule(body: bytes) -> RuleEntry:
     family, dst_len, src_len, tos, table, _r1, _r2, action, flags = FIBRULE.unpack_from(body)
     found = dict(attrs(body[FIBRULE.size :]))
     if FRA_TABLE in found:
@@ -178,8 +178,7 @@ def address_request(index: int, family: int, address: bytes, prefixlen: int, fla
 
 def route_request(family: int, dst: bytes, dst_len: int, table: int, oif: int, *,
                   protocol: int, scope: int, kind: int) -> bytes:  # fmt: skip
-    header_table = table if table < 256 else 252  # RT_TABLE_COMPAT; RTA_TABLE says which
-    body = RTMSG.pack(family, dst_len, 0, 0, header_table, protocol, scope, kind, 0)
+    body = RTMSG.pack(family, dst_len, 0, 0, _header_table(table), protocol, scope, kind, 0)
     if dst_len:
         body += attr(RTA_DST, dst)
     return body + attr(RTA_OIF, struct.pack("=i", oif)) + attr(RTA_TABLE, _u32(table))
@@ -188,8 +187,7 @@ def route_request(family: int, dst: bytes, dst_len: int, table: int, oif: int, *
 def rule_request(family: int, priority: int, table: int, action: int, flags: int, *,
                  fwmark: tuple[int, int] | None = None, dst: tuple[bytes, int] | None = None,
                  suppress_prefixlen: int | None = None) -> bytes:  # fmt: skip
-    header_table = table if table < 256 else 252  # RT_TABLE_COMPAT; FRA_TABLE says which
-    body = FIBRULE.pack(family, dst[1] if dst else 0, 0, 0, header_table, 0, 0, action, flags)
+    body = FIBRULE.pack(family, dst[1] if dst else 0, 0, 0, _header_table(table), 0, 0, action, flags)
     body += attr(FRA_PRIORITY, _u32(priority)) + attr(FRA_TABLE, _u32(table))
     if fwmark is not None:
         body += attr(FRA_FWMARK, _u32(fwmark[0])) + attr(FRA_FWMASK, _u32(fwmark[1]))
@@ -198,6 +196,11 @@ def rule_request(family: int, priority: int, table: int, action: int, flags: int
     if suppress_prefixlen is not None:
         body += attr(FRA_SUPPRESS_PREFIXLEN, _u32(suppress_prefixlen))
     return body
+
+
+def _header_table(table: int) -> int:
+    """The header's byte: RT_TABLE_COMPAT (252) above 255, where the attribute says which."""
+    return table if table < 256 else 252
 
 
 # -- the socket -----------------------------------------------------------------------
@@ -236,8 +239,7 @@ class Rtnl:
     def change(self, kind: int, flags: int, body: bytes) -> None:
         """A NEW or DEL request, acknowledged."""
         with self._lock:
-            for _ in ask(self._sock, kind, NLM_F_ACK | flags, body, seq=next(self._seq)):
-                pass
+            acknowledged(self._sock, kind, flags, body, next(self._seq))
 
     # -- the reads meshpi makes ---------------------------------------------------
 
@@ -256,4 +258,5 @@ class Rtnl:
         return [parse_route(b) for b in self.dump(RTM_GETROUTE, RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
 
     def rules(self, family: int) -> list[RuleEntry]:
-        return [parse_rule(b) for b in self.dump(RTM_GETRULE, FIBRULE.pack(family, 0, 0, 0, 0, 0, 0, 0, 0))]
+        request = FIBRULE.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        return [parse_fib_rule(b) for b in self.dump(RTM_GETRULE, request)]

@@ -31,7 +31,7 @@ from appliance.kernel.base import (
     WgUpdate,
     WireGuardUnavailable,
 )
-from appliance.kernel.nlattrs import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, ask, attr, bound_socket, nest
+from appliance.kernel.nlattrs import NLM_F_CREATE, NLM_F_EXCL, acknowledged, attr, bound_socket, nest
 from appliance.kernel.rtnl import RTM_NEWLINK, Rtnl, link_request
 from appliance.kernel.wireguard import check_ifname, check_update, summary
 from appliance.kernel.wireguard_read import (
@@ -217,12 +217,9 @@ class NetlinkWireGuard:
             with bound_socket(NETLINK_GENERIC, TIMEOUT_S) as sock:
                 family = family_id(sock)
                 for body in messages:
-                    for _ in ask(sock, family, NLM_F_ACK, body, seq=next(_SEQ)):
-                        pass
+                    acknowledged(sock, family, 0, body, next(_SEQ))
         except NoWireGuardFamily as e:
             raise InterfaceNotFound(f"{ifname}: no WireGuard device ({_NO_MODULE})") from e
-        except KernelError:
-            raise
         except OSError as e:
             if e.errno == errno.ENOENT:  # the module was reloaded: its family id changed
                 forget_family()

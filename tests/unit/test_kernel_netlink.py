@@ -13,7 +13,7 @@ from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from appliance.core.model import Rule
 from appliance.kernel.netlink_msgs import parse_rule, rule_request_for
 from appliance.kernel.rtnl import RuleEntry
-from appliance.kernel.rtnl import parse_rule as decode_rule
+from appliance.kernel.rtnl import parse_fib_rule as decode_rule
 
 UNSET = 0xFFFFFFFF
 
